@@ -1,0 +1,110 @@
+"""Small ONNX graphs and model layouts for tests, built in code (no files, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
+
+
+def matmul_model(in_features: int = 4, out_features: int = 3, seed: int = 0) -> tuple[ModelProto, np.ndarray]:
+    """``y[B, out] = x[B, in] @ W``."""
+    weight = np.random.default_rng(seed).standard_normal((in_features, out_features)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_features])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, weight
+
+
+def token_model(vocab: int = 50, hidden: int = 4, seed: int = 0) -> tuple[ModelProto, np.ndarray]:
+    """A per-token embedding lookup: ``y[B, S, H] = table[ids[B, S]]`` (padding-safe along S)."""
+    table = np.random.default_rng(seed).standard_normal((vocab, hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)],
+        "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, table
+
+
+def add_matmul(repository: Path, name: str = "matmul", max_batch_size: int = 8, **kwargs) -> np.ndarray:
+    model, weight = matmul_model()
+    add_onnx_model(
+        repository,
+        name,
+        model,
+        max_batch_size=max_batch_size,
+        inputs=[TensorConfig("x", "float32", [4])],
+        outputs=[TensorConfig("y", "float32", [3])],
+        dynamic_batching=kwargs.pop("dynamic_batching", DynamicBatching(max_queue_delay_us=2000)),
+        **kwargs,
+    )
+    return weight
+
+
+def add_tokens(repository: Path, name: str = "tokens", vocab: int = 50, max_batch_size: int = 8) -> np.ndarray:
+    model, table = token_model(vocab)
+    add_onnx_model(
+        repository,
+        name,
+        model,
+        max_batch_size=max_batch_size,
+        inputs=[TensorConfig("ids", "int64", [-1], sequence_axis=1, value_range=(0, vocab))],
+        outputs=[TensorConfig("y", "float32", [-1, 4], sequence_axis=1)],
+        dynamic_batching=DynamicBatching(max_queue_delay_us=20000),
+    )
+    return table
+
+
+DECOUPLED_ECHO = '''
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Answers each request with its input doubled, as `repeat` responses, then a final flag."""
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+            repeat = int(json.loads(request.parameters() or "{}").get("repeat", 1))
+            for _ in range(repeat):
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+
+def add_decoupled_echo(repository: Path, name: str = "echo") -> None:
+    from stagebatch.model_config import write_model_config
+
+    version = repository / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.py").write_text(DECOUPLED_ECHO)
+    write_model_config(
+        repository / name,
+        {
+            "name": name,
+            "backend": "python",
+            "max_batch_size": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+            "model_transaction_policy": {"decoupled": True},
+            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        },
+    )
