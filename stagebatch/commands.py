@@ -19,7 +19,9 @@ def serve(
     metrics_port: Annotated[Optional[int], typer.Option(help="Metrics port (default: a free port).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Load only these models (repeatable).")] = None,
-    log_file: Annotated[Optional[Path], typer.Option(help="Server log file.")] = None,
+    log_file: Annotated[
+        Optional[Path], typer.Option(help="Server log file (default: .stagebatch/tritonserver.log).")
+    ] = None,
     key_file: Annotated[
         Optional[Path], typer.Option(help="Write the admin key (repository API) to this file, mode 0600.")
     ] = None,
@@ -38,7 +40,7 @@ def serve(
         grpc_port=grpc_port,
         http_port=http_port,
         metrics_port=metrics_port,
-        log_path=log_file or Path(repository).resolve().parent / "tritonserver.log",
+        log_path=log_file or Path(".stagebatch") / "tritonserver.log",
         startup_timeout_s=startup_timeout_s,
     )
     stopping = False
