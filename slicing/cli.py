@@ -1,0 +1,56 @@
+"""``stagebatch build``: write a Triton model repository (whole model, stages + ensemble, reorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def build(
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="Zoo model: resnet50, bert_base, lstm, or all (repeatable).")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Your own ONNX file instead of a zoo model.")] = None,
+    size: Annotated[str, typer.Option(help="Zoo model size: tiny (tests), small (2-core CPU) or full.")] = "small",
+    stages: Annotated[Optional[int], typer.Option(
+        "--stages", "-k", help="Number of stages K (default 4, or the largest valid K if smaller).")] = None,
+    target: Annotated[str, typer.Option(
+        help="embedded (Python backend + onnxruntime CPU) or gpu (onnxruntime backend, KIND_GPU).")] = "embedded",
+    max_batch: Annotated[int, typer.Option(help="max_batch_size of every batcher.")] = 16,
+    queue_delay_us: Annotated[int, typer.Option(help="Dynamic batcher max queue delay (µs), every batcher.")] = 100,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Repository directory (merged if it exists).")] = Path(
+        "model_repository"),
+    weights: Annotated[Optional[Path], typer.Option(help="Local state dict for the zoo model (torch.save).")] = None,
+    balance: Annotated[str, typer.Option(help="Stage balancing: measured, profile or flops.")] = "measured",
+    cut: Annotated[Optional[list[str]], typer.Option(
+        "--cut", help="Explicit cut tensor (repeatable; K-1 of them give K stages).")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        help="Longest sequence for bert_base/lstm (default 128; tiny 16; bert up to 512).")] = None,
+) -> None:
+    """Build a ready Triton model repository with the whole model, its stages and their ensemble."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from slicing.repository import BuildOptions, build_repository
+
+    console = Console(stderr=True)
+    options = BuildOptions(size=size, stages=stages, target=target, max_batch=max_batch,
+                           queue_delay_us=queue_delay_us, balance=balance, cut_tensors=list(cut or []),
+                           weights=weights, max_seq_len=max_seq_len)
+    with console.status("building ..."):
+        builds = build_repository(out, models=model, onnx_file=onnx, options=options,
+                                  log=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"{out} ({target})")
+    for column in ("model", "variants", "stages", "cut tensors", "cost shares", "favoured batch",
+                   "max rel. error", "build s"):
+        table.add_column(column)
+    for item in builds:
+        entry = item.entry
+        table.add_row(
+            item.name, ", ".join(entry["variants"].values()), str(len(entry["stages"])),
+            ", ".join(entry["build"]["cut_tensors"]) or "-",
+            " / ".join(f"{s['cost_share']:.2f}" for s in entry["stages"]),
+            " / ".join(str(s["favoured_batch_size"]) for s in entry["stages"]),
+            f"{item.verified_max_rel_error:.1e}", f"{item.build_s:.1f}")
+    Console().print(table)
