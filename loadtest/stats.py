@@ -1,0 +1,127 @@
+"""Pure statistics over raw request latencies (microseconds): percentiles, throughput, SLOs, CDFs.
+
+Nothing here does I/O; every function takes plain numbers so it can be unit-tested and re-run by
+``stagebatch report`` on the raw data. Latencies come in as integer microseconds (the load
+generator's raw records, not Locust's rounded buckets) and come out in milliseconds, the unit of
+``loadtest/`` (as Locust's statistics).
+
+Percentiles use the nearest-rank definition (the smallest latency with at least p% of the
+samples at or below it), so every reported percentile is a latency that was actually observed and
+the report can be checked against ``requests.csv`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+
+
+def percentile_us(latencies_us: Sequence[int] | np.ndarray, pct: float) -> float:
+    """Nearest-rank percentile of raw latencies (µs); NaN for no samples."""
+    if not 0 < pct <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {pct}")
+    values = np.sort(np.asarray(latencies_us, dtype=np.int64))
+    if values.size == 0:
+        return math.nan
+    rank = math.ceil(pct / 100.0 * values.size)  # 1-based
+    return float(values[max(rank, 1) - 1])
+
+
+@dataclass
+class LatencySummary:
+    """Client-side summary of one measurement point (latencies in ms, rates per second)."""
+
+    requests: int            # sent during the measured window (warm-up excluded)
+    ok: int
+    errors: int
+    duration_s: float
+    throughput_rps: float    # successful responses per second
+    offered_rps: float       # requests sent per second
+    avg_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    slo_ms: float
+    slo_attainment: float    # share of all sent requests answered successfully within the SLO
+    goodput_rps: float       # successful responses within the SLO per second
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (NaN stays NaN; json writes it as NaN)."""
+        return asdict(self)
+
+
+def summarize(latencies_us: Sequence[int] | np.ndarray, ok: Sequence[bool] | np.ndarray, duration_s: float,
+              slo_ms: float) -> LatencySummary:
+    """Summarize one point: latencies of successful requests only; errors count against the SLO."""
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    latencies = np.asarray(latencies_us, dtype=np.int64)
+    ok_mask = np.asarray(ok, dtype=bool)
+    if latencies.shape != ok_mask.shape:
+        raise ValueError(f"latencies ({latencies.shape}) and ok flags ({ok_mask.shape}) differ in length")
+    good = latencies[ok_mask]
+    requests = int(latencies.size)
+    n_ok = int(good.size)
+    within = int(np.count_nonzero(good <= slo_ms * 1000.0))
+
+    def ms(pct: float) -> float:
+        return percentile_us(good, pct) / 1000.0
+
+    return LatencySummary(
+        requests=requests, ok=n_ok, errors=requests - n_ok, duration_s=float(duration_s),
+        throughput_rps=n_ok / duration_s, offered_rps=requests / duration_s,
+        avg_ms=float(good.mean()) / 1000.0 if n_ok else math.nan,
+        p50_ms=ms(50), p90_ms=ms(90), p95_ms=ms(95), p99_ms=ms(99), p999_ms=ms(99.9),
+        max_ms=float(good.max()) / 1000.0 if n_ok else math.nan,
+        slo_ms=float(slo_ms), slo_attainment=within / requests if requests else math.nan,
+        goodput_rps=within / duration_s,
+    )
+
+
+def cdf(latencies_us: Sequence[int] | np.ndarray, max_points: int = 200) -> tuple[list[float], list[float]]:
+    """Empirical CDF as (latency ms, fraction <= latency), thinned to at most ``max_points`` steps.
+
+    The thinning keeps the first and last samples, so the tail (where batching policies differ) stays exact.
+    """
+    values = np.sort(np.asarray(latencies_us, dtype=np.int64))
+    n = values.size
+    if n == 0:
+        return [], []
+    fractions = np.arange(1, n + 1) / n
+    if n > max_points:
+        index = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+        values, fractions = values[index], fractions[index]
+    return (values / 1000.0).tolist(), fractions.tolist()
+
+
+def throughput_at_slo(points: Iterable[tuple[float, float]], slo_ms: float) -> float | None:
+    """Highest throughput among load levels whose tail latency met the SLO.
+
+    ``points`` are (throughput_rps, tail_latency_ms) pairs of one configuration under increasing
+    load (e.g. its p99 at each Poisson rate). None when no level met the SLO.
+    """
+    meeting = [rps for rps, tail_ms in points if not math.isnan(tail_ms) and tail_ms <= slo_ms]
+    return max(meeting) if meeting else None
+
+
+def batch_size_mean(histogram: dict[int, int]) -> float:
+    """Average batch size from a {batch_size: executions} histogram; NaN when empty."""
+    executions = sum(histogram.values())
+    if not executions:
+        return math.nan
+    return sum(size * count for size, count in histogram.items()) / executions
+
+
+def relative_change(before: float, after: float) -> float:
+    """(after - before) / before; NaN when before is 0 or NaN."""
+    if before == 0 or math.isnan(before) or math.isnan(after):
+        return math.nan
+    return (after - before) / before
