@@ -239,6 +239,14 @@ class StageScheduler:
     def is_idle(self) -> bool:
         return not self.requests
 
+    def waiting_request_ids(self) -> list[int]:
+        """Requests not running a stage now (at the entry, queued or held): cancellable at once."""
+        ids = list(self.pending)
+        for batch in self.batches.values():
+            if batch.state is not BatchState.RUNNING:
+                ids.extend(batch.request_ids)
+        return ids
+
     # ---- mechanics ------------------------------------------------------------------------------
     def _stage_free(self, stage: int) -> bool:
         if self.running[stage] >= self.knobs.stage_concurrency:

@@ -1,0 +1,314 @@
+"""The reorchestrator engine: the pure scheduler, the stage runners and the tensors, joined by threads.
+
+No Triton import: ``model.py`` hands requests in as ``(handle, {name: array})`` and gets every
+answer back through ``respond(handle, answer)``, exactly once per request, from whichever thread
+finished it. Tested in-process with real onnxruntime stages; served by ``model.py``.
+
+Threads: one pool per stage (``stage_concurrency`` workers; onnxruntime releases the GIL while it
+computes) and one timer thread (stretch hold deadlines, cancellation polling). Every event
+(requests in, a stage done, a timer) ends in ``_pump``, which asks the scheduler for launches under
+one lock and hands them to the stage pools outside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backends.common.tensors import value_range_violation
+
+from .errors import BadRequestError
+from .executor import StageRunner, build_feeds, split_outputs
+from .metrics import CountingMetrics
+from .policies import ReorchKnobs, StageContext, create_policy
+from .scheduler import Completion, Request, StageLaunch, StageScheduler
+from .spec import StagesSpec
+
+LOGGER = logging.getLogger(__name__)
+
+# Answer kinds; model.py maps them to Triton error codes.
+SUCCESS, INVALID, STAGE_ERROR, CANCELLED, SHUTDOWN = "success", "invalid", "stage_error", "cancelled", "shutdown"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The one final answer for a request."""
+
+    kind: str  # SUCCESS | INVALID | STAGE_ERROR | CANCELLED | SHUTDOWN
+    message: str
+    outputs: dict[str, np.ndarray] | None  # model outputs (SUCCESS only)
+    record: dict  # the per-request record (docs/architecture.md, REORCH_RECORD)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == SUCCESS
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+class ReorchEngine:
+    """Serve requests through the stages of ``spec`` under ``policy``; answers through ``respond``."""
+
+    def __init__(self, spec: StagesSpec, policy: str, knobs: ReorchKnobs, runners: Sequence[StageRunner],
+                 respond: Callable[[Any, Answer], None], *, metrics: CountingMetrics | None = None,
+                 cancel_probe: Callable[[Sequence[Any]], Sequence[bool]] | None = None,
+                 cancel_poll_s: float = 0.2, clock_us: Callable[[], int] = wall_clock_us) -> None:
+        if len(runners) != len(spec.stages):
+            raise ValueError(f"{len(runners)} stage runners for {len(spec.stages)} stages")
+        context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
+                               max_sequence_length=(spec.max_length or 1 << 30) if spec.is_sequence else None)
+        self.spec = spec
+        self.knobs = knobs
+        self.scheduler = StageScheduler(create_policy(policy, knobs, context))
+        self.runners = list(runners)
+        self.metrics = metrics if metrics is not None else CountingMetrics()
+        self._respond = respond
+        self._cancel_probe = cancel_probe
+        self._cancel_poll_s = cancel_poll_s
+        self._now_us = clock_us
+        self._needed_after = [spec.needed_after(i) for i in range(len(spec.stages))]
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._handles: dict[int, Any] = {}
+        self._tensors: dict[int, dict[str, np.ndarray]] = {}
+        self._reported_ops: Counter[str] = Counter()
+        self._closing = False
+        self._trace = open(knobs.trace_jsonl, "a", buffering=1) if knobs.trace_jsonl else None  # noqa: SIM115
+        self._trace_lock = threading.Lock()
+        self._pools = [ThreadPoolExecutor(knobs.stage_concurrency, thread_name_prefix=f"reorch-stage{i}")
+                       for i in range(len(spec.stages))]
+        self._timer = threading.Thread(target=self._timer_loop, name="reorch-timer", daemon=True)
+        self._timer.start()
+
+    # ---- requests in ----------------------------------------------------------------------------
+    def validate(self, tensors: Mapping[str, np.ndarray]) -> tuple[int, int | None]:
+        """Rows and sequence length of one request; raises BadRequestError naming what is wrong."""
+        rows: int | None = None
+        length: int | None = None
+        for tensor in self.spec.inputs:
+            array = tensors.get(tensor.name)
+            if array is None:
+                raise BadRequestError(f"missing input '{tensor.name}'")
+            if array.dtype != tensor.dtype:
+                raise BadRequestError(f"input '{tensor.name}' must be {tensor.dtype.name}, got {array.dtype.name}")
+            if array.ndim != len(tensor.shape):
+                raise BadRequestError(f"input '{tensor.name}' must have {len(tensor.shape)} dimensions "
+                                      f"(batch first, {list(tensor.shape)}), got shape {list(array.shape)}")
+            for axis in range(1, array.ndim):
+                if tensor.shape[axis] >= 0 and array.shape[axis] != tensor.shape[axis]:
+                    raise BadRequestError(f"input '{tensor.name}' must have shape {list(tensor.shape)} "
+                                          f"(-1 = any), got {list(array.shape)}")
+            if rows is None:
+                rows = array.shape[0]
+            elif array.shape[0] != rows:
+                raise BadRequestError(f"inputs disagree on the batch size: '{tensor.name}' has "
+                                      f"{array.shape[0]} rows, expected {rows}")
+            if tensor.sequence_axis is not None:
+                if length is None:
+                    length = array.shape[tensor.sequence_axis]
+                elif array.shape[tensor.sequence_axis] != length:
+                    raise BadRequestError(f"inputs disagree on the sequence length: '{tensor.name}' has "
+                                          f"{array.shape[tensor.sequence_axis]}, expected {length}")
+            violation = value_range_violation(array, tensor.value_range)
+            if violation:
+                raise BadRequestError(f"input '{tensor.name}': {violation}")
+        assert rows is not None
+        if not 1 <= rows <= self.spec.max_batch_size:
+            raise BadRequestError(f"a request may carry 1..{self.spec.max_batch_size} rows, got {rows}")
+        if length is not None:
+            longest = self.spec.max_length
+            if length < self.spec.min_length or (longest is not None and length > longest):
+                raise BadRequestError(f"sequence length {length} is outside "
+                                      f"[{self.spec.min_length}, {longest}] for this model")
+        return rows, length
+
+    def submit(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]]) -> None:
+        """Take one dynamic-batcher batch of requests; bad ones are answered at once (INVALID)."""
+        now = self._now_us()
+        rejected: list[tuple[Any, Answer]] = []
+        accepted: list[tuple[Any, Request, dict[str, np.ndarray]]] = []
+        for handle, tensors in items:
+            try:
+                rows, length = self.validate(tensors)
+            except BadRequestError as error:
+                record = Request(-1, 1, now, exit_us=now).record()
+                rejected.append((handle, Answer(INVALID, str(error), None, record)))
+                continue
+            accepted.append((handle, Request(next(self._ids), rows, now, seq_len=length), dict(tensors)))
+        with self._lock:
+            for handle, request, tensors in accepted:
+                self._handles[request.request_id] = handle
+                self._tensors[request.request_id] = tensors
+            completions = self.scheduler.add_requests([request for _, request, _ in accepted], now)
+            answers = self._answers(completions)
+        self._deliver(rejected + answers)
+        self._pump()
+
+    def close(self, reason: str = "shutting down") -> None:
+        """Answer everything pending with SHUTDOWN; later requests get the same answer."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            answers = self._answers(self.scheduler.shutdown(reason, self._now_us()))
+            self._wake.notify_all()
+        self._deliver(answers)
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._timer.join(timeout=5)
+        if self._trace is not None:
+            with self._trace_lock:
+                self._trace.close()
+                self._trace = None
+
+    @property
+    def inflight_requests(self) -> int:
+        with self._lock:
+            return self.scheduler.inflight_requests
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            launches = self.scheduler.schedule(self._now_us())
+            jobs = []
+            for launch in launches:
+                members = [self._tensors[r] for r in launch.request_ids]
+                rows = [self.scheduler.requests[r].rows for r in launch.request_ids]
+                lengths = [self.scheduler.requests[r].seq_len for r in launch.request_ids]
+                jobs.append((launch, members, rows, lengths))
+            self._report_operations()
+            self._wake.notify_all()  # a hold deadline may have appeared
+        for launch, members, rows, lengths in jobs:
+            self.metrics.stage_launch(launch.stage, launch.rows, launch.queue_wait_us)
+            try:
+                self._pools[launch.stage].submit(self._run_launch, launch, members, rows, lengths)
+            except RuntimeError:  # the pool shut down meanwhile: close() answered these requests
+                return
+
+    def _run_launch(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
+                    lengths: list[int | None]) -> None:
+        stage = self.spec.stages[launch.stage]
+        started = time.perf_counter()
+        error = None
+        per_member: list[dict[str, np.ndarray]] | None = None
+        try:
+            feeds = build_feeds(self.spec, stage, members, launch.pad_to)
+            outputs = self.runners[launch.stage].run(feeds)
+            per_member = split_outputs(self.spec, stage, outputs, rows, lengths)
+        except Exception as exc:  # a stage failure fails exactly this batch; the executors go on
+            error = f"{type(exc).__name__}: {exc}"
+            LOGGER.warning("stage %d failed for a batch of %d rows: %s", launch.stage, launch.rows, error)
+        self.metrics.stage_compute(launch.stage, int((time.perf_counter() - started) * 1e6))
+        cancelled = self._probe_cancelled(launch.request_ids) if error is None else []
+        with self._lock:
+            if self._closing:
+                return
+            now = self._now_us()
+            completions = self.scheduler.cancel(cancelled, now) if cancelled else []
+            if per_member is not None:
+                keep = self._needed_after[launch.stage]
+                for request_id, produced in zip(launch.request_ids, per_member):
+                    tensors = self._tensors.get(request_id)
+                    if tensors is None:
+                        continue
+                    tensors.update(produced)
+                    for name in [n for n in tensors if n not in keep]:
+                        del tensors[name]  # free what no later stage reads
+            completions += self.scheduler.on_stage_done(launch.launch_id, now, error)
+            answers = self._answers(completions)
+        self._deliver(answers)
+        self._pump()
+
+    def _timer_loop(self) -> None:
+        last_poll = time.monotonic()
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                timer_us = self.scheduler.next_timer_us()
+                wait_s = self._cancel_poll_s if self._cancel_probe is not None else None
+                if timer_us is not None:
+                    until_timer_s = max(0.0, (timer_us - self._now_us()) / 1e6)
+                    wait_s = until_timer_s if wait_s is None else min(wait_s, until_timer_s)
+                if wait_s is None or wait_s > 0:
+                    self._wake.wait(wait_s)
+                if self._closing:
+                    return
+                waiting: list[int] = []
+                if self._cancel_probe is not None and time.monotonic() - last_poll >= self._cancel_poll_s:
+                    last_poll = time.monotonic()
+                    waiting = self.scheduler.waiting_request_ids()
+            if waiting:
+                cancelled = self._probe_cancelled(waiting)
+                if cancelled:
+                    with self._lock:
+                        answers = self._answers(self.scheduler.cancel(cancelled, self._now_us()))
+                    self._deliver(answers)
+            self._pump()
+
+    # ---- answers --------------------------------------------------------------------------------
+    def _probe_cancelled(self, request_ids: Sequence[int]) -> list[int]:
+        if self._cancel_probe is None:
+            return []
+        with self._lock:
+            known = [(r, self._handles[r]) for r in request_ids if r in self._handles]
+        try:
+            flags = self._cancel_probe([handle for _, handle in known])
+        except Exception as exc:  # a failing probe must not lose requests; treat as not cancelled
+            LOGGER.warning("cancellation probe failed: %s", exc)
+            return []
+        return [r for (r, _), flag in zip(known, flags) if flag]
+
+    def _answers(self, completions: Sequence[Completion]) -> list[tuple[Any, Answer]]:
+        """Turn scheduler completions into answers (call under the lock)."""
+        answers = []
+        for completion in completions:
+            handle = self._handles.pop(completion.request_id)
+            tensors = self._tensors.pop(completion.request_id, {})
+            if completion.outcome == "success":
+                outputs = {t.name: tensors[t.name] for t in self.spec.outputs}
+                answers.append((handle, Answer(SUCCESS, "", outputs, completion.record)))
+            elif completion.outcome == "cancelled":
+                answers.append((handle, Answer(CANCELLED, completion.message, None, completion.record)))
+            else:
+                kind = SHUTDOWN if self._closing else STAGE_ERROR
+                answers.append((handle, Answer(kind, completion.message, None, completion.record)))
+        self.metrics.inflight(self.scheduler.inflight_requests)
+        self._report_operations()
+        return answers
+
+    def _deliver(self, answers: Sequence[tuple[Any, Answer]]) -> None:
+        for handle, answer in answers:
+            self.metrics.outcome({SUCCESS: "success", CANCELLED: "cancelled"}.get(answer.kind, "error"))
+            if self._trace is not None:
+                line = json.dumps({"outcome": answer.kind, "message": answer.message, **answer.record})
+                with self._trace_lock:
+                    if self._trace is not None:
+                        self._trace.write(line + "\n")
+            try:
+                self._respond(handle, answer)
+            except Exception as exc:  # the client may be gone; the other answers must still go out
+                LOGGER.warning("could not deliver an answer (%s): %s", answer.kind, exc)
+
+    def _report_operations(self) -> None:
+        counts = self.scheduler.operation_counts
+        for operation, total in counts.items():
+            delta = total - self._reported_ops[operation]
+            if delta:
+                self.metrics.operation(operation, delta)
+                self._reported_ops[operation] = total

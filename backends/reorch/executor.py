@@ -1,0 +1,82 @@
+"""Stage runners and the per-launch data path (numpy; no Triton).
+
+A stage runner maps ``{input name: batched array}`` to ``{output name: batched array}``. The
+default runs the stage's ONNX graph with onnxruntime in-process (one session per stage; ORT
+releases the GIL while it computes, so stage threads overlap). ``build_feeds`` and ``split_outputs``
+turn per-request tensors into a launch's batch and back (padding and cutting sequence tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from backends.common.tensors import concat_rows, split_rows
+
+from .errors import StageContractError
+from .spec import StagesSpec, StageSpec
+
+
+class StageRunner(Protocol):
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OrtStageRunner:
+    """One stage's ONNX graph on onnxruntime (CPU, or CUDA when asked and available)."""
+
+    def __init__(self, onnx_path: Path | str, stage: StageSpec, *, intra_op_threads: int = 1,
+                 execution_provider: str = "cpu") -> None:
+        from backends.common.ort import make_session
+
+        self.stage = stage
+        self.session = make_session(str(onnx_path), intra_op_threads, execution_provider)
+        self.output_names = list(stage.outputs)
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        missing = set(stage.inputs) - graph_inputs
+        if missing:
+            raise StageContractError(f"stage {stage.index} ({onnx_path}) has no graph inputs named "
+                                     f"{sorted(missing)}; it has {sorted(graph_inputs)}")
+        self.input_names = [name for name in stage.inputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        return dict(zip(self.output_names, results))
+
+
+def make_ort_runners(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
+                     execution_provider: str = "cpu") -> list[OrtStageRunner]:
+    root = Path(repository_root)
+    return [OrtStageRunner(root / stage.onnx, stage, intra_op_threads=intra_op_threads,
+                           execution_provider=execution_provider) for stage in spec.stages]
+
+
+def build_feeds(spec: StagesSpec, stage: StageSpec, members: Sequence[Mapping[str, np.ndarray]],
+                pad_to: int | None) -> dict[str, np.ndarray]:
+    """Concatenate the members' tensors for ``stage``, padding sequence tensors to ``pad_to``."""
+    feeds = {}
+    for name in stage.inputs:
+        tensor = spec.tensor(name)
+        feeds[name] = concat_rows([m[name] for m in members], tensor.sequence_axis, tensor.pad_value,
+                                  length=pad_to if tensor.sequence_axis is not None else None)
+    return feeds
+
+
+def split_outputs(spec: StagesSpec, stage: StageSpec, outputs: Mapping[str, np.ndarray], rows: Sequence[int],
+                  lengths: Sequence[int | None]) -> list[dict[str, np.ndarray]]:
+    """Per-member outputs of a launch; sequence tensors are cut back to each member's own length."""
+    per_member: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    total = sum(rows)
+    for name in stage.outputs:
+        if name not in outputs:
+            raise StageContractError(f"stage {stage.index} did not return its output '{name}'")
+        array = outputs[name]
+        if array.ndim == 0 or array.shape[0] != total:
+            raise StageContractError(f"stage {stage.index} returned '{name}' with shape {array.shape} "
+                                     f"for a batch of {total} rows; stage outputs must be batch-first")
+        pieces = split_rows(array, rows, spec.tensor(name).sequence_axis, lengths)
+        for member, piece in zip(per_member, pieces):
+            member[name] = piece
+    return per_member

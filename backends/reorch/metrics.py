@@ -1,0 +1,91 @@
+"""Reorchestrator metrics, named as in docs/architecture.md.
+
+``CountingMetrics`` keeps the same counters in memory (tests, and the values the Triton sink
+mirrors); ``TritonMetrics`` publishes them as Python-backend custom metrics on the metrics port.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+from .scheduler import OPERATIONS, OUTCOMES
+
+OPERATIONS_TOTAL = "stagebatch_reorch_operations_total"
+REQUESTS_TOTAL = "stagebatch_reorch_requests_total"
+STAGE_EXECUTIONS_TOTAL = "stagebatch_reorch_stage_executions_total"
+STAGE_SAMPLES_TOTAL = "stagebatch_reorch_stage_samples_total"
+STAGE_QUEUE_US_TOTAL = "stagebatch_reorch_stage_queue_us_total"
+STAGE_COMPUTE_US_TOTAL = "stagebatch_reorch_stage_compute_us_total"
+INFLIGHT_REQUESTS = "stagebatch_reorch_inflight_requests"
+
+
+class CountingMetrics:
+    """The reorchestrator's metrics as plain counters: ``counters[(family, label value)]``."""
+
+    def __init__(self) -> None:
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self.inflight_requests = 0
+        self._lock = threading.Lock()
+
+    def _add(self, family: str, label: str, amount: int) -> None:
+        with self._lock:
+            self.counters[(family, label)] += amount
+
+    def operation(self, operation: str, count: int = 1) -> None:
+        self._add(OPERATIONS_TOTAL, operation, count)
+
+    def outcome(self, outcome: str) -> None:
+        self._add(REQUESTS_TOTAL, outcome, 1)
+
+    def stage_launch(self, stage: int, rows: int, queue_us: int) -> None:
+        self._add(STAGE_EXECUTIONS_TOTAL, str(stage), 1)
+        self._add(STAGE_SAMPLES_TOTAL, str(stage), rows)
+        self._add(STAGE_QUEUE_US_TOTAL, str(stage), queue_us)
+
+    def stage_compute(self, stage: int, compute_us: int) -> None:
+        self._add(STAGE_COMPUTE_US_TOTAL, str(stage), compute_us)
+
+    def inflight(self, count: int) -> None:
+        self.inflight_requests = count
+
+
+class TritonMetrics(CountingMetrics):
+    """Also publishes every counter through ``pb_utils.MetricFamily`` (label ``model``, and ``stage``)."""
+
+    def __init__(self, pb_utils: Any, model: str, num_stages: int) -> None:
+        super().__init__()
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self._families = [
+            pb_utils.MetricFamily(OPERATIONS_TOTAL, "Reorchestrator meta operations applied", counter),
+            pb_utils.MetricFamily(REQUESTS_TOTAL, "Reorchestrator requests answered, by outcome", counter),
+            pb_utils.MetricFamily(STAGE_EXECUTIONS_TOTAL, "Batches run per stage", counter),
+            pb_utils.MetricFamily(STAGE_SAMPLES_TOTAL, "Rows run per stage", counter),
+            pb_utils.MetricFamily(STAGE_QUEUE_US_TOTAL, "Microseconds batches waited before a stage", counter),
+            pb_utils.MetricFamily(STAGE_COMPUTE_US_TOTAL, "Microseconds of stage compute", counter),
+            pb_utils.MetricFamily(INFLIGHT_REQUESTS, "Requests inside the reorchestrator", gauge),
+        ]
+        ops, outcomes, executions, samples, queue, compute, inflight = self._families
+        self._metrics: dict[tuple[str, str], Any] = {}
+        for operation in OPERATIONS:
+            self._metrics[(OPERATIONS_TOTAL, operation)] = ops.Metric(labels={"model": model, "operation": operation})
+        for outcome in OUTCOMES:
+            self._metrics[(REQUESTS_TOTAL, outcome)] = outcomes.Metric(labels={"model": model, "outcome": outcome})
+        for stage in range(num_stages):
+            labels = {"model": model, "stage": str(stage)}
+            self._metrics[(STAGE_EXECUTIONS_TOTAL, str(stage))] = executions.Metric(labels=labels)
+            self._metrics[(STAGE_SAMPLES_TOTAL, str(stage))] = samples.Metric(labels=labels)
+            self._metrics[(STAGE_QUEUE_US_TOTAL, str(stage))] = queue.Metric(labels=labels)
+            self._metrics[(STAGE_COMPUTE_US_TOTAL, str(stage))] = compute.Metric(labels=labels)
+        self._inflight = inflight.Metric(labels={"model": model})
+
+    def _add(self, family: str, label: str, amount: int) -> None:
+        super()._add(family, label, amount)
+        metric = self._metrics.get((family, label))
+        if metric is not None and amount:
+            metric.increment(amount)
+
+    def inflight(self, count: int) -> None:
+        super().inflight(count)
+        self._inflight.set(count)

@@ -1,0 +1,239 @@
+"""The reorchestrator engine in-process: real onnxruntime stages, real threads, no Triton."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from reorch_models import random_sequence_request, write_mlp_chain, write_sequence_chain
+
+from backends.reorch.engine import CANCELLED, INVALID, SHUTDOWN, STAGE_ERROR, SUCCESS, ReorchEngine
+from backends.reorch.executor import make_ort_runners
+from backends.reorch.metrics import REQUESTS_TOTAL, CountingMetrics
+from backends.reorch.policies import BatchPolicy, ReorchKnobs
+from backends.reorch.spec import StagesSpec
+
+POLICIES = [p.value for p in BatchPolicy]
+
+
+class Answers:
+    """Collects answers; fails the test if a handle is answered twice."""
+
+    def __init__(self) -> None:
+        self.by_handle: dict = {}
+        self.twice: list = []
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def __call__(self, handle, answer) -> None:
+        with self.lock:
+            if handle in self.by_handle:
+                self.twice.append(handle)
+            self.by_handle[handle] = answer
+            self.done.notify_all()
+
+    def wait(self, count: int, timeout_s: float = 20) -> None:
+        with self.lock:
+            assert self.done.wait_for(lambda: len(self.by_handle) >= count, timeout_s), \
+                f"only {len(self.by_handle)} of {count} answered"
+        assert not self.twice
+
+
+def make_engine(tmp_path, kind="sequence", policy="dva", runners=None, probe=None, **knob_values):
+    if kind == "sequence":
+        entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
+        name = "seqm"
+    else:
+        entry, reference = write_mlp_chain(tmp_path)
+        name = "mlp"
+    spec = StagesSpec.from_manifest_entry(name, entry)
+    knob_values.setdefault("max_batch_rows", spec.max_batch_size)
+    knob_values.setdefault("stretch_max_rows", 2 * spec.max_batch_size)
+    knobs = ReorchKnobs(**knob_values)
+    answers = Answers()
+    metrics = CountingMetrics()
+    engine = ReorchEngine(spec, policy, knobs, runners or make_ort_runners(spec, tmp_path), answers,
+                          metrics=metrics, cancel_probe=probe)
+    return engine, answers, reference, metrics
+
+
+def submit_in_waves(engine, requests, waves=6, pause_s=0.002):
+    """Submit like a dynamic batcher would: several small batches, a little apart."""
+    chunks = np.array_split(np.arange(len(requests)), waves)
+    for chunk in chunks:
+        engine.submit([(int(i), requests[int(i)]) for i in chunk])
+        time.sleep(pause_s)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_returns_the_whole_models_outputs_for_sequence_model(tmp_path, policy):
+    engine, answers, reference, metrics = make_engine(tmp_path, "sequence", policy, stretch_max_wait_us=3000)
+    rng = np.random.default_rng(7)
+    lengths = [int(x) for x in rng.choice([3, 5, 9, 30, 31, 32], 60)]
+    requests = [random_sequence_request(rng, int(rng.integers(1, 3)), n) for n in lengths]
+    try:
+        submit_in_waves(engine, requests, waves=12)
+        answers.wait(len(requests))
+    finally:
+        engine.close()
+    for index, request in enumerate(requests):
+        answer = answers.by_handle[index]
+        assert answer.kind == SUCCESS, answer.message
+        want = reference(request["tokens"], request["attention_mask"])
+        assert answer.outputs["hidden"].shape == want["hidden"].shape
+        np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(answer.outputs["pooled"], want["pooled"], rtol=1e-5, atol=1e-6)
+        record = answer.record
+        assert record["arrival_us"] <= record["stage0_entry_us"] <= record["exit_us"]
+        assert len(record["batch_sizes"]) == 3
+    assert metrics.counters[(REQUESTS_TOTAL, "success")] == len(requests)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_returns_the_whole_models_outputs_for_mlp(tmp_path, policy):
+    engine, answers, reference, _ = make_engine(tmp_path, "mlp", policy)
+    rng = np.random.default_rng(3)
+    requests = [{"x": rng.standard_normal((int(rng.integers(1, 5)), 4)).astype(np.float32)} for _ in range(40)]
+    try:
+        submit_in_waves(engine, requests)
+        answers.wait(len(requests))
+    finally:
+        engine.close()
+    for index, request in enumerate(requests):
+        answer = answers.by_handle[index]
+        assert answer.kind == SUCCESS, answer.message
+        np.testing.assert_allclose(answer.outputs["y"], reference(request["x"])["y"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy, want_buckets", [("input", {8, 32}), ("dva", {8, None})])
+def test_bucketing_shows_up_in_records_and_metrics(tmp_path, policy, want_buckets):
+    # dva buckets the short requests out; the long rest wastes little padding, so it goes FIFO
+    engine, answers, _, metrics = make_engine(tmp_path, "sequence", policy)
+    rng = np.random.default_rng(1)
+    requests = [random_sequence_request(rng, 1, n) for n in [2, 30, 3, 31, 2, 32, 4, 29]]
+    try:
+        engine.submit([(i, r) for i, r in enumerate(requests)])
+        answers.wait(len(requests))
+    finally:
+        engine.close()
+    buckets = {answers.by_handle[i].record["bucket"] for i in range(len(requests))}
+    assert buckets == want_buckets
+    assert metrics.counters[("stagebatch_reorch_operations_total", "bucket")] >= len(want_buckets - {None})
+    assert sum(v for (family, _), v in metrics.counters.items()
+               if family == "stagebatch_reorch_stage_samples_total") == 3 * len(requests)
+
+
+class PoisonRunner:
+    """Wraps a runner; raises when the batch carries NaN (the poison request's x)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def run(self, feeds):
+        if np.isnan(feeds["stage0_out0"]).any():
+            raise RuntimeError("poisoned batch")
+        return self.inner.run(feeds)
+
+
+def test_a_stage_that_raises_fails_only_its_batch_and_the_engine_goes_on(tmp_path):
+    entry, reference = write_mlp_chain(tmp_path)
+    spec = StagesSpec.from_manifest_entry("mlp", entry)
+    runners = make_ort_runners(spec, tmp_path)
+    engine, answers, reference, metrics = make_engine(
+        tmp_path, "mlp", "pipeline", runners=[runners[0], PoisonRunner(runners[1])])
+    poison = {"x": np.full((1, 4), np.nan, np.float32)}
+    good = {"x": np.ones((1, 4), np.float32)}
+    try:
+        engine.submit([("poison", poison), ("same-batch", good)])
+        answers.wait(2)
+        engine.submit([("later", good)])
+        answers.wait(3)
+    finally:
+        engine.close()
+    assert answers.by_handle["poison"].kind == STAGE_ERROR
+    assert "stage 1 failed: RuntimeError: poisoned batch" in answers.by_handle["poison"].message
+    assert answers.by_handle["same-batch"].kind == STAGE_ERROR
+    assert answers.by_handle["later"].kind == SUCCESS
+    assert metrics.counters[(REQUESTS_TOTAL, "error")] == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"tokens": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int64)}, "must be int64"),
+    ({"tokens": np.zeros((1, 4), np.int64)}, "missing input 'attention_mask'"),
+    ({"tokens": np.zeros((9, 4), np.int64), "attention_mask": np.ones((9, 4), np.int64)}, "1..8 rows"),
+    ({"tokens": np.full((1, 4), 50, np.int64), "attention_mask": np.ones((1, 4), np.int64)}, "values must lie"),
+    ({"tokens": np.zeros((1, 33), np.int64), "attention_mask": np.ones((1, 33), np.int64)}, "sequence length 33"),
+    ({"tokens": np.zeros((1, 4), np.int64), "attention_mask": np.ones((1, 5), np.int64)}, "disagree"),
+    ({"tokens": np.zeros((4,), np.int64), "attention_mask": np.ones((4,), np.int64)}, "dimensions"),
+])
+def test_bad_requests_are_answered_at_once_with_invalid(tmp_path, bad, message):
+    engine, answers, _, _ = make_engine(tmp_path, "sequence", "dva")
+    good = random_sequence_request(np.random.default_rng(0), 1, 5)
+    try:
+        engine.submit([("bad", bad), ("good", good)])
+        answers.wait(2)
+    finally:
+        engine.close()
+    assert answers.by_handle["bad"].kind == INVALID and message in answers.by_handle["bad"].message
+    assert answers.by_handle["good"].kind == SUCCESS
+
+
+class SlowRunner:
+    def __init__(self, inner, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def run(self, feeds):
+        time.sleep(self.delay_s)
+        return self.inner.run(feeds)
+
+
+def test_cancelled_requests_are_dropped_at_the_next_boundary(tmp_path):
+    entry, _ = write_mlp_chain(tmp_path)
+    spec = StagesSpec.from_manifest_entry("mlp", entry)
+    runners = [SlowRunner(r, 0.05) for r in make_ort_runners(spec, tmp_path)]
+    cancelled = {"c1", "c2"}
+    engine, answers, _, _ = make_engine(
+        tmp_path, "mlp", "pipeline", runners=runners,
+        probe=lambda handles: [h in cancelled for h in handles])
+    x = {"x": np.ones((1, 4), np.float32)}
+    try:
+        engine.submit([("c1", x), ("ok", x)])
+        engine.submit([("c2", x)])
+        answers.wait(3)
+    finally:
+        engine.close()
+    assert answers.by_handle["c1"].kind == CANCELLED and answers.by_handle["c2"].kind == CANCELLED
+    assert answers.by_handle["ok"].kind == SUCCESS
+    assert answers.by_handle["c1"].record["batch_sizes"] == [2]  # ran stage 0, dropped before stage 1
+
+
+def test_close_answers_everything_pending_and_later_requests(tmp_path):
+    entry, _ = write_mlp_chain(tmp_path)
+    spec = StagesSpec.from_manifest_entry("mlp", entry)
+    runners = [SlowRunner(r, 0.2) for r in make_ort_runners(spec, tmp_path)]
+    engine, answers, _, _ = make_engine(tmp_path, "mlp", "dva", runners=runners)
+    x = {"x": np.ones((1, 4), np.float32)}
+    engine.submit([(i, x) for i in range(5)])
+    engine.close()
+    answers.wait(5)
+    engine.submit([("late", x)])
+    answers.wait(6)
+    assert {a.kind for a in answers.by_handle.values()} == {SHUTDOWN}
+    assert answers.by_handle[0].message == "shutting down"
+
+
+def test_trace_jsonl_has_one_line_per_request(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    engine, answers, _, _ = make_engine(tmp_path, "mlp", "dva", trace_jsonl=str(trace))
+    x = {"x": np.ones((2, 4), np.float32)}
+    try:
+        engine.submit([(i, x) for i in range(4)])
+        answers.wait(4)
+    finally:
+        engine.close()
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(lines) == 4 and all(line["outcome"] == "success" for line in lines)
+    assert all(line["batch_sizes"] for line in lines)
