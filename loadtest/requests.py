@@ -1,0 +1,204 @@
+"""Build Triton inference inputs from a ``manifest.json`` model entry, without torch or onnx.
+
+The manifest (docs/architecture.md) says each input's datatype, batch-first shape (-1 = dynamic),
+integer ``value_range`` [lo, hi), ``sequence_axis``, ``pad_value`` and ``role``; value drawing is
+:func:`slicing.inputs.make_inputs` (one place for "a random valid input"). A request has ``rows``
+rows (dim 0) of one real sequence length; an ``attention_mask`` is 1 up to that length and 0 after.
+
+Padding: a variant that accepts ragged batches gets tensors of exactly the request's length; a
+variant that cannot (Triton's own onnxruntime backend on the ``gpu`` target batches only equal
+shapes) gets tensors padded to ``sequence.max_length``. A model entry may say which variants are
+ragged with ``"ragged_variants": [...]``; without it, every variant of an ``embedded`` repository
+is ragged (the onnx_runner and the reorchestrator pad batches themselves) and only ``reorch`` is
+ragged on ``gpu``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from slicing.inputs import ROLES, InputSpec, make_inputs
+from stagebatch.errors import ConfigValidationError
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import service_pb2
+
+VARIANTS = ("whole", "ensemble", "reorch")
+# Triton datatype string -> numpy dtype name (BYTES/BF16 inputs cannot be generated at random)
+TRITON_TO_NUMPY = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64",
+}  # fmt: skip
+NUMPY_TO_TRITON = {v: k for k, v in TRITON_TO_NUMPY.items()}
+REORCH_RECORD_OUTPUT = "REORCH_RECORD"
+
+
+@dataclass
+class ModelEntry:
+    """What the load generator needs from one ``manifest["models"][name]`` entry."""
+
+    name: str
+    target: str
+    max_batch_size: int
+    variants: dict[str, str]  # variant -> Triton model name
+    inputs: list[InputSpec]
+    output_names: list[str]
+    min_length: int | None = None  # None: the model has no sequence axis
+    max_length: int | None = None
+    ragged_variants: list[str] = field(default_factory=list)
+
+    @property
+    def has_sequence(self) -> bool:
+        return self.max_length is not None
+
+    def triton_name(self, variant: str) -> str:
+        if variant not in self.variants:
+            raise ConfigValidationError(
+                f"model {self.name!r} has no variant {variant!r} in the manifest; "
+                f"it has: {', '.join(self.variants) or 'none'}"
+            )
+        return self.variants[variant]
+
+    def is_ragged(self, variant: str) -> bool:
+        return variant in self.ragged_variants
+
+
+def model_entry(manifest: dict[str, Any], model: str) -> ModelEntry:
+    """Parse and check one model entry of a manifest; errors name the field and the fix."""
+    models = manifest.get("models")
+    if not isinstance(models, dict):
+        raise ConfigValidationError("manifest has no 'models' object; rebuild the repository with `stagebatch build`")
+    if model not in models:
+        raise ConfigValidationError(
+            f"model {model!r} is not in the manifest; it has: {', '.join(sorted(models)) or 'none'}"
+        )
+    raw = models[model]
+    where = f"manifest model {model!r}"
+    target = str(manifest.get("target", "embedded"))
+    try:
+        max_batch_size = int(raw["max_batch_size"])
+        variants = {str(k): str(v) for k, v in raw["variants"].items()}
+        raw_inputs = list(raw["inputs"])
+        output_names = [str(o["name"]) for o in raw.get("outputs", [])]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ConfigValidationError(
+            f"{where}: missing or malformed field {error}; expected max_batch_size, variants, inputs, outputs"
+        ) from None
+    inputs = [_input_spec(item, where) for item in raw_inputs]
+    sequence = raw.get("sequence")
+    min_length = max_length = None
+    if sequence:
+        try:
+            max_length = int(sequence["max_length"])
+            min_length = int(sequence.get("min_length", 1))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigValidationError(f"{where}: 'sequence' needs an integer max_length (and min_length)") from None
+        if not 1 <= min_length <= max_length:
+            raise ConfigValidationError(f"{where}: sequence min_length={min_length} max_length={max_length} is not 1 <= min <= max")
+    elif any(spec.sequence_axis is not None for spec in inputs):
+        raise ConfigValidationError(f"{where}: inputs have a sequence_axis but 'sequence' (max_length) is missing")
+    if "ragged_variants" in raw:
+        ragged = [str(v) for v in raw["ragged_variants"]]
+    else:
+        ragged = [v for v in variants if target == "embedded" or v == "reorch"]
+    return ModelEntry(model, target, max_batch_size, variants, inputs, output_names, min_length, max_length, ragged)
+
+
+def _input_spec(item: dict[str, Any], where: str) -> InputSpec:
+    try:
+        name, datatype, shape = str(item["name"]), str(item["datatype"]), list(item["shape"])
+    except (KeyError, TypeError):
+        raise ConfigValidationError(f"{where}: each input needs name, datatype and shape (got {item!r})") from None
+    if datatype not in TRITON_TO_NUMPY:
+        raise ConfigValidationError(
+            f"{where} input {name!r}: datatype {datatype!r} cannot be generated; "
+            f"supported: {', '.join(TRITON_TO_NUMPY)}"
+        )
+    role = str(item.get("role", "data"))
+    if role not in ROLES:
+        raise ConfigValidationError(f"{where} input {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
+    value_range = item.get("value_range")
+    return InputSpec(
+        name=name,
+        dtype=TRITON_TO_NUMPY[datatype],
+        shape=[int(d) for d in shape],
+        value_range=tuple(value_range) if value_range is not None else None,  # type: ignore[arg-type]
+        sequence_axis=item.get("sequence_axis"),
+        pad_value=item.get("pad_value", 0),
+        role=role,
+    )
+
+
+class RequestFactory:
+    """Ready-to-send inputs of one model variant, per sequence length.
+
+    Tensor values do not change what a request costs the server, only shapes and lengths do, so a
+    few random requests per length are built (serialised) once and reused (``variety`` of them, round robin):
+    the generator then spends its CPU on sending, not on drawing random numbers.
+    """
+
+    def __init__(
+        self, entry: ModelEntry, variant: str, *, rows: int = 1, seed: int | list[int] = 0, variety: int = 4, cache_size: int = 512
+    ) -> None:
+        if rows < 1 or (entry.max_batch_size > 0 and rows > entry.max_batch_size):
+            raise ConfigValidationError(
+                f"rows={rows} per request must be in [1, max_batch_size={entry.max_batch_size}] for model {entry.name!r}"
+            )
+        self.entry = entry
+        self.variant = variant
+        self.model_name = entry.triton_name(variant)
+        self.rows = rows
+        self.pad_to_max = entry.has_sequence and not entry.is_ragged(variant)
+        self._rng = np.random.default_rng(seed)
+        self._variety = max(1, variety)
+        self._cache: OrderedDict[int | None, tuple[list, int]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def check_length(self, seq_len: int | None) -> None:
+        entry = self.entry
+        if not entry.has_sequence:
+            if seq_len is not None:
+                raise ConfigValidationError(f"model {entry.name!r} has no sequence axis; do not give lengths")
+            return
+        if seq_len is None or not entry.min_length <= seq_len <= entry.max_length:  # type: ignore[operator]
+            raise ConfigValidationError(
+                f"sequence length {seq_len} is outside model {entry.name!r}'s range "
+                f"[{entry.min_length}, {entry.max_length}]"
+            )
+
+    def arrays(self, seq_len: int | None) -> dict[str, np.ndarray]:
+        """One random valid request (numpy arrays by input name) of real length ``seq_len``."""
+        self.check_length(seq_len)
+        if seq_len is None:
+            return make_inputs(self.entry.inputs, self.rows, rng=self._rng)
+        padded = self.entry.max_length if self.pad_to_max else seq_len
+        return make_inputs(self.entry.inputs, self.rows, padded, rng=self._rng, lengths=[seq_len] * self.rows)
+
+    def request_proto(self, seq_len: int | None) -> service_pb2.ModelInferRequest:
+        """A ``ModelInferRequest`` (no id, priority or timeout: the client sets those on a copy)."""
+        from tritonclient.grpc import service_pb2
+
+        cached = self._cache.get(seq_len)
+        if cached is None:
+            sets = []
+            for _ in range(self._variety):
+                request = service_pb2.ModelInferRequest(model_name=self.model_name)
+                for name, array in self.arrays(seq_len).items():
+                    tensor = request.inputs.add()
+                    tensor.name = name
+                    tensor.datatype = NUMPY_TO_TRITON[array.dtype.name]
+                    tensor.shape.extend(array.shape)
+                    request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+                sets.append(request)
+            cached = (sets, 0)
+            if len(self._cache) >= self._cache_size:
+                self._cache.popitem(last=False)
+        sets, turn = cached
+        self._cache[seq_len] = (sets, turn + 1)
+        self._cache.move_to_end(seq_len)
+        return sets[turn % len(sets)]
