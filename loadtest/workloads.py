@@ -27,7 +27,7 @@ from stagebatch.errors import BadParameterError, ConfigValidationError
 
 ARRIVAL_KINDS = ("closed", "poisson", "constant", "bursty", "spike", "trace")
 LENGTH_KINDS = ("fixed", "uniform", "longtail", "file")
-TRACE_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+TRACE_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6}  # unit -> ticks per second
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def read_trace(path: str | Path, unit: str = "s") -> Trace:
         seen_data = True
         if not math.isfinite(stamp):
             raise ConfigValidationError(f"trace file {path} line {number}: timestamp {cells[0]!r} is not finite")
-        if times and stamp * TRACE_UNITS[unit] < times[-1]:
+        if times and stamp < times[-1]:
             raise ConfigValidationError(
                 f"trace file {path} line {number}: timestamp {cells[0]} is earlier than the previous one; "
                 "sort the trace by time"
@@ -445,12 +445,13 @@ def read_trace(path: str | Path, unit: str = "s") -> Trace:
                 f"trace file {path} line {number}: some lines have a seq_len column and some do not; "
                 "give it on every line or on none"
             )
-        times.append(stamp * TRACE_UNITS[unit])
+        times.append(stamp)
     if not times:
         raise ConfigValidationError(f"trace file {path}: no timestamps found")
     array = np.asarray(times, dtype=np.float64)
     return Trace(
-        times_s=array - array[0],
+        # subtract in the file's unit first: epoch timestamps would lose precision otherwise
+        times_s=(array - array[0]) / TRACE_UNITS[unit],
         lengths=np.asarray(lengths, dtype=np.int64) if lengths else None,
         source=str(path),
     )
