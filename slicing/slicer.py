@@ -15,6 +15,8 @@ the stages (:mod:`slicing.extract`).
 
 from __future__ import annotations
 
+import functools
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 BALANCES = ("measured", "profile", "flops")
 MAX_MEASURED_UNITS = 48  # pieces timed one by one for balance="measured"
+MEASURE_MIN_ROUNDS, MEASURE_MAX_ROUNDS, MEASURE_BUDGET_S = 5, 30, 3.0
 BATCHABLE_RTOL = 1e-4
 DEFAULT_VERIFY_SEQ_LENS = (7, 16)
 
@@ -464,7 +467,7 @@ def _measured_unit_costs(prepared: _Prepared, positions: list[int], flop_costs: 
     timing, since each ``Run`` has a fixed overhead; each merged piece's time is then spread over its
     units in proportion to their FLOPs so the partition keeps every candidate cut.
     """
-    from slicing.cost import make_session, median_ms
+    from slicing.cost import make_session
     from slicing.extract import boundary_tensors, extract_stages, plan_stages
 
     groups = [[u] for u in range(len(flop_costs))]
@@ -478,15 +481,26 @@ def _measured_unit_costs(prepared: _Prepared, positions: list[int], flop_costs: 
     boundaries = boundary_tensors(plans, prepared.probe, _dim_names(prepared))
     models = extract_stages(analysis, plans, boundaries, "segment")
     namespace = dict(feeds)
-    times = []
+    runs = []
     for model in models:
         session = make_session(model, intra_op_threads=intra_op_threads)
         names = [v.name for v in model.graph.input]
         stage_feeds = {name: namespace[name] for name in names}
         outputs = [v.name for v in model.graph.output]
-        values = session.run(outputs, stage_feeds)
+        values = session.run(outputs, stage_feeds)  # also the warm-up run
         namespace.update(zip(outputs, values))
-        times.append(median_ms(lambda: session.run(outputs, stage_feeds), reps=5, warmup=1))
+        runs.append(functools.partial(session.run, outputs, stage_feeds))
+    # Rounds over all pieces, keeping each piece's fastest run: load from other processes only adds
+    # time, and drifting load hits every piece alike.
+    times = [math.inf] * len(runs)
+    started = time.perf_counter()
+    for round_index in range(MEASURE_MAX_ROUNDS):
+        for index, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            times[index] = min(times[index], (time.perf_counter() - start) * 1e3)
+        if round_index + 1 >= MEASURE_MIN_ROUNDS and time.perf_counter() - started > MEASURE_BUDGET_S:
+            break
     unit_costs = [0.0] * len(flop_costs)
     for group, group_ms in zip(groups, times):
         group_flops = sum(flop_costs[u] for u in group)
@@ -494,7 +508,8 @@ def _measured_unit_costs(prepared: _Prepared, positions: list[int], flop_costs: 
             share = flop_costs[u] / group_flops if group_flops > 0 else 1.0 / len(group)
             unit_costs[u] = group_ms * share
     batch = next(iter(feeds.values())).shape[0]
-    return unit_costs, (f"stage costs measured: {len(groups)} pieces timed as their own sessions at batch {batch}")
+    return unit_costs, (f"stage costs measured: {len(groups)} pieces timed as their own sessions at batch {batch} "
+                        f"(fastest of {round_index + 1} interleaved rounds)")
 
 
 # ---------------------------------------------------------------------------------------------
