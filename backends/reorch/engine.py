@@ -88,6 +88,9 @@ class ReorchEngine:
         self._closing = False
         self._trace = open(knobs.trace_jsonl, "a", buffering=1) if knobs.trace_jsonl else None  # noqa: SIM115
         self._trace_lock = threading.Lock()
+        # A handle must never be probed while (or after) its final answer is sent: Triton frees a
+        # request's response factory with the final response, and probing it then crashes the server.
+        self._sender_lock = threading.Lock()
         self._pools = [ThreadPoolExecutor(knobs.stage_concurrency, thread_name_prefix=f"reorch-stage{i}")
                        for i in range(len(spec.stages))]
         self._timer = threading.Thread(target=self._timer_loop, name="reorch-timer", daemon=True)
@@ -265,13 +268,14 @@ class ReorchEngine:
     def _probe_cancelled(self, request_ids: Sequence[int]) -> list[int]:
         if self._cancel_probe is None:
             return []
-        with self._lock:
-            known = [(r, self._handles[r]) for r in request_ids if r in self._handles]
-        try:
-            flags = self._cancel_probe([handle for _, handle in known])
-        except Exception as exc:  # a failing probe must not lose requests; treat as not cancelled
-            LOGGER.warning("cancellation probe failed: %s", exc)
-            return []
+        with self._sender_lock:
+            with self._lock:  # still unanswered (answers leave _handles before they are sent)
+                known = [(r, self._handles[r]) for r in request_ids if r in self._handles]
+            try:
+                flags = self._cancel_probe([handle for _, handle in known]) if known else []
+            except Exception as exc:  # a failing probe must not lose requests; treat as not cancelled
+                LOGGER.warning("cancellation probe failed: %s", exc)
+                return []
         return [r for (r, _), flag in zip(known, flags) if flag]
 
     def _answers(self, completions: Sequence[Completion]) -> list[tuple[Any, Answer]]:
@@ -301,7 +305,8 @@ class ReorchEngine:
                     if self._trace is not None:
                         self._trace.write(line + "\n")
             try:
-                self._respond(handle, answer)
+                with self._sender_lock:
+                    self._respond(handle, answer)
             except Exception as exc:  # the client may be gone; the other answers must still go out
                 LOGGER.warning("could not deliver an answer (%s): %s", answer.kind, exc)
 

@@ -1,0 +1,92 @@
+"""Host side: lay out ``NAME_reorch`` (the reorchestrator model) in a Triton model repository.
+
+Called by the repository builder (``stagebatch build``) with the model's manifest entry; tests call
+it with hand-written entries. Needs ``stagebatch`` (config rendering); never runs inside Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigValidationError
+from .policies import ReorchKnobs, StageContext, create_policy
+from .spec import StagesSpec
+
+RECORD_OUTPUT = "REORCH_RECORD"
+TARGETS = ("embedded", "gpu")
+
+
+def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_size: int, queue_delay_us: int,
+                        policy: str, knobs: ReorchKnobs) -> dict[str, Any]:
+    """The ``config.pbtxt`` of ``name`` as a dict (protobuf-JSON form)."""
+    from stagebatch.model_config import numpy_to_triton_dtype, string_parameters
+
+    def tensor_config(tensor, ragged: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": tensor.name, "data_type": numpy_to_triton_dtype(tensor.dtype.name),
+                                 "dims": list(tensor.shape[1:])}
+        if ragged and tensor.sequence_axis is not None:
+            entry["allow_ragged_batch"] = True  # requests of different lengths share a dynamic batch
+        return entry
+
+    return {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": max_batch_size,
+        "input": [tensor_config(t, ragged=True) for t in spec.inputs],
+        "output": [tensor_config(t, ragged=False) for t in spec.outputs]
+        + [{"name": RECORD_OUTPUT, "data_type": "TYPE_STRING", "dims": [1]}],
+        "model_transaction_policy": {"decoupled": True},
+        "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
+        # One instance: it keeps many batches in flight itself (decoupled execute returns at once).
+        "instance_group": [{"count": 1, "kind": "KIND_CPU" if target == "embedded" else "KIND_GPU"}],
+        "parameters": string_parameters({"policy": policy, "stages_file": "stages.json", **knobs.to_parameters()}),
+    }
+
+
+def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mapping[str, Any], *,
+                       target: str = "embedded", max_batch_size: int, queue_delay_us: int, policy: str = "dva",
+                       knobs: ReorchKnobs | Mapping[str, Any] | None = None) -> Path:
+    """Write ``<repository>/<NAME>_reorch`` for model ``name``; returns the model directory.
+
+    ``manifest_entry`` is the model's entry of ``manifest.json`` (stage ONNX paths relative to the
+    repository root). ``knobs`` default to ``ReorchKnobs()`` with ``max_batch_rows=max_batch_size``.
+    """
+    from stagebatch.model_config import write_model_config
+    from stagebatch.repository import copy_backends_package
+
+    if target not in TARGETS:
+        raise ConfigValidationError(f"target must be one of {TARGETS}, got {target!r}")
+    if max_batch_size < 1:
+        raise ConfigValidationError(f"max_batch_size must be >= 1 for the reorchestrator, got {max_batch_size}")
+    if queue_delay_us < 0:
+        raise ConfigValidationError(f"queue_delay_us must be >= 0, got {queue_delay_us}")
+    repository = Path(repository)
+    spec = StagesSpec.from_manifest_entry(name, dict(manifest_entry))
+    spec.max_batch_size = max_batch_size
+    if knobs is None:
+        knobs = ReorchKnobs(max_batch_rows=max_batch_size)
+    elif not isinstance(knobs, ReorchKnobs):
+        knobs = ReorchKnobs(**{"max_batch_rows": max_batch_size, **dict(knobs)})
+    else:
+        knobs = dataclasses.replace(knobs)
+    context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
+                           spec.max_length if spec.is_sequence else None)
+    create_policy(policy, knobs, context)  # refuse a bad policy name now, not at model load
+    for stage in spec.stages:
+        if not (repository / stage.onnx).is_file():
+            raise ConfigValidationError(f"stage {stage.index} of {name!r}: {repository / stage.onnx} does not exist "
+                                        "(stage onnx paths are relative to the repository root)")
+    model_name = dict(manifest_entry).get("variants", {}).get("reorch") or f"{name}_reorch"
+    model_dir = repository / model_name
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    copy_backends_package(version_dir)
+    shutil.copy2(Path(__file__).with_name("model.py"), version_dir / "model.py")
+    (version_dir / "stages.json").write_text(spec.to_json())
+    write_model_config(model_dir, reorch_model_config(model_name, spec, target=target, max_batch_size=max_batch_size,
+                                                      queue_delay_us=queue_delay_us, policy=policy, knobs=knobs))
+    return model_dir

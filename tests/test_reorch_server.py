@@ -1,0 +1,147 @@
+"""The reorchestrator through the embedded Triton server (gRPC streaming), with tiny staged models."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from reorch_models import VOCAB, random_sequence_request, write_mlp_chain, write_sequence_chain
+
+from backends.reorch.deploy import write_reorch_model
+from backends.reorch.policies import BatchPolicy
+from stagebatch.server import EmbeddedTriton
+
+pytestmark = pytest.mark.server
+POLICIES = [p.value for p in BatchPolicy]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("repository")
+    seq_entry, seq_reference = write_sequence_chain(repository, "seqm", favoured=(4, 2, 2))
+    for policy in POLICIES:
+        write_reorch_model(repository, "seqm", {**seq_entry, "variants": {"reorch": f"seqm_{policy}"}},
+                           max_batch_size=8, queue_delay_us=2000, policy=policy,
+                           knobs={"stretch_max_wait_us": 5000, "stretch_max_rows": 16})
+    mlp_entry, mlp_reference = write_mlp_chain(repository, "mlp")
+    write_reorch_model(repository, "mlp", mlp_entry, max_batch_size=8, queue_delay_us=500, policy="dva")
+    # no value range on tokens: an out-of-vocabulary id makes stage 0 (Gather) raise inside onnxruntime
+    raw_entry, _ = write_sequence_chain(repository, "raw", value_range=False)
+    write_reorch_model(repository, "raw", raw_entry, max_batch_size=8, queue_delay_us=0, policy="pipeline")
+    # the stage directories hold bare ONNX files (no config): load only the reorchestrator models
+    models = [f"seqm_{policy}" for policy in POLICIES] + ["mlp_reorch", "raw_reorch"]
+    with EmbeddedTriton(repository, models=models) as server:
+        yield server, seq_reference, mlp_reference
+
+
+def _inputs(tensors: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in tensors.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def stream_all(url: str, model: str, requests: list[dict[str, np.ndarray]], timeout_s: float = 60):
+    """Send every request on one stream at once; returns {index: (result, error)}."""
+    client = grpcclient.InferenceServerClient(url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for index, tensors in enumerate(requests):
+            client.async_stream_infer(model, _inputs(tensors), request_id=str(index))
+        received = [answers.get(timeout=timeout_s) for _ in requests]
+    finally:
+        client.stop_stream()
+    out = {}
+    errors = []
+    for result, error in received:
+        if error is not None:
+            errors.append(error)
+            continue
+        out[int(result.get_response().id)] = (result, None)
+    return out, errors
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_returns_the_whole_models_outputs(served, policy):
+    server, reference, _ = served
+    rng = np.random.default_rng(11)
+    requests = [random_sequence_request(rng, int(rng.integers(1, 3)), int(n))
+                for n in rng.choice([2, 4, 7, 16, 30, 32], 40)]
+    results, errors = stream_all(server.grpc_url, f"seqm_{policy}", requests)
+    assert not errors, errors[:3]
+    assert sorted(results) == list(range(len(requests)))
+    for index, request in enumerate(requests):
+        result = results[index][0]
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(result.as_numpy("hidden"), want["hidden"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("pooled"), want["pooled"], rtol=1e-5, atol=1e-6)
+        record = json.loads(result.as_numpy("REORCH_RECORD").ravel()[0])
+        assert record["arrival_us"] <= record["stage0_entry_us"] <= record["exit_us"]
+        assert len(record["batch_sizes"]) == 3
+
+
+def test_non_sequence_model_through_the_server(served):
+    server, _, reference = served
+    rng = np.random.default_rng(2)
+    requests = [{"x": rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32)} for _ in range(20)]
+    results, errors = stream_all(server.grpc_url, "mlp_reorch", requests)
+    assert not errors
+    for index, request in enumerate(requests):
+        np.testing.assert_allclose(results[index][0].as_numpy("y"), reference(request["x"])["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stage_that_raises_fails_only_its_request_and_the_model_keeps_serving(served):
+    server, reference, _ = served
+    poison = {"tokens": np.array([[1, 2, VOCAB + 100]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    results, errors = stream_all(server.grpc_url, "raw_reorch", [poison])
+    assert not results and len(errors) == 1
+    assert "stage 0 failed" in str(errors[0]) and "REORCH_RECORD" in str(errors[0])
+    good = random_sequence_request(np.random.default_rng(0), 2, 5)
+    results, errors = stream_all(server.grpc_url, "raw_reorch", [good])
+    assert not errors
+    np.testing.assert_allclose(results[0][0].as_numpy("hidden"),
+                               reference(good["tokens"], good["attention_mask"])["hidden"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_request_is_answered_with_invalid_argument(served):
+    server, _, _ = served
+    too_long = random_sequence_request(np.random.default_rng(0), 1, 40)  # max_length is 32
+    results, errors = stream_all(server.grpc_url, "seqm_dva", [too_long])
+    assert not results and "sequence length 40" in str(errors[0])
+    out_of_range = {"tokens": np.full((1, 3), VOCAB, np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    results, errors = stream_all(server.grpc_url, "seqm_dva", [out_of_range])
+    assert not results and "values must lie in [0, 50)" in str(errors[0])
+
+
+def test_1000_concurrent_streaming_requests_are_all_answered(served):
+    server, reference, _ = served
+    rng = np.random.default_rng(5)
+    requests = [random_sequence_request(rng, 1, int(n)) for n in rng.integers(1, 33, 1000)]
+    results, errors = stream_all(server.grpc_url, "seqm_dva", requests, timeout_s=120)
+    assert not errors, errors[:3]
+    assert sorted(results) == list(range(1000))
+    for index in range(0, 1000, 97):
+        request = requests[index]
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(results[index][0].as_numpy("hidden"), want["hidden"], rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_are_published_with_the_documented_names(served):
+    server, _, _ = served
+    stream_all(server.grpc_url, "mlp_reorch", [{"x": np.ones((2, 4), np.float32)}])
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:  # noqa: S310 (loopback)
+        text = response.read().decode()
+    success = re.search(r'stagebatch_reorch_requests_total\{[^}]*model="mlp_reorch"[^}]*outcome="success"[^}]*\} (\d+)', text)
+    assert success and int(success.group(1)) >= 1
+    for family in ("stagebatch_reorch_operations_total", "stagebatch_reorch_stage_executions_total",
+                   "stagebatch_reorch_stage_samples_total", "stagebatch_reorch_stage_queue_us_total",
+                   "stagebatch_reorch_stage_compute_us_total", "stagebatch_reorch_inflight_requests"):
+        assert f"{family}{{" in text, family
