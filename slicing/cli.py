@@ -40,7 +40,7 @@ def build(
                            weights=weights, max_seq_len=max_seq_len)
     with console.status("building ..."):
         builds = build_repository(out, models=model, onnx_file=onnx, options=options,
-                                  log=lambda line: console.print(line, highlight=False))
+                                  log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     table = Table(title=f"{out} ({target})")
     for column in ("model", "variants", "stages", "cut tensors", "cost shares", "favoured batch",
                    "max rel. error", "build s"):

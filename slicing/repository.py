@@ -203,7 +203,7 @@ def _choose_stages(proto: onnx.ModelProto, source: _Source, options: BuildOption
     notes = []
     if options.cut_tensors:
         return len(options.cut_tensors) + 1, notes
-    largest = max_stages(proto)
+    largest = max_stages(proto, source.input_specs)
     if options.stages is None:
         stages = min(DEFAULT_STAGES, largest)
         if stages < DEFAULT_STAGES:
