@@ -318,7 +318,7 @@ def _largest_k_error(prepared: _Prepared, num_stages: int, model_name: str) -> S
         reason = (f"; each of its {lstm_nodes} recurrent layers is a single ONNX node "
                   f"({'/'.join(sorted({n.op_type for n in prepared.analysis.nodes if n.op_type in ('LSTM', 'GRU', 'RNN')}))})"
                   " that cannot be split")
-    return SliceError(f"cannot cut {model_name} into {num_stages} stages: the largest valid K is {largest} "
+    return SliceError(f"cannot cut the model into {num_stages} stages: the largest valid K is {largest} "
                       f"({largest - 1} candidate cuts{reason}); ask for num_stages <= {largest}")
 
 
@@ -517,7 +517,7 @@ def _measured_unit_costs(prepared: _Prepared, positions: list[int], flop_costs: 
 # ---------------------------------------------------------------------------------------------
 
 
-class _Chain:
+class StageChain:
     """Sessions of the whole model and of every stage, sharing one tensor namespace per run."""
 
     def __init__(self, result: SliceResult, intra_op_threads: int = 2):
@@ -574,7 +574,7 @@ def verify_chain(result: SliceResult, batch_sizes=(1, 4), seq_lens=None, rtol: f
         raise BadParameterError(f"batch_sizes {batch_sizes} must be >= 1")
     has_sequence = any(s.sequence_axis is not None for s in result.input_specs)
     seq_list: list[int | None] = ([int(s) for s in (seq_lens or DEFAULT_VERIFY_SEQ_LENS)] if has_sequence else [None])
-    chain = _Chain(result, intra_op_threads)
+    chain = StageChain(result, intra_op_threads)
     errors = {name: 0.0 for name in chain.output_names}
     seed = 0
     for batch in batch_sizes:
@@ -653,7 +653,7 @@ def profile_stages(result: SliceResult, max_batch: int, seq_len: int | None = No
     has_sequence = any(s.sequence_axis is not None for s in result.input_specs)
     if has_sequence and seq_len is None:
         seq_len = DEFAULT_VERIFY_SEQ_LENS[-1]
-    chain = _Chain(result, intra_op_threads)
+    chain = StageChain(result, intra_op_threads)
     latency: list[dict[int, float]] = [{} for _ in result.stages]
     for batch in sizes:
         # Full-length rows: a stage's cost at a batch size is for padded batches of seq_len.
