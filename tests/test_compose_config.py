@@ -189,7 +189,7 @@ def test_published_ports_are_unique_and_bind_loopback_by_default() -> None:
             assert address == "127.0.0.1", f"{name} publishes {host_port} on {address}; the default must be loopback"
             assert host_port not in seen, f"host port {host_port} published by both {seen[host_port]} and {name}"
             seen[host_port] = name
-    assert set(seen) == {8000, 8001, 8002, 8089, 9090, 3000}
+    assert set(seen) == {8000, 8001, 8002, 8089, 5557, 9090, 3000}
     opened = load_compose({"STAGEBATCH_BIND_ADDRESS": "0.0.0.0"})
     assert {address for spec in opened["services"].values() for address, _, _ in host_ports(spec)} == {"0.0.0.0"}
 
@@ -238,7 +238,7 @@ def test_locust_services_reach_triton_over_grpc_and_the_master() -> None:
     assert "--host=triton:8001" in master["command"], "Locust targets Triton's gRPC port"
     assert "--master-host=locust-master" in worker["command"]
     assert "ports" not in worker, "workers publish nothing, so --scale locust-worker=N cannot clash"
-    assert {container for _, _, container in host_ports(master)} == {8089}
+    assert {container for _, _, container in host_ports(master)} == {8089, 5557}  # UI, workers
     for spec in (master, worker):
         locustfile = next(arg.split("=", 1)[1] for arg in spec["command"] if arg.startswith("--locustfile="))
         assert (ROOT / locustfile).is_file(), f"{locustfile} does not exist"

@@ -54,7 +54,7 @@ def test_builder_command_targets_gpu_with_the_whole_zoo() -> None:
 
 def test_every_config_is_a_valid_triton_model_config(gpu_repository: Path) -> None:
     configs = sorted(gpu_repository.glob("*/config.pbtxt"))
-    assert len(configs) >= 3 * 6, [str(path) for path in configs]  # 3 models x (whole + 4 stages + ensemble)
+    assert len(configs) == 3 * 7, [str(path) for path in configs]  # 3 models x (whole + 4 stages + ensemble + reorch)
     for path in configs:
         config = parse_config(path)
         assert config.name == path.parent.name, f"{path}: name {config.name!r} differs from its directory"
@@ -99,7 +99,11 @@ def test_python_models_are_self_contained(gpu_repository: Path) -> None:
     python_models = [
         path.parent for path in gpu_repository.glob("*/config.pbtxt") if parse_config(path).backend == "python"
     ]
+    assert sorted(model.name for model in python_models) == ["bert_base_reorch", "lstm_reorch", "resnet50_reorch"]
     for model_dir in python_models:
+        config = parse_config(model_dir / "config.pbtxt")
+        assert config.model_transaction_policy.decoupled
+        assert [group.kind for group in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
         version = model_dir / "1"
         assert (version / "model.py").is_file(), model_dir.name
         assert (version / "backends" / "__init__.py").is_file(), model_dir.name
@@ -254,8 +258,7 @@ def test_gpu_plan_runs_against_a_remote_triton_on_the_builders_repository(gpu_re
     for point in points:
         entry = manifest["models"].get(point.model)
         assert entry is not None, f"{point.point_id}: the builder does not build {point.model}"
-        if point.variant != "reorch":  # reorch models come with the reorchestrator's deploy step
-            assert point.variant in entry["variants"], f"{point.point_id}: no {point.variant} variant"
+        assert point.variant in entry["variants"], f"{point.point_id}: no {point.variant} variant"
         if point.lengths:
             # The builder keeps `stagebatch build`'s default sequence bound for the full models.
             size = next(a.split("=")[1] for a in builder["command"] if a.startswith("--size="))
