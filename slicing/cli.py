@@ -42,15 +42,16 @@ def build(
         builds = build_repository(out, models=model, onnx_file=onnx, options=options,
                                   log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     table = Table(title=f"{out} ({target})")
-    for column in ("model", "variants", "stages", "cut tensors", "cost shares", "favoured batch",
-                   "max rel. error", "build s"):
-        table.add_column(column)
+    for column in ("model", "K", "cut tensors", "cost shares", "favoured batch", "max rel. error", "build s",
+                   "variants"):
+        table.add_column(column, overflow="fold")
     for item in builds:
         entry = item.entry
         table.add_row(
-            item.name, ", ".join(entry["variants"].values()), str(len(entry["stages"])),
-            ", ".join(entry["build"]["cut_tensors"]) or "-",
+            item.name, str(len(entry["stages"])), "\n".join(entry["build"]["cut_tensors"]) or "-",
             " / ".join(f"{s['cost_share']:.2f}" for s in entry["stages"]),
             " / ".join(str(s["favoured_batch_size"]) for s in entry["stages"]),
-            f"{item.verified_max_rel_error:.1e}", f"{item.build_s:.1f}")
-    Console().print(table)
+            f"{item.verified_max_rel_error:.1e}", f"{item.build_s:.1f}", ", ".join(entry["variants"]))
+    terminal = Console()
+    # piped output: rich would squeeze the table into 80 columns
+    Console(width=max(terminal.width, 120) if not terminal.is_terminal else None).print(table)

@@ -268,6 +268,12 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
             "favoured_batch_size": int(profile.favoured_batch_size),
             "latency_ms": {str(b): round(float(ms), 4) for b, ms in sorted(profile.latency_ms.items())},
         })
+    small = [s["index"] for s in stage_entries if s["cost_share"] < 0.05]
+    if small and len(stage_entries) > 1:
+        note = (f"stage(s) {', '.join(map(str, small))} hold under 5% of the cost each; fewer stages "
+                f"(--stages {len(stage_entries) - len(small)}) or --cut may balance better")
+        notes.append(note)
+        log(f"{source.name}: {note}")
     ensemble_name = f"{source.name}_ensemble"
     _write_ensemble(out, ensemble_name, max_batch, whole_inputs, whole_outputs, result.stages, source.name)
 

@@ -126,3 +126,38 @@ def test_build_cli_bad_requests_give_one_line_and_exit_1(tmp_path, capsys, expor
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and message in errors[0], err
     assert "Traceback" not in err
+
+
+def test_build_user_onnx_file_gets_inferred_specs_and_prints_the_slicer_notes(tmp_path, export_cache):
+    import shutil
+
+    from slicing.export import export_zoo_model
+    from slicing.zoo import build_zoo_model
+
+    user_file = tmp_path / "my-tagger.onnx"
+    shutil.copy(export_zoo_model(build_zoo_model("lstm", "tiny")).path, user_file)
+    lines: list[str] = []
+    (build,) = build_repository(tmp_path / "repo", onnx_file=user_file,
+                                options=BuildOptions(size="tiny", max_batch=4, max_seq_len=32), log=lines.append)
+    assert build.name == "my_tagger"
+    entry = json.loads((tmp_path / "repo" / "manifest.json").read_text())["models"]["my_tagger"]
+    assert entry["family"] == "onnx" and entry["size"] is None and entry["build"]["source"] == "onnx"
+    assert entry["inputs"][0]["value_range"] == [0, 100] and entry["inputs"][0]["sequence_axis"] == 1
+    assert entry["sequence"] == {"max_length": 32, "min_length": 1}
+    assert any("largest valid K" in line for line in lines)  # the slicer's notes reach the user
+    from slicing.inputs import infer_input_specs
+    from slicing.slicer import max_stages
+
+    proto = onnx.load(str(user_file))
+    assert len(entry["stages"]) == min(4, max_stages(proto, infer_input_specs(proto)))  # the default K
+
+
+def test_build_leaves_reorch_out_and_says_so_when_its_module_is_missing(tmp_path, export_cache, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "backends.reorch.deploy", None)  # import now raises ImportError
+    lines: list[str] = []
+    (build,) = build_repository(tmp_path, models=["resnet50"], options=BuildOptions(size="tiny", stages=2),
+                                log=lines.append)
+    assert "reorch" not in build.entry["variants"] and not (tmp_path / "resnet50_reorch").exists()
+    assert any("reorch variant left out" in line for line in lines)
