@@ -348,9 +348,8 @@ def slice_model(model: onnx.ModelProto | str | Path, num_stages: int | None = No
     notes = list(prepared.notes)
     candidates = analysis.candidate_cuts()
     notes.append(f"largest valid K is {len(candidates) + 1} ({len(candidates)} candidate cuts)")
-    if not prepared.batchable:
-        profile_batch_size = next(s.shape[0] for s in prepared.specs if s.shape and s.shape[0] != -1) \
-            if any(s.shape and s.shape[0] != -1 for s in prepared.specs) else 1
+    if not prepared.batchable:  # time the pieces at the model's own fixed batch
+        profile_batch_size = next((s.shape[0] for s in prepared.specs if s.shape and s.shape[0] != -1), 1)
 
     if cut_tensors is not None:
         chosen = analysis.cut_for_tensors(list(cut_tensors))
@@ -648,6 +647,8 @@ def favoured_batch_size(latency_ms: dict[int, float], min_gain: float = 0.05) ->
 def profile_stages(result: SliceResult, max_batch: int, seq_len: int | None = None, *, reps: int = 5,
                    min_gain: float = 0.05, intra_op_threads: int = 2) -> list[StageProfile]:
     """Median latency of each stage at batch sizes 1, 2, 4, .. max_batch, and its favoured batch size."""
+    from slicing.cost import median_ms
+
     fixed = _fixed_batch(result)
     sizes = [fixed] if fixed is not None else profile_batch_sizes(max_batch)
     has_sequence = any(s.sequence_axis is not None for s in result.input_specs)
@@ -668,8 +669,3 @@ def profile_stages(result: SliceResult, max_batch: int, seq_len: int | None = No
     return [StageProfile(stage.index, latency[stage.index], favoured_batch_size(latency[stage.index], min_gain))
             for stage in result.stages]
 
-
-def median_ms(run, *, reps: int = 5, warmup: int = 1) -> float:
-    from slicing.cost import median_ms as _median_ms
-
-    return _median_ms(run, reps=reps, warmup=warmup)

@@ -59,6 +59,8 @@ def test_slicing_lstm_time_major_boundary_is_sent_batch_first():
     ops = [node.op_type for node in result.stages[0].model.graph.node]
     assert ops[-1] == "Transpose"  # LSTM Y [seq, 1, batch, hidden] leaves as [batch, seq, 1, hidden]
     assert result.stages[0].tensors["stage0_out0"].shape == [-1, -1, 1, 12]
+    # The zero initial state's shape is rebuilt from the stage's own input: no need for `tokens`.
+    assert result.stages[1].inputs == ["stage0_out0"]
     verify_chain(result, batch_sizes=(2,), seq_lens=(9,), timing_reps=1)
 
 
@@ -70,6 +72,14 @@ def test_slicing_lstm_too_many_stages_names_the_largest_k():
         slice_model(model, 8, input_specs=SPECS["lstm"])
     message = str(caught.value)
     assert "largest valid K is 5" in message and "single ONNX node" in message and "\n" not in message
+
+
+def test_slicing_graph_output_produced_before_the_last_stage():
+    """BERT's last_hidden_state is an output and feeds the pooler: cut right after it."""
+    result = slice_model(toy.load("bert"), cut_tensors=["last_hidden_state"], input_specs=SPECS["bert"])
+    assert result.stages[0].outputs == ["stage0_out0"]
+    assert result.stages[1].outputs == ["last_hidden_state", "pooler_output"]
+    verify_chain(result, batch_sizes=(2,), timing_reps=1)
 
 
 def test_slicing_branchy_inception_cuts_between_blocks():
