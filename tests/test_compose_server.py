@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,20 +66,19 @@ def http(method: str, url: str, headers: dict[str, str] | None = None, body: byt
         return 0  # not listening (yet)
 
 
-@pytest.fixture
-def compose_triton(tmp_path: Path):
-    repository = tmp_path / "repository"
-    repository.mkdir()
-    weight = add_matmul(repository, "matmul")
+@contextlib.contextmanager
+def start_compose_triton(repository: Path, workdir: Path) -> Iterator[dict[str, int]]:
+    """Run the compose service's tritonserver command on ``repository``; yields its local ports."""
+    workdir.mkdir(parents=True, exist_ok=True)
     distribution = embedded.TritonDistribution.find()
-    backends = distribution.prepare_backend_directory(tmp_path / "backends")
+    backends = distribution.prepare_backend_directory(workdir / "backends")
     ports = {name: embedded.find_free_port() for name in ("http", "grpc", "metrics")}
     command = compose_triton_command(repository, ports, backends)
-    log_path = tmp_path / "tritonserver.log"
+    log_path = workdir / "tritonserver.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=distribution.environment(), cwd=tmp_path, start_new_session=True,
+            env=distribution.environment(), cwd=workdir, start_new_session=True,
         )
     try:
         ready_url = f"http://127.0.0.1:{ports['http']}/v2/health/ready"
@@ -87,7 +87,7 @@ def compose_triton(tmp_path: Path):
             assert process.poll() is None, f"tritonserver exited: {log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"not ready after 120 s: {log_path.read_text()[-3000:]}"
             time.sleep(0.3)
-        yield ports, weight, log_path
+        yield ports
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGINT)
@@ -98,6 +98,15 @@ def compose_triton(tmp_path: Path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+@pytest.fixture
+def compose_triton(tmp_path: Path):
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    weight = add_matmul(repository, "matmul")
+    with start_compose_triton(repository, tmp_path) as ports:
+        yield ports, weight, tmp_path / "tritonserver.log"
 
 
 def test_compose_flags_serve_inference_and_guard_the_repository_api(compose_triton) -> None:
