@@ -119,6 +119,8 @@ def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: P
     options = options or BuildOptions()
     if (models is None) == (onnx_file is None):
         raise BadParameterError("give either --model NAME or --onnx FILE (exactly one)")
+    if onnx_file is not None and options.weights is not None:
+        raise BadParameterError("--weights loads a zoo model's state dict; an --onnx file carries its own weights")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadParameterError(f"--out {out}: exists and is not a directory")
@@ -261,9 +263,7 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
         stage_entries.append({
             "index": stage.index, "model_name": model_name, "onnx": f"{model_name}/1/model.onnx",
             "inputs": list(stage.inputs), "outputs": list(stage.outputs),
-            "tensors": {n: manifest_lib.tensor_entry(n, m.dtype, m.shape, sequence_axis=m.sequence_axis,
-                                                     pad_value=_pad_value(specs.get(n)))
-                        for n, m in metas.items()},
+            "tensors": {n: _stage_tensor_entry(n, m, specs.get(n)) for n, m in metas.items()},
             "cost_share": round(float(stage.cost_share), 4),
             "favoured_batch_size": int(profile.favoured_batch_size),
             "latency_ms": {str(b): round(float(ms), 4) for b, ms in sorted(profile.latency_ms.items())},
@@ -302,6 +302,13 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
     manifest_lib.check_model_entry(source.name, entry)
     return ModelBuild(name=source.name, entry=entry, notes=notes, verified_max_rel_error=max_rel_error,
                       build_s=time.perf_counter() - started)
+
+
+def _stage_tensor_entry(name: str, meta, spec) -> dict[str, Any]:
+    entry = manifest_lib.tensor_entry(name, meta.dtype, meta.shape, sequence_axis=meta.sequence_axis,
+                                      pad_value=_pad_value(spec))
+    del entry["name"]  # the key of the stage's "tensors" dict is the name
+    return entry
 
 
 def _pad_value(spec) -> float:
@@ -364,6 +371,8 @@ def _write_ensemble(out: Path, name: str, max_batch: int, inputs, outputs, stage
 
 def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOptions, max_batch: int) -> str | None:
     """Write ``NAME_reorch`` when the reorchestrator exists; else return why the variant is left out."""
+    if max_batch == 0:
+        return "reorch variant left out: the model is served without batching, and the reorchestrator re-forms batches"
     try:
         from backends.reorch.deploy import write_reorch_model
     except ImportError as error:
