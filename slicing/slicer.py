@@ -331,13 +331,17 @@ def slice_model(model: onnx.ModelProto | str | Path, num_stages: int | None = No
                 cut_tensors: list[str] | None = None, input_specs: list[InputSpec] | None = None,
                 balance: str = "measured", profile_batch_size: int = 8, seq_len: int | None = None,
                 intra_op_threads: int = 2) -> SliceResult:
-    """Cut ``model`` into ``num_stages`` balanced stages, or at the given ``cut_tensors``."""
+    """Cut ``model`` into ``num_stages`` balanced stages, or at the given ``cut_tensors``.
+
+    Tensors in ``cut_tensors`` that cross the same position form one boundary (e.g. both branches
+    of a diamond); with ``cut_tensors``, ``num_stages`` may be left out, else it must match.
+    """
     from slicing.extract import boundary_tensors, extract_stages, plan_stages
 
     if balance not in BALANCES:
         raise BadParameterError(f"balance={balance!r} must be one of {', '.join(BALANCES)}")
-    if (num_stages is None) == (cut_tensors is None):
-        raise BadParameterError("give exactly one of num_stages or cut_tensors")
+    if num_stages is None and cut_tensors is None:
+        raise BadParameterError("give num_stages or cut_tensors")
     if num_stages is not None and num_stages < 1:
         raise BadParameterError(f"num_stages={num_stages} must be >= 1")
     if profile_batch_size < 1:
@@ -355,6 +359,12 @@ def slice_model(model: onnx.ModelProto | str | Path, num_stages: int | None = No
         chosen = analysis.cut_for_tensors(list(cut_tensors))
         positions = [cut.position for cut in chosen]
         unit_positions = positions
+        if num_stages is not None and num_stages != len(chosen) + 1:
+            groups = " | ".join(" + ".join(cut.crossing) for cut in chosen)
+            raise BadParameterError(
+                f"cut tensors {list(cut_tensors)} make {len(chosen)} boundaries ({groups}), so "
+                f"{len(chosen) + 1} stages, not num_stages={num_stages}; tensors crossing the same "
+                "position form one boundary; leave num_stages out or make it match")
     else:
         if num_stages > len(candidates) + 1:
             raise _largest_k_error(prepared, num_stages, model_name)

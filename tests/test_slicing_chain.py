@@ -149,8 +149,10 @@ def test_slicing_rejects_files_that_are_not_onnx(tmp_path):
         assert "\n" not in str(caught.value)
     with pytest.raises(BadParameterError, match="balance"):
         slice_model(toy.load("cnn"), 2, balance="fastest")
-    with pytest.raises(BadParameterError, match="exactly one of num_stages or cut_tensors"):
+    with pytest.raises(BadParameterError, match="give num_stages or cut_tensors"):
         slice_model(toy.load("cnn"))
+    with pytest.raises(BadParameterError, match=r"make 1 boundaries \(relu_2\), so 2 stages, not num_stages=3"):
+        slice_model(toy.load("cnn"), 3, cut_tensors=["relu_2"], input_specs=SPECS["cnn"])
 
 
 def test_slicing_profile_stages_gives_latency_per_power_of_two():
@@ -175,3 +177,16 @@ def test_slicing_stage_models_run_standalone_from_their_files(tmp_path):
              "stage0_out0": np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)}
     outputs = session.run(None, {k: v for k, v in feeds.items() if k in result.stages[1].inputs})
     assert outputs[0].shape == (2, 5, 16)
+
+
+def test_slicing_errors_reach_the_cli_as_one_line(tmp_path, capsys):
+    from stagebatch.cli import main
+
+    path = tmp_path / "cnn.onnx"
+    onnx.save(toy.load("cnn"), str(path))
+    for extra in (["--cut", "no_such_tensor"], ["--stages", "40"]):
+        code = main(["build", "--onnx", str(path), "--out", str(tmp_path / "repo"), "--balance", "flops", *extra])
+        error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(error_lines) == 1, error_lines
+        assert "Traceback" not in error_lines[0]
+        assert ("no_such_tensor" in error_lines[0]) if "--cut" in extra else ("largest valid K is" in error_lines[0])
