@@ -97,9 +97,9 @@ def export_zoo_model(model: ZooModel, *, directory: Path | None = None, use_cach
 
 
 def _export(model: ZooModel, path: Path) -> None:
-    import torch
-
     import logging
+
+    import torch
 
     external = model.parameter_bytes > _EXTERNAL_DATA_THRESHOLD_BYTES
     # "torchvision is not installed. Skipping torchvision::nms" x4 on every export: noise here.

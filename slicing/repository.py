@@ -182,7 +182,7 @@ def _onnx_source(path: Path, options: BuildOptions) -> _Source:
         raise BadParameterError(f"--onnx {path}: no such file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf DecodeError and friends: not an ONNX file
+    except Exception as error:  # noqa: BLE001 - DecodeError and friends: not an ONNX file
         raise BadParameterError(f"--onnx {path} is not an ONNX model ({type(error).__name__}); "
                                 f"export one with torch.onnx.export") from None
     if not proto.graph.node:

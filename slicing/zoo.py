@@ -299,7 +299,7 @@ def load_weights(module: torch.nn.Module, path: Path, model: str) -> None:
         raise BadParameterError(f"--weights {path}: no such file; pass a state dict saved with torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle/zip errors of all kinds: the file is not a state dict
+    except Exception as error:  # noqa: BLE001 - pickle/zip errors of all kinds: not a state dict
         raise BadParameterError(
             f"--weights {path}: cannot be read as a torch state dict ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}); save one with "
