@@ -161,3 +161,12 @@ def test_build_leaves_reorch_out_and_says_so_when_its_module_is_missing(tmp_path
                                 log=lines.append)
     assert "reorch" not in build.entry["variants"] and not (tmp_path / "resnet50_reorch").exists()
     assert any("reorch variant left out" in line for line in lines)
+
+
+def test_build_explicit_cut_tensors_choose_the_boundaries(tmp_path, export_cache):
+    (first,) = build_repository(tmp_path / "a", models=["lstm"], options=BuildOptions(size="tiny", stages=3))
+    cuts = first.entry["build"]["cut_tensors"]
+    assert len(cuts) == 2
+    (again,) = build_repository(tmp_path / "b", models=["lstm"],
+                                options=BuildOptions(size="tiny", cut_tensors=cuts[:1]))
+    assert again.entry["build"]["cut_tensors"] == cuts[:1] and len(again.entry["stages"]) == 2
