@@ -368,7 +368,8 @@ def slice_model(model: onnx.ModelProto | str | Path, num_stages: int | None = No
     else:
         if num_stages > len(candidates) + 1:
             raise _largest_k_error(prepared, num_stages, model_name)
-        unit_positions = [cut.position for cut in candidates]
+        # One stage needs no costs beyond its total: skip timing the pieces.
+        unit_positions = [cut.position for cut in candidates] if num_stages > 1 else []
         positions = []
     unit_costs, cost_note = _unit_costs(prepared, unit_positions, balance, profile_batch_size, seq_len,
                                         intra_op_threads)
@@ -452,7 +453,9 @@ def _unit_costs(prepared: _Prepared, positions: list[int], balance: str, batch: 
     bounds = [0, *positions, len(analysis.nodes)]
     flops = node_flops(analysis, prepared.probe)
     flop_costs = [float(sum(flops[bounds[u]:bounds[u + 1]])) for u in range(len(bounds) - 1)]
-    if balance == "flops" or len(bounds) == 2:
+    if len(bounds) == 2:
+        return flop_costs, "a single stage: nothing to balance"
+    if balance == "flops":
         return flop_costs, "stage costs from FLOPs at the probe shapes"
     feeds = make_inputs(prepared.specs, batch, seq_len, rng=np.random.default_rng(11))
     if balance == "profile":
