@@ -17,7 +17,8 @@ from stagebatch.errors import BadParameterError
 @pytest.fixture(scope="module")
 def export_dir(request):
     # pytest's cache survives between runs; entries are keyed by a hash of everything that matters.
-    return request.config.cache.mkdir("stagebatch-exports")
+    # The same directory the build tests use (STAGEBATCH_CACHE_DIR/exports), so each model exports once.
+    return request.config.cache.mkdir("stagebatch") / "exports"
 
 
 @pytest.fixture(scope="module")
