@@ -542,7 +542,13 @@ class StageChain:
         self.output_names = [v.name for v in result.whole.graph.output]
 
     def run_whole(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.whole.run(self.output_names, feeds)))
+        try:
+            values = self.whole.run(self.output_names, feeds)
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises plain RuntimeErrors
+            shapes = {name: value.shape for name, value in feeds.items()}
+            raise SliceError(f"the whole model failed on inputs {shapes}: {str(error).splitlines()[0]}; "
+                             "use batch sizes and sequence lengths the model supports") from None
+        return dict(zip(self.output_names, values))
 
     def run_chain(self, feeds: dict[str, np.ndarray], *, check: bool = False) -> dict[str, np.ndarray]:
         namespace = dict(feeds)

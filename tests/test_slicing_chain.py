@@ -129,6 +129,8 @@ def test_slicing_user_model_that_folds_its_batch_is_served_without_batching():
     assert any("served without batching" in note and "folds the batch" in note for note in result.notes)
     report = verify_chain(result, batch_sizes=(1, 4), timing_reps=1)
     assert report.batch_sizes == [1]  # only its fixed batch
+    [profile] = profile_stages(result, max_batch=8, reps=1)
+    assert list(profile.latency_ms) == [1] and profile.favoured_batch_size == 1
 
 
 def test_slicing_verification_fails_naming_the_output_when_a_stage_is_wrong():

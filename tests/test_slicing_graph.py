@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from slicing.graph import CONST, HEAVY, LIGHT, GraphAnalysis, ProbeShapes, topological_order
@@ -152,6 +156,22 @@ def test_partition_prefers_small_boundaries_among_near_ties():
     assert part.cuts == (1,) and part.crossing_bytes == 1.0
     strict = partition_units([1.0, 0.01, 1.0], [100.0, 1.0], 2, tie_rtol=0.0)
     assert strict.slowest_cost == pytest.approx(1.01)
+
+
+@settings(max_examples=150, deadline=None)
+@given(costs=st.lists(st.integers(0, 20), min_size=1, max_size=7), data=st.data())
+def test_partition_matches_brute_force(costs, data):
+    stages = data.draw(st.integers(1, len(costs)))
+    cut_bytes = data.draw(st.lists(st.integers(0, 9), min_size=len(costs) - 1, max_size=len(costs) - 1))
+    part = partition_units([float(c) for c in costs], [float(b) for b in cut_bytes], stages, tie_rtol=0.0)
+    best = None
+    for cuts in itertools.combinations(range(len(costs) - 1), stages - 1):
+        bounds = [0, *(c + 1 for c in cuts), len(costs)]
+        slowest = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        key = (slowest, sum(cut_bytes[c] for c in cuts))
+        best = key if best is None or key < best else best
+    assert (part.slowest_cost, part.crossing_bytes) == best
+    assert len(part.cuts) == stages - 1 and sum(part.stage_costs) == sum(costs)
 
 
 def test_partition_single_stage_and_too_many_stages():
