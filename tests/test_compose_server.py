@@ -58,7 +58,7 @@ def compose_triton_command(repository: Path, ports: dict[str, int], backend_dire
 def http(method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (loopback)
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
@@ -139,7 +139,7 @@ def test_compose_flags_serve_inference_and_guard_the_repository_api(compose_trit
     np.testing.assert_allclose(result.as_numpy("y"), x @ weight, rtol=1e-5)
 
     # The metrics port Prometheus scrapes answers, with the model's counters.
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=30) as response:  # noqa: S310
         metrics = response.read().decode()
     assert 'nv_inference_request_success{model="matmul",version="1"} 1' in metrics
 
