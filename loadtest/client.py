@@ -194,6 +194,14 @@ class TritonLoadClient:
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._stream = _ResponseStream(self._stub) if self.streaming else None
 
+    def connect(self, timeout_s: float = 10.0) -> bool:
+        """Open the connection now, so the first request does not pay for it; False if not ready in time."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
     @property
     def unmatched_responses(self) -> int:
         return self._stream.unmatched_responses if self._stream is not None else 0

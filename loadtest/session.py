@@ -43,6 +43,7 @@ _LENGTH_BATCH = 1024
 # Records live until the end of the run; moving them out of the collector's reach every so often
 # keeps full garbage collections (which scan every live object) from pausing the sender.
 _GC_FREEZE_EVERY = 8192
+CONNECT_TIMEOUT_S = 10.0
 
 
 def open_loop_schedule(plan: LoadPlan) -> tuple[np.ndarray, np.ndarray | None]:
@@ -104,6 +105,11 @@ class LoadSession:
             client_timeout_s=self.spec.client_timeout_s,
             worker=process_index,
         )
+        if not self.client.connect(timeout_s=CONNECT_TIMEOUT_S):
+            self.warnings.append(
+                f"process {process_index}: no connection to {plan.grpc_url} within {CONNECT_TIMEOUT_S:.0f} s; "
+                "requests will be recorded as errors"
+            )
         self._length_rng = np.random.default_rng([self.spec.seed, _STREAM_LENGTHS, process_index])
         self._lengths_buffer: list[int] = []
         self._length_dist = (
