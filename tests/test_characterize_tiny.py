@@ -69,6 +69,8 @@ def test_runner_completes_a_small_plan_with_raw_data(tiny_run):
         served = sum(m["success"] for m in models.values())
         assert abs(served - len(rows)) <= max(3, 0.1 * len(rows)), (served, len(rows))
         assert point["loadgen"]["cpu_percent"] >= 0
+        late = sum(r["late_us"] > 2000 for r in rows)   # the driver's default tolerance
+        assert point["loadgen"]["late_arrivals"] == late
     whole = [p for p in points if p["point"]["variant"] == "whole"]
     assert [p["point"]["batching"]["max_queue_delay_us"] for p in whole] == [0, 3000]
     for p in whole:  # the batch-size histogram counts every execution of the point
