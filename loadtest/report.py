@@ -269,6 +269,8 @@ def stage_rows(point: PointData) -> list[dict]:
 def batch_histogram_figures(data: RunData) -> list[Figure]:
     """Per experiment, model and configuration (at its heaviest load): executions per batch size, per stage."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     figures = []
     for (experiment, model), points in _group(_ok_points(data), "experiment", "model").items():
         for label, p in _heaviest(points).items():
@@ -283,8 +285,9 @@ def batch_histogram_figures(data: RunData) -> list[Figure]:
                              fontsize=8)
                 ax.set_xlabel("batch size", fontsize=8)
                 ax.tick_params(labelsize=7)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             axes[0][0].set_ylabel("executions", fontsize=8)
-            fig.suptitle(f"{model} {label} under {p.point['load']} ({experiment})", fontsize=9)
+            fig.suptitle(f"{model} {label} under {p.point['load']} ({experiment})", fontsize=9, y=1.1)
             source = stages[0].get("histogram_source", "Triton statistics batch_stats")
             figures.append(Figure(_slug("hist", experiment, model, label),
                                   f"{model} {label} under {p.point['load']}: batch sizes per stage ({source})",
