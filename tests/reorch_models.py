@@ -141,3 +141,32 @@ def write_mlp_chain(repository: Path, name: str = "mlp", *, max_batch_size: int 
 def random_sequence_request(rng: np.random.Generator, rows: int, length: int) -> dict[str, np.ndarray]:
     return {"tokens": rng.integers(0, VOCAB, (rows, length), dtype=np.int64),
             "attention_mask": np.ones((rows, length), np.int64)}
+
+
+def write_slow_chain(repository: Path, name: str = "slow", *, width: int = 256, depth: int = 30):
+    """Two stages of ``depth`` chained width x width MatMuls each: milliseconds per batch on purpose."""
+    rng = np.random.default_rng(2)
+    weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    f = TensorProto.FLOAT
+    stages = []
+    for index in range(2):
+        source = "x" if index == 0 else "stage0_out0"
+        target = "stage0_out0" if index == 0 else "y"
+        nodes, current = [], source
+        for step in range(depth):  # Tanh between MatMuls: nothing for the optimizer to fold
+            out = target if step == depth - 1 else f"h{step}"
+            nodes.append(helper.make_node("MatMul", [current, "W"], [f"m{step}"]))
+            nodes.append(helper.make_node("Tanh", [f"m{step}"], [out]))
+            current = out
+        graph = helper.make_graph(nodes, f"{name}_stage{index}", [helper.make_tensor_value_info(source, f, ["batch", width])],
+                                  [helper.make_tensor_value_info(target, f, ["batch", width])],
+                                  [numpy_helper.from_array(weight, "W")])
+        relative = f"{name}_stage{index}/1/model.onnx"
+        _save(graph, Path(repository) / relative)
+        stages.append({"index": index, "model_name": f"{name}_stage{index}", "onnx": relative, "inputs": [source],
+                       "outputs": [target], "favoured_batch_size": 8,
+                       "tensors": {target: {"datatype": "FP32", "shape": [-1, width]}}})
+    return {"family": "onnx", "size": None, "max_batch_size": 8,
+            "variants": {"whole": name, "ensemble": f"{name}_ensemble", "reorch": f"{name}_reorch"},
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, width]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, width]}], "sequence": None, "stages": stages}

@@ -21,7 +21,8 @@ TARGETS = ("embedded", "gpu")
 
 
 def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_size: int, queue_delay_us: int,
-                        policy: str, knobs: ReorchKnobs) -> dict[str, Any]:
+                        policy: str, knobs: ReorchKnobs,
+                        extra_parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.pbtxt`` of ``name`` as a dict (protobuf-JSON form)."""
     from stagebatch.model_config import numpy_to_triton_dtype, string_parameters
 
@@ -43,17 +44,21 @@ def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_s
         "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
         # One instance: it keeps many batches in flight itself (decoupled execute returns at once).
         "instance_group": [{"count": 1, "kind": "KIND_CPU" if target == "embedded" else "KIND_GPU"}],
-        "parameters": string_parameters({"policy": policy, "stages_file": "stages.json", **knobs.to_parameters()}),
+        "parameters": string_parameters({"policy": policy, "stages_file": "stages.json", **knobs.to_parameters(),
+                                         **dict(extra_parameters or {})}),
     }
 
 
 def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mapping[str, Any], *,
                        target: str = "embedded", max_batch_size: int, queue_delay_us: int, policy: str = "dva",
-                       knobs: ReorchKnobs | Mapping[str, Any] | None = None) -> Path:
+                       knobs: ReorchKnobs | Mapping[str, Any] | None = None,
+                       extra_parameters: Mapping[str, Any] | None = None) -> Path:
     """Write ``<repository>/<NAME>_reorch`` for model ``name``; returns the model directory.
 
     ``manifest_entry`` is the model's entry of ``manifest.json`` (stage ONNX paths relative to the
     repository root). ``knobs`` default to ``ReorchKnobs()`` with ``max_batch_rows=max_batch_size``.
+    ``extra_parameters`` are further config parameters of the glue (``cancel_poll_ms``,
+    ``execution_provider``, ``repository_root``; see ``model.py``).
     """
     from stagebatch.model_config import write_model_config
     from stagebatch.repository import copy_backends_package
@@ -88,5 +93,6 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     shutil.copy2(Path(__file__).with_name("model.py"), version_dir / "model.py")
     (version_dir / "stages.json").write_text(spec.to_json())
     write_model_config(model_dir, reorch_model_config(model_name, spec, target=target, max_batch_size=max_batch_size,
-                                                      queue_delay_us=queue_delay_us, policy=policy, knobs=knobs))
+                                                      queue_delay_us=queue_delay_us, policy=policy, knobs=knobs,
+                                                      extra_parameters=extra_parameters))
     return model_dir

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from .policies import Policy, bucket_of, default_bucket_bounds
 
 OPERATIONS = ("new", "stretch", "split", "bucket")
+ENTRY_SCAN_WINDOW = 256  # pending requests a new batch is chosen from (oldest first)
 OUTCOMES = ("success", "error", "cancelled")
 
 
@@ -130,7 +131,7 @@ class StageScheduler:
             self.bucket_bounds = (self.knobs.bucket_bounds or context.bucket_bounds
                                   or default_bucket_bounds(context.max_sequence_length))
         self.requests: dict[int, Request] = {}
-        self.pending: deque[int] = deque()  # request ids at the entry, in arrival order
+        self.pending: dict[int, None] = {}  # request ids at the entry, in arrival order (O(1) removal)
         self.batches: dict[int, Batch] = {}
         self.queues: list[deque[int]] = [deque() for _ in range(self.num_stages)]
         self.running: list[int] = [0] * self.num_stages
@@ -153,8 +154,10 @@ class StageScheduler:
                 completions.append(Completion(request.request_id, "error", self.closed_reason,
                                               request.record()))
                 continue
+            if request.seq_len is not None and self.bucket_bounds:
+                request.bucket = bucket_of(request.seq_len, self.bucket_bounds)  # provisional, for grouping
             self.requests[request.request_id] = request
-            self.pending.append(request.request_id)
+            self.pending[request.request_id] = None
         return completions
 
     def cancel(self, request_ids: Iterable[int], now_us: int) -> list[Completion]:
@@ -167,7 +170,7 @@ class StageScheduler:
                 continue
             request.cancelled = True
             if request_id in self.pending:
-                self.pending.remove(request_id)
+                del self.pending[request_id]
                 completions.append(self._finish(request_id, "cancelled", "cancelled by the client", now_us))
         for batch in list(self.batches.values()):
             if batch.state is not BatchState.RUNNING and any(
@@ -274,14 +277,15 @@ class StageScheduler:
                            max(0, now_us - batch.queued_since_us))
 
     def _launch_new(self, now_us: int) -> StageLaunch:
-        pending = [self.requests[r] for r in self.pending]
-        group, bucketed = self.policy.pick_entry_group(self._with_buckets(pending))
+        # Look at the oldest ENTRY_SCAN_WINDOW pending requests only: O(1) decisions under backlog.
+        window = [self.requests[r] for r in itertools.islice(self.pending, ENTRY_SCAN_WINDOW)]
+        group, bucketed = self.policy.pick_entry_group(window)
         group_rows = sum(r.rows for r in group)
         group_pad = max((r.seq_len for r in group if r.seq_len is not None), default=None)
         target, boundary = self._stretch_target(group_rows, group_pad, group[0].bucket if bucketed else None)
         ids = [r.request_id for r in group]
         for r in ids:
-            self.pending.remove(r)
+            del self.pending[r]
         batch = self._new_batch(ids, 0, now_us, bucket=group[0].bucket if bucketed else None)
         for request in group:
             request.stage0_entry_us = now_us
@@ -302,13 +306,6 @@ class StageScheduler:
                 self.queues[target.stage].remove(target.batch_id)
                 self._hold(target, now_us)
         return self._launch(batch, now_us)
-
-    def _with_buckets(self, pending: list[Request]) -> list[Request]:
-        if self.bucket_bounds:
-            for request in pending:
-                if request.seq_len is not None:
-                    request.bucket = bucket_of(request.seq_len, self.bucket_bounds)
-        return pending
 
     def _stretch_target(self, group_rows: int, group_pad: int | None,
                         bucket: int | None) -> tuple[Batch | None, int]:
