@@ -4,8 +4,8 @@ Against a trivial model (``ident``: y = x + 1, FP32 [1, 4]) on the embedded Trit
 
 1. capacity: open-loop constant-rate runs through :func:`loadtest.driver.run_load` (one Locust
    process) at rising rates, doubling then bisecting. A rate is *sustained* when every arrival was
-   answered, at most ``--max-late-fraction`` (default 1%) was sent more than ``late_tolerance_us``
-   behind schedule and the generator process stayed below 85% of a core. Printed per rate:
+   answered, at most ``--max-late-fraction`` (default 5%) was sent more than ``late_tolerance_us``
+   (2 ms) behind schedule and the generator process stayed below 85% of a core. Printed per rate:
    achieved rate, late arrivals, generator CPU, and the generator's CPU cost per request, from which
    ``requests/s per core = 1e6 / cpu_us_per_request`` (what a saturated core would send).
    On a small machine the server shares the cores, so the search may stop at the *server's* limit:
@@ -61,8 +61,10 @@ def describe(rate: float, result: LoadResult, ok: bool) -> str:
     achieved = n / result.duration_s
     cpu_us_per_request = result.loadgen_cpu_percent / 100.0 * 1e6 / achieved if achieved else float("nan")
     lat = np.asarray([r.latency_us for r in result.records if r.ok]) if n else np.asarray([0])
+    late_p99_ms = np.percentile([r.late_us for r in result.records], 99) / 1000 if n else 0.0
     return (
-        f"{rate:9.0f} {achieved:9.0f} {result.late_arrivals:6d} {result.errors:5d} {result.loadgen_cpu_percent:6.0f}% "
+        f"{rate:9.0f} {achieved:9.0f} {result.late_arrivals:6d} {late_p99_ms:8.1f} {result.errors:5d} "
+        f"{result.loadgen_cpu_percent:6.0f}% "
         f"{cpu_us_per_request:9.0f} {1e6 / cpu_us_per_request if cpu_us_per_request else 0:11.0f} "
         f"{np.percentile(lat, 50):8.0f} {np.percentile(lat, 99):8.0f}  {'yes' if ok else 'no'}"
     )
@@ -70,7 +72,7 @@ def describe(rate: float, result: LoadResult, ok: bool) -> str:
 
 def capacity_search(url: str, manifest: dict, args: argparse.Namespace) -> None:
     print("\n== capacity: open-loop constant rate, one Locust process ==")
-    print(f"{'rate/s':>9} {'achieved':>9} {'late':>6} {'err':>5} {'cpu':>7} {'cpu µs/req':>9} {'req/s/core':>11} "
+    print(f"{'rate/s':>9} {'achieved':>9} {'late':>6} {'late99ms':>8} {'err':>5} {'cpu':>7} {'cpu µs/req':>9} {'req/s/core':>11} "
           f"{'p50 µs':>8} {'p99 µs':>8}  sustained")
     best, worst = 0.0, None
     rate = args.start_rate
@@ -178,9 +180,10 @@ def main() -> None:
     parser.add_argument("--start-rate", type=float, default=250.0)
     parser.add_argument("--max-rate", type=float, default=16000.0)
     parser.add_argument("--bisect-steps", type=int, default=3)
-    parser.add_argument("--max-late-fraction", type=float, default=0.01,
-                        help="share of arrivals allowed to be late: 0 is the ideal, but on a machine shared with the "
-                             "server, scheduler jitter alone makes a few arrivals late at any rate")
+    parser.add_argument("--max-late-fraction", type=float, default=0.05,
+                        help="share of arrivals allowed to be late. A generator that cannot keep up falls behind on "
+                             "most arrivals; on a 2-core machine shared with the server, OS scheduling jitter alone "
+                             "makes ~1-2%% of arrivals late at any rate (measured: 250 req/s, 1.1%%)")
     parser.add_argument("--compare-rate", type=float, default=200.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -136,3 +136,37 @@ def test_open_loop_schedule_is_the_same_in_every_process_and_partitions_exactly(
     shares = [times[k::3] for k in range(3)]
     assert sorted(np.concatenate(shares).tolist()) == times.tolist()
     assert lengths.min() >= 1 and lengths.max() <= 64 and len(lengths) == len(times)
+
+
+def _record(t_send_us: int, late_us: int = 0, ok: bool = True):
+    from loadtest.client import RequestRecord
+
+    return RequestRecord(t_send_us=t_send_us, latency_us=100, model="bert", variant="whole", seq_len=4, rows=1,
+                         ok=ok, error=None if ok else "UNAVAILABLE: down", server=None, late_us=late_us)
+
+
+def test_result_keeps_the_window_by_scheduled_time_and_explains_generator_trouble(tmp_path):
+    from loadtest.driver import _result
+
+    spec = LoadSpec("bert", "whole", ArrivalSpec("poisson", rate_rps=5), None, duration_s=2.0, warmup_s=1.0)
+    start_s = 1000.0
+    base = int(start_s * 1e6)
+    records = [
+        _record(base + 500_000),                      # warm-up: excluded
+        _record(base + 1_003_000, late_us=5_000),     # scheduled at 0.998 s (warm-up) but sent late: excluded
+        _record(base + 1_000_000),                    # first of the window
+        _record(base + 2_500_000, late_us=3_000),     # late beyond the 2 ms tolerance
+        _record(base + 2_999_999, ok=False),
+        _record(base + 3_000_000),                    # end of the window: excluded
+    ]
+    summary = {"start_epoch_s": start_s, "warnings": [],
+               "processes": [{"index": 0, "cpu_percent": 91.0, "scheduled_in_window": 3}]}
+    out = tmp_path / "records.jsonl"
+    result = _result(spec, summary, records, out)
+    assert [r.t_send_us - base for r in result.records] == [1_000_000, 2_500_000, 2_999_999]
+    assert result.late_arrivals == 1 and result.errors == 1
+    assert result.loadgen_cpu_percent == 91.0
+    text = " | ".join(result.warnings)
+    assert "91% of a core" in text and "1 of 3 arrivals were sent more than 2000 µs" in text
+    assert "1 of 3 requests failed; first error: UNAVAILABLE: down" in text
+    assert len(out.read_text().splitlines()) == 3
