@@ -126,3 +126,24 @@ def test_locust_command_line_reports_a_bad_model_in_one_line(served, tmp_path):
     assert completed.returncode == 1
     assert "error: model 'nope' is not in the manifest; it has: ident, seq" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_driver_parses_the_real_reorchestrators_records(tmp_path):
+    """Against backends/reorch (helper R's reorchestrator) rather than the stand-in echo model."""
+    from reorch_models import write_sequence_chain
+
+    from backends.reorch.deploy import write_reorch_model
+
+    entry, _ = write_sequence_chain(tmp_path, "seqm")
+    write_reorch_model(tmp_path, "seqm", entry, max_batch_size=8, queue_delay_us=1000, policy="dva")
+    manifest = {"schema_version": 1, "target": "embedded", "models": {"seqm": entry}}
+    spec = LoadSpec("seqm", "reorch", ArrivalSpec("poisson", rate_rps=60), LengthSpec("uniform", min_length=1, max_length=32),
+                    duration_s=1.5, warmup_s=0.5, seed=3)
+    with EmbeddedTriton(tmp_path, models=[entry["variants"]["reorch"]]) as server:
+        result = run_load(server.grpc_url, manifest, spec)
+    assert len(result.records) == result.scheduled_arrivals > 30
+    assert all(r.ok for r in result.records), result.warnings
+    stages = len(entry["stages"])
+    for record in result.records:
+        assert record.server is not None and len(record.server["batch_sizes"]) == stages
+        assert record.server["arrival_us"] <= record.server["exit_us"]
