@@ -117,6 +117,9 @@ class LoadSession:
             if self.entry.has_sequence and self.spec.lengths is not None
             else None
         )
+        self._schedule: tuple[list[float], list[int | None]] | None = None
+        if self.spec.arrival.is_open_loop:
+            self._schedule = self._my_share()  # before the start: drawing a long schedule takes a while
         # map the common wall-clock start onto this process's monotonic clock once
         start_epoch = plan.start_epoch_s or time.time()
         self.start_epoch_s = start_epoch
@@ -166,18 +169,21 @@ class LoadSession:
 
     # ---- open loop -----------------------------------------------------------------------------
 
-    def run_open_loop(self) -> None:
-        """Send this process's arrivals on schedule; only the first caller in a process sends."""
-        if self._open_loop_claimed:
-            return
-        self._open_loop_claimed = True
+    def _my_share(self) -> tuple[list[float], list[int | None]]:
         times, lengths = open_loop_schedule(self.plan)
         mine = slice(self.process_index, None, max(1, self.plan.processes))
         my_times = times[mine]
-        my_lengths = lengths[mine].tolist() if lengths is not None else [None] * len(my_times)
         self.scheduled = len(my_times)
         self.scheduled_in_window = int(np.count_nonzero(my_times >= self.spec.warmup_s))
-        for offset_s, seq_len in zip(my_times.tolist(), my_lengths):
+        my_lengths = lengths[mine].tolist() if lengths is not None else [None] * len(my_times)
+        return my_times.tolist(), my_lengths
+
+    def run_open_loop(self) -> None:
+        """Send this process's arrivals on schedule; only the first caller in a process sends."""
+        if self._open_loop_claimed or self._schedule is None:
+            return
+        self._open_loop_claimed = True
+        for offset_s, seq_len in zip(*self._schedule):
             if self._closing:
                 break
             due = self._start_perf + offset_s
