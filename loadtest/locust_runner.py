@@ -32,7 +32,7 @@ WORKER_CONNECT_TIMEOUT_S = 60.0
 WORKER_EXIT_TIMEOUT_S = 15.0
 
 
-def _parsed_options(plan: LoadPlan, processes: int) -> argparse.Namespace:
+def _parsed_options(processes: int) -> argparse.Namespace:
     options = argument_parser.get_parser().parse_args(["-f", str(LOCUSTFILE), "--headless"])
     options.expect_workers = processes
     options.sb_plan = ""
@@ -56,7 +56,7 @@ def run(plan: LoadPlan, out_dir: Path, *, workers: int, remote_workers: int, mas
         user_classes=[locustfile.TritonUser],
         events=events,
         host=plan.grpc_url,
-        parsed_options=_parsed_options(plan, max(1, processes)),
+        parsed_options=_parsed_options(max(1, processes)),
         stop_timeout=0,
     )
     environment.sb_plan = plan  # type: ignore[attr-defined]
