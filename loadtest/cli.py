@@ -9,18 +9,28 @@ import typer
 
 
 def characterize(
-    plan: Annotated[str, typer.Option("--plan", "-p", help="Plan file (YAML), or a shipped plan: quick, full.")],
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Run directory (default results/<plan>-<UTC time>).")] = None,
-    url: Annotated[Optional[str], typer.Option(
-        help="gRPC host:port of a running Triton (default: start the embedded server). Reloads use the "
-             "repository API with the key in $STAGEBATCH_ADMIN_KEY.")] = None,
-    metrics_url: Annotated[Optional[str], typer.Option(
-        help="Metrics endpoint of the --url server, for the reorchestrator's counters.")] = None,
+    plan: Annotated[
+        str, typer.Option("--plan", "-p", help="Plan file (YAML), or a shipped plan: quick, full.")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run directory (default results/<plan>-<UTC time>).")
+    ] = None,
+    url: Annotated[
+        Optional[str],
+        typer.Option(
+            help="gRPC host:port of a running Triton (default: start the embedded server). Reloads use the "
+            "repository API with the key in $STAGEBATCH_ADMIN_KEY."
+        ),
+    ] = None,
+    metrics_url: Annotated[
+        Optional[str],
+        typer.Option(help="Metrics endpoint of the --url server, for the reorchestrator's counters."),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Locust worker processes (0: one local process).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    check: Annotated[bool, typer.Option(
-        "--check", help="Only validate the plan and list its points; run nothing.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only validate the plan and list its points; run nothing.")
+    ] = False,
 ) -> None:
     """Run a characterization plan: every point's raw data, then report.html and report.md."""
     import datetime as dt
@@ -46,8 +56,9 @@ def characterize(
     if out is None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out = Path("results") / f"{parsed.name}-{stamp}"
-    run_dir = run(parsed, RunOptions(out_dir=out, url=url, workers=workers, progress=progress,
-                                     metrics_url=metrics_url))
+    run_dir = run(
+        parsed, RunOptions(out_dir=out, url=url, workers=workers, progress=progress, metrics_url=metrics_url)
+    )
     typer.echo(f"report: {run_dir / 'report.html'} (raw data and report.md beside it)")
 
 

@@ -223,9 +223,16 @@ class LoadDef:
         """(label, arrival fields) for each value of the sweep; one entry without a sweep."""
         if not self.sweep:
             return [(self.name, dict(self.arrival))]
-        (key, values), = self.sweep.items()
-        return [(f"{self.name}@{key}={value:g}" if isinstance(value, (int, float)) else f"{self.name}@{key}={value}",
-                 {**self.arrival, key: value}) for value in values]
+        ((key, values),) = self.sweep.items()
+        return [
+            (
+                f"{self.name}@{key}={value:g}"
+                if isinstance(value, (int, float))
+                else f"{self.name}@{key}={value}",
+                {**self.arrival, key: value},
+            )
+            for value in values
+        ]
 
 
 @dataclass
@@ -265,9 +272,9 @@ class Point:
     load: str
     arrival: dict
     lengths: dict | None
-    batching: dict[str, Any]   # only the knobs this point sets: max_batch_size, max_queue_delay_us, ...
-    slicing: dict[str, Any]    # stages, balance (ensemble/reorch only)
-    reorch: dict[str, Any]     # policy, knobs (reorch only)
+    batching: dict[str, Any]  # only the knobs this point sets: max_batch_size, max_queue_delay_us, ...
+    slicing: dict[str, Any]  # stages, balance (ensemble/reorch only)
+    reorch: dict[str, Any]  # policy, knobs (reorch only)
     duration_s: float
     warmup_s: float
     slo_ms: float
@@ -279,16 +286,30 @@ class Point:
 
     def config_key(self) -> tuple:
         """Points with equal keys share one loaded configuration (no reload between them)."""
-        return (self.build_key(), self.variant, repr(sorted(self.batching.items())),
-                repr(sorted(self.reorch.items())))
+        return (
+            self.build_key(),
+            self.variant,
+            repr(sorted(self.batching.items())),
+            repr(sorted(self.reorch.items())),
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready description of the point."""
         return {
-            "point_id": self.point_id, "experiment": self.experiment, "model": self.model,
-            "variant": self.variant, "load": self.load, "arrival": self.arrival, "lengths": self.lengths,
-            "batching": self.batching, "slicing": self.slicing, "reorch": self.reorch,
-            "duration_s": self.duration_s, "warmup_s": self.warmup_s, "slo_ms": self.slo_ms, "seed": self.seed,
+            "point_id": self.point_id,
+            "experiment": self.experiment,
+            "model": self.model,
+            "variant": self.variant,
+            "load": self.load,
+            "arrival": self.arrival,
+            "lengths": self.lengths,
+            "batching": self.batching,
+            "slicing": self.slicing,
+            "reorch": self.reorch,
+            "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
+            "slo_ms": self.slo_ms,
+            "seed": self.seed,
         }
 
 
@@ -320,7 +341,9 @@ class Plan:
         config_order = {key: i for i, key in enumerate(dict.fromkeys(p.config_key() for p in points))}
         return sorted(points, key=lambda p: (order[p.build_key()], config_order[p.config_key()]))
 
-    def _points_for(self, experiment: Experiment, model: ModelDef, variant: str, seen: set[str]) -> list[Point]:
+    def _points_for(
+        self, experiment: Experiment, model: ModelDef, variant: str, seen: set[str]
+    ) -> list[Point]:
         sliced = variant in ("ensemble", "reorch")
         stages = experiment.stages if sliced else [None]
         balances = experiment.balance if sliced else [None]
@@ -329,13 +352,28 @@ class Plan:
         knob_values = [experiment.knobs[name] for name in knob_names]
         out = []
         for mbs, delay, preferred, instances, k, balance, policy, knob_combo in itertools.product(
-            experiment.max_batch_size, experiment.max_queue_delay_us, experiment.preferred_batch_sizes,
-            experiment.instance_count, stages, balances, policies, list(itertools.product(*knob_values)),
+            experiment.max_batch_size,
+            experiment.max_queue_delay_us,
+            experiment.preferred_batch_sizes,
+            experiment.instance_count,
+            stages,
+            balances,
+            policies,
+            list(itertools.product(*knob_values)),
         ):
-            batching = {key: value for key, value in (
-                ("max_batch_size", mbs), ("max_queue_delay_us", delay),
-                ("preferred_batch_sizes", preferred), ("instance_count", instances)) if value is not None}
-            slicing = {key: value for key, value in (("stages", k), ("balance", balance)) if value is not None}
+            batching = {
+                key: value
+                for key, value in (
+                    ("max_batch_size", mbs),
+                    ("max_queue_delay_us", delay),
+                    ("preferred_batch_sizes", preferred),
+                    ("instance_count", instances),
+                )
+                if value is not None
+            }
+            slicing = {
+                key: value for key, value in (("stages", k), ("balance", balance)) if value is not None
+            }
             reorch = {}
             if policy is not None:
                 reorch["policy"] = policy
@@ -354,14 +392,26 @@ class Plan:
                     if point_id in seen:
                         continue
                     seen.add(point_id)
-                    out.append(Point(
-                        point_id=point_id, experiment=experiment.name, model=model.name, variant=variant,
-                        load=label, arrival=arrival, lengths=lengths, batching=batching, slicing=slicing,
-                        reorch=reorch,
-                        duration_s=experiment.duration_s or self.defaults.duration_s,
-                        warmup_s=self.defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
-                        slo_ms=slo_ms, seed=self.defaults.seed,
-                    ))
+                    out.append(
+                        Point(
+                            point_id=point_id,
+                            experiment=experiment.name,
+                            model=model.name,
+                            variant=variant,
+                            load=label,
+                            arrival=arrival,
+                            lengths=lengths,
+                            batching=batching,
+                            slicing=slicing,
+                            reorch=reorch,
+                            duration_s=experiment.duration_s or self.defaults.duration_s,
+                            warmup_s=self.defaults.warmup_s
+                            if experiment.warmup_s is None
+                            else experiment.warmup_s,
+                            slo_ms=slo_ms,
+                            seed=self.defaults.seed,
+                        )
+                    )
         return out
 
     def to_dict(self) -> dict:
@@ -370,8 +420,14 @@ class Plan:
 
 
 def _short(key: str) -> str:
-    return {"max_batch_size": "mbs", "max_queue_delay_us": "qd", "preferred_batch_sizes": "pref",
-            "instance_count": "inst", "stages": "k", "balance": ""}.get(key, key)
+    return {
+        "max_batch_size": "mbs",
+        "max_queue_delay_us": "qd",
+        "preferred_batch_sizes": "pref",
+        "instance_count": "inst",
+        "stages": "k",
+        "balance": "",
+    }.get(key, key)
 
 
 def _fmt(value: Any) -> str:
@@ -394,12 +450,31 @@ def _plain(value: Any) -> Any:
 
 
 _TOP_KEYS = ("name", "description", "repository", "defaults", "models", "loads", "experiments")
-_REPOSITORY_KEYS = ("path", "build", "size", "target", "max_batch_size", "stages", "balance", "queue_delay_us")
+_REPOSITORY_KEYS = (
+    "path",
+    "build",
+    "size",
+    "target",
+    "max_batch_size",
+    "stages",
+    "balance",
+    "queue_delay_us",
+)
 _DEFAULTS_KEYS = ("duration_s", "warmup_s", "slo_ms", "seed")
 _MODEL_KEYS = ("lengths", "slo_ms")
 _LOAD_KEYS = ("arrival", "lengths", "sweep")
-_EXPERIMENT_KEYS = ("name", "models", "variants", "loads", "batching", "slicing", "reorch",
-                    "duration_s", "warmup_s", "slo_ms")
+_EXPERIMENT_KEYS = (
+    "name",
+    "models",
+    "variants",
+    "loads",
+    "batching",
+    "slicing",
+    "reorch",
+    "duration_s",
+    "warmup_s",
+    "slo_ms",
+)
 _BATCHING_KEYS = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "instance_count")
 _SLICING_KEYS = ("stages", "balance")
 _REORCH_KEYS = ("policy", "knobs")
@@ -415,7 +490,8 @@ def resolve_plan_path(plan: str | Path) -> Path:
         return shipped
     names = sorted(p.stem for p in PLANS_DIR.glob("*.yaml"))
     raise ConfigValidationError(
-        f"plan {str(plan)!r}: no such file and no shipped plan of that name; shipped plans: {', '.join(names)}")
+        f"plan {str(plan)!r}: no such file and no shipped plan of that name; shipped plans: {', '.join(names)}"
+    )
 
 
 def load_plan(plan: str | Path) -> Plan:
@@ -432,7 +508,9 @@ def parse_plan(text: str, source: str = "<plan>") -> Plan:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark else 0
-        raise ConfigValidationError(f"{source}:{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
+        raise ConfigValidationError(
+            f"{source}:{line}: not valid YAML: {getattr(error, 'problem', error)}"
+        ) from None
     root = _Where(source, 1, "")
     data = _expect_mapping(data, root)
     _check_keys(data, _TOP_KEYS, root, required=("name", "models", "loads", "experiments"))
@@ -445,8 +523,17 @@ def parse_plan(text: str, source: str = "<plan>") -> Plan:
     models = _parse_models(data["models"], at("models"), repository)
     loads = _parse_loads(data["loads"], at("loads"))
     experiments = _parse_experiments(data["experiments"], at("experiments"), models, loads, repository)
-    plan = Plan(name=name, source=source, description=str(description), repository=repository,
-                defaults=defaults, models=models, loads=loads, experiments=experiments, raw=data)
+    plan = Plan(
+        name=name,
+        source=source,
+        description=str(description),
+        repository=repository,
+        defaults=defaults,
+        models=models,
+        loads=loads,
+        experiments=experiments,
+        raw=data,
+    )
     if not plan.points():
         raise root.error("the plan has no measurement points (every experiment is empty)")
     return plan
@@ -529,7 +616,9 @@ def _parse_arrival(raw: Any, where: _Where) -> dict:
     raw = _expect_mapping(raw, where)
     if "kind" not in raw:
         raise where.error(f"missing required key 'kind' (one of {', '.join(ARRIVAL_KINDS)})")
-    _choice(raw["kind"], ARRIVAL_KINDS, where.child("kind", _key_line(raw, "kind", where.line)), "arrival kind")
+    _choice(
+        raw["kind"], ARRIVAL_KINDS, where.child("kind", _key_line(raw, "kind", where.line)), "arrival kind"
+    )
     _check_with_driver("ArrivalSpec", raw, where)
     return _plain(raw)
 
@@ -589,15 +678,19 @@ def _parse_loads(raw: Any, where: _Where) -> dict[str, LoadDef]:
             sweep_where = at("sweep")
             sweep_raw = _expect_mapping(body["sweep"], sweep_where)
             if len(sweep_raw) != 1:
-                raise sweep_where.error(f"sweeps exactly one arrival field, got {len(sweep_raw)}: "
-                                        f"{', '.join(map(str, sweep_raw)) or 'none'}")
-            (key, values), = sweep_raw.items()
+                raise sweep_where.error(
+                    f"sweeps exactly one arrival field, got {len(sweep_raw)}: "
+                    f"{', '.join(map(str, sweep_raw)) or 'none'}"
+                )
+            ((key, values),) = sweep_raw.items()
             key_where = sweep_where.child(str(key), _key_line(sweep_raw, key, sweep_where.line))
             if not isinstance(values, list) or not values:
                 raise key_where.error(f"expected a non-empty list of values, got {values!r}")
             for index, value in enumerate(values):
-                _parse_arrival(_Map({**arrival, key: value}),
-                               key_where.child(index, _item_line(values, index, key_where.line)))
+                _parse_arrival(
+                    _Map({**arrival, key: value}),
+                    key_where.child(index, _item_line(values, index, key_where.line)),
+                )
             sweep[str(key)] = list(values)
         loads[name] = LoadDef(name=name, arrival=arrival, lengths=lengths, sweep=sweep, line=load_where.line)
     return loads
@@ -609,7 +702,9 @@ def _names(raw: Any, where: _Where, choices: tuple[str, ...] | list[str], what: 
         raise where.error(f"lists no {what}s")
     out = []
     for index, value in enumerate(values):
-        item_where = where.child(index, _item_line(raw, index, where.line)) if isinstance(raw, list) else where
+        item_where = (
+            where.child(index, _item_line(raw, index, where.line)) if isinstance(raw, list) else where
+        )
         out.append(_choice(value, tuple(choices), item_where, what))
     return out
 
@@ -620,13 +715,20 @@ def _sweep(raw: Any, where: _Where, check) -> list:
         raise where.error("an empty sweep has no points; give at least one value")
     out = []
     for index, value in enumerate(values):
-        item_where = where.child(index, _item_line(raw, index, where.line)) if isinstance(raw, list) else where
+        item_where = (
+            where.child(index, _item_line(raw, index, where.line)) if isinstance(raw, list) else where
+        )
         out.append(check(value, item_where))
     return out
 
 
-def _parse_experiments(raw: Any, where: _Where, models: dict[str, ModelDef], loads: dict[str, LoadDef],
-                       repository: RepositorySpec) -> list[Experiment]:
+def _parse_experiments(
+    raw: Any,
+    where: _Where,
+    models: dict[str, ModelDef],
+    loads: dict[str, LoadDef],
+    repository: RepositorySpec,
+) -> list[Experiment]:
     if not isinstance(raw, list) or not raw:
         raise where.error("expected a non-empty list of experiments")
     experiments = []
@@ -669,19 +771,26 @@ def _parse_batching(raw: Any, where: _Where, experiment: Experiment) -> None:
     _check_keys(raw, _BATCHING_KEYS, where)
     at = lambda key: where.child(key, _key_line(raw, key, where.line))  # noqa: E731
     if "max_batch_size" in raw:
-        experiment.max_batch_size = _sweep(raw["max_batch_size"], at("max_batch_size"),
-                                           lambda v, w: _int(v, w, minimum=1))
+        experiment.max_batch_size = _sweep(
+            raw["max_batch_size"], at("max_batch_size"), lambda v, w: _int(v, w, minimum=1)
+        )
         experiment.where["max_batch_size"] = (at("max_batch_size").file, at("max_batch_size").line)
     if "max_queue_delay_us" in raw:
-        experiment.max_queue_delay_us = _sweep(raw["max_queue_delay_us"], at("max_queue_delay_us"),
-                                               lambda v, w: _int(v, w, minimum=0))
+        experiment.max_queue_delay_us = _sweep(
+            raw["max_queue_delay_us"], at("max_queue_delay_us"), lambda v, w: _int(v, w, minimum=0)
+        )
     if "instance_count" in raw:
-        experiment.instance_count = _sweep(raw["instance_count"], at("instance_count"),
-                                           lambda v, w: _int(v, w, minimum=1))
+        experiment.instance_count = _sweep(
+            raw["instance_count"], at("instance_count"), lambda v, w: _int(v, w, minimum=1)
+        )
     if "preferred_batch_sizes" in raw:
         value = raw["preferred_batch_sizes"]
         # one list of sizes is one setting; a list of lists is a sweep over settings
-        settings = value if isinstance(value, list) and value and all(isinstance(v, list) for v in value) else [value]
+        settings = (
+            value
+            if isinstance(value, list) and value and all(isinstance(v, list) for v in value)
+            else [value]
+        )
         checked = []
         for index, setting in enumerate(settings):
             setting_where = at("preferred_batch_sizes")
@@ -695,7 +804,8 @@ def _parse_batching(raw: Any, where: _Where, experiment: Experiment) -> None:
             for mbs in experiment.max_batch_size:
                 if mbs is not None and sizes and sizes[-1] > mbs:
                     raise setting_where.error(
-                        f"preferred batch size {sizes[-1]} exceeds max_batch_size {mbs}; Triton refuses it")
+                        f"preferred batch size {sizes[-1]} exceeds max_batch_size {mbs}; Triton refuses it"
+                    )
             checked.append(sizes)
         experiment.preferred_batch_sizes = checked
 
@@ -705,13 +815,17 @@ def _parse_slicing(raw: Any, where: _Where, experiment: Experiment, repository: 
     _check_keys(raw, _SLICING_KEYS, where)
     at = lambda key: where.child(key, _key_line(raw, key, where.line))  # noqa: E731
     if not (set(experiment.variants) & {"ensemble", "reorch"}):
-        raise where.error("slicing knobs need the 'ensemble' or 'reorch' variant; this experiment has "
-                          f"{', '.join(experiment.variants)}")
+        raise where.error(
+            "slicing knobs need the 'ensemble' or 'reorch' variant; this experiment has "
+            f"{', '.join(experiment.variants)}"
+        )
     if "stages" in raw:
         experiment.stages = _sweep(raw["stages"], at("stages"), lambda v, w: _int(v, w, minimum=1))
         experiment.where["stages"] = (at("stages").file, at("stages").line)
     if "balance" in raw:
-        experiment.balance = _sweep(raw["balance"], at("balance"), lambda v, w: _choice(v, BALANCES, w, "balance"))
+        experiment.balance = _sweep(
+            raw["balance"], at("balance"), lambda v, w: _choice(v, BALANCES, w, "balance")
+        )
     if (experiment.stages != [None] or experiment.balance != [None]) and not repository.build:
         raise where.error("slicing sweeps rebuild the model; set repository.build: true")
 
@@ -742,11 +856,13 @@ def _parse_reorch(raw: Any, where: _Where, experiment: Experiment) -> None:
     _check_keys(raw, _REORCH_KEYS, where)
     at = lambda key: where.child(key, _key_line(raw, key, where.line))  # noqa: E731
     if "reorch" not in experiment.variants:
-        raise where.error("reorch knobs need the 'reorch' variant; this experiment has "
-                          f"{', '.join(experiment.variants)}")
+        raise where.error(
+            f"reorch knobs need the 'reorch' variant; this experiment has {', '.join(experiment.variants)}"
+        )
     if "policy" in raw:
-        experiment.policy = _sweep(raw["policy"], at("policy"),
-                                   lambda v, w: _choice(v, REORCH_POLICIES, w, "reorch policy"))
+        experiment.policy = _sweep(
+            raw["policy"], at("policy"), lambda v, w: _choice(v, REORCH_POLICIES, w, "reorch policy")
+        )
     if "knobs" not in raw:
         return
     knobs_where = at("knobs")
@@ -767,13 +883,18 @@ def _parse_reorch(raw: Any, where: _Where, experiment: Experiment) -> None:
                 try:
                     knobs_class.from_parameters({str(key): knob_parameter(one)})
                 except (ValueError, TypeError, ConfigValidationError) as error:
-                    item_where = key_where.child(index, _item_line(value, index, key_where.line)) \
-                        if isinstance(value, list) else key_where
+                    item_where = (
+                        key_where.child(index, _item_line(value, index, key_where.line))
+                        if isinstance(value, list)
+                        else key_where
+                    )
                     raise item_where.error(str(error)) from None
 
 
 def _check_knob_value(value: Any, where: _Where) -> Any:
-    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
         return list(value)
     if isinstance(value, (bool, str, int, float)):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -804,12 +925,16 @@ def check_against_models(plan: Plan, limits: dict[str, ModelLimits]) -> None:
             limit = limits.get(model)
             if limit is None:
                 raise _Where(plan.source, plan.models[model].line, f"models.{model}").error(
-                    f"model {model!r} is not in the repository; available: {', '.join(sorted(limits)) or 'none'}")
+                    f"model {model!r} is not in the repository; available: {', '.join(sorted(limits)) or 'none'}"
+                )
             for variant in experiment.variants:
                 if variant not in limit.variants:
-                    raise _Where(plan.source, experiment.line, f"experiments.{experiment.name}.variants").error(
+                    raise _Where(
+                        plan.source, experiment.line, f"experiments.{experiment.name}.variants"
+                    ).error(
                         f"model {model!r} has no {variant!r} variant in the repository "
-                        f"(it has {', '.join(limit.variants)})")
+                        f"(it has {', '.join(limit.variants)})"
+                    )
             stages = [k for k in experiment.stages if k is not None]
             if not stages and set(experiment.variants) & {"ensemble", "reorch"}:
                 stages = [plan.repository.stages] if plan.repository.build else []
@@ -818,11 +943,15 @@ def check_against_models(plan: Plan, limits: dict[str, ModelLimits]) -> None:
                     if k > limit.max_stages:
                         file, line = experiment.where.get("stages", (plan.source, experiment.line))
                         raise _Where(file, line, f"experiments.{experiment.name}.slicing.stages").error(
-                            f"K={k} is larger than {model} allows (at most {limit.max_stages} stages)")
+                            f"K={k} is larger than {model} allows (at most {limit.max_stages} stages)"
+                        )
             if limit.max_batch_size is not None:
                 for mbs in experiment.max_batch_size:
                     if mbs is not None and mbs > limit.max_batch_size:
                         file, line = experiment.where.get("max_batch_size", (plan.source, experiment.line))
-                        raise _Where(file, line, f"experiments.{experiment.name}.batching.max_batch_size").error(
+                        raise _Where(
+                            file, line, f"experiments.{experiment.name}.batching.max_batch_size"
+                        ).error(
                             f"{mbs} exceeds the {limit.max_batch_size} {model} was built with; raise "
-                            "repository.max_batch_size")
+                            "repository.max_batch_size"
+                        )

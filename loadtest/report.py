@@ -32,8 +32,15 @@ from stagebatch.errors import ConfigValidationError
 
 MAX_FIGURES_PER_SECTION = 24
 SECTION_TITLES = (
-    "Run", "Results", "Throughput-latency curves", "Latency CDFs", "Batch sizes per stage",
-    "Queue vs compute time per stage", "Variant and policy comparison", "Findings", "Load generator check",
+    "Run",
+    "Results",
+    "Throughput-latency curves",
+    "Latency CDFs",
+    "Batch sizes per stage",
+    "Queue vs compute time per stage",
+    "Variant and policy comparison",
+    "Findings",
+    "Load generator check",
     "What a 2-core CPU can show",
 )
 
@@ -55,11 +62,11 @@ class PointData:
     """One measurement point as recorded, with its client summary recomputed from requests.csv."""
 
     index: int
-    record: dict                       # the points.jsonl line
+    record: dict  # the points.jsonl line
     latencies_us: np.ndarray
     ok: np.ndarray
     batch_sizes_seen: list[list[int]]  # per request: the batch size at each stage (reorch records)
-    summary: Any = None                # stats.LatencySummary
+    summary: Any = None  # stats.LatencySummary
 
     @property
     def point(self) -> dict:
@@ -92,8 +99,14 @@ def config_label(point: dict) -> str:
         label += f"[{reorch['policy']}]"
     for key, value in (reorch.get("knobs") or {}).items():
         label += f" {key}={value}"
-    short = {"max_batch_size": "mbs", "max_queue_delay_us": "qd", "preferred_batch_sizes": "pref",
-             "instance_count": "inst", "stages": "k", "balance": "cuts="}
+    short = {
+        "max_batch_size": "mbs",
+        "max_queue_delay_us": "qd",
+        "preferred_batch_sizes": "pref",
+        "instance_count": "inst",
+        "stages": "k",
+        "balance": "cuts=",
+    }
     for key, value in {**(point.get("batching") or {}), **(point.get("slicing") or {})}.items():
         text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
         label += f" {short.get(key, key)}{text}"
@@ -108,8 +121,9 @@ def load_run(run_dir: str | Path) -> RunData:
     requests_path = run_dir / raw.REQUESTS_FILE
     for path in (env_path, points_path, requests_path):
         if not path.is_file():
-            raise ConfigValidationError(f"{path}: missing; is {run_dir} a directory written by "
-                                        "'stagebatch characterize'?")
+            raise ConfigValidationError(
+                f"{path}: missing; is {run_dir} a directory written by 'stagebatch characterize'?"
+            )
     environment = json.loads(env_path.read_text())
     records = []
     for number, line in enumerate(points_path.read_text().splitlines(), start=1):
@@ -117,7 +131,9 @@ def load_run(run_dir: str | Path) -> RunData:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ConfigValidationError(f"{points_path}:{number}: not a JSON line ({error.msg})") from None
+                raise ConfigValidationError(
+                    f"{points_path}:{number}: not a JSON line ({error.msg})"
+                ) from None
     requests = raw.read_requests(requests_path)
     data = RunData(run_dir=run_dir, environment=environment)
     for record in records:
@@ -217,16 +233,27 @@ def throughput_latency_figures(data: RunData) -> list[Figure]:
         for (label, load), curve in sorted(curves.items()):
             curve.sort(key=lambda p: p.summary.offered_rps)
             x = [p.summary.throughput_rps for p in curve]
-            line, = ax.plot(x, [p.summary.p99_ms for p in curve], marker="o", label=f"{label} | {load} p99")
-            ax.plot(x, [p.summary.p50_ms for p in curve], marker=".", linestyle="--", color=line.get_color(),
-                    alpha=0.6)
+            (line,) = ax.plot(x, [p.summary.p99_ms for p in curve], marker="o", label=f"{label} | {load} p99")
+            ax.plot(
+                x,
+                [p.summary.p50_ms for p in curve],
+                marker=".",
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.6,
+            )
         ax.set_xlabel("throughput (successful requests/s)")
         ax.set_ylabel("latency (ms): p99 solid, p50 dashed")
         ax.set_title(f"{model}: throughput vs latency ({experiment})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-        figures.append(Figure(_slug("tl", experiment, model), f"{model}, experiment {experiment}: "
-                              "latency against achieved throughput", _render(fig)))
+        figures.append(
+            Figure(
+                _slug("tl", experiment, model),
+                f"{model}, experiment {experiment}: latency against achieved throughput",
+                _render(fig),
+            )
+        )
     return figures[:MAX_FIGURES_PER_SECTION]
 
 
@@ -246,8 +273,13 @@ def cdf_figures(data: RunData) -> list[Figure]:
         ax.set_title(f"{model} under {load} ({experiment})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-        figures.append(Figure(_slug("cdf", experiment, model, load),
-                              f"{model} under {load}, experiment {experiment}: latency CDF", _render(fig)))
+        figures.append(
+            Figure(
+                _slug("cdf", experiment, model, load),
+                f"{model} under {load}, experiment {experiment}: latency CDF",
+                _render(fig),
+            )
+        )
     return figures[:MAX_FIGURES_PER_SECTION]
 
 
@@ -281,17 +313,23 @@ def batch_histogram_figures(data: RunData) -> list[Figure]:
             for ax, stage in zip(axes[0], stages):
                 hist = {int(k): v for k, v in stage["batch_histogram"].items()}
                 ax.bar(list(hist), list(hist.values()), color="#4477aa")
-                ax.set_title(f"stage {stage['stage']} ({stage['model']})\navg {_fmt(stage.get('avg_batch_size'), 2)}",
-                             fontsize=8)
+                ax.set_title(
+                    f"stage {stage['stage']} ({stage['model']})\navg {_fmt(stage.get('avg_batch_size'), 2)}",
+                    fontsize=8,
+                )
                 ax.set_xlabel("batch size", fontsize=8)
                 ax.tick_params(labelsize=7)
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             axes[0][0].set_ylabel("executions", fontsize=8)
             fig.suptitle(f"{model} {label} under {p.point['load']} ({experiment})", fontsize=9, y=1.1)
             source = stages[0].get("histogram_source", "Triton statistics batch_stats")
-            figures.append(Figure(_slug("hist", experiment, model, label),
-                                  f"{model} {label} under {p.point['load']}: batch sizes per stage ({source})",
-                                  _render(fig)))
+            figures.append(
+                Figure(
+                    _slug("hist", experiment, model, label),
+                    f"{model} {label} under {p.point['load']}: batch sizes per stage ({source})",
+                    _render(fig),
+                )
+            )
     return figures[:MAX_FIGURES_PER_SECTION]
 
 
@@ -323,9 +361,14 @@ def queue_compute_figures(data: RunData) -> list[Figure]:
         ax.set_title(f"{model}: queue vs compute per stage, heaviest load ({experiment})", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="x")
-        figures.append(Figure(_slug("qc", experiment, model), f"{model}, experiment {experiment}: average queue "
-                              "and compute time per request and stage, at each configuration's heaviest load",
-                              _render(fig)))
+        figures.append(
+            Figure(
+                _slug("qc", experiment, model),
+                f"{model}, experiment {experiment}: average queue "
+                "and compute time per request and stage, at each configuration's heaviest load",
+                _render(fig),
+            )
+        )
     return figures[:MAX_FIGURES_PER_SECTION]
 
 
@@ -350,9 +393,13 @@ def comparison_figures(data: RunData) -> list[Figure]:
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
             ax.grid(alpha=0.3, axis="y")
         fig.suptitle(f"{model} under {load} ({experiment})", fontsize=9)
-        figures.append(Figure(_slug("cmp", experiment, model, load),
-                              f"{model} under {load}, experiment {experiment}: configurations side by side",
-                              _render(fig)))
+        figures.append(
+            Figure(
+                _slug("cmp", experiment, model, load),
+                f"{model} under {load}, experiment {experiment}: configurations side by side",
+                _render(fig),
+            )
+        )
     return figures[:MAX_FIGURES_PER_SECTION]
 
 
@@ -409,10 +456,14 @@ def findings(data: RunData) -> list[str]:
             value = throughput_at_slo([(p.summary.throughput_rps, p.summary.p99_ms) for p in curve], slo_ms)
             results.append((label, load, slo_ms, value))
         if results:
-            parts = [f"{label} ({load}): {_fmt(value) if value is not None else 'none met it'}"
-                     for label, load, _, value in sorted(results, key=lambda r: -(r[3] or 0))]
-            out.append(f"For {model} ({experiment}), the highest throughput with p99 within the "
-                       f"{results[0][2]:g} ms SLO, in req/s: " + "; ".join(parts) + ".")
+            parts = [
+                f"{label} ({load}): {_fmt(value) if value is not None else 'none met it'}"
+                for label, load, _, value in sorted(results, key=lambda r: -(r[3] or 0))
+            ]
+            out.append(
+                f"For {model} ({experiment}), the highest throughput with p99 within the "
+                f"{results[0][2]:g} ms SLO, in req/s: " + "; ".join(parts) + "."
+            )
     # batching at the stages
     for (experiment, model, load), points in _group(ok_points, "experiment", "model", "load").items():
         sizes = []
@@ -422,15 +473,20 @@ def findings(data: RunData) -> list[str]:
             if values:
                 sizes.append(f"{p.label} {' / '.join(f'{v:.2f}' for v in values)}")
         if len(sizes) >= 2:
-            out.append(f"Average batch size per stage for {model} under {load} ({experiment}): "
-                       + "; ".join(sizes) + ".")
+            out.append(
+                f"Average batch size per stage for {model} under {load} ({experiment}): "
+                + "; ".join(sizes)
+                + "."
+            )
     for p in data.points:
         if p.status != "ok":
             out.append(f"Point {p.point['point_id']} failed: {p.record.get('error')}.")
         elif p.summary is not None and p.summary.errors:
             first = p.record.get("first_error") or "see requests.csv"
-            out.append(f"Point {p.point['point_id']}: {p.summary.errors} of {p.summary.requests} requests failed "
-                       f"(first error: {first}).")
+            out.append(
+                f"Point {p.point['point_id']}: {p.summary.errors} of {p.summary.requests} requests failed "
+                f"(first error: {first})."
+            )
     bottlenecked = [p for p in data.points if (p.record.get("loadgen") or {}).get("bottleneck")]
     if bottlenecked:
         loadgen = [p.record["loadgen"] for p in bottlenecked]
@@ -439,15 +495,20 @@ def findings(data: RunData) -> list[str]:
         late_shares = [lg["late_share"] for lg in loadgen if lg.get("late_share") is not None]
         late_p99s = [lg["late_p99_ms"] for lg in loadgen if lg.get("late_p99_ms") is not None]
         if late_shares and late_p99s:
-            facts.append(f"up to {max(late_shares):.0%} of arrivals sent late, p99 lateness up to "
-                         f"{max(late_p99s):.1f} ms")
+            facts.append(
+                f"up to {max(late_shares):.0%} of arrivals sent late, p99 lateness up to "
+                f"{max(late_p99s):.1f} ms"
+            )
         else:
-            facts.append(f"up to {max(lg.get('late_arrivals') or 0 for lg in loadgen)} late arrivals in a point")
+            facts.append(
+                f"up to {max(lg.get('late_arrivals') or 0 for lg in loadgen)} late arrivals in a point"
+            )
         out.append(
             f"In {len(bottlenecked)} of {len(data.points)} points the load generator was near CPU saturation or "
             f"did not keep the open-loop schedule ({'; '.join(facts)}). Where the CPU is "
             "low, the cause is the generator sharing the cores with the server: arrivals came burstier than "
-            "planned, so these points' latencies include some load-generator delay.")
+            "planned, so these points' latencies include some load-generator delay."
+        )
     return out
 
 
@@ -455,8 +516,25 @@ def findings(data: RunData) -> list[str]:
 
 
 def _results_table(data: RunData) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "experiment", "model", "configuration", "load", "sent", "errors", "req/s", "avg ms", "p50",
-              "p90", "p95", "p99", "p99.9", "SLO ms", "SLO met", "goodput req/s"]
+    header = [
+        "#",
+        "experiment",
+        "model",
+        "configuration",
+        "load",
+        "sent",
+        "errors",
+        "req/s",
+        "avg ms",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "p99.9",
+        "SLO ms",
+        "SLO met",
+        "goodput req/s",
+    ]
     rows = []
     for p in data.points:
         base = [str(p.index), p.point["experiment"], p.point["model"], p.label, p.point["load"]]
@@ -464,24 +542,56 @@ def _results_table(data: RunData) -> tuple[list[str], list[list[str]]]:
         if s is None:
             rows.append(base + [p.status] + ["n/a"] * (len(header) - len(base) - 1))
             continue
-        rows.append(base + [str(s.requests), str(s.errors), _fmt(s.throughput_rps), _fmt_ms(s.avg_ms),
-                            _fmt_ms(s.p50_ms), _fmt_ms(s.p90_ms), _fmt_ms(s.p95_ms), _fmt_ms(s.p99_ms),
-                            _fmt_ms(s.p999_ms), f"{s.slo_ms:g}", f"{s.slo_attainment:.1%}",
-                            _fmt(s.goodput_rps)])
+        rows.append(
+            base
+            + [
+                str(s.requests),
+                str(s.errors),
+                _fmt(s.throughput_rps),
+                _fmt_ms(s.avg_ms),
+                _fmt_ms(s.p50_ms),
+                _fmt_ms(s.p90_ms),
+                _fmt_ms(s.p95_ms),
+                _fmt_ms(s.p99_ms),
+                _fmt_ms(s.p999_ms),
+                f"{s.slo_ms:g}",
+                f"{s.slo_attainment:.1%}",
+                _fmt(s.goodput_rps),
+            ]
+        )
     return header, rows
 
 
 def _stage_table(data: RunData) -> tuple[list[str], list[list[str]]]:
-    header = ["#", "configuration", "load", "stage", "model", "executions", "rows", "avg batch",
-              "avg queue ms", "avg compute ms"]
+    header = [
+        "#",
+        "configuration",
+        "load",
+        "stage",
+        "model",
+        "executions",
+        "rows",
+        "avg batch",
+        "avg queue ms",
+        "avg compute ms",
+    ]
     rows = []
     for p in _ok_points(data):
         for stage in stage_rows(p):
-            rows.append([str(p.index), p.label, p.point["load"], str(stage["stage"]), stage["model"],
-                         _fmt(stage.get("executions"), 0), _fmt(stage.get("rows"), 0),
-                         _fmt(stage.get("avg_batch_size"), 2),
-                         _fmt((stage.get("avg_queue_us") or math.nan) / 1000.0, 2),
-                         _fmt((stage.get("avg_compute_us") or math.nan) / 1000.0, 2)])
+            rows.append(
+                [
+                    str(p.index),
+                    p.label,
+                    p.point["load"],
+                    str(stage["stage"]),
+                    stage["model"],
+                    _fmt(stage.get("executions"), 0),
+                    _fmt(stage.get("rows"), 0),
+                    _fmt(stage.get("avg_batch_size"), 2),
+                    _fmt((stage.get("avg_queue_us") or math.nan) / 1000.0, 2),
+                    _fmt((stage.get("avg_compute_us") or math.nan) / 1000.0, 2),
+                ]
+            )
     return header, rows
 
 
@@ -490,10 +600,17 @@ def _loadgen_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     rows = []
     for p in data.points:
         loadgen = p.record.get("loadgen") or {}
-        rows.append([str(p.index), p.point["point_id"], _fmt(loadgen.get("cpu_percent")),
-                     _fmt(loadgen.get("late_arrivals")), _fmt(loadgen.get("late_p99_ms"), 2),
-                     "yes" if loadgen.get("bottleneck") else "no",
-                     "; ".join(loadgen.get("warnings") or []) or "-"])
+        rows.append(
+            [
+                str(p.index),
+                p.point["point_id"],
+                _fmt(loadgen.get("cpu_percent")),
+                _fmt(loadgen.get("late_arrivals")),
+                _fmt(loadgen.get("late_p99_ms"), 2),
+                "yes" if loadgen.get("bottleneck") else "no",
+                "; ".join(loadgen.get("warnings") or []) or "-",
+            ]
+        )
     return header, rows
 
 
@@ -504,8 +621,10 @@ def _reorch_table(data: RunData) -> tuple[list[str], list[list[str]]] | None:
         if not reorch:
             continue
         ops = reorch.get("operations") or {}
-        rows.append([str(p.index), p.label, p.point["load"]]
-                    + [_fmt(ops.get(op, 0.0), 0) for op in ("new", "stretch", "split", "bucket")])
+        rows.append(
+            [str(p.index), p.label, p.point["load"]]
+            + [_fmt(ops.get(op, 0.0), 0) for op in ("new", "stretch", "split", "bucket")]
+        )
     if not rows:
         return None
     return ["#", "configuration", "load", "new", "stretch", "split", "bucket"], rows
@@ -521,20 +640,26 @@ def build_sections(data: RunData) -> list[Section]:
     run.paragraphs.append(
         f"Plan <b>{html.escape(str(plan.get('name', '?')))}</b> ({html.escape(str(env.get('plan_source', '')))}), "
         f"{len(data.points)} points, started {env.get('started_utc', '?')}, finished {env.get('finished_utc', '?')}, "
-        f"server {html.escape(str(env.get('server', '?')))}.")
-    run.tables.append((["what", "value"],
-                       [[k, html.escape(str(v))] for k, v in {**hardware, **software}.items()]))
+        f"server {html.escape(str(env.get('server', '?')))}."
+    )
+    run.tables.append(
+        (["what", "value"], [[k, html.escape(str(v))] for k, v in {**hardware, **software}.items()])
+    )
     results = Section("Results")
-    results.paragraphs.append("Client-side latencies of successful requests, recomputed from requests.csv "
-                              "(nearest-rank percentiles, ms). SLO met = share of all sent requests answered "
-                              "successfully within the SLO; goodput = those per second.")
+    results.paragraphs.append(
+        "Client-side latencies of successful requests, recomputed from requests.csv "
+        "(nearest-rank percentiles, ms). SLO met = share of all sent requests answered "
+        "successfully within the SLO; goodput = those per second."
+    )
     results.tables.append(_results_table(data))
     curves = Section("Throughput-latency curves", figures=throughput_latency_figures(data))
     cdfs = Section("Latency CDFs", figures=cdf_figures(data))
     hist = Section("Batch sizes per stage", figures=batch_histogram_figures(data))
-    hist.paragraphs.append("Executions per batch size from Triton's statistics API (batch_stats, before/after "
-                           "deltas) for whole and stage models; for the reorchestrator, estimated from the "
-                           "batch sizes its per-request records report (a batch of b rows is seen by b requests).")
+    hist.paragraphs.append(
+        "Executions per batch size from Triton's statistics API (batch_stats, before/after "
+        "deltas) for whole and stage models; for the reorchestrator, estimated from the "
+        "batch sizes its per-request records report (a batch of b rows is seen by b requests)."
+    )
     queue = Section("Queue vs compute time per stage", figures=queue_compute_figures(data))
     queue.tables.append(_stage_table(data))
     compare = Section("Variant and policy comparison", figures=comparison_figures(data))
@@ -549,12 +674,15 @@ def build_sections(data: RunData) -> list[Section]:
     loadgen.paragraphs.append(
         "CPU use of the load generator's busiest process (percent of one core) and arrivals it sent more than "
         "2 ms behind the open-loop schedule. A point is flagged when the generator used 85% of a core or more "
-        "than 5% of its arrivals were late: then the generator, not only the server, shaped the measurement.")
+        "than 5% of its arrivals were late: then the generator, not only the server, shaped the measurement."
+    )
     loadgen.tables.append(_loadgen_table(data))
     note = Section("What a 2-core CPU can show", paragraphs=[CPU_NOTE])
     cores = hardware.get("cpu_cores_logical")
     if cores:
-        note.paragraphs.append(f"This run's machine: {cores} logical cores, GPU: {hardware.get('gpu', 'none')}.")
+        note.paragraphs.append(
+            f"This run's machine: {cores} logical cores, GPU: {hardware.get('gpu', 'none')}."
+        )
     return [run, results, curves, cdfs, hist, queue, compare, found, loadgen, note]
 
 
@@ -569,10 +697,15 @@ color:#555}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}li{margin:.4em 0}
 
 def render_html(sections: list[Section], title: str) -> str:
     """One self-contained HTML page (images inline as base64)."""
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append("<ul>" + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>"
-                                  for i, s in enumerate(sections)) + "</ul>")
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
+    parts.append(
+        "<ul>"
+        + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections))
+        + "</ul>"
+    )
     for i, section in enumerate(sections):
         parts.append(f"<h2 id='s{i}'>{html.escape(section.title)}</h2>")
         parts.extend(f"<p>{p}</p>" for p in section.paragraphs)
@@ -584,8 +717,10 @@ def render_html(sections: list[Section], title: str) -> str:
             parts.append("</table>")
         for figure in section.figures:
             encoded = base64.b64encode(figure.png).decode("ascii")
-            parts.append(f"<figure><img alt='{html.escape(figure.name)}' src='data:image/png;base64,{encoded}'>"
-                         f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{html.escape(figure.name)}' src='data:image/png;base64,{encoded}'>"
+                f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
+            )
         if not (section.paragraphs or section.bullets or section.tables or section.figures):
             parts.append("<p>No data for this section in this run.</p>")
     parts.append("</body></html>")

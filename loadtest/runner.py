@@ -41,11 +41,21 @@ from stagebatch.errors import ConfigValidationError, ServerStartError, SliceErro
 
 LOGGER = logging.getLogger(__name__)
 
-ENVIRONMENT_FILE = "environment.json"   # hardware, software versions, plan, times
-POINTS_FILE = "points.jsonl"            # one JSON line per point
-REQUESTS_FILE = "requests.csv"          # one row per request of every point
-REQUEST_COLUMNS = ("point", "t_send_us", "latency_us", "ok", "seq_len", "rows", "late_us", "error", "batch_sizes",
-                   "server")
+ENVIRONMENT_FILE = "environment.json"  # hardware, software versions, plan, times
+POINTS_FILE = "points.jsonl"  # one JSON line per point
+REQUESTS_FILE = "requests.csv"  # one row per request of every point
+REQUEST_COLUMNS = (
+    "point",
+    "t_send_us",
+    "latency_us",
+    "ok",
+    "seq_len",
+    "rows",
+    "late_us",
+    "error",
+    "batch_sizes",
+    "server",
+)
 MANIFEST_FILE = "manifest.json"
 # A load generator busier than this (percent of one core) may be what limits a point.
 LOADGEN_BUSY_PERCENT = 85.0
@@ -63,8 +73,12 @@ def request_row(point_index: int, record: Any) -> list:
     server = getattr(record, "server", None) or None
     batch_sizes = (server or {}).get("batch_sizes") if isinstance(server, dict) else None
     return [
-        point_index, int(record.t_send_us), int(record.latency_us), int(bool(record.ok)),
-        "" if record.seq_len is None else int(record.seq_len), int(record.rows or 1),
+        point_index,
+        int(record.t_send_us),
+        int(record.latency_us),
+        int(bool(record.ok)),
+        "" if record.seq_len is None else int(record.seq_len),
+        int(record.rows or 1),
         int(getattr(record, "late_us", 0) or 0),
         (record.error or "").replace("\n", " ")[:500],
         "" if not batch_sizes else " ".join(str(int(b)) for b in batch_sizes),
@@ -81,13 +95,20 @@ def read_requests(path: Path) -> dict[int, list[dict]]:
         if missing:
             raise ConfigValidationError(f"{path}: columns {', '.join(sorted(missing))} are missing")
         for row in reader:
-            grouped.setdefault(int(row["point"]), []).append({
-                "t_send_us": int(row["t_send_us"]), "latency_us": int(row["latency_us"]), "ok": row["ok"] == "1",
-                "seq_len": int(row["seq_len"]) if row.get("seq_len") else None, "rows": int(row.get("rows") or 1),
-                "late_us": int(row.get("late_us") or 0),
-                "error": row.get("error") or None,
-                "batch_sizes": [int(b) for b in row["batch_sizes"].split()] if row.get("batch_sizes") else [],
-            })
+            grouped.setdefault(int(row["point"]), []).append(
+                {
+                    "t_send_us": int(row["t_send_us"]),
+                    "latency_us": int(row["latency_us"]),
+                    "ok": row["ok"] == "1",
+                    "seq_len": int(row["seq_len"]) if row.get("seq_len") else None,
+                    "rows": int(row.get("rows") or 1),
+                    "late_us": int(row.get("late_us") or 0),
+                    "error": row.get("error") or None,
+                    "batch_sizes": [int(b) for b in row["batch_sizes"].split()]
+                    if row.get("batch_sizes")
+                    else [],
+                }
+            )
     return grouped
 
 
@@ -127,8 +148,20 @@ def _package_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {}
-    for name in ("stagebatch", "nvidia-pytriton", "tritonclient", "onnxruntime", "onnxruntime-gpu", "onnx",
-                 "numpy", "torch", "transformers", "locust", "gevent", "matplotlib"):
+    for name in (
+        "stagebatch",
+        "nvidia-pytriton",
+        "tritonclient",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnx",
+        "numpy",
+        "torch",
+        "transformers",
+        "locust",
+        "gevent",
+        "matplotlib",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -148,8 +181,13 @@ def _cpu_model() -> str:
 
 def _gpu() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return out.stdout.strip().replace("\n", "; ") or "none"
     except (OSError, subprocess.SubprocessError):
         return "none"
@@ -157,8 +195,14 @@ def _gpu() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+            check=False,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -185,9 +229,16 @@ def collect_environment(plan: Plan, plan_text: str, *, server: str, repository: 
     except ImportError:
         pass
     return {
-        "plan": plan.to_dict(), "plan_source": plan.source, "plan_text": plan_text,
-        "server": server, "repository": str(repository), "hardware": hardware, "software": software,
-        "started_utc": _utc_now(), "finished_utc": None, "argv": sys.argv,
+        "plan": plan.to_dict(),
+        "plan_source": plan.source,
+        "plan_text": plan_text,
+        "server": server,
+        "repository": str(repository),
+        "hardware": hardware,
+        "software": software,
+        "started_utc": _utc_now(),
+        "finished_utc": None,
+        "argv": sys.argv,
     }
 
 
@@ -202,8 +253,9 @@ def variant_models(entry: dict, variant: str) -> list[str]:
     """Triton model names a variant uses, in load order (dependencies first, entry model last)."""
     variants = entry.get("variants", {})
     if variant not in variants:
-        raise ConfigValidationError(f"the manifest has no {variant!r} variant for this model "
-                                    f"(it has {', '.join(variants)})")
+        raise ConfigValidationError(
+            f"the manifest has no {variant!r} variant for this model (it has {', '.join(variants)})"
+        )
     if variant == "ensemble":
         return [stage["model_name"] for stage in entry.get("stages", [])] + [variants["ensemble"]]
     return [variants[variant]]
@@ -271,13 +323,19 @@ def stage_rows_from_triton(names: list[str], deltas: dict) -> list[dict]:
     rows = []
     for index, name in enumerate(names):
         delta = deltas[name]
-        rows.append({
-            "stage": index, "model": name, "executions": delta.execution_count, "rows": delta.inference_count,
-            "avg_batch_size": delta.avg_batch_size, "avg_queue_us": delta.avg_queue_us,
-            "avg_compute_us": delta.avg_compute_us,
-            "batch_histogram": {str(k): v for k, v in sorted(delta.batch_histogram.items())},
-            "histogram_source": "Triton statistics batch_stats",
-        })
+        rows.append(
+            {
+                "stage": index,
+                "model": name,
+                "executions": delta.execution_count,
+                "rows": delta.inference_count,
+                "avg_batch_size": delta.avg_batch_size,
+                "avg_queue_us": delta.avg_queue_us,
+                "avg_compute_us": delta.avg_compute_us,
+                "batch_histogram": {str(k): v for k, v in sorted(delta.batch_histogram.items())},
+                "histogram_source": "Triton statistics batch_stats",
+            }
+        )
     return rows
 
 
@@ -297,14 +355,19 @@ def stage_rows_from_reorch(model_name: str, reorch, batch_sizes_seen: list[list[
             if stage < len(sizes):
                 seen[sizes[stage]] = seen.get(sizes[stage], 0) + 1
         histogram = {str(size): round(count / size, 2) for size, count in sorted(seen.items()) if size > 0}
-        rows.append({
-            "stage": stage, "model": f"{model_name}:{stage}", "executions": executions, "rows": samples,
-            "avg_batch_size": samples / executions if executions else None,
-            "avg_queue_us": values.get("queue_us", 0) / samples if samples else None,
-            "avg_compute_us": values.get("compute_us", 0) / executions if executions else None,
-            "batch_histogram": histogram,
-            "histogram_source": "reorchestrator per-request records",
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "model": f"{model_name}:{stage}",
+                "executions": executions,
+                "rows": samples,
+                "avg_batch_size": samples / executions if executions else None,
+                "avg_queue_us": values.get("queue_us", 0) / samples if samples else None,
+                "avg_compute_us": values.get("compute_us", 0) / executions if executions else None,
+                "batch_histogram": histogram,
+                "histogram_source": "reorchestrator per-request records",
+            }
+        )
     return rows
 
 
@@ -335,9 +398,9 @@ class RunOptions:
 
 @dataclass
 class _State:
-    built: dict[str, tuple] = field(default_factory=dict)          # model -> (stages, balance) built now
-    loaded: dict[str, str] = field(default_factory=dict)           # triton model -> json of loaded config
-    base_configs: dict[str, dict] = field(default_factory=dict)    # triton model -> config as built
+    built: dict[str, tuple] = field(default_factory=dict)  # model -> (stages, balance) built now
+    loaded: dict[str, str] = field(default_factory=dict)  # triton model -> json of loaded config
+    base_configs: dict[str, dict] = field(default_factory=dict)  # triton model -> config as built
     current_model: str | None = None
 
 
@@ -365,7 +428,8 @@ class Characterization:
         path = self.repository / MANIFEST_FILE
         if not path.is_file():
             raise ConfigValidationError(
-                f"{path}: missing; build the models first (stagebatch build ...) or set repository.build: true")
+                f"{path}: missing; build the models first (stagebatch build ...) or set repository.build: true"
+            )
         self.manifest = json.loads(path.read_text())
         return self.manifest
 
@@ -373,10 +437,22 @@ class Characterization:
         from slicing.repository import BuildOptions, build_repository  # export, slice, verify, write
 
         spec = self.plan.repository
-        LOGGER.info("building %s (size %s, K=%d, balance %s) into %s", model, spec.size, stages, balance,
-                    self.repository)
-        options = BuildOptions(size=spec.size, stages=stages, target=spec.target, max_batch=spec.max_batch_size,
-                               queue_delay_us=spec.queue_delay_us, balance=balance)
+        LOGGER.info(
+            "building %s (size %s, K=%d, balance %s) into %s",
+            model,
+            spec.size,
+            stages,
+            balance,
+            self.repository,
+        )
+        options = BuildOptions(
+            size=spec.size,
+            stages=stages,
+            target=spec.target,
+            max_batch=spec.max_batch_size,
+            queue_delay_us=spec.queue_delay_us,
+            balance=balance,
+        )
         build_repository(self.repository, models=[model], options=options, log=LOGGER.info)
         self.state.built[model] = (stages, balance)
         for name in list(self.state.base_configs):
@@ -388,14 +464,20 @@ class Characterization:
         spec = self.plan.repository
         if spec.build:
             manifest_path = self.repository / MANIFEST_FILE
-            existing = json.loads(manifest_path.read_text()).get("models", {}) if manifest_path.is_file() else {}
+            existing = (
+                json.loads(manifest_path.read_text()).get("models", {}) if manifest_path.is_file() else {}
+            )
             for model in self.plan.models:
                 entry = existing.get(model)
                 build = (entry or {}).get("build", {})
-                same = (entry is not None and entry.get("size") == spec.size
-                        and entry.get("max_batch_size") == spec.max_batch_size
-                        and build.get("stages") == spec.stages and build.get("balance") == spec.balance
-                        and build.get("max_queue_delay_us") == spec.queue_delay_us)
+                same = (
+                    entry is not None
+                    and entry.get("size") == spec.size
+                    and entry.get("max_batch_size") == spec.max_batch_size
+                    and build.get("stages") == spec.stages
+                    and build.get("balance") == spec.balance
+                    and build.get("max_queue_delay_us") == spec.queue_delay_us
+                )
                 if same:
                     self.state.built[model] = (spec.stages, spec.balance)
                     continue
@@ -413,8 +495,11 @@ class Characterization:
             max_k = (entry.get("build") or {}).get("max_stages")
             if max_k is None and self.plan.repository.build:
                 max_k = self._max_stages(name, entry)
-            limits[name] = ModelLimits(max_stages=max_k, max_batch_size=entry.get("max_batch_size"),
-                                       variants=tuple(entry.get("variants", {})))
+            limits[name] = ModelLimits(
+                max_stages=max_k,
+                max_batch_size=entry.get("max_batch_size"),
+                variants=tuple(entry.get("variants", {})),
+            )
         return limits
 
     def _max_stages(self, name: str, entry: dict) -> int | None:
@@ -446,7 +531,9 @@ class Characterization:
         else:
             from stagebatch.server import EmbeddedTriton
 
-            self.server = EmbeddedTriton(self.repository, models=[], log_path=self.out_dir / "tritonserver.log")
+            self.server = EmbeddedTriton(
+                self.repository, models=[], log_path=self.out_dir / "tritonserver.log"
+            )
             self.server.start()
             url = self.server.grpc_url
             self.admin_headers = self.server.admin_headers
@@ -530,9 +617,15 @@ class Characterization:
         entry = self.manifest["models"][point.model]
         if entry.get("sequence") is None:
             lengths = None  # lengths mean nothing to a model without a sequence axis
-        return LoadSpec(model=point.model, variant=point.variant, arrival=ArrivalSpec(**arrival),
-                        lengths=LengthSpec(**lengths) if lengths else None, duration_s=point.duration_s,
-                        warmup_s=point.warmup_s, seed=point.seed)
+        return LoadSpec(
+            model=point.model,
+            variant=point.variant,
+            arrival=ArrivalSpec(**arrival),
+            lengths=LengthSpec(**lengths) if lengths else None,
+            duration_s=point.duration_s,
+            warmup_s=point.warmup_s,
+            seed=point.seed,
+        )
 
     def _run_point(self, index: int, point: Point, requests_writer) -> dict:
         from loadtest.driver import run_load
@@ -554,12 +647,16 @@ class Characterization:
 
         records = list(result.records)
         if not records:
-            raise StagebatchError(f"the load generator returned no requests for the measured window "
-                                  f"(warnings: {'; '.join(result.warnings) or 'none'})")
+            raise StagebatchError(
+                f"the load generator returned no requests for the measured window "
+                f"(warnings: {'; '.join(result.warnings) or 'none'})"
+            )
         for request in records:
             requests_writer.writerow(request_row(index, request))
         duration_s = float(result.duration_s) or point.duration_s
-        summary = summarize([r.latency_us for r in records], [r.ok for r in records], duration_s, point.slo_ms)
+        summary = summarize(
+            [r.latency_us for r in records], [r.ok for r in records], duration_s, point.slo_ms
+        )
         deltas = diff_statistics(before.statistics, after.statistics)
         server: dict[str, Any] = {
             "models": {name: delta.to_dict() for name, delta in deltas.items()},
@@ -581,10 +678,21 @@ class Characterization:
         late_p99_ms = percentile_us([int(getattr(r, "late_us", 0) or 0) for r in records], 99) / 1000.0
         first_error = next((r.error for r in records if not r.ok and r.error), None)
         record.update(
-            status="ok", error=None, duration_s=duration_s, client=summary.to_dict(), first_error=first_error,
-            server=server, loadgen={"cpu_percent": cpu, "late_arrivals": late, "late_share": late / len(records),
-                                    "late_p99_ms": late_p99_ms, "warnings": warnings, "bottleneck": bottleneck,
-                                    "workers": self.options.workers},
+            status="ok",
+            error=None,
+            duration_s=duration_s,
+            client=summary.to_dict(),
+            first_error=first_error,
+            server=server,
+            loadgen={
+                "cpu_percent": cpu,
+                "late_arrivals": late,
+                "late_share": late / len(records),
+                "late_p99_ms": late_p99_ms,
+                "warnings": warnings,
+                "bottleneck": bottleneck,
+                "workers": self.options.workers,
+            },
             wall_s=round(time.monotonic() - started, 2),
         )
         return record
@@ -595,8 +703,10 @@ class Characterization:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         plan_text = Path(self.plan.source).read_text() if Path(self.plan.source).is_file() else ""
         if self.options.url and any(p.slicing for p in self.plan.points()):
-            raise ConfigValidationError("slicing sweeps rebuild models on this machine and cannot reach a "
-                                        f"server at {self.options.url}; drop the slicing knobs or run without --url")
+            raise ConfigValidationError(
+                "slicing sweeps rebuild models on this machine and cannot reach a "
+                f"server at {self.options.url}; drop the slicing knobs or run without --url"
+            )
         points = self.plan.points()
         if self.options.url is None or self.plan.repository.build:
             self._prepare_repository()
@@ -604,13 +714,17 @@ class Characterization:
             self._read_manifest()
         check_against_models(self.plan, self.model_limits())
         server_label = self.options.url or "embedded tritonserver"
-        environment = collect_environment(self.plan, plan_text, server=server_label, repository=self.repository)
+        environment = collect_environment(
+            self.plan, plan_text, server=server_label, repository=self.repository
+        )
         env_path = self.out_dir / ENVIRONMENT_FILE
         env_path.write_text(dumps(environment))
         self._start_server()
         try:
-            with open(self.out_dir / POINTS_FILE, "w") as points_file, \
-                    open(self.out_dir / REQUESTS_FILE, "w", newline="") as requests_file:
+            with (
+                open(self.out_dir / POINTS_FILE, "w") as points_file,
+                open(self.out_dir / REQUESTS_FILE, "w", newline="") as requests_file,
+            ):
                 writer = csv.writer(requests_file)
                 writer.writerow(REQUEST_COLUMNS)
                 with _progress(self.options.progress, points) as advance:
@@ -620,8 +734,13 @@ class Characterization:
                             record = self._run_point(index, point, writer)
                         except (StagebatchError, OSError, RuntimeError, ValueError) as error:
                             LOGGER.warning("point %s failed: %s", point.point_id, error)
-                            record = {"index": index, "point": point.to_dict(), "status": "failed",
-                                      "error": f"{type(error).__name__}: {error}", "started_utc": _utc_now()}
+                            record = {
+                                "index": index,
+                                "point": point.to_dict(),
+                                "status": "failed",
+                                "error": f"{type(error).__name__}: {error}",
+                                "started_utc": _utc_now(),
+                            }
                         points_file.write(dumps(record) + "\n")
                         points_file.flush()
                         requests_file.flush()
@@ -634,7 +753,7 @@ class Characterization:
 
 @dataclass
 class _Snapshot:
-    time_s: float                 # wall clock (epoch seconds) when taken
+    time_s: float  # wall clock (epoch seconds) when taken
     statistics: dict
     metrics: str | None
 
@@ -699,10 +818,24 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda point: LOGGER.info("point %s", point.point_id)
+        from rich.console import Console
+        from rich.logging import RichHandler
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/"
-                                 "{task.total:.0f} s planned"), TimeElapsedColumn(), TimeRemainingColumn())
+        # log lines go through the bar's console, above the bar, instead of breaking it
+        console = Console(stderr=True)
+        root = logging.getLogger()
+        self._saved_handlers = root.handlers[:]
+        root.handlers = [RichHandler(console=console, show_time=False, show_path=False)]
+        self.progress = Progress(
+            TextColumn("{task.description}", style="bold"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} s of load"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         total = sum(p.duration_s + p.warmup_s for p in self.points)
         task = self.progress.add_task("characterize", total=total)
         self.progress.start()
@@ -712,7 +845,10 @@ class _progress:
             if last:
                 self.progress.advance(task, last[-1].duration_s + last[-1].warmup_s)
             last.append(point)
-            self.progress.update(task, description=f"[{len(last)}/{len(self.points)}] {point.point_id}")
+            self.progress.update(task, description=f"point {len(last)}/{len(self.points)}")
+            self.progress.console.print(
+                f"point {len(last)}/{len(self.points)}: {point.point_id}", highlight=False
+            )
 
         self._finish = lambda: last and self.progress.advance(task, last[-1].duration_s + last[-1].warmup_s)
         return advance
@@ -721,6 +857,7 @@ class _progress:
         if self.progress is not None:
             self._finish()
             self.progress.stop()
+            logging.getLogger().handlers = self._saved_handlers
 
 
 def characterize(plan: Plan, options: RunOptions) -> Path:

@@ -27,15 +27,15 @@ class ModelStatsDelta:
     """What one Triton model did during a point (all times are totals in µs)."""
 
     model: str
-    inference_count: int = 0      # rows inferred (a batch of n counts n)
-    execution_count: int = 0      # batches executed
-    success: int = 0              # requests answered successfully
+    inference_count: int = 0  # rows inferred (a batch of n counts n)
+    execution_count: int = 0  # batches executed
+    success: int = 0  # requests answered successfully
     fail: int = 0
     queue_us: float = 0.0
     compute_input_us: float = 0.0
     compute_infer_us: float = 0.0
     compute_output_us: float = 0.0
-    batch_histogram: dict[int, int] = field(default_factory=dict)   # batch size -> executions
+    batch_histogram: dict[int, int] = field(default_factory=dict)  # batch size -> executions
 
     @property
     def avg_batch_size(self) -> float:
@@ -59,8 +59,11 @@ class ModelStatsDelta:
         """JSON-ready, with the derived averages."""
         data = asdict(self)
         data["batch_histogram"] = {str(k): v for k, v in sorted(self.batch_histogram.items())}
-        data.update(avg_batch_size=self.avg_batch_size, avg_queue_us=self.avg_queue_us,
-                    avg_compute_us=self.avg_compute_us)
+        data.update(
+            avg_batch_size=self.avg_batch_size,
+            avg_queue_us=self.avg_queue_us,
+            avg_compute_us=self.avg_compute_us,
+        )
         return data
 
 
@@ -114,7 +117,7 @@ def diff_statistics(before: dict[str, dict], after: dict[str, dict]) -> dict[str
     for name, now in after.items():
         then = before.get(name, {})
 
-        def d(key: str) -> int:
+        def d(key: str, now: dict = now, then: dict = then) -> int:
             return int(now.get(key, 0)) - int(then.get(key, 0))
 
         histogram = {}
@@ -123,10 +126,15 @@ def diff_statistics(before: dict[str, dict], after: dict[str, dict]) -> dict[str
             if delta:
                 histogram[int(size)] = delta
         deltas[name] = ModelStatsDelta(
-            model=name, inference_count=d("inference_count"), execution_count=d("execution_count"),
-            success=d("success_count"), fail=d("fail_count"),
-            queue_us=d("queue_ns") / 1000.0, compute_input_us=d("compute_input_ns") / 1000.0,
-            compute_infer_us=d("compute_infer_ns") / 1000.0, compute_output_us=d("compute_output_ns") / 1000.0,
+            model=name,
+            inference_count=d("inference_count"),
+            execution_count=d("execution_count"),
+            success=d("success_count"),
+            fail=d("fail_count"),
+            queue_us=d("queue_ns") / 1000.0,
+            compute_input_us=d("compute_input_ns") / 1000.0,
+            compute_infer_us=d("compute_infer_ns") / 1000.0,
+            compute_output_us=d("compute_output_ns") / 1000.0,
             batch_histogram=histogram,
         )
     return deltas
@@ -135,7 +143,9 @@ def diff_statistics(before: dict[str, dict], after: dict[str, dict]) -> dict[str
 # ---------------------------------------------------------------- Prometheus metrics
 
 REORCH_PREFIX = "stagebatch_reorch_"
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$')
+_SAMPLE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$"
+)
 _LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
 
 
@@ -167,18 +177,27 @@ class ReorchDelta:
     """What the reorchestrator of one model did during a point."""
 
     model: str
-    operations: dict[str, float] = field(default_factory=dict)   # new|stretch|split|bucket -> count
-    requests: dict[str, float] = field(default_factory=dict)     # success|error|cancelled -> count
-    stages: dict[int, dict[str, float]] = field(default_factory=dict)  # stage -> executions, samples, queue_us, compute_us
+    operations: dict[str, float] = field(default_factory=dict)  # new|stretch|split|bucket -> count
+    requests: dict[str, float] = field(default_factory=dict)  # success|error|cancelled -> count
+    stages: dict[int, dict[str, float]] = field(
+        default_factory=dict
+    )  # stage -> executions, samples, queue_us, compute_us
 
     def to_dict(self) -> dict:
         """JSON-ready, with average batch size per stage."""
         stages = {}
         for stage, values in sorted(self.stages.items()):
             executions = values.get("executions", 0)
-            stages[str(stage)] = {**values,
-                                  "avg_batch_size": values.get("samples", 0) / executions if executions else None}
-        return {"model": self.model, "operations": self.operations, "requests": self.requests, "stages": stages}
+            stages[str(stage)] = {
+                **values,
+                "avg_batch_size": values.get("samples", 0) / executions if executions else None,
+            }
+        return {
+            "model": self.model,
+            "operations": self.operations,
+            "requests": self.requests,
+            "stages": stages,
+        }
 
 
 _STAGE_METRICS = {
@@ -200,9 +219,13 @@ def diff_reorch_metrics(before_text: str, after_text: str, model: str) -> Reorch
             continue
         change = value - before.get((name, labels), 0.0)
         if name == "stagebatch_reorch_operations_total":
-            delta.operations[label.get("operation", "?")] = delta.operations.get(label.get("operation", "?"), 0) + change
+            delta.operations[label.get("operation", "?")] = (
+                delta.operations.get(label.get("operation", "?"), 0) + change
+            )
         elif name == "stagebatch_reorch_requests_total":
-            delta.requests[label.get("outcome", "?")] = delta.requests.get(label.get("outcome", "?"), 0) + change
+            delta.requests[label.get("outcome", "?")] = (
+                delta.requests.get(label.get("outcome", "?"), 0) + change
+            )
         elif name in _STAGE_METRICS and "stage" in label:
             stage = delta.stages.setdefault(int(label["stage"]), {})
             key = _STAGE_METRICS[name]

@@ -36,12 +36,12 @@ def percentile_us(latencies_us: Sequence[int] | np.ndarray, pct: float) -> float
 class LatencySummary:
     """Client-side summary of one measurement point (latencies in ms, rates per second)."""
 
-    requests: int            # sent during the measured window (warm-up excluded)
+    requests: int  # sent during the measured window (warm-up excluded)
     ok: int
     errors: int
     duration_s: float
-    throughput_rps: float    # successful responses per second
-    offered_rps: float       # requests sent per second
+    throughput_rps: float  # successful responses per second
+    offered_rps: float  # requests sent per second
     avg_ms: float
     p50_ms: float
     p90_ms: float
@@ -50,16 +50,20 @@ class LatencySummary:
     p999_ms: float
     max_ms: float
     slo_ms: float
-    slo_attainment: float    # share of all sent requests answered successfully within the SLO
-    goodput_rps: float       # successful responses within the SLO per second
+    slo_attainment: float  # share of all sent requests answered successfully within the SLO
+    goodput_rps: float  # successful responses within the SLO per second
 
     def to_dict(self) -> dict:
         """JSON-ready fields (NaN stays NaN; json writes it as NaN)."""
         return asdict(self)
 
 
-def summarize(latencies_us: Sequence[int] | np.ndarray, ok: Sequence[bool] | np.ndarray, duration_s: float,
-              slo_ms: float) -> LatencySummary:
+def summarize(
+    latencies_us: Sequence[int] | np.ndarray,
+    ok: Sequence[bool] | np.ndarray,
+    duration_s: float,
+    slo_ms: float,
+) -> LatencySummary:
     """Summarize one point: latencies of successful requests only; errors count against the SLO."""
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
@@ -76,12 +80,21 @@ def summarize(latencies_us: Sequence[int] | np.ndarray, ok: Sequence[bool] | np.
         return percentile_us(good, pct) / 1000.0
 
     return LatencySummary(
-        requests=requests, ok=n_ok, errors=requests - n_ok, duration_s=float(duration_s),
-        throughput_rps=n_ok / duration_s, offered_rps=requests / duration_s,
+        requests=requests,
+        ok=n_ok,
+        errors=requests - n_ok,
+        duration_s=float(duration_s),
+        throughput_rps=n_ok / duration_s,
+        offered_rps=requests / duration_s,
         avg_ms=float(good.mean()) / 1000.0 if n_ok else math.nan,
-        p50_ms=ms(50), p90_ms=ms(90), p95_ms=ms(95), p99_ms=ms(99), p999_ms=ms(99.9),
+        p50_ms=ms(50),
+        p90_ms=ms(90),
+        p95_ms=ms(95),
+        p99_ms=ms(99),
+        p999_ms=ms(99.9),
         max_ms=float(good.max()) / 1000.0 if n_ok else math.nan,
-        slo_ms=float(slo_ms), slo_attainment=within / requests if requests else math.nan,
+        slo_ms=float(slo_ms),
+        slo_attainment=within / requests if requests else math.nan,
         goodput_rps=within / duration_s,
     )
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from loadtest.plan import Point
-from loadtest.runner import (apply_batching, apply_reorch, loadgen_bottleneck, point_configs,
-                             stage_rows_from_reorch, variant_models)
+from loadtest.runner import (
+    apply_batching,
+    apply_reorch,
+    loadgen_bottleneck,
+    point_configs,
+    stage_rows_from_reorch,
+    variant_models,
+)
 from loadtest.server_stats import ReorchDelta
 from stagebatch.errors import ConfigValidationError
 
@@ -15,7 +21,8 @@ ENTRY = {
     "stages": [{"model_name": "m_stage0"}, {"model_name": "m_stage1"}],
 }
 BASE = {
-    "backend": "python", "max_batch_size": 8,
+    "backend": "python",
+    "max_batch_size": 8,
     "dynamic_batching": {"max_queue_delay_microseconds": "100"},
     "instance_group": [{"kind": "KIND_CPU", "count": 1}],
     "parameters": {"policy": {"string_value": "dva"}},
@@ -23,9 +30,22 @@ BASE = {
 
 
 def _point(variant, batching=None, reorch=None):
-    return Point(point_id="p", experiment="e", model="m", variant=variant, load="l", arrival={"kind": "closed"},
-                 lengths=None, batching=batching or {}, slicing={}, reorch=reorch or {}, duration_s=1,
-                 warmup_s=0, slo_ms=10, seed=0)
+    return Point(
+        point_id="p",
+        experiment="e",
+        model="m",
+        variant=variant,
+        load="l",
+        arrival={"kind": "closed"},
+        lengths=None,
+        batching=batching or {},
+        slicing={},
+        reorch=reorch or {},
+        duration_s=1,
+        warmup_s=0,
+        slo_ms=10,
+        seed=0,
+    )
 
 
 def test_variant_models_lists_dependencies_first():
@@ -36,8 +56,13 @@ def test_variant_models_lists_dependencies_first():
 
 
 def test_apply_batching_sets_only_given_knobs_and_leaves_base_untouched():
-    config = apply_batching(BASE, {"max_queue_delay_us": 5000, "preferred_batch_sizes": [2, 4], "instance_count": 2})
-    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 5000, "preferred_batch_size": [2, 4]}
+    config = apply_batching(
+        BASE, {"max_queue_delay_us": 5000, "preferred_batch_sizes": [2, 4], "instance_count": 2}
+    )
+    assert config["dynamic_batching"] == {
+        "max_queue_delay_microseconds": 5000,
+        "preferred_batch_size": [2, 4],
+    }
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 2}]
     assert config["max_batch_size"] == 8
     assert BASE["dynamic_batching"] == {"max_queue_delay_microseconds": "100"}
@@ -45,8 +70,11 @@ def test_apply_batching_sets_only_given_knobs_and_leaves_base_untouched():
 
 
 def test_reorch_point_sets_policy_knobs_and_rows_limit():
-    config = apply_reorch(BASE, {"policy": "input", "knobs": {"bucket_bounds": [8, 16], "stretch_max_wait_us": 0}},
-                          {"max_batch_size": 4})
+    config = apply_reorch(
+        BASE,
+        {"policy": "input", "knobs": {"bucket_bounds": [8, 16], "stretch_max_wait_us": 0}},
+        {"max_batch_size": 4},
+    )
     assert config["parameters"]["policy"] == {"string_value": "input"}
     assert config["parameters"]["bucket_bounds"] == {"string_value": "8,16"}
     assert config["parameters"]["stretch_max_wait_us"] == {"string_value": "0"}
@@ -63,12 +91,17 @@ def test_point_configs_batch_the_stages_and_cap_the_ensemble():
 
 
 def test_reorch_stage_rows_turn_per_request_sizes_into_executions():
-    delta = ReorchDelta(model="m_reorch", stages={0: {"executions": 3, "samples": 6, "queue_us": 600,
-                                                     "compute_us": 3000}})
+    delta = ReorchDelta(
+        model="m_reorch", stages={0: {"executions": 3, "samples": 6, "queue_us": 600, "compute_us": 3000}}
+    )
     # two requests rode in one batch of 2, four in one batch of 4 at stage 0
     rows = stage_rows_from_reorch("m_reorch", delta, [[2, 1]] * 2 + [[4, 4]] * 4)
     assert rows[0]["batch_histogram"] == {"2": 1.0, "4": 1.0}
-    assert rows[0]["avg_batch_size"] == 2 and rows[0]["avg_queue_us"] == 100 and rows[0]["avg_compute_us"] == 1000
+    assert (
+        rows[0]["avg_batch_size"] == 2
+        and rows[0]["avg_queue_us"] == 100
+        and rows[0]["avg_compute_us"] == 1000
+    )
     assert rows[1]["batch_histogram"] == {"1": 2.0, "4": 1.0} and rows[1]["avg_batch_size"] is None
 
 

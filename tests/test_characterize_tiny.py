@@ -69,15 +69,18 @@ def test_runner_completes_a_small_plan_with_raw_data(tiny_run):
         served = sum(m["success"] for m in models.values())
         assert abs(served - len(rows)) <= max(3, 0.1 * len(rows)), (served, len(rows))
         assert point["loadgen"]["cpu_percent"] >= 0
-        late = sum(r["late_us"] > 2000 for r in rows)   # the driver's default tolerance
+        late = sum(r["late_us"] > 2000 for r in rows)  # the driver's default tolerance
         assert point["loadgen"]["late_arrivals"] == late
     whole = [p for p in points if p["point"]["variant"] == "whole"]
     assert [p["point"]["batching"]["max_queue_delay_us"] for p in whole] == [0, 3000]
     for p in whole:  # the batch-size histogram counts every execution of the point
         stage = p["server"]["stages"][0]
         assert sum(stage["batch_histogram"].values()) == stage["executions"] > 0
-        assert max(int(k) for k in stage["batch_histogram"]) <= 4   # the reloaded max_batch_size
-    assert {p["point"]["reorch"]["policy"] for p in points if p["point"]["variant"] == "reorch"} == {"pipeline", "dva"}
+        assert max(int(k) for k in stage["batch_histogram"]) <= 4  # the reloaded max_batch_size
+    assert {p["point"]["reorch"]["policy"] for p in points if p["point"]["variant"] == "reorch"} == {
+        "pipeline",
+        "dva",
+    }
 
 
 @pytest.mark.server
@@ -109,7 +112,8 @@ def test_bad_plan_is_refused_up_front_with_the_wrong_line(tmp_path, capsys):
     (tmp_path / "plan.yaml").write_text(bad)
     assert main(["characterize", "--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"plan.yaml:{bad.splitlines().index(next(line for line in bad.splitlines() if '-1]' in line)) + 1}:" in err
+    wrong_line = next(i for i, line in enumerate(bad.splitlines(), start=1) if "-1]" in line)
+    assert err.count("\n") == 1 and f"plan.yaml:{wrong_line}:" in err
     assert "must be >= 0" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing ran
 
@@ -118,9 +122,22 @@ def test_unknown_model_in_repository_is_refused_before_any_point(tmp_path, capsy
     from loadgen_models import build_repository
 
     build_repository(tmp_path / "repo")
-    (tmp_path / "plan.yaml").write_text(PLAN.replace("  seq:\n", "  bert_base:\n").replace("[seq]", "[bert_base]"))
-    assert main(["characterize", "--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "run"),
-                 "--no-progress"]) == 1
+    (tmp_path / "plan.yaml").write_text(
+        PLAN.replace("  seq:\n", "  bert_base:\n").replace("[seq]", "[bert_base]")
+    )
+    assert (
+        main(
+            [
+                "characterize",
+                "--plan",
+                str(tmp_path / "plan.yaml"),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "plan.yaml:5: models.bert_base: model 'bert_base' is not in the repository" in err
     assert not (tmp_path / "run" / runner.POINTS_FILE).exists()
@@ -151,15 +168,18 @@ BUILD_PLAN = textwrap.dedent("""\
 @pytest.mark.server
 def test_runner_builds_and_rebuilds_sliced_models(tmp_path):
     (tmp_path / "plan.yaml").write_text(BUILD_PLAN)
-    run_dir = runner.characterize(load_plan(tmp_path / "plan.yaml"),
-                                  runner.RunOptions(out_dir=tmp_path / "run", progress=False))
-    points = {json.loads(line)["point"]["point_id"]: json.loads(line)
-              for line in (run_dir / runner.POINTS_FILE).read_text().splitlines()}
+    run_dir = runner.characterize(
+        load_plan(tmp_path / "plan.yaml"), runner.RunOptions(out_dir=tmp_path / "run", progress=False)
+    )
+    points = {
+        json.loads(line)["point"]["point_id"]: json.loads(line)
+        for line in (run_dir / runner.POINTS_FILE).read_text().splitlines()
+    }
     assert all(p["status"] == "ok" for p in points.values()), [p.get("error") for p in points.values()]
     ensemble = points["variants/bert_base/ensemble/poisson"]
     assert [s["model"] for s in ensemble["server"]["stages"]] == ["bert_base_stage0", "bert_base_stage1"]
     rebuilt = points["slicing/bert_base/ensemble/k3/poisson"]
-    assert [s["stage"] for s in rebuilt["server"]["stages"]] == [0, 1, 2]        # rebuilt with K=3
+    assert [s["stage"] for s in rebuilt["server"]["stages"]] == [0, 1, 2]  # rebuilt with K=3
     for point in (ensemble, rebuilt):
         for stage in point["server"]["stages"]:
             assert stage["executions"] > 0 and sum(stage["batch_histogram"].values()) == stage["executions"]

@@ -97,20 +97,27 @@ def test_typo_in_reorch_knob_is_refused():
     assert f"p.yaml:{_line_of(text, 'strech')}:" in message and "stretch_max_wait_us" in message
 
 
-@pytest.mark.parametrize("old,new,needle,rule", [
-    ("max_queue_delay_us: [0, 1000]", "max_queue_delay_us: [0, -5]", "-5", "must be >= 0"),
-    ("max_queue_delay_us: [0, 1000]", "max_batch_size: 0", "max_batch_size: 0", "must be >= 1"),
-    ("rate_rps: [5, 10]", "rate_rps: [5, 0]", "rate_rps: [5, 0]", "rate_rps > 0"),
-    ("{kind: closed, users: 2}", "{kind: closed, users: 0}", "users: 0", "users >= 1"),
-    ("policy: [dva, input]", "policy: [dva, fastest]", "fastest", "unknown reorch policy 'fastest'"),
-    ("variants: [whole, ensemble]", "variants: [whole, ensembel]", "ensembel", "did you mean 'ensemble'"),
-    ("{duration_s: 2,", "{duration_s: -1,", "duration_s: -1", "must be > 0"),
-    ("[500, 2000]", "[500, -1]", "[500, -1]", ">= 0"),
-    ("slicing: {stages: [2, 3]}", "slicing: {stages: [0]}", "stages: [0]", "must be >= 1"),
-    ("loads: [curve]\n", "loads: [curv]\n", "[curv]", "did you mean 'curve'"),
-    ("{kind: uniform, min_length: 4, max_length: 16}", "{kind: uniform, min_length: 20, max_length: 16}",
-     "min_length: 20", "min_length <= max_length"),
-])
+@pytest.mark.parametrize(
+    "old,new,needle,rule",
+    [
+        ("max_queue_delay_us: [0, 1000]", "max_queue_delay_us: [0, -5]", "-5", "must be >= 0"),
+        ("max_queue_delay_us: [0, 1000]", "max_batch_size: 0", "max_batch_size: 0", "must be >= 1"),
+        ("rate_rps: [5, 10]", "rate_rps: [5, 0]", "rate_rps: [5, 0]", "rate_rps > 0"),
+        ("{kind: closed, users: 2}", "{kind: closed, users: 0}", "users: 0", "users >= 1"),
+        ("policy: [dva, input]", "policy: [dva, fastest]", "fastest", "unknown reorch policy 'fastest'"),
+        ("variants: [whole, ensemble]", "variants: [whole, ensembel]", "ensembel", "did you mean 'ensemble'"),
+        ("{duration_s: 2,", "{duration_s: -1,", "duration_s: -1", "must be > 0"),
+        ("[500, 2000]", "[500, -1]", "[500, -1]", ">= 0"),
+        ("slicing: {stages: [2, 3]}", "slicing: {stages: [0]}", "stages: [0]", "must be >= 1"),
+        ("loads: [curve]\n", "loads: [curv]\n", "[curv]", "did you mean 'curve'"),
+        (
+            "{kind: uniform, min_length: 4, max_length: 16}",
+            "{kind: uniform, min_length: 20, max_length: 16}",
+            "min_length: 20",
+            "min_length <= max_length",
+        ),
+    ],
+)
 def test_impossible_values_are_refused_with_the_line(old, new, needle, rule):
     text = GOOD.replace(old, new, 1)
     assert text != GOOD
@@ -120,7 +127,9 @@ def test_impossible_values_are_refused_with_the_line(old, new, needle, rule):
 
 
 def test_preferred_sizes_above_max_batch_and_unsorted_are_refused():
-    text = GOOD.replace("max_queue_delay_us: [0, 1000]", "max_batch_size: 4\n      preferred_batch_sizes: [2, 8]")
+    text = GOOD.replace(
+        "max_queue_delay_us: [0, 1000]", "max_batch_size: 4\n      preferred_batch_sizes: [2, 8]"
+    )
     assert "exceeds max_batch_size 4" in _error(text)
     text = GOOD.replace("max_queue_delay_us: [0, 1000]", "preferred_batch_sizes: [8, 2]")
     assert "distinct and increasing" in _error(text)
@@ -129,8 +138,7 @@ def test_preferred_sizes_above_max_batch_and_unsorted_are_refused():
 def test_structure_errors_name_the_rule():
     assert "not valid YAML" in _error("name: [unclosed\n")
     assert "missing required key 'experiments'" in _error("name: x\nmodels: {lstm: {}}\nloads: {}\n")
-    assert "knobs need the" in _error(
-        GOOD.replace("variants: [reorch]", "variants: [whole]"))
+    assert "knobs need the" in _error(GOOD.replace("variants: [reorch]", "variants: [whole]"))
 
 
 def test_k_larger_than_model_allows_is_refused_before_running():
@@ -141,7 +149,9 @@ def test_k_larger_than_model_allows_is_refused_before_running():
         check_against_models(plan, limits)
     assert str(info.value).startswith(f"p.yaml:{_line_of(text, 'stages: [2, 3]')}:")
     assert "K=3 is larger than bert_base allows (at most 2 stages)" in str(info.value)
-    check_against_models(plan, {"bert_base": ModelLimits(max_stages=3), "resnet50": ModelLimits(max_stages=3)})
+    check_against_models(
+        plan, {"bert_base": ModelLimits(max_stages=3), "resnet50": ModelLimits(max_stages=3)}
+    )
     with pytest.raises(ConfigValidationError, match="'resnet50' is not in the repository"):
         check_against_models(plan, {"bert_base": ModelLimits(max_stages=3)})
 

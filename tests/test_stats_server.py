@@ -10,16 +10,22 @@ from loadtest.server_stats import diff_reorch_metrics, diff_statistics, flatten_
 def _stats(inference, execution, success, queue_ns, infer_ns, batches):
     # the shape tritonclient's get_inference_statistics(as_json=True) returns (uint64 as strings)
     return {
-        "name": "m", "version": "1", "inference_count": str(inference), "execution_count": str(execution),
+        "name": "m",
+        "version": "1",
+        "inference_count": str(inference),
+        "execution_count": str(execution),
         "inference_stats": {
-            "success": {"count": str(success), "ns": "0"}, "fail": {},
+            "success": {"count": str(success), "ns": "0"},
+            "fail": {},
             "queue": {"count": str(success), "ns": str(queue_ns)},
             "compute_input": {"count": str(execution), "ns": "0"},
             "compute_infer": {"count": str(execution), "ns": str(infer_ns)},
             "compute_output": {"count": str(execution), "ns": "0"},
         },
-        "batch_stats": [{"batch_size": str(size), "compute_infer": {"count": str(n), "ns": "1"}}
-                        for size, n in batches.items()],
+        "batch_stats": [
+            {"batch_size": str(size), "compute_infer": {"count": str(n), "ns": "1"}}
+            for size, n in batches.items()
+        ],
     }
 
 
@@ -28,7 +34,7 @@ def test_diff_statistics_gives_per_point_counts_and_histogram():
     after = {"m": flatten_statistics(_stats(30, 9, 30, 5_000_000, 6_000_000, {1: 2, 4: 6, 8: 1}))}
     delta = diff_statistics(before, after)["m"]
     assert (delta.inference_count, delta.execution_count, delta.success) == (20, 4, 20)
-    assert delta.batch_histogram == {4: 3, 8: 1}          # batch size 1 did not run during the point
+    assert delta.batch_histogram == {4: 3, 8: 1}  # batch size 1 did not run during the point
     assert delta.avg_batch_size == 5.0
     assert delta.queue_us == 4000.0 and delta.avg_queue_us == 200.0
     assert delta.compute_infer_us == 4000.0

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.stats import (batch_size_mean, cdf, percentile_us, relative_change, summarize,
-                            throughput_at_slo)
+from loadtest.stats import batch_size_mean, cdf, percentile_us, relative_change, summarize, throughput_at_slo
 
 
 def test_percentile_is_nearest_rank_when_samples_are_1_to_100():
@@ -31,8 +30,10 @@ def test_percentile_is_nan_when_no_samples_and_refuses_bad_pct():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(min_value=0, max_value=10**7), min_size=1, max_size=300),
-       st.floats(min_value=0.1, max_value=100))
+@given(
+    st.lists(st.integers(min_value=0, max_value=10**7), min_size=1, max_size=300),
+    st.floats(min_value=0.1, max_value=100),
+)
 def test_percentile_is_an_observed_value_with_enough_mass_below(values, pct):
     p = percentile_us(values, pct)
     assert p in values
@@ -41,14 +42,14 @@ def test_percentile_is_an_observed_value_with_enough_mass_below(values, pct):
 
 
 def test_summarize_counts_errors_against_slo_and_excludes_them_from_latency():
-    latencies = [1000, 2000, 3000, 4000, 900_000]   # µs
+    latencies = [1000, 2000, 3000, 4000, 900_000]  # µs
     ok = [True, True, True, True, False]
     s = summarize(latencies, ok, duration_s=2.0, slo_ms=2.5)
     assert (s.requests, s.ok, s.errors) == (5, 4, 1)
     assert s.throughput_rps == 2.0 and s.offered_rps == 2.5
     assert s.avg_ms == pytest.approx(2.5)
     assert s.p50_ms == 2.0 and s.p99_ms == 4.0 and s.max_ms == 4.0
-    assert s.slo_attainment == pytest.approx(2 / 5)   # 1 ms and 2 ms of 5 sent
+    assert s.slo_attainment == pytest.approx(2 / 5)  # 1 ms and 2 ms of 5 sent
     assert s.goodput_rps == pytest.approx(1.0)
 
 
