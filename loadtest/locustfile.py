@@ -13,7 +13,8 @@ Run it with plain Locust (``--host`` is the server's gRPC address)::
 Every option also reads an environment variable (``STAGEBATCH_MODEL``, ...; see ``--help``).
 Distributed: start the master with ``--master --expect-workers N`` and N processes with
 ``--worker --master-host H``; the master sends the plan to the workers and, for an open loop,
-each worker sends every N-th arrival of the one schedule (give ``-u N``: one user per worker).
+each worker sends every N-th arrival of the one schedule (one user per worker walks it; a worker
+without a user walks its share anyway).
 Workers return their raw records to the master, which writes ``--sb-records``. Let ``-t`` exceed
 ``--sb-warmup + --sb-duration`` by a few seconds so the workers can drain and report before Locust
 quits.

@@ -7,7 +7,8 @@ Locust worker). Locust users only lend it greenlets:
   for its answer and sends the next, until the window closes;
 * open loop: one user per process calls :meth:`LoadSession.run_open_loop`, which walks this
   process's share of the precomputed arrival schedule and spawns one greenlet per arrival, so an
-  arrival never waits for an earlier response (no coordinated omission). An arrival that the
+  arrival never waits for an earlier response (no coordinated omission). If no user of the process
+  has taken the schedule by its start (fewer users than workers), the session walks it itself. An arrival that the
   process cannot send on time is sent as soon as possible and its lateness recorded, never skipped.
 
 Requests run in the session's own greenlet group, not in the user's greenlet: when Locust stops
@@ -202,6 +203,11 @@ class LoadSession:
     def _watch(self) -> None:
         # CPU use over the sending window only (not the idle wait before it, nor the drain after it)
         self._sleep_until(self._start_perf)
+        if self._schedule is not None and not self._open_loop_claimed:
+            # no Locust user of this process took the schedule (e.g. `-u` below the worker count):
+            # send this process's share anyway rather than silently dropping it
+            LOGGER.info("process %d: no user claimed the open-loop schedule; the session sends it", self.process_index)
+            gevent.spawn(self.run_open_loop)
         cpu_start, wall_start = self._cpu_seconds(), time.perf_counter()
         self._sleep_until(self._end_perf)
         wall_s = time.perf_counter() - wall_start
