@@ -88,9 +88,13 @@ class ReorchEngine:
         self._closing = False
         self._trace = open(knobs.trace_jsonl, "a", buffering=1) if knobs.trace_jsonl else None  # noqa: SIM115
         self._trace_lock = threading.Lock()
-        # A handle must never be probed while (or after) its final answer is sent: Triton frees a
-        # request's response factory with the final response, and probing it then crashes the server.
+        # One answer or probe at a time: a handle must never be probed while (or after) its final
+        # answer is sent (Triton frees the response factory with it), and on tritonserver 2.51 two
+        # threads sending at once crashed the Python backend (segfault in libtriton_python.so).
         self._sender_lock = threading.Lock()
+        # Answers are sent by their own threads: a stage thread goes back to computing at once
+        # instead of waiting for one response IPC per request of its batch.
+        self._responders = ThreadPoolExecutor(knobs.responder_threads, thread_name_prefix="reorch-respond")
         self._pools = [ThreadPoolExecutor(knobs.stage_concurrency, thread_name_prefix=f"reorch-stage{i}")
                        for i in range(len(spec.stages))]
         self._timer = threading.Thread(target=self._timer_loop, name="reorch-timer", daemon=True)
@@ -171,6 +175,7 @@ class ReorchEngine:
         self._deliver(answers)
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
+        self._responders.shutdown(wait=True)  # every answer is out before finalize returns
         self._timer.join(timeout=5)
         if self._trace is not None:
             with self._trace_lock:
@@ -297,6 +302,14 @@ class ReorchEngine:
         return answers
 
     def _deliver(self, answers: Sequence[tuple[Any, Answer]]) -> None:
+        if not answers:
+            return
+        try:
+            self._responders.submit(self._send, answers)
+        except RuntimeError:  # responders already shut down (close finished): answer here
+            self._send(answers)
+
+    def _send(self, answers: Sequence[tuple[Any, Answer]]) -> None:
         for handle, answer in answers:
             self.metrics.outcome({SUCCESS: "success", CANCELLED: "cancelled"}.get(answer.kind, "error"))
             if self._trace is not None:
