@@ -2,9 +2,10 @@
 #   loadtest: Locust master/worker (tritonclient gRPC; no torch, onnx or the embedded server).
 #   builder:  `stagebatch build --target gpu` (exports with torch CPU, slices, verifies with
 #             onnxruntime CPU): large (torch, the export tool chain, the whole project's dependencies).
-# Build context: the repository root (docker/stagebatch.Dockerfile.dockerignore, read by BuildKit,
-# keeps .venv, model repositories, results and .env out of it).
-FROM python:3.10-slim AS base
+# Python 3.11: the version the project is developed and tested with (only backends/ must also run
+# on the Triton image's 3.10). Build context: the repository root (docker/stagebatch.Dockerfile.dockerignore,
+# read by BuildKit, keeps .venv, model repositories, results and .env out of it).
+FROM python:3.11-slim AS base
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/stagebatch
 
