@@ -543,12 +543,25 @@ class Characterization:
         return url
 
     def _stop_server(self) -> None:
+        if self.client is not None and self.server is None:
+            self._restore_remote_models()
         if self.client is not None:
             self.client.close()
             self.client = None
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+    def _restore_remote_models(self) -> None:
+        """A server we did not start gets its models back as built (best effort; failures are logged)."""
+        for name in list(self.state.loaded):
+            base = self.state.base_configs.get(name)
+            if base is None or self.state.loaded[name] == json.dumps(base, sort_keys=True):
+                continue
+            try:
+                self._load(name, base)
+            except StagebatchError as error:
+                LOGGER.warning("could not restore %s to its configuration as built: %s", name, error)
 
     def _base_config(self, name: str) -> dict:
         if name not in self.state.base_configs:

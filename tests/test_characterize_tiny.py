@@ -189,3 +189,29 @@ def test_runner_builds_and_rebuilds_sliced_models(tmp_path):
     assert len(reorch["stages"]) == 2
     manifest = json.loads((run_dir / "repository" / "manifest.json").read_text())
     assert manifest["models"]["bert_base"]["build"]["stages"] == 3
+
+
+@pytest.mark.server
+def test_runner_against_a_running_server_restores_its_models(tmp_path, triton_server):
+    import tritonclient.grpc as grpcclient
+    from loadgen_models import build_repository
+
+    build_repository(tmp_path / "repo")
+    plan_text = PLAN.replace("defaults: {duration_s: 1.5", "defaults: {duration_s: 1.0").split(
+        "  - name: policies"
+    )[0]
+    (tmp_path / "plan.yaml").write_text(plan_text)
+    server = triton_server(tmp_path / "repo", models=["seq"])
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    built = client.get_model_config("seq", as_json=True)["config"]
+    options = runner.RunOptions(
+        out_dir=tmp_path / "run", url=server.grpc_url, admin_headers=server.admin_headers, progress=False
+    )
+    run_dir = runner.characterize(load_plan(tmp_path / "plan.yaml"), options)
+    points = [json.loads(line) for line in (run_dir / runner.POINTS_FILE).read_text().splitlines()]
+    assert [p["status"] for p in points] == ["ok", "ok"]
+    assert json.loads((run_dir / runner.ENVIRONMENT_FILE).read_text())["server"] == server.grpc_url
+    # the points ran with queue delays 0 and 3000 µs and max batch 4; the server got its model back as built
+    restored = client.get_model_config("seq", as_json=True)["config"]
+    assert restored["max_batch_size"] == built["max_batch_size"] == 8
+    assert restored["dynamic_batching"] == built["dynamic_batching"]
