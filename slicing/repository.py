@@ -155,10 +155,15 @@ def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: P
 
 def _zoo_source(name: str, options: BuildOptions, log: Log) -> _Source:
     from slicing.export import export_zoo_model
-    from slicing.zoo import build_zoo_model
+    from slicing.zoo import ARCHITECTURES, build_zoo_model
 
+    max_seq_len = options.max_seq_len
+    if max_seq_len is not None and "default_seq_len" not in ARCHITECTURES.get(name, {}).get(options.size, {}):
+        # `--model all --max-seq-len N` bounds the sequence models; the CNN has no sequence axis.
+        log(f"{name}: no sequence axis; --max-seq-len {max_seq_len} does not apply")
+        max_seq_len = None
     model = build_zoo_model(name, options.size, weights=options.weights, seed=options.seed,
-                            max_seq_len=options.max_seq_len)
+                            max_seq_len=max_seq_len)
     exported = export_zoo_model(model)
     log(f"{name}: {'cached export' if exported.cached else f'exported in {exported.export_s:.1f} s'} "
         f"({model.parameter_count / 1e6:.2f} M parameters) -> {exported.path}")

@@ -170,3 +170,13 @@ def test_build_explicit_cut_tensors_choose_the_boundaries(tmp_path, export_cache
     (again,) = build_repository(tmp_path / "b", models=["lstm"],
                                 options=BuildOptions(size="tiny", cut_tensors=cuts[:1]))
     assert again.entry["build"]["cut_tensors"] == cuts[:1] and len(again.entry["stages"]) == 2
+
+
+def test_max_seq_len_bounds_sequence_models_and_skips_the_cnn(tmp_path, export_cache):
+    lines: list[str] = []
+    build_repository(tmp_path, models=["resnet50", "lstm"],
+                     options=BuildOptions(size="tiny", stages=2, max_batch=4, max_seq_len=32), log=lines.append)
+    models = json.loads((tmp_path / "manifest.json").read_text())["models"]
+    assert models["lstm"]["sequence"]["max_length"] == 32
+    assert models["resnet50"]["sequence"] is None
+    assert any("resnet50: no sequence axis" in line for line in lines)
