@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.reorch.deploy import write_reorch_model  # noqa: E402
-from backends.reorch.policies import BatchPolicy  # noqa: E402
+from backends.reorch.errors import StagebatchError  # noqa: E402
+from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
 from loadtest.requests import RequestFactory, model_entry  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
 from stagebatch.server import EmbeddedTriton  # noqa: E402
@@ -211,7 +212,7 @@ def reorch_summary(records: list[dict]) -> str:
 
 
 def overlay_repository(repository: Path, manifest: dict, models: list[str], policies: list[str],
-                       queue_delay_us: int) -> Path:
+                       queue_delay_us: int, knobs: dict[str, str]) -> Path:
     """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy."""
     overlay = Path(tempfile.mkdtemp(prefix="stagebatch-reorch-bench-"))
     for child in repository.iterdir():
@@ -222,7 +223,8 @@ def overlay_repository(repository: Path, manifest: dict, models: list[str], poli
         for policy in policies:
             write_reorch_model(overlay, name, {**entry, "variants": {"reorch": f"{name}_reorch_{policy}"}},
                                target="embedded", max_batch_size=int(entry["max_batch_size"]),
-                               queue_delay_us=queue_delay_us, policy=policy)
+                               queue_delay_us=queue_delay_us, policy=policy,
+                               knobs={"max_batch_rows": int(entry["max_batch_size"]), **knobs})
     return overlay
 
 
@@ -237,15 +239,23 @@ def main() -> None:
     parser.add_argument("--drain-s", type=float, default=30.0, help="wait this long after the last arrival")
     parser.add_argument("--capacity-s", type=float, default=3.0, help="closed-loop capacity probe length")
     parser.add_argument("--no-ensemble", action="store_true")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                        help="a ReorchKnobs value for every reorch variant (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    try:
+        knobs = dict(item.split("=", 1) for item in args.knob)
+        ReorchKnobs.from_parameters(knobs)
+    except (ValueError, StagebatchError) as error:
+        parser.error(f"--knob: {error}")
 
     manifest = json.loads((args.repository / "manifest.json").read_text())
     for name in args.models:
         if name not in manifest["models"]:
             parser.error(f"model {name!r} is not in {args.repository}/manifest.json; build it first")
     delay_us = int(manifest["models"][args.models[0]].get("build", {}).get("max_queue_delay_us", 100))
-    overlay = overlay_repository(args.repository, manifest, args.models, args.policies, delay_us)
+    overlay = overlay_repository(args.repository, manifest, args.models, args.policies, delay_us,
+                                 knobs)
     served = []
     for name in args.models:
         served += [name] + ([] if args.no_ensemble else [f"{name}_ensemble"])

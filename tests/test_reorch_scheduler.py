@@ -114,11 +114,20 @@ def test_split_never_happens_before_the_last_stages():
 
 
 def test_split_keeps_multi_row_requests_whole():
-    sim = Simulation(make_scheduler("operator", num_stages=2, favoured=(8, 3), split_last_stage=-1))
+    sim = Simulation(make_scheduler("operator", num_stages=2, favoured=(8, 3), split_last_stage=-1,
+                                    split_min_piece_rows=1))
     sim.arrive(0, make_requests([2, 2, 2, 2], 0))
     done = by_id(sim.run())
     assert [l.rows for l in sim.launches if l.stage == 1] == [2, 2, 2, 2]
     assert all(c.outcome == "success" for c in done.values())
+
+
+def test_split_pieces_are_never_below_the_minimum_piece_size():
+    # a noisy profile may claim a favoured size of 1; pieces stay at split_min_piece_rows (4)
+    sim = Simulation(make_scheduler("operator", num_stages=3, favoured=(8, 1, 8)))
+    sim.arrive(0, make_requests([1] * 8, 0))
+    sim.run()
+    assert [l.rows for l in sim.launches if l.stage == 1] == [4, 4]
 
 
 def test_bucketing_groups_by_sequence_length_and_pads_to_longest_in_bucket():

@@ -75,7 +75,11 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     if knobs is None:
         knobs = ReorchKnobs(max_batch_rows=max_batch_size)
     elif not isinstance(knobs, ReorchKnobs):
-        knobs = ReorchKnobs(**{"max_batch_rows": max_batch_size, **dict(knobs)})
+        unknown = set(knobs) - {f.name for f in dataclasses.fields(ReorchKnobs)}
+        if unknown:
+            raise ConfigValidationError(f"unknown reorch knobs {sorted(unknown)}; the knobs are the fields of "
+                                        "backends.reorch.policies.ReorchKnobs")
+        knobs = ReorchKnobs.from_parameters({"max_batch_rows": max_batch_size, **dict(knobs)})
     else:
         knobs = dataclasses.replace(knobs)
     context = StageContext(len(spec.stages), spec.favoured_batch_sizes,

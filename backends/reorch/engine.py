@@ -4,8 +4,9 @@ No Triton import: ``model.py`` hands requests in as ``(handle, {name: array})`` 
 answer back through ``respond(handle, answer)``, exactly once per request, from whichever thread
 finished it. Tested in-process with real onnxruntime stages; served by ``model.py``.
 
-Threads: one pool per stage (``stage_concurrency`` workers; onnxruntime releases the GIL while it
-computes) and one timer thread (stretch hold deadlines, cancellation polling). Every event
+Threads: one pool per stage (onnxruntime releases the GIL while it computes; the scheduler bounds
+the running launches of each stage to ``stage_concurrency``), a responder thread that sends the
+answers, and one timer thread (stretch hold deadlines, cancellation polling). Every event
 (requests in, a stage done, a timer) ends in ``_pump``, which asks the scheduler for launches under
 one lock and hands them to the stage pools outside it.
 """
@@ -95,7 +96,10 @@ class ReorchEngine:
         # Answers are sent by their own threads: a stage thread goes back to computing at once
         # instead of waiting for one response IPC per request of its batch.
         self._responders = ThreadPoolExecutor(knobs.responder_threads, thread_name_prefix="reorch-respond")
-        self._pools = [ThreadPoolExecutor(knobs.stage_concurrency, thread_name_prefix=f"reorch-stage{i}")
+        # The scheduler bounds how many launches of each stage run; a pool thread may also carry its
+        # batch on into later stages (see _pump), so each pool has a thread per stage to spare.
+        self._pools = [ThreadPoolExecutor(knobs.stage_concurrency * len(spec.stages),
+                                          thread_name_prefix=f"reorch-stage{i}")
                        for i in range(len(spec.stages))]
         self._timer = threading.Thread(target=self._timer_loop, name="reorch-timer", daemon=True)
         self._timer.start()
@@ -188,10 +192,13 @@ class ReorchEngine:
             return self.scheduler.inflight_requests
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _pump(self) -> None:
+    def _pump(self, after: StageLaunch | None = None) -> tuple | None:
+        """Launch what may run now. With ``after`` (a launch that just finished), the launch that
+        continues its requests into the next stage is returned instead of submitted, so the
+        finishing thread runs it itself: no thread hand-off on the critical path."""
         with self._lock:
             if self._closing:
-                return
+                return None
             launches = self.scheduler.schedule(self._now_us())
             jobs = []
             for launch in launches:
@@ -201,15 +208,28 @@ class ReorchEngine:
                 jobs.append((launch, members, rows, lengths))
             self._report_operations()
             self._wake.notify_all()  # a hold deadline may have appeared
-        for launch, members, rows, lengths in jobs:
+        inline = None
+        for job in jobs:
+            launch = job[0]
             self.metrics.stage_launch(launch.stage, launch.rows, launch.queue_wait_us)
+            if (inline is None and after is not None and launch.stage == after.stage + 1
+                    and not set(launch.request_ids).isdisjoint(after.request_ids)):
+                inline = job
+                continue
             try:
-                self._pools[launch.stage].submit(self._run_launch, launch, members, rows, lengths)
+                self._pools[launch.stage].submit(self._run_launch, *job)
             except RuntimeError:  # the pool shut down meanwhile: close() answered these requests
-                return
+                return None
+        return inline
 
     def _run_launch(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
                     lengths: list[int | None]) -> None:
+        job: tuple | None = (launch, members, rows, lengths)
+        while job is not None:
+            job = self._run_one(*job)
+
+    def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
+                 lengths: list[int | None]) -> tuple | None:
         stage = self.spec.stages[launch.stage]
         started = time.perf_counter()
         error = None
@@ -225,7 +245,7 @@ class ReorchEngine:
         cancelled = self._probe_cancelled(launch.request_ids) if error is None else []
         with self._lock:
             if self._closing:
-                return
+                return None
             now = self._now_us()
             completions = self.scheduler.cancel(cancelled, now) if cancelled else []
             if per_member is not None:
@@ -240,7 +260,7 @@ class ReorchEngine:
             completions += self.scheduler.on_stage_done(launch.launch_id, now, error)
             answers = self._answers(completions)
         self._deliver(answers)
-        self._pump()
+        return self._pump(after=launch)
 
     def _timer_loop(self) -> None:
         last_poll = time.monotonic()

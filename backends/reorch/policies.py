@@ -60,6 +60,8 @@ class ReorchKnobs:
     """Splits happen only before stage indices <= this (negative: from the end; -2 spares the last stage)."""
     split_min_ratio: float = 0.0
     """Split a batch when rows > favoured size x this ratio; 0 means the policy's default (operator 1, dva 2)."""
+    split_min_piece_rows: int = 4
+    """Pieces of a split are never smaller than this (guards against noisy favoured sizes of 1-2)."""
     bucket_bounds: tuple[int, ...] = ()
     """Upper bounds of the sequence-length buckets; empty means powers of two up to the model's max length."""
     bucket_min_saving: float = 0.25
@@ -86,6 +88,7 @@ class ReorchKnobs:
         need(0 <= self.stretch_max_rows, "stretch_max_rows", "must be >= 0 (0 = max_batch_rows)")
         need(self.stretch_max_wait_us >= 0, "stretch_max_wait_us", "must be >= 0")
         need(self.split_min_ratio >= 0, "split_min_ratio", "must be >= 0 (0 = policy default)")
+        need(self.split_min_piece_rows >= 1, "split_min_piece_rows", "must be >= 1")
         need(all(b >= 1 for b in self.bucket_bounds), "bucket_bounds", "every bound must be >= 1")
         need(list(self.bucket_bounds) == sorted(set(self.bucket_bounds)), "bucket_bounds",
              "must be strictly increasing")
@@ -99,12 +102,13 @@ class ReorchKnobs:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], **overrides: object) -> ReorchKnobs:
-        """Knobs from string parameters (``config.pbtxt``); keys that are not knobs are ignored."""
+        """Knobs from parameters (``config.pbtxt`` strings, or plain values); keys that are not knobs are ignored."""
         values: dict[str, object] = {}
         for knob in dataclasses.fields(cls):
             if knob.name not in parameters:
                 continue
-            raw = str(parameters[knob.name]).strip()
+            value = parameters[knob.name]
+            raw = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).strip()
             try:
                 if knob.name == "bucket_bounds":
                     values[knob.name] = tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
@@ -221,10 +225,10 @@ class Policy(ABC):
     def _split_at(self, rows: int, boundary: int, default_ratio: float) -> int | None:
         if boundary > self.split_last_stage:
             return None
-        favoured = self.context.favoured_batch_sizes[boundary]
+        piece = max(self.context.favoured_batch_sizes[boundary], self.knobs.split_min_piece_rows)
         ratio = self.knobs.split_min_ratio or default_ratio
-        if rows > favoured * ratio and rows > favoured:
-            return favoured
+        if rows > piece * ratio and rows > piece:
+            return piece
         return None
 
 
