@@ -60,6 +60,31 @@ def characterize(
         parsed, RunOptions(out_dir=out, url=url, workers=workers, progress=progress, metrics_url=metrics_url)
     )
     typer.echo(f"report: {run_dir / 'report.html'} (raw data and report.md beside it)")
+    failed = _failed_points(run_dir / "points.jsonl")
+    if failed:
+        # The report is written either way; the exit code tells scripts that points are missing.
+        first_id, first_error = failed[0]
+        typer.secho(
+            f"error: {len(failed)} of {len(points)} points failed (first: {first_id}: {first_error}); "
+            "see points.jsonl and the report",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
+
+
+def _failed_points(points_path: Path) -> list[tuple[str, str]]:
+    import json
+
+    if not points_path.exists():
+        return []
+    failed = []
+    for line in points_path.read_text().splitlines():
+        if line.strip():
+            point = json.loads(line)
+            if point.get("status") == "failed":
+                failed.append((point.get("point", {}).get("point_id", "?"), point.get("error") or ""))
+    return failed
 
 
 def report(

@@ -37,7 +37,8 @@ app.command("report")(__import__("loadtest.cli", fromlist=["report"]).report)
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a StagebatchError becomes one line on stderr and exit code 1."""
     try:
-        app(args=argv, standalone_mode=False)
+        # In non-standalone mode click returns the exit code of a typer.Exit instead of raising it.
+        outcome = app(args=argv, standalone_mode=False)
     except StagebatchError as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         return 1
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             error.show()
             return error.exit_code
         raise
-    return 0
+    return outcome if isinstance(outcome, int) else 0
 
 
 if __name__ == "__main__":

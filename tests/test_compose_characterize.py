@@ -72,7 +72,8 @@ def test_characterize_url_against_the_composed_server(tiny_repository: Path, tmp
     with start_compose_triton(tiny_repository, tmp_path / "server") as ports:
         # Without the key every reload is refused; the runner records each point as failed.
         refused = characterize(plan, tmp_path / "refused", ports, key=None)
-        assert refused.returncode == 0, refused.stderr[-3000:]
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert "3 of 3 points failed" in refused.stderr
         failed = read_points(tmp_path / "refused")
         assert [point["status"] for point in failed] == ["failed"] * 3
         assert all("restricted" in point["error"] for point in failed)
