@@ -100,7 +100,7 @@ async def aio_latencies_us(url: str, plan: LoadPlan) -> tuple[list[int], int]:
     import tritonclient.grpc.aio as aioclient
     from tritonclient.grpc import InferInput
 
-    from loadtest.requests import NUMPY_TO_TRITON, RequestFactory
+    from loadtest.request_factory import NUMPY_TO_TRITON, RequestFactory
     from loadtest.session import open_loop_schedule
 
     times, _ = open_loop_schedule(plan)

@@ -30,10 +30,10 @@ import gevent.queue
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from loadtest.requests import REORCH_RECORD_OUTPUT
+from loadtest.request_factory import REORCH_RECORD_OUTPUT
 
 if TYPE_CHECKING:
-    from loadtest.requests import RequestFactory
+    from loadtest.request_factory import RequestFactory
 
 LOGGER = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.client import RequestRecord
-from loadtest.requests import VARIANTS, RequestFactory, model_entry
+from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from stagebatch.errors import ConfigValidationError, StagebatchError
 
@@ -125,7 +125,7 @@ class LoadPlan:
     processes: int = 1
     start_epoch_s: float = 0.0
 
-    def entry(self):  # -> loadtest.requests.ModelEntry
+    def entry(self):  # -> loadtest.request_factory.ModelEntry
         return model_entry({"target": self.target, "models": {self.spec.model: self.model_entry}}, self.spec.model)
 
     def to_json(self) -> str:

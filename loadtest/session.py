@@ -33,7 +33,7 @@ import psutil
 
 from loadtest.client import RequestRecord, TritonLoadClient
 from loadtest.driver import LoadPlan
-from loadtest.requests import RequestFactory
+from loadtest.request_factory import RequestFactory
 from loadtest.workloads import TraceArrivals, make_arrival_process, make_length_distribution
 
 LOGGER = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loadtest.driver import LoadPlan, LoadSpec, validate_spec
-from loadtest.requests import RequestFactory, model_entry
+from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.errors import ConfigValidationError
 
