@@ -138,9 +138,15 @@ def test_1000_concurrent_streaming_requests_are_all_answered(served):
 def test_metrics_are_published_with_the_documented_names(served):
     server, _, _ = served
     stream_all(server.grpc_url, "mlp_reorch", [{"x": np.ones((2, 4), np.float32)}])
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:  # noqa: S310 (loopback)
-        text = response.read().decode()
-    success = re.search(r'stagebatch_reorch_requests_total\{[^}]*model="mlp_reorch"[^}]*outcome="success"[^}]*\} (\d+)', text)
+    pattern = r'stagebatch_reorch_requests_total\{[^}]*model="mlp_reorch"[^}]*outcome="success"[^}]*\} (\d+)'
+    deadline = time.monotonic() + 10  # the model publishes its counters about once a second
+    while True:
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as response:  # noqa: S310 (loopback)
+            text = response.read().decode()
+        success = re.search(pattern, text)
+        if (success and int(success.group(1)) >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert success and int(success.group(1)) >= 1
     for family in ("stagebatch_reorch_operations_total", "stagebatch_reorch_stage_executions_total",
                    "stagebatch_reorch_stage_samples_total", "stagebatch_reorch_stage_queue_us_total",

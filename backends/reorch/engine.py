@@ -65,7 +65,8 @@ class ReorchEngine:
     def __init__(self, spec: StagesSpec, policy: str, knobs: ReorchKnobs, runners: Sequence[StageRunner],
                  respond: Callable[[Any, Answer], None], *, metrics: CountingMetrics | None = None,
                  cancel_probe: Callable[[Sequence[Any]], Sequence[bool]] | None = None,
-                 cancel_poll_s: float = 0.2, clock_us: Callable[[], int] = wall_clock_us) -> None:
+                 cancel_poll_s: float = 0.2, metrics_flush_s: float = 1.0,
+                 clock_us: Callable[[], int] = wall_clock_us) -> None:
         if len(runners) != len(spec.stages):
             raise ValueError(f"{len(runners)} stage runners for {len(spec.stages)} stages")
         context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
@@ -78,6 +79,7 @@ class ReorchEngine:
         self._respond = respond
         self._cancel_probe = cancel_probe
         self._cancel_poll_s = cancel_poll_s
+        self._metrics_flush_s = metrics_flush_s
         self._now_us = clock_us
         self._needed_after = [spec.needed_after(i) for i in range(len(spec.stages))]
         self._lock = threading.Lock()
@@ -92,10 +94,11 @@ class ReorchEngine:
         # One answer or probe at a time: a handle must never be probed while (or after) its final
         # answer is sent (Triton frees the response factory with it), and on tritonserver 2.51 two
         # threads sending at once crashed the Python backend (segfault in libtriton_python.so).
+        # (Measured: with 4 sending threads the server crashed in 4 runs of 4, with one in none.)
         self._sender_lock = threading.Lock()
-        # Answers are sent by their own threads: a stage thread goes back to computing at once
+        # Answers are sent by their own thread: a stage thread goes back to computing at once
         # instead of waiting for one response IPC per request of its batch.
-        self._responders = ThreadPoolExecutor(knobs.responder_threads, thread_name_prefix="reorch-respond")
+        self._responders = ThreadPoolExecutor(1, thread_name_prefix="reorch-respond")
         # The scheduler bounds how many launches of each stage run; a pool thread may also carry its
         # batch on into later stages (see _pump), so each pool has a thread per stage to spare.
         self._pools = [ThreadPoolExecutor(knobs.stage_concurrency * len(spec.stages),
@@ -181,6 +184,7 @@ class ReorchEngine:
             pool.shutdown(wait=False, cancel_futures=True)
         self._responders.shutdown(wait=True)  # every answer is out before finalize returns
         self._timer.join(timeout=5)
+        self._flush_metrics()
         if self._trace is not None:
             with self._trace_lock:
                 self._trace.close()
@@ -263,17 +267,21 @@ class ReorchEngine:
         return self._pump(after=launch)
 
     def _timer_loop(self) -> None:
-        last_poll = time.monotonic()
+        last_poll = last_flush = time.monotonic()
         while True:
+            if time.monotonic() - last_flush >= self._metrics_flush_s:
+                last_flush = time.monotonic()
+                self._flush_metrics()
             with self._lock:
                 if self._closing:
                     return
                 timer_us = self.scheduler.next_timer_us()
-                wait_s = self._cancel_poll_s if self._cancel_probe is not None else None
+                wait_s = self._metrics_flush_s
+                if self._cancel_probe is not None:
+                    wait_s = min(wait_s, self._cancel_poll_s)
                 if timer_us is not None:
-                    until_timer_s = max(0.0, (timer_us - self._now_us()) / 1e6)
-                    wait_s = until_timer_s if wait_s is None else min(wait_s, until_timer_s)
-                if wait_s is None or wait_s > 0:
+                    wait_s = min(wait_s, max(0.0, (timer_us - self._now_us()) / 1e6))
+                if wait_s > 0:
                     self._wake.wait(wait_s)
                 if self._closing:
                     return
@@ -288,6 +296,14 @@ class ReorchEngine:
                         answers = self._answers(self.scheduler.cancel(cancelled, self._now_us()))
                     self._deliver(answers)
             self._pump()
+
+    def _flush_metrics(self) -> None:
+        # Metric updates are IPC too: one at a time with the answers (see _sender_lock).
+        try:
+            with self._sender_lock:
+                self.metrics.flush()
+        except Exception as exc:  # metrics must never take the engine down
+            LOGGER.warning("could not publish metrics: %s", exc)
 
     # ---- answers --------------------------------------------------------------------------------
     def _probe_cancelled(self, request_ids: Sequence[int]) -> list[int]:

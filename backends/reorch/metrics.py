@@ -50,9 +50,16 @@ class CountingMetrics:
     def inflight(self, count: int) -> None:
         self.inflight_requests = count
 
+    def flush(self) -> None:
+        """Publish what changed since the last flush (nothing to do in memory)."""
+
 
 class TritonMetrics(CountingMetrics):
-    """Also publishes every counter through ``pb_utils.MetricFamily`` (label ``model``, and ``stage``)."""
+    """Also publishes the counters through ``pb_utils.MetricFamily`` (label ``model``, and ``stage``).
+
+    Every metric update is an IPC round trip to the server, so the hot path only counts in memory
+    and ``flush`` (called periodically by the engine, one thread at a time) publishes the deltas.
+    """
 
     def __init__(self, pb_utils: Any, model: str, num_stages: int) -> None:
         super().__init__()
@@ -79,13 +86,19 @@ class TritonMetrics(CountingMetrics):
             self._metrics[(STAGE_QUEUE_US_TOTAL, str(stage))] = queue.Metric(labels=labels)
             self._metrics[(STAGE_COMPUTE_US_TOTAL, str(stage))] = compute.Metric(labels=labels)
         self._inflight = inflight.Metric(labels={"model": model})
+        self._published: dict[tuple[str, str], int] = {}
+        self._published_inflight = 0
 
-    def _add(self, family: str, label: str, amount: int) -> None:
-        super()._add(family, label, amount)
-        metric = self._metrics.get((family, label))
-        if metric is not None and amount:
-            metric.increment(amount)
-
-    def inflight(self, count: int) -> None:
-        super().inflight(count)
-        self._inflight.set(count)
+    def flush(self) -> None:
+        with self._lock:
+            current = dict(self.counters)
+            inflight = self.inflight_requests
+        for key, total in current.items():
+            delta = total - self._published.get(key, 0)
+            metric = self._metrics.get(key)
+            if delta and metric is not None:
+                metric.increment(delta)
+            self._published[key] = total
+        if inflight != self._published_inflight:
+            self._inflight.set(inflight)
+            self._published_inflight = inflight

@@ -68,9 +68,6 @@ class ReorchKnobs:
     """dva buckets only when FIFO batching would waste at least this fraction of the padded work."""
     intra_op_threads: int = 1
     """onnxruntime intra-op threads per stage session."""
-    responder_threads: int = 1
-    """Threads that send answers (one response IPC each; sends are serialized, see engine.py), so
-    stage threads never wait for them."""
     trace_jsonl: str = ""
     """If set, append one JSON line per answered request to this file (server-side trace)."""
 
@@ -93,7 +90,6 @@ class ReorchKnobs:
         need(list(self.bucket_bounds) == sorted(set(self.bucket_bounds)), "bucket_bounds",
              "must be strictly increasing")
         need(0 <= self.bucket_min_saving < 1, "bucket_min_saving", "must be in [0, 1)")
-        need(self.responder_threads >= 1, "responder_threads", "must be >= 1")
         need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0 (0 = onnxruntime default)")
 
     @property
