@@ -2,7 +2,8 @@
 
 On the embedded server, one run per model serves ``NAME`` (whole model, dynamic batcher),
 ``NAME_ensemble`` (stages chained by Triton) and ``NAME_reorch_<policy>`` for each policy, and
-drives each with the *same* open-loop arrivals and inputs over gRPC streaming (tritonclient.grpc.aio):
+drives each with the *same* open-loop arrivals and inputs (tritonclient.grpc.aio; one gRPC stream for
+the decoupled reorchestrator, concurrent unary calls for the whole model and the ensemble):
 
 - ``bursty``: on/off Poisson arrivals (1.6x then 0.1x capacity, 0.5 s on / 1 s off), fixed length;
 - ``longtail``: Poisson at 0.6x capacity, log-normal sequence lengths (sequence models only);
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from backends.reorch.deploy import write_reorch_model  # noqa: E402
 from backends.reorch.errors import StagebatchError  # noqa: E402
 from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
-from loadtest.requests import RequestFactory, model_entry  # noqa: E402
+from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
 from stagebatch.server import EmbeddedTriton  # noqa: E402
 
