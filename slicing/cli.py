@@ -27,6 +27,9 @@ def build(
         "--cut", help="Explicit cut tensor (repeatable; K-1 of them give K stages).")] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(
         help="Longest sequence for bert_base/lstm (default 128; tiny 16; bert up to 512).")] = None,
+    instances: Annotated[int, typer.Option(help="Instances of the whole and stage models.")] = 1,
+    intra_op_threads: Annotated[int, typer.Option(
+        help="onnxruntime intra-op threads of every served session (0: all physical cores).")] = 0,
 ) -> None:
     """Build a ready Triton model repository with the whole model, its stages and their ensemble."""
     from rich.console import Console
@@ -37,7 +40,8 @@ def build(
     console = Console(stderr=True)
     options = BuildOptions(size=size, stages=stages, target=target, max_batch=max_batch,
                            queue_delay_us=queue_delay_us, balance=balance, cut_tensors=list(cut or []),
-                           weights=weights, max_seq_len=max_seq_len)
+                           weights=weights, max_seq_len=max_seq_len, instance_count=instances,
+                           intra_op_threads=intra_op_threads)
     with console.status("building ..."):
         builds = build_repository(out, models=model, onnx_file=onnx, options=options,
                                   log=lambda line: console.print(line, highlight=False, soft_wrap=True))

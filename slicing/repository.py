@@ -48,7 +48,9 @@ class BuildOptions:
     max_seq_len: int | None = None  # sequence models: bound of the dynamic sequence axis
     seed: int = 0
     instance_count: int = 1
-    intra_op_threads: int = 1
+    # onnxruntime intra-op threads of every session the build serves (whole, stages, reorch stages);
+    # 0 = onnxruntime's default, all physical cores, so the one-entry baseline is not held to one core.
+    intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
         from slicing.zoo import SIZES
@@ -71,6 +73,10 @@ class BuildOptions:
                 f"(K cuts give K+1 stages); drop --stages or one of them")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise BadParameterError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
+        if self.instance_count < 1:
+            raise BadParameterError(f"--instances {self.instance_count}: must be >= 1")
+        if self.intra_op_threads < 0:
+            raise BadParameterError(f"--intra-op-threads {self.intra_op_threads}: must be >= 0 (0: all cores)")
 
 
 @dataclass
@@ -383,7 +389,8 @@ def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOpt
     except ImportError as error:
         return f"reorch variant left out: backends.reorch.deploy is not available ({error})"
     write_reorch_model(out, name, entry, target=options.target, max_batch_size=max_batch,
-                       queue_delay_us=options.queue_delay_us, policy="dva")
+                       queue_delay_us=options.queue_delay_us, policy="dva",
+                       knobs={"intra_op_threads": options.intra_op_threads})
     return None
 
 
