@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 # A protobuf cannot exceed 2 GiB; above this the weights go to an external ``.onnx.data`` file.
 _EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 # Bump when the export recipe changes, so stale cache entries are not reused.
-_RECIPE_VERSION = 1
+LOGGER = logging.getLogger(__name__)
+_RECIPE_VERSION = 2  # bump when the export recipe changes: cached files are then redone
 
 
 @dataclass
@@ -113,10 +115,51 @@ def _export(model: ZooModel, path: Path) -> None:
                 model.module, examples, str(path), input_names=model.input_names,
                 output_names=model.output_names, dynamic_shapes=model.dynamic_shapes(),
                 dynamo=True, external_data=external, optimize=True, verbose=False)
+            specialized = _specialized_input_axes(model, path)
+            if specialized and not external:
+                # torch.export sometimes specialises nn.LSTM's sequence axis to the example's length
+                # (seen for some Dim bounds); the TorchScript exporter keeps it dynamic.
+                LOGGER.info("%s: dynamo export fixed %s; exporting with the TorchScript exporter",
+                            model.name, ", ".join(specialized))
+                torch.onnx.export(
+                    model.module, examples, str(path), input_names=model.input_names,
+                    output_names=model.output_names, dynamic_axes=_dynamic_axes(model),
+                    dynamo=False, opset_version=17)
+                specialized = _specialized_input_axes(model, path)
+            if specialized:
+                raise SliceError(f"the exporter fixed the dynamic axes {', '.join(specialized)}")
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SliceError(f"ONNX export of {model.name} ({model.size}) failed with torch "
                              f"{torch.__version__}: {first}") from error
+
+
+def _dynamic_axes(model: ZooModel) -> dict[str, dict[int, str]]:
+    """TorchScript-exporter form of the model's dynamic axes (inputs and outputs)."""
+    axes: dict[str, dict[int, str]] = {}
+    for spec in model.input_specs:
+        axes[spec.name] = {0: "batch"}
+        if spec.sequence_axis is not None:
+            axes[spec.name][spec.sequence_axis] = "seq"
+    for output in model.outputs:
+        axes[output.name] = {0: "batch"}
+        if output.sequence_axis is not None:
+            axes[output.name][output.sequence_axis] = "seq"
+    return axes
+
+
+def _specialized_input_axes(model: ZooModel, path: Path) -> list[str]:
+    """Input axes that should be dynamic but came out as fixed numbers, as 'name[axis]'."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fixed = []
+    for tensor in graph.input:
+        for axis in _dynamic_axes(model).get(tensor.name, {}):
+            dims = tensor.type.tensor_type.shape.dim
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                fixed.append(f"{tensor.name}[{axis}]")
+    return fixed
 
 
 def _relink_external_data(tmp: Path, final: Path) -> None:
