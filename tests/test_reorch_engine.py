@@ -237,3 +237,11 @@ def test_trace_jsonl_has_one_line_per_request(tmp_path):
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(lines) == 4 and all(line["outcome"] == "success" for line in lines)
     assert all(line["batch_sizes"] for line in lines)
+
+
+def test_a_near_empty_stage_keeps_no_favoured_batch_size(tmp_path):
+    entry, _ = write_sequence_chain(tmp_path, favoured=(4, 1, 2))
+    entry["stages"][1]["cost_share"] = 0.01  # its profile is per-call noise: splitting before it only adds calls
+    spec = StagesSpec.from_manifest_entry("seqm", entry)
+    assert spec.favoured_batch_sizes[1] == spec.max_batch_size
+    assert spec.favoured_batch_sizes[0] == 4

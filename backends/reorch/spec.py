@@ -34,6 +34,9 @@ def numpy_dtype(datatype: str) -> np.dtype:
                                     f"(use one of {', '.join(_WIRE_TO_NUMPY)})") from None
 
 
+# Stages below this share of the whole model's cost keep no favoured batch size (see from_manifest_entry).
+NEGLIGIBLE_COST_SHARE = 0.05
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -127,9 +130,13 @@ class StagesSpec:
             for stage in sorted(entry["stages"], key=lambda s: s["index"]):
                 for name, meta in stage.get("tensors", {}).items():
                     tensors[name] = TensorSpec.from_dict(name, meta)
+                favoured = int(stage.get("favoured_batch_size") or max_batch)
+                if float(stage.get("cost_share", 1.0)) < NEGLIGIBLE_COST_SHARE:
+                    # A near-empty stage's profile is per-call noise: its "favoured" size says nothing,
+                    # and splitting batches before it would only add calls.
+                    favoured = max_batch
                 stages.append(StageSpec(int(stage["index"]), stage["onnx"], tuple(stage["inputs"]),
-                                        tuple(stage["outputs"]),
-                                        int(stage.get("favoured_batch_size") or max_batch)))
+                                        tuple(stage["outputs"]), favoured))
             sequence = entry.get("sequence") or {}
         except (KeyError, TypeError) as error:
             raise ConfigValidationError(f"manifest entry of {model!r} lacks {error} (see the manifest.json "
