@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_compose_server import ADMIN_KEY, start_compose_triton
+from test_compose_server import ADMIN_KEY, build_tiny_lstm_repository, start_compose_triton
 
 pytestmark = pytest.mark.server
 
@@ -41,14 +41,7 @@ def small_gpu_plan(repository: Path, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repository = tmp_path_factory.mktemp("characterize-repository")
-    build = subprocess.run(
-        [sys.executable, "-m", "stagebatch.cli", "build", "--model=lstm", "--size=tiny", "--stages=2",
-         "--balance=flops", f"--out={repository}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    return repository
+    return build_tiny_lstm_repository(tmp_path_factory.mktemp("characterize-repository"))
 
 
 def read_points(run_dir: Path) -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 
 from stagebatch.server import find_free_port
 from test_compose_config import load_compose
-from test_compose_server import start_compose_triton
+from test_compose_server import build_tiny_lstm_repository, start_compose_triton
 
 pytestmark = pytest.mark.server
 
@@ -27,14 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repository = tmp_path_factory.mktemp("locust-repository")
-    build = subprocess.run(
-        [sys.executable, "-m", "stagebatch.cli", "build", "--model=lstm", "--size=tiny", "--stages=2",
-         "--balance=flops", f"--out={repository}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    return repository
+    return build_tiny_lstm_repository(tmp_path_factory.mktemp("locust-repository"))
 
 
 def locust_command(command: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,18 @@ from test_compose_config import load_compose
 pytestmark = pytest.mark.server
 
 ADMIN_KEY = "compose-test-key"
+
+
+def build_tiny_lstm_repository(repository: Path) -> Path:
+    """A tiny lstm repository (whole, 2 stages + ensemble, reorch) built by the real CLI."""
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run(
+        [sys.executable, "-m", "stagebatch.cli", "build", "--model=lstm", "--size=tiny", "--stages=2",
+         "--balance=flops", f"--out={repository}"],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    return repository
 
 
 def compose_triton_command(repository: Path, ports: dict[str, int], backend_directory: Path) -> list[str]:
