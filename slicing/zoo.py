@@ -153,7 +153,7 @@ class ZooModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resnet_module(arch: dict[str, Any]) -> torch.nn.Module:
+def resnet_module(arch: dict[str, Any]) -> torch.nn.Module:
     from torch import nn
 
     class Bottleneck(nn.Module):
@@ -218,7 +218,7 @@ def _resnet_module(arch: dict[str, Any]) -> torch.nn.Module:
     return ResNet(arch["blocks"], arch["width"], arch["num_classes"])
 
 
-def _bert_module(arch: dict[str, Any]) -> torch.nn.Module:
+def bert_module(arch: dict[str, Any]) -> torch.nn.Module:
     from torch import nn
     from transformers import BertConfig, BertModel
 
@@ -241,7 +241,7 @@ def _bert_module(arch: dict[str, Any]) -> torch.nn.Module:
     return Bert()
 
 
-def _lstm_module(arch: dict[str, Any]) -> torch.nn.Module:
+def lstm_module(arch: dict[str, Any]) -> torch.nn.Module:
     from torch import nn
 
     class LstmTagger(nn.Module):
@@ -280,7 +280,7 @@ def _specs(name: str, arch: dict[str, Any]) -> tuple[list[InputSpec], list[Outpu
             [OutputSpec("logits", "float32", [-1, -1, arch["num_classes"]], sequence_axis=1)])
 
 
-_BUILDERS = {"resnet50": _resnet_module, "bert_base": _bert_module, "lstm": _lstm_module}
+_BUILDERS = {"resnet50": resnet_module, "bert_base": bert_module, "lstm": lstm_module}
 
 
 def file_sha256(path: Path) -> str:

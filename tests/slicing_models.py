@@ -89,27 +89,17 @@ CNN_SPECS = [InputSpec("images", "float32", [-1, 3, 16, 16])]
 @functools.lru_cache(maxsize=None)
 def bert_bytes() -> bytes:
     import torch
-    from torch import nn
-    from transformers import BertConfig, BertModel
+
+    from slicing.zoo import bert_module
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-
-    class Bert(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = BertModel(config)
-
-        def forward(self, input_ids, attention_mask):
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
-
+    module = bert_module({"vocab": 100, "hidden": 16, "layers": 3, "heads": 2, "intermediate": 32,
+                          "max_positions": 32})
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("seq", min=1, max=32)
     ids = torch.randint(0, 100, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.int64)
-    model = _export(Bert(), (ids, mask), ["input_ids", "attention_mask"],
+    model = _export(module, (ids, mask), ["input_ids", "attention_mask"],
                     ["last_hidden_state", "pooler_output"],
                     dynamic={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
     return model.SerializeToString()
@@ -124,22 +114,11 @@ BERT_SPECS = [
 
 def _lstm_module():
     import torch
-    from torch import nn
+
+    from slicing.zoo import lstm_module
 
     torch.manual_seed(0)
-
-    class Tagger(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = nn.Embedding(50, 8)
-            self.lstm = nn.LSTM(8, 12, num_layers=2, batch_first=True)
-            self.head = nn.Linear(12, 4)
-
-        def forward(self, tokens):
-            y, _ = self.lstm(self.embedding(tokens))
-            return self.head(y)
-
-    return Tagger()
+    return lstm_module({"vocab": 50, "embedding": 8, "hidden": 12, "layers": 2, "num_classes": 4})
 
 
 @functools.lru_cache(maxsize=None)
