@@ -89,38 +89,35 @@ class BatchRunner:
 
     def run(self, requests: list[dict[str, np.ndarray]]) -> list[RequestResult]:
         results: list[RequestResult | None] = [None] * len(requests)
-        valid: list[int] = []
-        rows: list[int] = []
-        lengths: list[int | None] = []
+        valid: list[tuple[int, int, int | None]] = []  # (request index, rows, sequence length)
         for index, inputs in enumerate(requests):
             try:
-                count, length = self.check(inputs)
+                rows, length = self.check(inputs)
             except RequestError as error:
                 results[index] = RequestResult(error=str(error), invalid=True)
                 continue
-            valid.append(index)
-            rows.append(count)
-            lengths.append(length)
-        groups = [valid] if self.batching else [[index] for index in valid]
+            valid.append((index, rows, length))
+        groups = [valid] if self.batching else [[entry] for entry in valid]
         for group in groups:
-            if not group:
-                continue
-            positions = [valid.index(index) for index in group]
-            self._run_group(requests, group, [rows[p] for p in positions], [lengths[p] for p in positions], results)
+            if group:
+                self._run_group(requests, group, results)
         return [result if result is not None else RequestResult(error="internal: no result") for result in results]
 
-    def _run_group(self, requests, group, rows, lengths, results) -> None:
+    def _run_group(self, requests, group: list[tuple[int, int, int | None]], results) -> None:
+        indices = [index for index, _, _ in group]
+        rows = [count for _, count, _ in group]
+        lengths = [length for _, _, length in group]
         try:
             feeds = {}
             for name in self.input_dtypes:
                 info = self.info(name)
-                arrays = [requests[index][name] for index in group]
+                arrays = [requests[index][name] for index in indices]
                 if self.batching:
                     feeds[name] = concat_rows(arrays, info.sequence_axis, info.pad_value)
                 else:
                     feeds[name] = arrays[0]
             outputs = self.session.run(self.output_names, feeds)
-            per_request: list[dict[str, np.ndarray]] = [{} for _ in group]
+            per_request: list[dict[str, np.ndarray]] = [{} for _ in indices]
             for name, array in zip(self.output_names, outputs):
                 if self.batching:
                     pieces = split_rows(array, rows, self.info(name).sequence_axis, lengths)
@@ -128,9 +125,9 @@ class BatchRunner:
                     pieces = [array]
                 for position, piece in enumerate(pieces):
                     per_request[position][name] = piece
-            for position, index in enumerate(group):
+            for position, index in enumerate(indices):
                 results[index] = RequestResult(outputs=per_request[position])
         except Exception as error:  # a failed run fails exactly the requests of this batch
-            message = f"model execution failed for a batch of {len(group)} request(s): {type(error).__name__}: {error}"
-            for index in group:
+            message = f"model execution failed for a batch of {len(indices)} request(s): {type(error).__name__}: {error}"
+            for index in indices:
                 results[index] = RequestResult(error=message)
