@@ -110,7 +110,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     max_batch = max(batches)
     session = make_session(str(onnx_path), args.threads)
-    outputs = [o for o in session.get_outputs()]
+    output_dtypes = {o.name: onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name
+                     for o in model.graph.output}
 
     def dims(shape) -> list[int]:
         return [d if isinstance(d, int) else -1 for d in shape[1:]]
@@ -120,7 +121,7 @@ def main() -> None:
         add_onnx_model(
             repository, "model", onnx_path, max_batch_size=max_batch,
             inputs=[TensorConfig(i.name, np.dtype(s.dtype).name, dims(i.shape)) for i, s in zip(session.get_inputs(), specs)],
-            outputs=[TensorConfig(o.name, "float32", dims(o.shape)) for o in outputs],
+            outputs=[TensorConfig(o.name, output_dtypes[o.name], dims(o.shape)) for o in session.get_outputs()],
             dynamic_batching=DynamicBatching(max_queue_delay_us=0), intra_op_threads=args.threads,
         )
         rows = []
