@@ -7,12 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from slicing.zoo import MODEL_NAMES, SIZES
+
 
 def build(
     model: Annotated[Optional[list[str]], typer.Option(
-        "--model", "-m", help="Zoo model: resnet50, bert_base, lstm, or all (repeatable).")] = None,
+        "--model", "-m", help=f"Zoo model: {', '.join(MODEL_NAMES)}, or all (repeatable).")] = None,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Your own ONNX file instead of a zoo model.")] = None,
-    size: Annotated[str, typer.Option(help="Zoo model size: tiny (tests), small (2-core CPU) or full.")] = "small",
+    size: Annotated[str, typer.Option(help=f"Zoo model size: {', '.join(SIZES)} (tiny for tests, small for a 2-core CPU).")] = "small",
     stages: Annotated[Optional[int], typer.Option(
         "--stages", "-k", help="Number of stages K (default 4, or the largest valid K if smaller).")] = None,
     target: Annotated[str, typer.Option(
@@ -26,7 +28,7 @@ def build(
     cut: Annotated[Optional[list[str]], typer.Option(
         "--cut", help="Explicit cut tensor (repeatable; K-1 of them give K stages).")] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(
-        help="Longest sequence for bert_base/lstm (default 128; tiny 16; bert up to 512).")] = None,
+        help="Longest sequence of the sequence models (default: the size's default length).")] = None,
     instances: Annotated[int, typer.Option(help="Instances of the whole and stage models.")] = 1,
     intra_op_threads: Annotated[int, typer.Option(
         help="onnxruntime intra-op threads of every served session (0: all physical cores).")] = 0,

@@ -13,11 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from slicing.zoo import ZOO
 from stagebatch.errors import BadParameterError, ConfigValidationError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-FAMILIES = ("cnn", "bert", "lstm", "onnx")
+# The zoo's families, then "onnx" for a user's own file.
+FAMILIES = (*dict.fromkeys(entry.family for entry in ZOO.values()), "onnx")
 VARIANTS = ("whole", "ensemble", "reorch")
 
 

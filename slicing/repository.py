@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slicing import manifest as manifest_lib
+from slicing.export import export_zoo_model
+from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from stagebatch.errors import BadParameterError, SliceError
 
 if TYPE_CHECKING:
     import onnx
 
     from slicing.inputs import InputSpec
-    from slicing.zoo import OutputSpec
 
 DEFAULT_STAGES = 4
 BALANCES = ("measured", "profile", "flops")
@@ -53,8 +54,6 @@ class BuildOptions:
     intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
-        from slicing.zoo import SIZES
-
         if self.size not in SIZES:
             raise BadParameterError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
         if self.stages is not None and self.stages < 1:
@@ -120,8 +119,6 @@ def _quiet(_: str) -> None:
 def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: Path | None = None,
                      options: BuildOptions | None = None, log: Log = _quiet) -> list[ModelBuild]:
     """Build zoo ``models`` (``["all"]`` for all three) or ``onnx_file`` into repository ``out``."""
-    from slicing.zoo import MODEL_NAMES
-
     options = options or BuildOptions()
     if (models is None) == (onnx_file is None):
         raise BadParameterError("give either --model NAME or --onnx FILE (exactly one)")
@@ -160,11 +157,8 @@ def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: P
 
 
 def _zoo_source(name: str, options: BuildOptions, log: Log) -> _Source:
-    from slicing.export import export_zoo_model
-    from slicing.zoo import ARCHITECTURES, build_zoo_model
-
     max_seq_len = options.max_seq_len
-    if max_seq_len is not None and "default_seq_len" not in ARCHITECTURES.get(name, {}).get(options.size, {}):
+    if max_seq_len is not None and not ZOO[name].has_sequence(options.size):
         # `--model all --max-seq-len N` bounds the sequence models; the CNN has no sequence axis.
         log(f"{name}: no sequence axis; --max-seq-len {max_seq_len} does not apply")
         max_seq_len = None

@@ -19,47 +19,18 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from slicing.inputs import InputSpec, make_inputs
 from stagebatch.errors import BadParameterError
 
 if TYPE_CHECKING:
     import torch
 
-    from slicing.inputs import InputSpec
-
-MODEL_NAMES = ("resnet50", "bert_base", "lstm")
 SIZES = ("tiny", "small", "full")
-FAMILIES = {"resnet50": "cnn", "bert_base": "bert", "lstm": "lstm"}
-
-# Architecture hyper-parameters per model and size. ``full`` is the real architecture.
-ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
-    "resnet50": {
-        # torchvision resnet50: blocks [3, 4, 6, 3], width 64, 224x224, 1000 classes (25.6 M params).
-        "full": {"blocks": [3, 4, 6, 3], "width": 64, "resolution": 224, "num_classes": 1000},
-        # about 10x fewer FLOPs: fewer blocks, half the width, 160x160 images.
-        "small": {"blocks": [2, 3, 4, 2], "width": 32, "resolution": 160, "num_classes": 1000},
-        "tiny": {"blocks": [1, 1, 1, 1], "width": 8, "resolution": 32, "num_classes": 10},
-    },
-    "bert_base": {
-        # bert-base-uncased: 12 layers x 768, 12 heads, FFN 3072, vocab 30522, 512 positions.
-        "full": {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "vocab": 30522,
-                 "max_positions": 512, "default_seq_len": 128},
-        "small": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "vocab": 30522,
-                  "max_positions": 512, "default_seq_len": 128},
-        "tiny": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "vocab": 1000,
-                 "max_positions": 64, "default_seq_len": 16},
-    },
-    "lstm": {
-        # A per-step tagger: embedding, 2-layer LSTM with hidden 1024, a linear head per step.
-        "full": {"vocab": 10000, "embedding": 512, "hidden": 1024, "layers": 2, "num_classes": 32,
-                 "max_positions": 1024, "default_seq_len": 128},
-        "small": {"vocab": 10000, "embedding": 256, "hidden": 256, "layers": 2, "num_classes": 32,
-                  "max_positions": 1024, "default_seq_len": 128},
-        "tiny": {"vocab": 100, "embedding": 16, "hidden": 16, "layers": 2, "num_classes": 4,
-                 "max_positions": 64, "default_seq_len": 16},
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -121,10 +92,7 @@ class ZooModel:
 
     def example_inputs(self, batch: int = 2, seq_len: int | None = None, seed: int = 0) -> tuple:
         """Random valid inputs as torch tensors, in forward() order (attention masks all ones)."""
-        import numpy as np
         import torch
-
-        from slicing.inputs import make_inputs
 
         if self.sequence is not None and seq_len is None:
             seq_len = min(self.sequence.default_length, 11)
@@ -261,26 +229,92 @@ def lstm_module(arch: dict[str, Any]) -> torch.nn.Module:
     return LstmTagger()
 
 
-def _specs(name: str, arch: dict[str, Any]) -> tuple[list[InputSpec], list[OutputSpec]]:
-    from slicing.inputs import InputSpec
+def resnet_io(arch: dict[str, Any]) -> tuple[list[InputSpec], list[OutputSpec]]:
+    r = arch["resolution"]
+    return ([InputSpec("images", "float32", [-1, 3, r, r])],
+            [OutputSpec("logits", "float32", [-1, arch["num_classes"]])])
 
-    if name == "resnet50":
-        r = arch["resolution"]
-        return ([InputSpec("images", "float32", [-1, 3, r, r])],
-                [OutputSpec("logits", "float32", [-1, arch["num_classes"]])])
-    if name == "bert_base":
-        return ([InputSpec("input_ids", "int64", [-1, -1], value_range=(0, arch["vocab"]),
-                           sequence_axis=1, pad_value=0, role="token_ids"),
-                 InputSpec("attention_mask", "int64", [-1, -1], value_range=(0, 2),
-                           sequence_axis=1, pad_value=0, role="attention_mask")],
-                [OutputSpec("last_hidden_state", "float32", [-1, -1, arch["hidden"]], sequence_axis=1),
-                 OutputSpec("pooler_output", "float32", [-1, arch["hidden"]])])
+
+def bert_io(arch: dict[str, Any]) -> tuple[list[InputSpec], list[OutputSpec]]:
+    return ([InputSpec("input_ids", "int64", [-1, -1], value_range=(0, arch["vocab"]),
+                       sequence_axis=1, pad_value=0, role="token_ids"),
+             InputSpec("attention_mask", "int64", [-1, -1], value_range=(0, 2),
+                       sequence_axis=1, pad_value=0, role="attention_mask")],
+            [OutputSpec("last_hidden_state", "float32", [-1, -1, arch["hidden"]], sequence_axis=1),
+             OutputSpec("pooler_output", "float32", [-1, arch["hidden"]])])
+
+
+def lstm_io(arch: dict[str, Any]) -> tuple[list[InputSpec], list[OutputSpec]]:
     return ([InputSpec("tokens", "int64", [-1, -1], value_range=(0, arch["vocab"]), sequence_axis=1,
                        pad_value=0, role="token_ids")],
             [OutputSpec("logits", "float32", [-1, -1, arch["num_classes"]], sequence_axis=1)])
 
 
-_BUILDERS = {"resnet50": resnet_module, "bert_base": bert_module, "lstm": lstm_module}
+# ---------------------------------------------------------------------------------------------
+# The registry: one ZooEntry per model. A new zoo model is one builder, one I/O function and one
+# register() call here (plus its docs); the CLI, the builder, plans and the manifest read ZOO.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """Everything the project knows about one zoo model, in one place."""
+
+    name: str
+    family: str  # the manifest's model family: cnn | bert | lstm | ...
+    build_module: Callable[[dict[str, Any]], torch.nn.Module]
+    io: Callable[[dict[str, Any]], tuple[list[InputSpec], list[OutputSpec]]]
+    # Architecture hyper-parameters per size (every size of SIZES). Sequence models carry
+    # ``default_seq_len`` (the default length) and ``max_positions`` (the longest they accept).
+    architectures: dict[str, dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        missing = [size for size in SIZES if size not in self.architectures]
+        if missing:
+            raise BadParameterError(f"zoo model {self.name!r} lacks the sizes {missing}")
+
+    def has_sequence(self, size: str) -> bool:
+        return "default_seq_len" in self.architectures[size]
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    """Add ``entry`` to the zoo (names are unique)."""
+    if entry.name in ZOO:
+        raise BadParameterError(f"zoo model {entry.name!r} is registered twice")
+    ZOO[entry.name] = entry
+    return entry
+
+
+register(ZooEntry("resnet50", "cnn", resnet_module, resnet_io, {
+    # torchvision resnet50: blocks [3, 4, 6, 3], width 64, 224x224, 1000 classes (25.6 M params).
+    "full": {"blocks": [3, 4, 6, 3], "width": 64, "resolution": 224, "num_classes": 1000},
+    # about 10x fewer FLOPs: fewer blocks, half the width, 160x160 images.
+    "small": {"blocks": [2, 3, 4, 2], "width": 32, "resolution": 160, "num_classes": 1000},
+    "tiny": {"blocks": [1, 1, 1, 1], "width": 8, "resolution": 32, "num_classes": 10},
+}))
+register(ZooEntry("bert_base", "bert", bert_module, bert_io, {
+    # bert-base-uncased: 12 layers x 768, 12 heads, FFN 3072, vocab 30522, 512 positions.
+    "full": {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "vocab": 30522,
+             "max_positions": 512, "default_seq_len": 128},
+    "small": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "vocab": 30522,
+              "max_positions": 512, "default_seq_len": 128},
+    "tiny": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "vocab": 1000,
+             "max_positions": 64, "default_seq_len": 16},
+}))
+register(ZooEntry("lstm", "lstm", lstm_module, lstm_io, {
+    # A per-step tagger: embedding, 2-layer LSTM with hidden 1024, a linear head per step.
+    "full": {"vocab": 10000, "embedding": 512, "hidden": 1024, "layers": 2, "num_classes": 32,
+             "max_positions": 1024, "default_seq_len": 128},
+    "small": {"vocab": 10000, "embedding": 256, "hidden": 256, "layers": 2, "num_classes": 32,
+              "max_positions": 1024, "default_seq_len": 128},
+    "tiny": {"vocab": 100, "embedding": 16, "hidden": 16, "layers": 2, "num_classes": 4,
+             "max_positions": 64, "default_seq_len": 16},
+}))
+
+MODEL_NAMES = tuple(ZOO)
 
 
 def file_sha256(path: Path) -> str:
@@ -341,12 +375,13 @@ def build_zoo_model(name: str, size: str = "small", *, weights: str | Path | Non
     """
     import torch
 
-    if name not in ARCHITECTURES:
+    if name not in ZOO:
         raise BadParameterError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} "
                                 f"(or pass --onnx FILE for your own model)")
     if size not in SIZES:
         raise BadParameterError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    arch = dict(ARCHITECTURES[name][size])
+    entry = ZOO[name]
+    arch = dict(entry.architectures[size])
     sequence = None
     if "default_seq_len" in arch:
         limit = arch["max_positions"]
@@ -359,14 +394,14 @@ def build_zoo_model(name: str, size: str = "small", *, weights: str | Path | Non
         raise BadParameterError(f"{name} has no sequence axis; drop the maximum sequence length")
 
     torch.manual_seed(seed)
-    module = _BUILDERS[name](arch)
+    module = entry.build_module(arch)
     weights_path = Path(weights) if weights is not None else None
     weights_sha256 = None
     if weights_path is not None:
         load_weights(module, weights_path, name)
         weights_sha256 = file_sha256(weights_path)
     module.eval()
-    inputs, outputs = _specs(name, arch)
-    return ZooModel(name=name, family=FAMILIES[name], size=size, module=module, input_specs=inputs,
+    inputs, outputs = entry.io(arch)
+    return ZooModel(name=name, family=entry.family, size=size, module=module, input_specs=inputs,
                     outputs=outputs, sequence=sequence, architecture=arch, seed=seed,
                     weights_path=weights_path, weights_sha256=weights_sha256)

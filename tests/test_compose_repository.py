@@ -239,7 +239,7 @@ def test_locust_master_headless_and_workers_as_composed(gpu_repository: Path) ->
 
 def test_gpu_plan_runs_against_a_remote_triton_on_the_builders_repository(gpu_repository: Path) -> None:
     from loadtest.plan import load_plan
-    from slicing.zoo import ARCHITECTURES
+    from slicing.zoo import ZOO
 
     plan = load_plan(str(ROOT / "docker" / "full-gpu.yaml"))
     compose = load_compose()
@@ -262,7 +262,7 @@ def test_gpu_plan_runs_against_a_remote_triton_on_the_builders_repository(gpu_re
         if point.lengths:
             # The builder keeps `stagebatch build`'s default sequence bound for the full models.
             size = next(a.split("=")[1] for a in builder["command"] if a.startswith("--size="))
-            limit = ARCHITECTURES[point.model][size]["default_seq_len"]
+            limit = ZOO[point.model].architectures[size]["default_seq_len"]
             assert point.lengths["max_length"] <= limit, f"{point.point_id}: lengths beyond {limit}"
         for knob, value in point.batching.items():
             if knob == "max_batch_size":
