@@ -17,12 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from slicing.graph import GraphAnalysis, ProbeShapes, _sliced_pieces, dim_pieces, shape_rebuild_nodes
 from stagebatch.errors import SliceError
 
 if TYPE_CHECKING:
     import onnx
-
-    from slicing.graph import GraphAnalysis, ProbeShapes
 
 PRODUCER_NAME = "stagebatch.slicing"
 
@@ -216,8 +215,6 @@ def extract_stages(analysis: GraphAnalysis, plans: list[StagePlan],
 def _shapes_from_boundaries(graph, plan: StagePlan, boundaries: dict[tuple[int, str], BoundaryTensor],
                             probe: ProbeShapes) -> None:
     """Replace ``Shape(graph input)`` by the same vector built from the stage's boundary inputs."""
-    from slicing.graph import _sliced_pieces, dim_pieces, shape_rebuild_nodes
-
     sources: dict[tuple[int, int], tuple[str, int]] = {}
     for original in plan.boundary_inputs:
         boundary = boundaries[(plan.index - 1, original)]

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from slicing.cost import make_session
+from slicing.inputs import InputSpec, make_inputs
 from stagebatch.errors import SliceError
 
 if TYPE_CHECKING:
     import onnx
-
-    from slicing.inputs import InputSpec
 
 PROBE_BATCHES = (2, 3)
 PROBE_SEQ_LENS = (5, 7)
@@ -491,9 +491,6 @@ def probe_shapes(model: onnx.ModelProto, specs: list[InputSpec], *, batchable: b
 
     Returns the probe shapes and the graph inputs and outputs of each run (for comparisons).
     """
-    from slicing.cost import make_session
-    from slicing.inputs import make_inputs
-
     exposed, names = expose_all_tensors(model)
     session = make_session(exposed, intra_op_threads=intra_op_threads, optimize=False)
     has_sequence = any(spec.sequence_axis is not None for spec in specs)

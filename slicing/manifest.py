@@ -15,6 +15,7 @@ from typing import Any
 
 from slicing.zoo import ZOO
 from stagebatch.errors import BadParameterError, ConfigValidationError
+from stagebatch.model_config import triton_wire_dtype
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -25,8 +26,6 @@ VARIANTS = ("whole", "ensemble", "reorch")
 
 def wire_dtype(dtype: str) -> str:
     """numpy dtype name -> the inference protocol's datatype (``float32`` -> ``FP32``)."""
-    from stagebatch.model_config import triton_wire_dtype
-
     return triton_wire_dtype(dtype)
 
 

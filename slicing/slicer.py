@@ -25,14 +25,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stagebatch.errors import BadParameterError, SliceError
-
+from slicing.cost import make_session, median_ms
+from slicing.extract import boundary_tensors, extract_stages, plan_stages
+from slicing.graph import GraphAnalysis, ProbeShapes, probe_shapes, rebuild_activation_shapes
 from slicing.inputs import InputSpec, infer_input_specs, make_inputs
+from slicing.node_cost import node_flops, profiled_node_costs_us
+from slicing.partition import partition_units
+from stagebatch.errors import BadParameterError, SliceError
 
 if TYPE_CHECKING:
     import onnx
-
-    from slicing.graph import GraphAnalysis, ProbeShapes
 
 BALANCES = ("measured", "profile", "flops")
 MAX_MEASURED_UNITS = 48  # pieces timed one by one for balance="measured"
@@ -157,7 +159,6 @@ class _Prepared:
 
 
 def _prepare(model, input_specs: list[InputSpec] | None) -> _Prepared:
-    from slicing.graph import GraphAnalysis, probe_shapes, rebuild_activation_shapes
 
     proto = load_model(model)
     notes: list[str] = []
@@ -187,7 +188,6 @@ def _prepare(model, input_specs: list[InputSpec] | None) -> _Prepared:
 
 
 def _check_same_outputs(model: onnx.ModelProto, samples: dict, what: str, rtol: float = 1e-5) -> None:
-    from slicing.cost import make_session
 
     session = make_session(model, optimize=False)
     inputs = [v.name for v in model.graph.input]
@@ -231,8 +231,6 @@ def _try_make_batchable(model: onnx.ModelProto, specs: list[InputSpec]
     import onnx
     from onnx import numpy_helper
 
-    from slicing.cost import make_session
-    from slicing.graph import probe_shapes
 
     fixed = {spec.name: spec.shape[0] for spec in specs if spec.shape and spec.shape[0] != -1}
     if any(size != 1 for size in fixed.values()):
@@ -336,7 +334,6 @@ def slice_model(model: onnx.ModelProto | str | Path, num_stages: int | None = No
     Tensors in ``cut_tensors`` that cross the same position form one boundary (e.g. both branches
     of a diamond); with ``cut_tensors``, ``num_stages`` may be left out, else it must match.
     """
-    from slicing.extract import boundary_tensors, extract_stages, plan_stages
 
     if balance not in BALANCES:
         raise BadParameterError(f"balance={balance!r} must be one of {', '.join(BALANCES)}")
@@ -375,7 +372,6 @@ def slice_model(model: onnx.ModelProto | str | Path, num_stages: int | None = No
                                         intra_op_threads)
     notes.append(cost_note)
     if cut_tensors is None:
-        from slicing.partition import partition_units
 
         bytes_by_position = {cut.position: cut.bytes_per_sample for cut in candidates}
         part = partition_units(unit_costs, [bytes_by_position[p] for p in unit_positions], num_stages)
@@ -447,7 +443,6 @@ def _boundary_meta(boundary) -> TensorMeta:
 def _unit_costs(prepared: _Prepared, positions: list[int], balance: str, batch: int, seq_len: int | None,
                 intra_op_threads: int) -> tuple[list[float], str]:
     """Cost of each piece between consecutive ``positions`` (len(positions) + 1 pieces)."""
-    from slicing.cost import node_flops
 
     analysis = prepared.analysis
     bounds = [0, *positions, len(analysis.nodes)]
@@ -459,7 +454,6 @@ def _unit_costs(prepared: _Prepared, positions: list[int], balance: str, batch: 
         return flop_costs, "stage costs from FLOPs at the probe shapes"
     feeds = make_inputs(prepared.specs, batch, seq_len, rng=np.random.default_rng(11))
     if balance == "profile":
-        from slicing.cost import profiled_node_costs_us
 
         costs, mapped = profiled_node_costs_us(prepared.whole, feeds, analysis, intra_op_threads=intra_op_threads)
         if mapped < 0.5:
@@ -479,8 +473,6 @@ def _measured_unit_costs(prepared: _Prepared, positions: list[int], flop_costs: 
     timing, since each ``Run`` has a fixed overhead; each merged piece's time is then spread over its
     units in proportion to their FLOPs so the partition keeps every candidate cut.
     """
-    from slicing.cost import make_session
-    from slicing.extract import boundary_tensors, extract_stages, plan_stages
 
     groups = [[u] for u in range(len(flop_costs))]
     while len(groups) > MAX_MEASURED_UNITS:
@@ -533,7 +525,6 @@ class StageChain:
     """Sessions of the whole model and of every stage, sharing one tensor namespace per run."""
 
     def __init__(self, result: SliceResult, intra_op_threads: int = 2):
-        from slicing.cost import make_session
 
         self.result = result
         self.whole = make_session(result.whole, intra_op_threads=intra_op_threads)
@@ -666,7 +657,6 @@ def favoured_batch_size(latency_ms: dict[int, float], min_gain: float = 0.05) ->
 def profile_stages(result: SliceResult, max_batch: int, seq_len: int | None = None, *, reps: int = 5,
                    min_gain: float = 0.05, intra_op_threads: int = 2) -> list[StageProfile]:
     """Median latency of each stage at batch sizes 1, 2, 4, .. max_batch, and its favoured batch size."""
-    from slicing.cost import median_ms
 
     fixed = _fixed_batch(result)
     sizes = [fixed] if fixed is not None else profile_batch_sizes(max_batch)
