@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from slicing import manifest as manifest_lib
 from slicing.export import export_zoo_model
+from slicing.slicer import BALANCES
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from stagebatch.errors import BadParameterError, SliceError
+from stagebatch.repository import TARGETS
 
 if TYPE_CHECKING:
     import onnx
@@ -29,8 +31,6 @@ if TYPE_CHECKING:
     from slicing.inputs import InputSpec
 
 DEFAULT_STAGES = 4
-BALANCES = ("measured", "profile", "flops")
-TARGETS = ("embedded", "gpu")
 _NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 

@@ -12,41 +12,32 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tritonclient.utils import np_to_triton_dtype
+
 from stagebatch.errors import ConfigValidationError
 
-# numpy dtype name -> Triton config dtype. BYTES covers numpy object/str arrays.
-_NUMPY_TO_TRITON = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "uint16": "TYPE_UINT16",
-    "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64",
-    "int8": "TYPE_INT8",
-    "int16": "TYPE_INT16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-    "object": "TYPE_STRING",
-    "bytes": "TYPE_STRING",
-}
+def triton_wire_dtype(dtype: str) -> str:
+    """``"float32"`` -> ``"FP32"``, ``"object"`` -> ``"BYTES"``: the datatype names of the inference protocol.
+
+    The mapping is tritonclient's own (``tritonclient.utils.np_to_triton_dtype``), so it cannot drift
+    from what the clients send.
+    """
+    try:
+        wire = np_to_triton_dtype(np.dtype(dtype))
+    except TypeError:
+        wire = None
+    if wire is None:
+        raise ConfigValidationError(
+            f"dtype {dtype!r} has no Triton equivalent; use a numpy bool, integer, float16/32/64 or object dtype"
+        )
+    return wire
 
 
 def numpy_to_triton_dtype(dtype: str) -> str:
-    """``"float32"`` -> ``"TYPE_FP32"`` (the config form; the wire form drops ``TYPE_`` and says BYTES for strings)."""
-    try:
-        return _NUMPY_TO_TRITON[str(dtype)]
-    except KeyError:
-        raise ConfigValidationError(
-            f"dtype {dtype!r} has no Triton equivalent (supported: {', '.join(sorted(_NUMPY_TO_TRITON))})"
-        ) from None
-
-
-def triton_wire_dtype(dtype: str) -> str:
-    """``"float32"`` -> ``"FP32"``, ``"object"`` -> ``"BYTES"``: the datatype names of the inference protocol."""
-    config_name = numpy_to_triton_dtype(dtype)
-    return "BYTES" if config_name == "TYPE_STRING" else config_name.removeprefix("TYPE_")
+    """``"float32"`` -> ``"TYPE_FP32"``: the config form (Triton calls the wire's BYTES ``TYPE_STRING`` there)."""
+    wire = triton_wire_dtype(dtype)
+    return "TYPE_STRING" if wire == "BYTES" else f"TYPE_{wire}"
 
 
 def parse_model_config(config: dict[str, Any]):  # -> model_config_pb2.ModelConfig
