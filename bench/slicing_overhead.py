@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from slicing.export import export_zoo_model
     from slicing.inputs import make_inputs
-    from slicing.slicer import StageChain, slice_model, verify_chain
+    from slicing.chain import StageChain, verify_chain
+    from slicing.slicer import slice_model
     from slicing.zoo import build_zoo_model
     from stagebatch.errors import StagebatchError
 

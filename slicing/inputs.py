@@ -160,7 +160,6 @@ def infer_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     ``value_range [0, rows)``; 2-D integer inputs whose name mentions a mask get the role
     ``attention_mask``. A dynamic non-batch axis of a sequence-like input becomes its sequence axis.
     """
-    import onnx
     from onnx import helper
 
     graph = model.graph

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from slicing import manifest as manifest_lib
 from slicing.export import export_zoo_model
-from slicing.slicer import BALANCES
+from slicing.chain import profile_stages, verify_chain
+from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from stagebatch.errors import BadParameterError, SliceError
 from stagebatch.repository import TARGETS
@@ -205,8 +206,6 @@ def _onnx_source(path: Path, options: BuildOptions) -> _Source:
 
 
 def _choose_stages(proto: onnx.ModelProto, source: _Source, options: BuildOptions, log: Log) -> tuple[int, list[str]]:
-    from slicing.slicer import max_stages
-
     notes = []
     if options.cut_tensors:
         return len(options.cut_tensors) + 1, notes
@@ -225,8 +224,6 @@ def _choose_stages(proto: onnx.ModelProto, source: _Source, options: BuildOption
 def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict[str, Any] | None,
                log: Log) -> ModelBuild:
     import onnx
-
-    from slicing.slicer import profile_stages, slice_model, verify_chain
 
     started = time.perf_counter()
     proto = onnx.load(str(source.onnx_path))

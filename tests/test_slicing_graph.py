@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slicing.graph import CONST, HEAVY, LIGHT, GraphAnalysis, ProbeShapes, topological_order
 from slicing.inputs import InputSpec, infer_input_specs, make_inputs
 from slicing.partition import partition_units
-from slicing.slicer import favoured_batch_size, profile_batch_sizes
+from slicing.chain import favoured_batch_size, profile_batch_sizes
 from stagebatch.errors import BadParameterError, SliceError
 
 
