@@ -20,13 +20,12 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from stagebatch.errors import BadParameterError, ConfigValidationError
 
-ARRIVAL_KINDS = ("closed", "poisson", "constant", "bursty", "spike", "trace")
-LENGTH_KINDS = ("fixed", "uniform", "longtail", "file")
 TRACE_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6}  # unit -> ticks per second
 
 
@@ -113,41 +112,14 @@ class ArrivalSpec:
     speed: float = 1.0
 
     def __post_init__(self) -> None:
-        k = self.kind
-        _require(k in ARRIVAL_KINDS, f"arrival kind {k!r} is unknown; choose one of {', '.join(ARRIVAL_KINDS)}")
-        if k == "closed":
-            _require(self.users >= 1, f"closed-loop arrivals need users >= 1 (got users={self.users})")
-            return
-        if k in ("poisson", "constant", "bursty", "spike"):
-            _require(
-                math.isfinite(self.rate_rps) and self.rate_rps > 0,
-                f"{k} arrivals need rate_rps > 0 (got rate_rps={self.rate_rps})",
-            )
-        if k == "bursty":
-            _require(self.off_rate_rps >= 0, f"bursty off_rate_rps must be >= 0 (got {self.off_rate_rps})")
-            _require(
-                self.on_s > 0 and self.off_s > 0,
-                f"bursty arrivals need on_s > 0 and off_s > 0 (got on_s={self.on_s}, off_s={self.off_s})",
-            )
-        if k == "spike":
-            _require(self.spike_rate_rps > 0, f"spike arrivals need spike_rate_rps > 0 (got {self.spike_rate_rps})")
-            _require(
-                self.spike_start_s >= 0 and self.spike_duration_s > 0,
-                "spike arrivals need spike_start_s >= 0 and spike_duration_s > 0 "
-                f"(got spike_start_s={self.spike_start_s}, spike_duration_s={self.spike_duration_s})",
-            )
-        if k == "trace":
-            _require(bool(self.trace_path), "trace arrivals need trace_path (a file of timestamps)")
-            _require(
-                self.trace_unit in TRACE_UNITS,
-                f"trace_unit {self.trace_unit!r} is unknown; choose one of {', '.join(TRACE_UNITS)}",
-            )
-            _require(self.speed > 0, f"trace speed must be > 0 (got {self.speed})")
+        _require(self.kind in ARRIVALS,
+                 f"arrival kind {self.kind!r} is unknown; choose one of {', '.join(ARRIVAL_KINDS)}")
+        ARRIVALS[self.kind].check(self)
 
     @property
     def is_open_loop(self) -> bool:
         """True for every kind but ``closed``: arrivals never wait for earlier responses."""
-        return self.kind != "closed"
+        return ARRIVALS[self.kind].open_loop
 
     @classmethod
     def parse(cls, text: str) -> ArrivalSpec:
@@ -186,25 +158,9 @@ class LengthSpec:
     path: str = ""
 
     def __post_init__(self) -> None:
-        k = self.kind
-        _require(k in LENGTH_KINDS, f"length kind {k!r} is unknown; choose one of {', '.join(LENGTH_KINDS)}")
-        if k == "fixed":
-            _require(self.length >= 1, f"fixed lengths need length >= 1 (got length={self.length})")
-        elif k == "uniform":
-            _require(
-                1 <= self.min_length <= self.max_length,
-                "uniform lengths need 1 <= min_length <= max_length "
-                f"(got min_length={self.min_length}, max_length={self.max_length})",
-            )
-        elif k == "longtail":
-            _require(self.median >= 1, f"longtail lengths need median >= 1 (got median={self.median})")
-            _require(self.sigma > 0, f"longtail lengths need sigma > 0 (got sigma={self.sigma})")
-            _require(
-                self.max_length == 0 or self.max_length >= max(self.min_length, 1),
-                f"longtail max_length={self.max_length} is below min_length={self.min_length}",
-            )
-        elif k == "file":
-            _require(bool(self.path), "file lengths need path (a file of integers)")
+        _require(self.kind in LENGTHS,
+                 f"length kind {self.kind!r} is unknown; choose one of {', '.join(LENGTH_KINDS)}")
+        LENGTHS[self.kind].check(self)
 
     @classmethod
     def parse(cls, text: str) -> LengthSpec:
@@ -260,7 +216,24 @@ def _poisson_in_segments(segments: list[RateSegment], rng: np.random.Generator) 
 
 
 class ArrivalProcess(ABC):
-    """An open-loop arrival process: the whole run's arrival timestamps from a seeded generator."""
+    """An arrival kind: validates its spec fields and, for open-loop kinds, draws the run's arrivals.
+
+    One subclass per kind, registered with :func:`register_arrival` (like Locust's ``LoadTestShape``
+    subclasses): a new kind is a class here, plus any new field it needs on :class:`ArrivalSpec`.
+    """
+
+    kind: ClassVar[str]
+    open_loop: ClassVar[bool] = True
+
+    @classmethod
+    @abstractmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        """Raise ConfigValidationError when ``spec``'s fields do not make a valid arrival of this kind."""
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        """The process of a checked spec (relative trace paths resolve against ``base_dir``)."""
 
     @abstractmethod
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
@@ -275,9 +248,55 @@ class ArrivalProcess(ABC):
         """Expected arrivals per second over a run of ``duration_s``."""
 
 
+ARRIVALS: dict[str, type[ArrivalProcess]] = {}
+
+
+def register_arrival(cls: type[ArrivalProcess]) -> type[ArrivalProcess]:
+    """Class decorator: make ``cls.kind`` an arrival kind of specs, plans and the Locust CLI."""
+    ARRIVALS[cls.kind] = cls
+    return cls
+
+
+def _check_rate(spec: ArrivalSpec) -> None:
+    _require(math.isfinite(spec.rate_rps) and spec.rate_rps > 0,
+             f"{spec.kind} arrivals need rate_rps > 0 (got rate_rps={spec.rate_rps})")
+
+
+@register_arrival
+class ClosedLoop(ArrivalProcess):
+    """``users`` concurrent users, each sending its next request as soon as the previous is answered."""
+
+    kind = "closed"
+    open_loop = False
+
+    @classmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        _require(spec.users >= 1, f"closed-loop arrivals need users >= 1 (got users={spec.users})")
+
+    @classmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        raise ConfigValidationError(f"arrival kind {spec.kind!r} is closed-loop and has no arrival process")
+
+    def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+        raise ConfigValidationError("closed-loop users pace themselves: there is no arrival schedule")
+
+    def mean_rate_rps(self, duration_s: float) -> float:
+        raise ConfigValidationError("closed-loop users pace themselves: there is no offered rate")
+
+
+@register_arrival
 @dataclass
 class PoissonArrivals(ArrivalProcess):
+    kind: ClassVar[str] = "poisson"
     rate_rps: float
+
+    @classmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        _check_rate(spec)
+
+    @classmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        return cls(spec.rate_rps)
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return _poisson_in_segments([RateSegment(0.0, duration_s, self.rate_rps)], rng)
@@ -286,9 +305,19 @@ class PoissonArrivals(ArrivalProcess):
         return self.rate_rps
 
 
+@register_arrival
 @dataclass
 class ConstantArrivals(ArrivalProcess):
+    kind: ClassVar[str] = "constant"
     rate_rps: float
+
+    @classmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        _check_rate(spec)
+
+    @classmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        return cls(spec.rate_rps)
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return np.arange(0.0, duration_s, 1.0 / self.rate_rps)
@@ -297,6 +326,7 @@ class ConstantArrivals(ArrivalProcess):
         return self.rate_rps
 
 
+@register_arrival
 @dataclass
 class OnOffArrivals(ArrivalProcess):
     """Poisson at ``on_rate_rps`` / ``off_rate_rps`` in alternating on/off periods (starting "on").
@@ -305,11 +335,25 @@ class OnOffArrivals(ArrivalProcess):
     ``markov=True``: exponential sojourns with means ``on_s`` and ``off_s`` (two-rate MMPP).
     """
 
+    kind: ClassVar[str] = "bursty"
     on_rate_rps: float
     off_rate_rps: float
     on_s: float
     off_s: float
     markov: bool = False
+
+    @classmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        _check_rate(spec)
+        _require(spec.off_rate_rps >= 0, f"bursty off_rate_rps must be >= 0 (got {spec.off_rate_rps})")
+        _require(
+            spec.on_s > 0 and spec.off_s > 0,
+            f"bursty arrivals need on_s > 0 and off_s > 0 (got on_s={spec.on_s}, off_s={spec.off_s})",
+        )
+
+    @classmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        return cls(spec.rate_rps, spec.off_rate_rps, spec.on_s, spec.off_s, spec.markov)
 
     def segments(self, duration_s: float, rng: np.random.Generator) -> list[RateSegment]:
         """The on/off timeline of one run; drawn from ``rng`` before the arrivals when markov."""
@@ -332,12 +376,28 @@ class OnOffArrivals(ArrivalProcess):
         return (self.on_rate_rps * self.on_s + self.off_rate_rps * self.off_s) / total_s
 
 
+@register_arrival
 @dataclass
 class SpikeArrivals(ArrivalProcess):
+    kind: ClassVar[str] = "spike"
     base_rate_rps: float
     spike_rate_rps: float
     spike_start_s: float
     spike_duration_s: float
+
+    @classmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        _check_rate(spec)
+        _require(spec.spike_rate_rps > 0, f"spike arrivals need spike_rate_rps > 0 (got {spec.spike_rate_rps})")
+        _require(
+            spec.spike_start_s >= 0 and spec.spike_duration_s > 0,
+            "spike arrivals need spike_start_s >= 0 and spike_duration_s > 0 "
+            f"(got spike_start_s={spec.spike_start_s}, spike_duration_s={spec.spike_duration_s})",
+        )
+
+    @classmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        return cls(spec.rate_rps, spec.spike_rate_rps, spec.spike_start_s, spec.spike_duration_s)
 
     def segments(self, duration_s: float) -> list[RateSegment]:
         start = min(self.spike_start_s, duration_s)
@@ -365,12 +425,30 @@ class Trace:
     source: str = ""
 
 
+@register_arrival
 @dataclass
 class TraceArrivals(ArrivalProcess):
     """Replays a trace exactly (the rng is unused); arrivals at or after ``duration_s`` are dropped."""
 
+    kind: ClassVar[str] = "trace"
     trace: Trace
     speed: float = 1.0
+
+    @classmethod
+    def check(cls, spec: ArrivalSpec) -> None:
+        _require(bool(spec.trace_path), "trace arrivals need trace_path (a file of timestamps)")
+        _require(
+            spec.trace_unit in TRACE_UNITS,
+            f"trace_unit {spec.trace_unit!r} is unknown; choose one of {', '.join(TRACE_UNITS)}",
+        )
+        _require(spec.speed > 0, f"trace speed must be > 0 (got {spec.speed})")
+
+    @classmethod
+    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
+        path = Path(spec.trace_path)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        return cls(read_trace(path, spec.trace_unit), spec.speed)
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         times = self.trace.times_s / self.speed
@@ -457,22 +535,12 @@ def read_trace(path: str | Path, unit: str = "s") -> Trace:
     )
 
 
+ARRIVAL_KINDS = tuple(ARRIVALS)
+
+
 def make_arrival_process(spec: ArrivalSpec, *, base_dir: Path | None = None) -> ArrivalProcess:
     """The arrival process of an open-loop spec (``closed`` has none: users pace themselves)."""
-    if spec.kind == "poisson":
-        return PoissonArrivals(spec.rate_rps)
-    if spec.kind == "constant":
-        return ConstantArrivals(spec.rate_rps)
-    if spec.kind == "bursty":
-        return OnOffArrivals(spec.rate_rps, spec.off_rate_rps, spec.on_s, spec.off_s, spec.markov)
-    if spec.kind == "spike":
-        return SpikeArrivals(spec.rate_rps, spec.spike_rate_rps, spec.spike_start_s, spec.spike_duration_s)
-    if spec.kind == "trace":
-        path = Path(spec.trace_path)
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
-        return TraceArrivals(read_trace(path, spec.trace_unit), spec.speed)
-    raise ConfigValidationError(f"arrival kind {spec.kind!r} is closed-loop and has no arrival process")
+    return ARRIVALS[spec.kind].from_spec(spec, base_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,48 +549,153 @@ def make_arrival_process(spec: ArrivalSpec, *, base_dir: Path | None = None) -> 
 
 
 class LengthDistribution(ABC):
+    """A length kind: validates its spec fields and draws lengths within the model's bounds.
+
+    One subclass per kind, registered with :func:`register_lengths`.
+    """
+
+    kind: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def check(cls, spec: LengthSpec) -> None:
+        """Raise ConfigValidationError when ``spec``'s fields do not make valid lengths of this kind."""
+
+    @classmethod
+    @abstractmethod
+    def from_spec(cls, spec: LengthSpec, bounds: _LengthBounds, base_dir: Path | None) -> LengthDistribution:
+        """The distribution of a checked spec for a model accepting ``bounds``."""
+
     @abstractmethod
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """``count`` lengths (int64, each within the model's bounds)."""
 
 
+LENGTHS: dict[str, type[LengthDistribution]] = {}
+
+
+def register_lengths(cls: type[LengthDistribution]) -> type[LengthDistribution]:
+    """Class decorator: make ``cls.kind`` a length kind of specs, plans and the Locust CLI."""
+    LENGTHS[cls.kind] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class _LengthBounds:
+    """The lengths a model accepts, [min_length, max_length]."""
+
+    min_length: int
+    max_length: int
+
+    def check(self, low: int, high: int, what: str) -> None:
+        if low < self.min_length or high > self.max_length:
+            raise ConfigValidationError(
+                f"{what} spans [{low}, {high}] but the model accepts lengths in "
+                f"[{self.min_length}, {self.max_length}]; choose lengths inside the manifest's sequence range"
+            )
+
+
+@register_lengths
 @dataclass
 class FixedLengths(LengthDistribution):
+    kind: ClassVar[str] = "fixed"
     length: int
+
+    @classmethod
+    def check(cls, spec: LengthSpec) -> None:
+        _require(spec.length >= 1, f"fixed lengths need length >= 1 (got length={spec.length})")
+
+    @classmethod
+    def from_spec(cls, spec: LengthSpec, bounds: _LengthBounds, base_dir: Path | None) -> LengthDistribution:
+        bounds.check(spec.length, spec.length, f"fixed length {spec.length}")
+        return cls(spec.length)
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
         return np.full(count, self.length, dtype=np.int64)
 
 
+@register_lengths
 @dataclass
 class UniformLengths(LengthDistribution):
+    kind: ClassVar[str] = "uniform"
     min_length: int
     max_length: int
+
+    @classmethod
+    def check(cls, spec: LengthSpec) -> None:
+        _require(
+            1 <= spec.min_length <= spec.max_length,
+            "uniform lengths need 1 <= min_length <= max_length "
+            f"(got min_length={spec.min_length}, max_length={spec.max_length})",
+        )
+
+    @classmethod
+    def from_spec(cls, spec: LengthSpec, bounds: _LengthBounds, base_dir: Path | None) -> LengthDistribution:
+        bounds.check(spec.min_length, spec.max_length, "uniform lengths")
+        return cls(spec.min_length, spec.max_length)
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
         return rng.integers(self.min_length, self.max_length, size=count, endpoint=True, dtype=np.int64)
 
 
+@register_lengths
 @dataclass
 class LongTailLengths(LengthDistribution):
     """Log-normal lengths: many short requests and a few long ones, clipped to the model's range."""
 
+    kind: ClassVar[str] = "longtail"
     median: float
     sigma: float
     min_length: int
     max_length: int
+
+    @classmethod
+    def check(cls, spec: LengthSpec) -> None:
+        _require(spec.median >= 1, f"longtail lengths need median >= 1 (got median={spec.median})")
+        _require(spec.sigma > 0, f"longtail lengths need sigma > 0 (got sigma={spec.sigma})")
+        _require(
+            spec.max_length == 0 or spec.max_length >= max(spec.min_length, 1),
+            f"longtail max_length={spec.max_length} is below min_length={spec.min_length}",
+        )
+
+    @classmethod
+    def from_spec(cls, spec: LengthSpec, bounds: _LengthBounds, base_dir: Path | None) -> LengthDistribution:
+        low = spec.min_length or bounds.min_length
+        high = spec.max_length or bounds.max_length
+        bounds.check(low, high, "longtail lengths")
+        return cls(spec.median, spec.sigma, low, high)
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
         raw = rng.lognormal(mean=math.log(self.median), sigma=self.sigma, size=count)
         return np.clip(np.rint(raw), self.min_length, self.max_length).astype(np.int64)
 
 
+@register_lengths
 @dataclass
 class EmpiricalLengths(LengthDistribution):
+    """Lengths drawn with replacement from the integers of a file."""
+
+    kind: ClassVar[str] = "file"
     values: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @classmethod
+    def check(cls, spec: LengthSpec) -> None:
+        _require(bool(spec.path), "file lengths need path (a file of integers)")
+
+    @classmethod
+    def from_spec(cls, spec: LengthSpec, bounds: _LengthBounds, base_dir: Path | None) -> LengthDistribution:
+        path = Path(spec.path)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        values = read_lengths_file(path)
+        bounds.check(int(values.min()), int(values.max()), f"lengths file {path}")
+        return cls(values)
 
     def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
         return rng.choice(self.values, size=count, replace=True).astype(np.int64)
+
+
+LENGTH_KINDS = tuple(LENGTHS)
 
 
 def read_lengths_file(path: str | Path) -> np.ndarray:
@@ -548,30 +721,4 @@ def make_length_distribution(
     spec: LengthSpec, *, min_length: int, max_length: int, base_dir: Path | None = None
 ) -> LengthDistribution:
     """The distribution of ``spec`` for a model accepting lengths in [min_length, max_length]."""
-
-    def check(low: int, high: int, what: str) -> None:
-        if low < min_length or high > max_length:
-            raise ConfigValidationError(
-                f"{what} spans [{low}, {high}] but the model accepts lengths in [{min_length}, {max_length}]; "
-                "choose lengths inside the manifest's sequence range"
-            )
-
-    if spec.kind == "fixed":
-        check(spec.length, spec.length, f"fixed length {spec.length}")
-        return FixedLengths(spec.length)
-    if spec.kind == "uniform":
-        check(spec.min_length, spec.max_length, "uniform lengths")
-        return UniformLengths(spec.min_length, spec.max_length)
-    if spec.kind == "longtail":
-        low = spec.min_length or min_length
-        high = spec.max_length or max_length
-        check(low, high, "longtail lengths")
-        return LongTailLengths(spec.median, spec.sigma, low, high)
-    if spec.kind == "file":
-        path = Path(spec.path)
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
-        values = read_lengths_file(path)
-        check(int(values.min()), int(values.max()), f"lengths file {path}")
-        return EmpiricalLengths(values)
-    raise ConfigValidationError(f"length kind {spec.kind!r} is unknown")
+    return LENGTHS[spec.kind].from_spec(spec, _LengthBounds(min_length, max_length), base_dir)
