@@ -11,9 +11,11 @@ project's own CLI (typer), so an option that does not exist fails here.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,16 @@ needs_kubectl = pytest.mark.skipif(
 
 @cache
 def render(path: str) -> tuple[dict, ...]:
-    """The objects ``kubectl kustomize`` renders from a kustomization folder under deploy/kubernetes."""
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(KUBERNETES / path)], capture_output=True, text=True, timeout=120
-    )
+    """The objects ``kubectl kustomize`` renders from a kustomization folder under deploy/kubernetes
+    (or ``with-pvc/OVERLAY``: that overlay plus components/repository-pvc, as a user composes it)."""
+    if path.startswith("with-pvc/"):
+        folder = Path(tempfile.mkdtemp(prefix="stagebatch-kustomize-"))
+        overlay, component = KUBERNETES / "overlays" / path.split("/", 1)[1], KUBERNETES / "components" / "repository-pvc"
+        (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [os.path.relpath(overlay, folder)], "components": [os.path.relpath(component, folder)]}))
+    else:
+        folder = KUBERNETES / path
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"kubectl kustomize {path} failed: {result.stderr}"
     return tuple(obj for obj in yaml.safe_load_all(result.stdout) if obj)
 
@@ -95,7 +103,7 @@ def compose_service(name: str) -> dict:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("path", ["base", *(f"overlays/{name}" for name in OVERLAYS)])
+@pytest.mark.parametrize("path", ["base", *(f"overlays/{name}" for name in OVERLAYS), "with-pvc/cpu", "with-pvc/gpu"])
 def test_every_kustomization_renders_and_validates_against_kubernetes(path: str) -> None:
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[dev]')"
@@ -117,20 +125,21 @@ def test_every_overlay_folder_is_rendered_by_the_tests() -> None:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_images_are_the_compose_images(overlay: str) -> None:
-    objects = render(f"overlays/{overlay}")
+@pytest.mark.parametrize("path", [*(f"overlays/{name}" for name in OVERLAYS), "with-pvc/cpu", "with-pvc/gpu"])
+def test_images_are_the_compose_images(path: str) -> None:
+    objects = render(path)
     compose = load_compose()["services"]
     images = {
-        c["image"] for obj in objects if obj["kind"] == "Deployment"
+        c["image"] for obj in objects if obj["kind"] in ("Deployment", "Job")
         for key in ("containers", "initContainers") for c in obj["spec"]["template"]["spec"].get(key, [])
     }
+    cpu = path.endswith("/cpu")
     allowed = {compose["builder"]["image"], compose["locust-master"]["image"]}
-    if overlay != "cpu":
+    if not cpu:
         allowed.add(compose["triton"]["image"])
     assert images <= allowed, images - allowed
     triton = container(find(objects, "Deployment", "stagebatch-triton"), "triton")
-    expected = compose["builder"]["image"] if overlay == "cpu" else compose["triton"]["image"]
+    expected = compose["builder"]["image"] if cpu else compose["triton"]["image"]
     assert triton["image"] == expected
     # The compose Triton image is the NGC 24.10 server (the same 2.51.0 as the embedded binary).
     dockerfile = (ROOT / "docker" / "triton.Dockerfile").read_text()
@@ -292,3 +301,25 @@ def test_autoscaler_owns_the_triton_replica_count() -> None:
     hpa = find(objects, "HorizontalPodAutoscaler", "stagebatch-triton")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "stagebatch-triton"}
     assert render("overlays/gpu") and "replicas" in find(render("overlays/gpu"), "Deployment", "stagebatch-triton")["spec"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_repository_pvc_component_builds_once_and_mounts_the_claim(overlay: str) -> None:
+    objects = render(f"with-pvc/{overlay}")
+    job = find(objects, "Job", "stagebatch-build")
+    job_spec = job["spec"]["template"]["spec"]
+    build_env = config_data(objects, "stagebatch-build")
+    script = job_spec["containers"][0]["command"][-1]
+    build_line = script.split("&&")[1]
+    # The init containers' build, run once.
+    init_build = container(find(render(f"overlays/{overlay}"), "Deployment", "stagebatch-triton"), "build", init=True)
+    assert shlex.split(expand([build_line], build_env)[0]) == expand(init_build["command"], build_env)
+    marker = script.split("&&")[-1].split()[-1]
+    assert job_spec["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "stagebatch-models"}}]
+    for name in ("stagebatch-triton", "stagebatch-locust-master"):
+        spec = find(objects, "Deployment", name)["spec"]["template"]["spec"]
+        assert [c["name"] for c in spec["initContainers"]] == ["wait-for-repository"]
+        assert marker in spec["initContainers"][0]["command"][-1]
+        models = next(v for v in spec["volumes"] if v["name"] == "models")
+        assert models == {"name": "models", "persistentVolumeClaim": {"claimName": "stagebatch-models", "readOnly": True}}
