@@ -31,8 +31,9 @@ from test_compose_config import load_compose
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu", "autoscaling")
-# The Kubernetes version the manifests are validated against (kubernetes-validate's offline schemas).
-KUBERNETES_VERSION = "1.31.0"
+# The Kubernetes versions the manifests are validated against (kubernetes-validate's offline schemas):
+# the oldest that docs/kubernetes.md supports and a current one.
+KUBERNETES_VERSIONS = ("1.25.0", "1.31.0")
 # Kinds that no Kubernetes schema describes: custom resources, checked by their own tests below.
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "stagebatch.json"
@@ -114,7 +115,8 @@ def test_every_kustomization_renders_and_validates_against_kubernetes(path: str)
     for obj in objects:
         if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
             continue
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
         validated += 1
     assert validated >= 8
 
