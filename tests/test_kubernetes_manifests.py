@@ -201,6 +201,8 @@ def test_gpu_triton_gets_one_gpu_and_the_compose_shared_memory(overlay: str) -> 
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
     assert compose_service("triton")["shm_size"] == "2gb"
     assert volumes["admin-key"]["secret"]["secretName"] == "stagebatch-admin-key"
+    # A rollout never needs a spare GPU.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
 
 @needs_kubectl
@@ -266,6 +268,10 @@ def test_locust_runs_the_compose_commands_against_every_triton_replica() -> None
                                  else arg for arg in compose_worker]
     master_service = find(objects, "Service", "stagebatch-locust-master")
     assert {p["port"] for p in master_service["spec"]["ports"]} == {8089, 5557}
+    master_labels = find(objects, "Deployment", "stagebatch-locust-master")["spec"]["template"]["metadata"]["labels"]
+    assert master_service["spec"]["selector"].items() <= master_labels.items()
+    # Ready (so reachable through the Service) in headless runs too, when the web UI is off.
+    assert master["readinessProbe"]["tcpSocket"] == {"port": "master"}
     # The same workload variables, with the same defaults, as the compose master.
     workload = config_data(objects, "stagebatch-workload")
     assert workload == {key: str(value) for key, value in compose_service("locust-master")["environment"].items()}
