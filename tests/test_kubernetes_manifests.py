@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -331,3 +332,11 @@ def test_repository_pvc_component_builds_once_and_mounts_the_claim(overlay: str)
         assert marker in spec["initContainers"][0]["command"][-1]
         models = next(v for v in spec["volumes"] if v["name"] == "models")
         assert models == {"name": "models", "persistentVolumeClaim": {"claimName": "stagebatch-models", "readOnly": True}}
+
+
+def test_docs_name_only_paths_that_exist() -> None:
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    paths = set(re.findall(r"\b((?:deploy/kubernetes|docker)/[\w./-]*\w)", text))
+    assert "deploy/kubernetes/overlays/cpu" in paths
+    missing = sorted(path for path in paths if not (ROOT / path).exists())
+    assert not missing, missing
