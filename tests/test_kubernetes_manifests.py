@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from test_compose_config import load_compose
 
 from stagebatch import server as embedded
 from stagebatch.cli import app
-from test_compose_config import load_compose
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -57,7 +57,7 @@ def render(path: str) -> tuple[dict, ...]:
             "resources": [os.path.relpath(overlay, folder)], "components": [os.path.relpath(component, folder)]}))
     else:
         folder = KUBERNETES / path
-    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"kubectl kustomize {path} failed: {result.stderr}"
     return tuple(obj for obj in yaml.safe_load_all(result.stdout) if obj)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_compose_metrics import served_metrics  # noqa: F401 (the module-scoped server fixture)
 
 pytestmark = pytest.mark.server
