@@ -13,7 +13,8 @@ estimate is made (docs/kubernetes.md, "Resource requests"):
   a stub of the tiny models, 80 MiB resident with the shared libraries) plus its shared-memory
   region in /dev/shm (a memory-backed volume, so it counts against the pod's memory);
 - the server itself: ``SERVER_MIB``; on a GPU every process that opens a CUDA context (the server
-  and each reorch stub) adds ``CUDA_CONTEXT_MIB`` of host memory.
+  and each reorch stub) adds ``CUDA_CONTEXT_MIB`` of host memory for the context and the CUDA,
+  cuBLAS and cuDNN libraries it maps (not measured here: no GPU; a generous figure).
 
 The request is the estimate rounded up to 256 MiB; the limit twice that. CPU is a choice, not an
 estimate: the cores the embedded server's onnxruntime sessions may use (overlays/cpu requests 2).
@@ -33,7 +34,7 @@ from stagebatch.repository import read_manifest
 MIB = 2**20
 SERVER_MIB = 256
 PYTHON_STUB_MIB = 64
-CUDA_CONTEXT_MIB = 512
+CUDA_CONTEXT_MIB = 1024
 WEIGHT_COPIES = 2
 # Python backend shared memory per stub: Triton's default (the embedded server) and the
 # --backend-config=python,shm-default-byte-size of docker-compose.yml (overlays/gpu).
