@@ -1,0 +1,250 @@
+"""The fault suite: each case asserts that no request is lost, none answered twice and none hung.
+
+One supervised server on the tiny bert_base repository (built with a 2 s queue timeout, so that the
+requests queued in front of a dead stub are refused at once instead of draining at one batch per
+second) serves every case of the module. The fast cases run by default; the ``slow`` ones are the
+issue's full sizes (2,000 requests in flight, 1,000 streams) and print the figures::
+
+    .venv/bin/python -m pytest tests/test_fault_suite.py -m slow -s
+
+Requests go over gRPC with grpc.aio (one event loop, thousands in flight); reorch is called over
+streams (one request per stream), which works whether the model is decoupled or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import grpc
+import psutil
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from loadtest.request_factory import RequestFactory, model_entry
+from slicing.repository import BuildOptions, build_repository
+from stagebatch.model_config import read_model_config
+from stagebatch.server import EmbeddedTriton
+from stagebatch.supervisor import stub_identity
+
+pytestmark = pytest.mark.server
+
+QUEUE_TIMEOUT_US = 2_000_000
+CLIENT_DEADLINE_S = 30.0  # an answer later than this counts as hung
+SEQ_LEN = 8
+STREAMED = ("reorch",)  # variants called over streams
+GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fault_repo")
+    build_repository(out, models=["bert_base"], options=BuildOptions(
+        size="tiny", stages=2, max_batch=8, default_timeout_us=QUEUE_TIMEOUT_US, intra_op_threads=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with EmbeddedTriton(repository, supervise=True, supervisor_metrics_port=0,
+                        extra_args=("--exit-timeout-secs=5",)) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def manifest(repository):
+    return json.loads((repository / "manifest.json").read_text())
+
+
+def factory(manifest, variant: str) -> RequestFactory:
+    return RequestFactory(model_entry(manifest, "bert_base"), variant, seed=3)
+
+
+# ---- the client side: every request's answers, counted ----
+
+
+@dataclass
+class Outcome:
+    """What one request got: its answers (``ok`` or the error), when the first came, and when it was sent."""
+
+    sent_s: float
+    answers: list[str] = field(default_factory=list)
+    answered_s: float | None = None
+
+    @property
+    def hung(self) -> bool:
+        return not self.answers or self.answers == ["DEADLINE_EXCEEDED"]
+
+
+async def call(stub, request: service_pb2.ModelInferRequest, streamed: bool, outcome: Outcome, *,
+               cancel_after_s: float | None = None, deadline_s: float = CLIENT_DEADLINE_S) -> None:
+    """Send ``request``; record every answer. A stream is half-closed after its first answer and read to its
+    end, so that a second answer would be seen; ``cancel_after_s`` cancels the stream instead."""
+    def note(answer: str) -> None:
+        if outcome.answered_s is None:
+            outcome.answered_s = time.monotonic()
+        outcome.answers.append(answer)
+
+    try:
+        if not streamed:
+            await stub.ModelInfer(request, timeout=deadline_s)
+            note("ok")
+            return
+        first = asyncio.Event()
+
+        async def requests():
+            yield request
+            await first.wait()
+
+        stream = stub.ModelStreamInfer(requests(), timeout=deadline_s)
+        if cancel_after_s is not None:
+            asyncio.get_running_loop().call_later(cancel_after_s, stream.cancel)
+        async for response in stream:
+            note(response.error_message or "ok")
+            first.set()
+    except asyncio.CancelledError:
+        if cancel_after_s is None:
+            raise
+        note("CANCELLED")
+    except grpc.aio.AioRpcError as error:
+        note(error.code().name if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+             else f"{error.code().name}: {error.details()}")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 (loopback)
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+def stub_pid(server: EmbeddedTriton, model: str) -> int:
+    for child in psutil.Process(server._process.pid).children():
+        identity = stub_identity(child.cmdline())
+        if identity is not None and identity[0] == model:
+            return child.pid
+    raise AssertionError(f"no stub process of {model!r}")
+
+
+@dataclass
+class KillReport:
+    in_flight: int
+    outcomes: list[Outcome]
+    kill_s: float
+    last_answer_after_kill_s: float
+    serving_again_after_kill_s: float | None
+    live_throughout: bool
+    restarts: int
+
+    def summary(self, model: str, variant: str) -> str:
+        errors = sum(1 for o in self.outcomes if o.answers and o.answers[0] != "ok")
+        serving = "never" if self.serving_again_after_kill_s is None else f"{self.serving_again_after_kill_s:.2f} s"
+        return (f"kill {model} under {variant} load: {self.in_flight} in flight at the kill, "
+                f"{len(self.outcomes) - errors} ok + {errors} errors, {sum(o.hung for o in self.outcomes)} hung; "
+                f"last answer {self.last_answer_after_kill_s:.2f} s after the kill; serving again after {serving}; "
+                f"server live throughout: {self.live_throughout}; supervisor restarts: {self.restarts}")
+
+
+def kill_under_load(server: EmbeddedTriton, manifest, variant: str, victim: str, requests: int) -> KillReport:
+    """Send ``requests`` requests at once to ``variant``, kill ``victim``'s stub while they are held, and watch."""
+    make = factory(manifest, variant)
+    streamed = variant in STREAMED
+    restarts_before = server.supervisor.restarts(victim)
+
+    async def scenario() -> KillReport:
+        async with grpc.aio.insecure_channel(server.grpc_url, options=GRPC_OPTIONS) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            outcomes = [Outcome(time.monotonic()) for _ in range(requests)]
+            tasks = []
+            for index, outcome in enumerate(outcomes):
+                request = service_pb2.ModelInferRequest()
+                request.CopyFrom(make.request_proto(SEQ_LEN))
+                request.id = str(index)
+                tasks.append(asyncio.create_task(call(stub, request, streamed, outcome)))
+            # Kill once the server holds requests: a few answered, most not yet.
+            while sum(o.answered_s is not None for o in outcomes) < max(1, requests // 20):
+                await asyncio.sleep(0.01)
+            os.kill(stub_pid(server, victim), signal.SIGKILL)
+            kill_s = time.monotonic()
+            in_flight = [o for o in outcomes if o.answered_s is None]
+            live, serving_s = True, None
+            while True:  # probe: a fresh request every 0.25 s until one is answered ok; the server stays live
+                probe = Outcome(time.monotonic())
+                request = service_pb2.ModelInferRequest()
+                request.CopyFrom(make.request_proto(SEQ_LEN))
+                await call(stub, request, streamed, probe, deadline_s=10)
+                live = live and await asyncio.to_thread(http_status, f"{server.http_url}/v2/health/live") == 200
+                if probe.answers == ["ok"]:
+                    serving_s = probe.answered_s - kill_s
+                    break
+                if time.monotonic() - kill_s > 60:
+                    break
+                await asyncio.sleep(0.25)
+            await asyncio.gather(*tasks)
+            answered = [o.answered_s for o in in_flight if o.answered_s is not None]
+            return KillReport(len(in_flight), in_flight, kill_s, max(answered, default=kill_s) - kill_s, serving_s,
+                              live, server.supervisor.restarts(victim) - restarts_before)
+
+    return asyncio.run(scenario())
+
+
+def assert_each_answered_once(outcomes: list[Outcome]) -> None:
+    hung = [o for o in outcomes if o.hung]
+    twice = [o.answers for o in outcomes if len(o.answers) > 1]
+    assert not hung, f"{len(hung)} of {len(outcomes)} requests hung (no answer within {CLIENT_DEADLINE_S:.0f} s)"
+    assert not twice, f"{len(twice)} requests answered more than once, e.g. {twice[:3]}"
+
+
+# ---- the build gives every batcher the queue timeout (max_queue_size: whole and reorch only) ----
+
+
+def test_build_queue_policy_reaches_whole_stages_and_reorch(tmp_path, repository):
+    policies = {name: read_model_config(repository / name / "config.pbtxt")["dynamic_batching"].get("default_queue_policy")
+                for name in ("bert_base", "bert_base_stage0", "bert_base_stage1", "bert_base_reorch")}
+    assert {name: int(p["default_timeout_microseconds"]) for name, p in policies.items()} == dict.fromkeys(
+        policies, QUEUE_TIMEOUT_US)
+    out = tmp_path / "capped"
+    build_repository(out, models=["bert_base"], options=BuildOptions(size="tiny", stages=2, max_queue_size=64))
+    sizes = {name: read_model_config(out / name / "config.pbtxt")["dynamic_batching"]
+             .get("default_queue_policy", {}).get("max_queue_size")
+             for name in ("bert_base", "bert_base_stage0", "bert_base_reorch")}
+    assert sizes == {"bert_base": 64, "bert_base_stage0": None, "bert_base_reorch": 64}
+
+
+# ---- kill a stub under load ----
+
+
+def test_kill_whole_model_stub_under_load_answers_every_request_and_serves_again(server, manifest):
+    report = kill_under_load(server, manifest, "whole", "bert_base", requests=300)
+    print(report.summary("bert_base", "whole"))
+    assert_each_answered_once(report.outcomes)
+    assert report.serving_again_after_kill_s is not None, "the model never served again"
+    assert report.live_throughout and server.is_alive()
+    assert report.restarts == 1
+    assert any("'bert_base' restarted" in line for line in server.supervisor.events)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, victim", [("whole", "bert_base"), ("ensemble", "bert_base_stage0"),
+                                             ("ensemble", "bert_base_stage1"), ("reorch", "bert_base_reorch")])
+def test_kill_any_stub_under_2000_in_flight_meets_the_done_when(server, manifest, variant, victim):
+    report = kill_under_load(server, manifest, variant, victim, requests=2000)
+    print(report.summary(victim, variant))
+    assert_each_answered_once(report.outcomes)
+    assert report.serving_again_after_kill_s is not None
+    assert report.live_throughout and server.is_alive()
+    assert report.restarts == 1
+
+
+def test_supervisor_metrics_endpoint_counts_restarts(server):
+    text = urllib.request.urlopen(server.supervisor.metrics_url, timeout=5).read().decode()  # noqa: S310
+    assert "stagebatch_model_restarts_total" in text
