@@ -119,3 +119,14 @@ def test_supervisor_leaves_a_crash_looping_model_unloaded(server):
     finally:
         supervisor.stop()
         client.load_model("ident", headers=server.admin_headers)  # leave the server as we found it
+
+
+def test_embedded_server_runs_its_supervisor_and_stops_it(tmp_path):
+    build_repository(tmp_path)
+    with EmbeddedTriton(tmp_path, models=["ident"], supervise=True, supervisor_metrics_port=0) as served:
+        supervisor = served.supervisor
+        assert supervisor is not None and supervisor._thread.is_alive()
+        assert wait_until(lambda: "ident" in supervisor.logic.watched)
+        assert "stagebatch_model_restarts_total" in scrape(supervisor.metrics_url)
+    assert served.supervisor is None and supervisor._thread is None
+    assert scrape(supervisor.metrics_url) == "", "the metrics endpoint outlived the server"
