@@ -408,14 +408,21 @@ class ModelSupervisor:
     def _config(self, name: str) -> dict:
         return self._client.get_model_config(name, as_json=True, headers=self.admin_headers).get("config", {})
 
-    def _probe(self, name: str) -> bool:
+    def _probe(self, name: str) -> bool | None:
+        """The model's readiness; ``None`` when the server gave no answer (busy, restarting): a slow
+        server under load must not look like a failed model."""
         if self.http_url is None:
-            return bool(self._client.is_model_ready(name))
+            try:
+                return bool(self._client.is_model_ready(name, client_timeout=PROBE_TIMEOUT_S))
+            except Exception:  # noqa: BLE001 (tritonclient raises one exception class for every transport error)
+                return None
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/models/{name}/ready", timeout=PROBE_TIMEOUT_S) as answer:  # noqa: S310
                 return answer.status == 200
+        except urllib.error.HTTPError as error:  # an answer: not ready
+            return error.code == 200
         except (urllib.error.URLError, OSError):
-            return False
+            return None
 
     # ---- actions ----
     def _restart(self, action: Restart) -> None:

@@ -137,3 +137,9 @@ def test_expected_stubs_come_from_python_instance_groups_only():
     assert expected_stubs(python) == ("m_0_0", "m_0_1", "m_1_0")
     assert expected_stubs({"backend": "onnxruntime", "instance_group": [{"name": "m_0", "count": 1}]}) == ()
     assert expected_stubs({"platform": "ensemble"}) == ()
+
+
+def test_logic_does_not_count_a_probe_without_answer_as_a_failure():
+    logic, clock = SupervisionLogic(SupervisorPolicy(confirm_polls=1)), FakeClock()
+    busy = ModelObservation("m", "READY", ready=None)  # a server too busy to answer in time
+    assert [logic.observe([busy], clock.advance(0.5)) for _ in range(3)] == [[], [], []]
