@@ -359,7 +359,7 @@ class ModelSupervisor:
             started = self.clock()
             try:
                 self.check_once()
-            except Exception as error:  # the server may be restarting: say so and look again
+            except Exception as error:  # noqa: BLE001 (the server may be restarting: say so, look again)
                 LOGGER.warning("supervisor: cannot look at %s: %s", self.url, error)
             self._stop.wait(max(0.0, self.policy.poll_interval_s - (self.clock() - started)))
 
@@ -417,7 +417,7 @@ class ModelSupervisor:
             except Exception:  # noqa: BLE001 (tritonclient raises one exception class for every transport error)
                 return None
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/models/{name}/ready", timeout=PROBE_TIMEOUT_S) as answer:  # noqa: S310
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{name}/ready", timeout=PROBE_TIMEOUT_S) as answer:
                 return answer.status == 200
         except urllib.error.HTTPError as error:  # an answer: not ready
             return error.code == 200
@@ -430,8 +430,8 @@ class ModelSupervisor:
         config = self._configs.get(action.model)
         try:
             config = self._config(action.model)
-        except Exception:  # noqa: BLE001 (unavailable models have no config to read: keep the last one)
-            pass
+        except Exception as error:  # noqa: BLE001 (an unavailable model has no config to read: keep the last one)
+            LOGGER.debug("config of %s before its restart: %s", action.model, error)
         try:
             self._client.unload_model(action.model, headers=self.admin_headers)
         except Exception as error:  # noqa: BLE001 (already unloaded is fine)

@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
-
 from loadgen_models import build_repository
+
 from stagebatch.cli import main
 from stagebatch.server import EmbeddedTriton, find_free_port
 from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy, stub_identity
@@ -65,7 +65,7 @@ def wait_until(predicate, timeout_s: float = 60.0, every_s: float = 0.2):
 
 def scrape(url: str) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=2) as answer:
             return answer.read().decode()
     except OSError:
         return ""
