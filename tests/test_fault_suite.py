@@ -31,6 +31,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from loadtest.request_factory import RequestFactory, model_entry
 from slicing.repository import BuildOptions, build_repository
+from stagebatch.errors import BadParameterError
 from stagebatch.model_config import read_model_config
 from stagebatch.server import EmbeddedTriton
 from stagebatch.supervisor import stub_identity
@@ -223,6 +224,12 @@ def test_build_queue_policy_reaches_whole_stages_and_reorch(tmp_path, repository
              .get("default_queue_policy", {}).get("max_queue_size")
              for name in ("bert_base", "bert_base_stage0", "bert_base_reorch")}
     assert sizes == {"bert_base": 64, "bert_base_stage0": None, "bert_base_reorch": 64}
+
+
+@pytest.mark.parametrize("option", ["max_queue_size", "default_timeout_us"])
+def test_build_refuses_a_negative_queue_policy(option):
+    with pytest.raises(BadParameterError, match="--" + option.replace("_", "-")):
+        BuildOptions(size="tiny", **{option: -1})
 
 
 # ---- kill a stub under load ----
