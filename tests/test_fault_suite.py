@@ -355,8 +355,30 @@ def fuzz_strategy(manifest):
     entry = model_entry(manifest, "bert_base")
     names = [spec.name for spec in entry.inputs]
 
+    factories = {variant: factory(manifest, variant) for variant in ("whole", "ensemble", "reorch")}
+
     @st.composite
-    def requests(draw):
+    def mutated(draw):
+        """A valid request with at most one thing wrong: it reaches the model more often than a random one."""
+        variant = draw(st.sampled_from(sorted(factories)))
+        request = service_pb2.ModelInferRequest()
+        request.CopyFrom(factories[variant].request_proto(draw(st.integers(1, entry.max_length))))
+        where = draw(st.integers(0, len(request.inputs) - 1))
+        mutation = draw(st.sampled_from(["none", "bytes", "truncate", "dim", "record"]))
+        if mutation == "bytes":  # token ids out of the vocabulary, masks of any value
+            size = len(request.raw_input_contents[where])
+            request.raw_input_contents[where] = draw(st.binary(min_size=size, max_size=size))
+        elif mutation == "truncate":
+            request.raw_input_contents[where] = request.raw_input_contents[where][:-draw(st.integers(1, 8))]
+        elif mutation == "dim":
+            request.inputs[where].shape[draw(st.integers(0, len(request.inputs[where].shape) - 1))] = \
+                draw(st.integers(-1, 40).filter(lambda dim: dim != 0))
+        elif mutation == "record":
+            request.parameters["reorch_record"].bool_param = draw(st.booleans())
+        return variant, request
+
+    @st.composite
+    def arbitrary(draw):
         variant = draw(st.sampled_from(["whole", "ensemble", "reorch"]))
         request = service_pb2.ModelInferRequest(model_name=entry.triton_name(variant))
         if draw(st.integers(0, 3)) == 0:
@@ -400,7 +422,7 @@ def fuzz_strategy(manifest):
             output.name = draw(st.sampled_from(["last_hidden_state", "REORCH_RECORD", "nope"]))
         return variant, request
 
-    return requests()
+    return st.one_of(mutated(), arbitrary())
 
 
 def fuzz(server: EmbeddedTriton, manifest, examples: int) -> list[list[str]]:
