@@ -32,6 +32,12 @@ def build(
     instances: Annotated[int, typer.Option(help="Instances of the whole and stage models.")] = 1,
     intra_op_threads: Annotated[int, typer.Option(
         help="onnxruntime intra-op threads of every served session (0: all physical cores).")] = 0,
+    max_queue_size: Annotated[int, typer.Option(
+        help="Triton queue policy: requests beyond this many queued are refused at once (0: unbounded). "
+             "Whole model and reorch only (a full stage queue hangs its ensemble on 24.10).")] = 0,
+    default_timeout_us: Annotated[int, typer.Option(
+        help="Triton queue policy: a request queued longer than this (µs) is refused (0: never), every "
+             "batcher. Answers the requests queued in front of a crashed Python stub at once.")] = 0,
 ) -> None:
     """Build a ready Triton model repository with the whole model, its stages and their ensemble."""
     from rich.console import Console
@@ -43,7 +49,8 @@ def build(
     options = BuildOptions(size=size, stages=stages, target=target, max_batch=max_batch,
                            queue_delay_us=queue_delay_us, balance=balance, cut_tensors=list(cut or []),
                            weights=weights, max_seq_len=max_seq_len, instance_count=instances,
-                           intra_op_threads=intra_op_threads)
+                           intra_op_threads=intra_op_threads, max_queue_size=max_queue_size,
+                           default_timeout_us=default_timeout_us)
     with console.status("building ..."):
         builds = build_repository(out, models=model, onnx_file=onnx, options=options,
                                   log=lambda line: console.print(line, highlight=False, soft_wrap=True))

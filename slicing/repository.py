@@ -24,6 +24,7 @@ from slicing.chain import profile_stages, verify_chain
 from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from stagebatch.errors import BadParameterError, SliceError
+from stagebatch.model_config import read_model_config, write_model_config
 from stagebatch.repository import TARGETS
 
 if TYPE_CHECKING:
@@ -53,6 +54,11 @@ class BuildOptions:
     # onnxruntime intra-op threads of every session the build serves (whole, stages, reorch stages);
     # 0 = onnxruntime's default, all physical cores, so the one-entry baseline is not held to one core.
     intra_op_threads: int = 0
+    # Triton's queue policy (0: off). The timeout applies to every batcher (whole, stages, reorch);
+    # max_queue_size only to the whole model and reorch: on 24.10 a full stage queue behind an
+    # ensemble leaves the ensemble's requests stuck (fixed upstream in core#466).
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -77,6 +83,10 @@ class BuildOptions:
             raise BadParameterError(f"--instances {self.instance_count}: must be >= 1")
         if self.intra_op_threads < 0:
             raise BadParameterError(f"--intra-op-threads {self.intra_op_threads}: must be >= 0 (0: all cores)")
+        if self.max_queue_size < 0:
+            raise BadParameterError(f"--max-queue-size {self.max_queue_size}: must be >= 0 (0: unbounded)")
+        if self.default_timeout_us < 0:
+            raise BadParameterError(f"--default-timeout-us {self.default_timeout_us}: must be >= 0 (0: no timeout)")
 
 
 @dataclass
@@ -247,6 +257,7 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
     specs = {spec.name: spec for spec in source.input_specs}
     outputs = _output_tensors(source, result)
     batching = _batching(options)
+    stage_batching = _batching(options, stage=True)
     whole_inputs = [_tensor_config(spec.name, spec.dtype, spec.shape, spec.sequence_axis, spec, max_batch)
                     for spec in source.input_specs]
     whole_outputs = [_tensor_config(o["name"], o["dtype"], o["shape"], o["sequence_axis"], None, max_batch)
@@ -261,7 +272,7 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
                                        max_batch) for n in stage.inputs]
         stage_outputs = [_tensor_config(n, metas[n].dtype, metas[n].shape, metas[n].sequence_axis, None,
                                         max_batch) for n in stage.outputs]
-        _add_onnx(out, model_name, stage.model, options, max_batch, stage_inputs, stage_outputs, batching)
+        _add_onnx(out, model_name, stage.model, options, max_batch, stage_inputs, stage_outputs, stage_batching)
         stage_entries.append({
             "index": stage.index, "model_name": model_name, "onnx": f"{model_name}/1/model.onnx",
             "inputs": list(stage.inputs), "outputs": list(stage.outputs),
@@ -334,10 +345,13 @@ def _tensor_config(name: str, dtype: str, shape: list[int], sequence_axis: int |
                         pad_value=_pad_value(spec), value_range=spec.value_range if spec is not None else None)
 
 
-def _batching(options: BuildOptions):
+def _batching(options: BuildOptions, *, stage: bool = False):
+    """The dynamic batcher of the whole model and reorch, or (``stage``) of a stage behind the ensemble."""
     from stagebatch.repository import DynamicBatching
 
-    return DynamicBatching(max_queue_delay_us=options.queue_delay_us)
+    return DynamicBatching(max_queue_delay_us=options.queue_delay_us,
+                           max_queue_size=0 if stage else options.max_queue_size,
+                           default_timeout_us=options.default_timeout_us)
 
 
 def _add_onnx(out: Path, name: str, model, options: BuildOptions, max_batch: int, inputs, outputs, batching) -> None:
@@ -379,9 +393,14 @@ def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOpt
         from backends.reorch.deploy import write_reorch_model
     except ImportError as error:
         return f"reorch variant left out: backends.reorch.deploy is not available ({error})"
-    write_reorch_model(out, name, entry, target=options.target, max_batch_size=max_batch,
-                       queue_delay_us=options.queue_delay_us, policy="dva",
-                       knobs={"intra_op_threads": options.intra_op_threads})
+    model_dir = write_reorch_model(out, name, entry, target=options.target, max_batch_size=max_batch,
+                                   queue_delay_us=options.queue_delay_us, policy="dva",
+                                   knobs={"intra_op_threads": options.intra_op_threads})
+    queue_policy = _batching(options).to_config().get("default_queue_policy")
+    if queue_policy:  # the reorch config is written by its own module: add the queue policy to its batcher
+        config = read_model_config(model_dir / "config.pbtxt")
+        config.setdefault("dynamic_batching", {})["default_queue_policy"] = queue_policy
+        write_model_config(model_dir, config)
     return None
 
 

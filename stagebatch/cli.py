@@ -27,6 +27,7 @@ from stagebatch import commands as _commands  # noqa: E402
 
 app.command("serve")(_commands.serve)
 app.command("doctor")(_commands.doctor)
+app.command("supervise")(_commands.supervise)
 # [cli-registrations] helpers add their one-line registrations below this marker
 app.command("build")(__import__("slicing.cli", fromlist=["build"]).build)
 app.command("characterize")(__import__("loadtest.cli", fromlist=["characterize"]).characterize)

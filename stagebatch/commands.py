@@ -1,4 +1,4 @@
-"""The server-side commands: ``stagebatch serve`` and ``stagebatch doctor``."""
+"""The server-side commands: ``stagebatch serve``, ``stagebatch supervise`` and ``stagebatch doctor``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def serve(
         Optional[Path], typer.Option(help="Write the admin key (repository API) to this file, mode 0600.")
     ] = None,
     startup_timeout_s: Annotated[float, typer.Option(help="Seconds to wait for the server and models.")] = 300.0,
+    supervise: Annotated[bool, typer.Option(
+        "--supervise/--no-supervise",
+        help="Reload a model whose Python stub dies or that fails its health probe (3 restarts in 60 s at most).",
+    )] = True,
+    supervisor_metrics_port: Annotated[Optional[int], typer.Option(
+        help="Port of the supervisor's stagebatch_model_restarts_total endpoint (default: a free port).")] = 0,
 ) -> None:
     """Run the embedded Triton server on REPOSITORY until Ctrl-C or SIGTERM."""
     from rich.console import Console
@@ -42,6 +48,8 @@ def serve(
         metrics_port=metrics_port,
         log_path=log_file or Path(".stagebatch") / "tritonserver.log",
         startup_timeout_s=startup_timeout_s,
+        supervise=supervise,
+        supervisor_metrics_port=supervisor_metrics_port,
     )
     stopping = False
 
@@ -61,6 +69,7 @@ def serve(
             f"log: {server.log_path}\n"
             f"repository API key: header '{ADMIN_HEADER}' "
             + (f"(written to {key_file})" if key_file else "(pass --key-file to save it)")
+            + (f"\nsupervised: restarts counted at {server.supervisor.metrics_url}" if server.supervisor else "")
             + "\nCtrl-C stops the server."
         )
         while not stopping and server.is_alive():
@@ -73,6 +82,64 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     console.print("stopped")
+
+
+def supervise(
+    url: Annotated[str, typer.Option(help="Triton's gRPC address HOST:PORT.")] = "127.0.0.1:8001",
+    http_url: Annotated[Optional[str], typer.Option(
+        help="Triton's HTTP address (http://HOST:PORT); health probes then go over HTTP.")] = None,
+    key_file: Annotated[Optional[Path], typer.Option(
+        help="File holding the admin key of the repository API (default: $STAGEBATCH_ADMIN_KEY).")] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port of the stagebatch_model_restarts_total endpoint.")] = 9108,
+    metrics_host: Annotated[str, typer.Option(
+        help="Address of the metrics endpoint; 127.0.0.1 unless Prometheus scrapes it from elsewhere.")] = "127.0.0.1",
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", help="Supervise only these models (repeatable; default: every ready model).")] = None,
+    server_pid: Annotated[Optional[int], typer.Option(
+        help="The tritonserver process (default: the one this machine or PID namespace runs).")] = None,
+    poll_interval_s: Annotated[float, typer.Option(help="Seconds between two looks at the server.")] = 0.5,
+) -> None:
+    """Watch a running Triton (a sidecar): reload a model whose Python stub died or that fails its health probe."""
+    import logging
+    import os
+
+    from loadtest.runner import ADMIN_KEY_ENV
+    from stagebatch.errors import BadParameterError
+    from stagebatch.server import admin_grpc_headers
+    from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy
+
+    if key_file is not None:
+        if not key_file.is_file():
+            raise BadParameterError(f"--key-file {key_file}: no such file; pass the file `stagebatch serve --key-file` wrote")
+        key = key_file.read_text().strip()
+    else:
+        key = os.environ.get(ADMIN_KEY_ENV, "")
+    if not key:
+        raise BadParameterError(f"no admin key: pass --key-file F or set {ADMIN_KEY_ENV} (the repository API needs it)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    supervisor = ModelSupervisor(url, admin_headers=admin_grpc_headers(key), http_url=http_url, server_pid=server_pid,
+                                 models=model, policy=SupervisorPolicy(poll_interval_s=poll_interval_s),
+                                 metrics_port=metrics_port, metrics_host=metrics_host)
+    stopping = False
+
+    def request_stop(signum, frame):  # noqa: ARG001
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sees_processes = supervisor.stubs is not None and supervisor.stubs.live() is not None
+    processes = "stub processes and health probes" if sees_processes else \
+        "health probes only: the tritonserver process is not visible here (compose: share its PID namespace)"
+    try:
+        supervisor.start()
+        logging.getLogger(__name__).info("supervising %s (%s); restarts counted at %s", url, processes,
+                                         supervisor.metrics_url)
+        while not stopping:
+            time.sleep(0.2)
+    finally:
+        supervisor.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def doctor() -> None:

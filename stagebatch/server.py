@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stagebatch.errors import ServerStartError
+from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,6 +133,11 @@ class TritonDistribution:
         return directory
 
 
+def admin_grpc_headers(admin_key: str) -> dict[str, str]:
+    """gRPC headers carrying ``admin_key`` (Triton wants the restricted-protocol header under its gRPC prefix)."""
+    return {GRPC_HEADER_PREFIX + ADMIN_HEADER: admin_key}
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -173,6 +179,11 @@ class EmbeddedTriton:
         log_path: server log file; default: a file in a fresh temporary directory.
         startup_timeout_s: how long to wait for the server and all models to be ready.
         extra_args: more ``tritonserver`` arguments.
+        supervise: run a :class:`~stagebatch.supervisor.ModelSupervisor` in a thread while the server
+            runs: a model whose stub dies (or that fails its health probe) is reloaded.
+        supervisor_policy: its timing and crash-loop limit (default: ``SupervisorPolicy()``).
+        supervisor_metrics_port: its ``stagebatch_model_restarts_total`` endpoint (0: a free port;
+            ``None``: none; :attr:`supervisor` counts restarts either way).
     """
 
     repository: Path | str
@@ -185,9 +196,13 @@ class EmbeddedTriton:
     startup_timeout_s: float = 180.0
     extra_args: tuple[str, ...] = ()
     admin_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    supervise: bool = False
+    supervisor_policy: SupervisorPolicy | None = None
+    supervisor_metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository).resolve()
+        self.supervisor: ModelSupervisor | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._workspace: tempfile.TemporaryDirectory[str] | None = None
         self._log_file = None
@@ -208,7 +223,7 @@ class EmbeddedTriton:
     @property
     def admin_headers(self) -> dict[str, str]:
         """gRPC headers that unlock the restricted repository, shared-memory and trace APIs."""
-        return {GRPC_HEADER_PREFIX + ADMIN_HEADER: self.admin_key}
+        return admin_grpc_headers(self.admin_key)
 
     @property
     def http_admin_headers(self) -> dict[str, str]:
@@ -274,6 +289,12 @@ class EmbeddedTriton:
         )
         try:
             self._wait_until_ready()
+            if self.supervise:
+                self.supervisor = ModelSupervisor(
+                    self.grpc_url, admin_headers=self.admin_headers, http_url=self.http_url,
+                    server_pid=self._process.pid, policy=self.supervisor_policy,
+                    metrics_port=self.supervisor_metrics_port, metrics_host=self._client_host,
+                ).start()
         except BaseException:
             self.stop()
             raise
@@ -319,6 +340,9 @@ class EmbeddedTriton:
 
     def stop(self) -> None:
         """Stop the server: SIGINT, a timed wait, then SIGKILL of its whole process group (stubs included)."""
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stop()
         process, self._process = self._process, None
         if process is not None:
             with contextlib.suppress(ProcessLookupError):

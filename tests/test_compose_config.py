@@ -112,7 +112,8 @@ def bind_mounts(spec: dict) -> list[tuple[str, str]]:
 
 def test_compose_declares_the_services_of_the_deployment() -> None:
     services = load_compose()["services"]
-    assert set(services) == {"triton", "builder", "locust-master", "locust-worker", "prometheus", "grafana"}
+    assert set(services) == {"triton", "supervisor", "builder", "locust-master", "locust-worker", "prometheus",
+                             "grafana"}
     assert services["builder"]["profiles"] == ["build"], "the one-shot builder must not start with `up`"
     for name, spec in services.items():
         assert "image" in spec, f"service {name} names its image (so built images are reused, not pulled)"
@@ -252,12 +253,14 @@ def test_prometheus_scrapes_the_triton_metrics_port() -> None:
     config_source = next(src for src, dst in bind_mounts(prometheus) if dst == "/etc/prometheus/prometheus.yml")
     config = yaml.safe_load((ROOT / config_source).read_text())
     assert f"--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
-    targets = [t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]]
-    assert targets == ["triton:8002"]
-    host, port = targets[0].split(":")
-    assert host in compose["services"]
-    assert f"--metrics-port={port}" in compose["services"][host]["command"]
-    assert config["scrape_configs"][0]["metrics_path"] == "/metrics"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"triton", "supervisor"}
+    for name, job in jobs.items():
+        (target,) = [t for group in job["static_configs"] for t in group["targets"]]
+        host, port = target.split(":")
+        assert host == name and host in compose["services"]
+        assert f"--metrics-port={port}" in compose["services"][host]["command"]
+        assert job["metrics_path"] == "/metrics"
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
@@ -286,3 +289,17 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
             assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"])
         ids = [panel["id"] for panel in dashboard["panels"]]
         assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+
+
+def test_supervisor_sidecar_watches_triton_and_shares_its_processes() -> None:
+    compose = load_compose()
+    sidecar, triton = compose["services"]["supervisor"], compose["services"]["triton"]
+    assert sidecar["command"][:2] == ["stagebatch", "supervise"]
+    assert "--url=triton:8001" in sidecar["command"] and "--http-url=http://triton:8000" in sidecar["command"]
+    assert "--metrics-host=0.0.0.0" in sidecar["command"], "Prometheus scrapes it from its own container"
+    assert sidecar["pid"] == "service:triton", "it must see the stub processes to notice a dead one"
+    assert sidecar["environment"]["STAGEBATCH_ADMIN_KEY"] == "test-key", "the repository API needs the key"
+    assert sidecar["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert "ports" not in sidecar
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    assert sidecar["image"] == compose["services"]["locust-master"]["image"], "the stagebatch image has the CLI"

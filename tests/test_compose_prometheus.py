@@ -105,7 +105,9 @@ def test_dashboard_queries_return_data_from_prometheus_scraping_triton(tmp_path:
     with start_compose_triton(repository, tmp_path / "server") as ports:
         config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
         config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = f"{SCRAPE_INTERVAL_S}s"
-        (job,) = config["scrape_configs"]
+        # Triton's job only: the supervisor sidecar (its own job) does not run here.
+        job = next(job for job in config["scrape_configs"] if job["job_name"] == "triton")
+        config["scrape_configs"] = [job]
         (group,) = job["static_configs"]
         assert group["targets"] == ["triton:8002"]
         group["targets"] = [f"127.0.0.1:{ports['metrics']}"]  # the compose service name, resolved locally
