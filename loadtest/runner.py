@@ -22,40 +22,32 @@ Raw data layout: see :data:`ENVIRONMENT_FILE`, :data:`POINTS_FILE`, :data:`REQUE
 from __future__ import annotations
 
 import copy
-import csv
-import datetime as dt
 import json
 import logging
-import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.environment import collect_environment, utc_now
 from loadtest.plan import ModelLimits, Plan, Point, check_against_models, knob_parameter
+from loadtest.rundir import (  # noqa: F401 - re-exported for older callers
+    ENVIRONMENT_FILE,
+    POINTS_FILE,
+    REQUEST_COLUMNS,
+    REQUESTS_FILE,
+    append_point,
+    dumps,
+    read_requests,
+    request_row,
+    start_run_files,
+)
 from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
 
 LOGGER = logging.getLogger(__name__)
 
-ENVIRONMENT_FILE = "environment.json"  # hardware, software versions, plan, times
-POINTS_FILE = "points.jsonl"  # one JSON line per point
-REQUESTS_FILE = "requests.csv"  # one row per request of every point
-REQUEST_COLUMNS = (
-    "point",
-    "t_send_us",
-    "latency_us",
-    "ok",
-    "seq_len",
-    "rows",
-    "late_us",
-    "error",
-    "batch_sizes",
-    "server",
-)
 MANIFEST_FILE = "manifest.json"
 # A load generator busier than this (percent of one core) may be what limits a point.
 LOADGEN_BUSY_PERCENT = 85.0
@@ -63,187 +55,6 @@ LOADGEN_BUSY_PERCENT = 85.0
 # normal when the generator shares the cores with the server).
 LATE_ARRIVALS_SHARE = 0.05
 ADMIN_KEY_ENV = "STAGEBATCH_ADMIN_KEY"
-
-
-# ---------------------------------------------------------------- raw data files
-
-
-def request_row(point_index: int, record: Any) -> list:
-    """One ``requests.csv`` row from a driver RequestRecord."""
-    server = getattr(record, "server", None) or None
-    batch_sizes = (server or {}).get("batch_sizes") if isinstance(server, dict) else None
-    return [
-        point_index,
-        int(record.t_send_us),
-        int(record.latency_us),
-        int(bool(record.ok)),
-        "" if record.seq_len is None else int(record.seq_len),
-        int(record.rows or 1),
-        int(getattr(record, "late_us", 0) or 0),
-        (record.error or "").replace("\n", " ")[:500],
-        "" if not batch_sizes else " ".join(str(int(b)) for b in batch_sizes),
-        "" if server is None else json.dumps(server, separators=(",", ":")),
-    ]
-
-
-def read_requests(path: Path) -> dict[int, list[dict]]:
-    """``requests.csv`` grouped by point index (types restored)."""
-    grouped: dict[int, list[dict]] = {}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"point", "t_send_us", "latency_us", "ok"} - set(reader.fieldnames or ())
-        if missing:
-            raise ConfigValidationError(f"{path}: columns {', '.join(sorted(missing))} are missing")
-        for row in reader:
-            grouped.setdefault(int(row["point"]), []).append(
-                {
-                    "t_send_us": int(row["t_send_us"]),
-                    "latency_us": int(row["latency_us"]),
-                    "ok": row["ok"] == "1",
-                    "seq_len": int(row["seq_len"]) if row.get("seq_len") else None,
-                    "rows": int(row.get("rows") or 1),
-                    "late_us": int(row.get("late_us") or 0),
-                    "error": row.get("error") or None,
-                    "batch_sizes": [int(b) for b in row["batch_sizes"].split()]
-                    if row.get("batch_sizes")
-                    else [],
-                }
-            )
-    return grouped
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
-def dumps(value: Any) -> str:
-    """JSON for the raw data files (NaN written as null so any JSON reader accepts it)."""
-    return json.dumps(_nan_to_none(value), default=_json_default)
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    if hasattr(value, "to_dict"):
-        return _nan_to_none(value.to_dict())
-    return value
-
-
-# ---------------------------------------------------------------- environment
-
-
-def _package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for name in (
-        "stagebatch",
-        "nvidia-pytriton",
-        "tritonclient",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "onnx",
-        "numpy",
-        "torch",
-        "transformers",
-        "locust",
-        "gevent",
-        "matplotlib",
-    ):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        return out.stdout.strip().replace("\n", "; ") or "none"
-    except (OSError, subprocess.SubprocessError):
-        return "none"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def collect_environment(plan: Plan, plan_text: str, *, server: str, repository: Path) -> dict:
-    """Hardware, software versions and the plan, for ``environment.json``."""
-    import psutil
-
-    hardware = {
-        "cpu_model": _cpu_model(),
-        "cpu_cores_logical": psutil.cpu_count(logical=True),
-        "cpu_cores_physical": psutil.cpu_count(logical=False),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": _gpu(),
-        "machine": platform.machine(),
-        "os": platform.platform(),
-    }
-    software = {"python": platform.python_version(), "git_commit": _git_commit(), **_package_versions()}
-    try:
-        from stagebatch.server import TRITON_VERSION
-
-        software["tritonserver (embedded)"] = TRITON_VERSION
-    except ImportError:
-        pass
-    return {
-        "plan": plan.to_dict(),
-        "plan_source": plan.source,
-        "plan_text": plan_text,
-        "server": server,
-        "repository": str(repository),
-        "hardware": hardware,
-        "software": software,
-        "started_utc": _utc_now(),
-        "finished_utc": None,
-        "argv": sys.argv,
-    }
-
-
-def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- configurations (pure)
@@ -640,13 +451,14 @@ class Characterization:
             seed=point.seed,
         )
 
-    def _run_point(self, index: int, point: Point, requests_writer) -> dict:
+    def _run_point(self, index: int, point: Point) -> tuple[dict, list]:
+        """Measure one point; return its ``points.jsonl`` record and its request records."""
         from loadtest.driver import run_load
         from loadtest.server_stats import diff_reorch_metrics, diff_statistics
         from loadtest.stats import percentile_us, summarize
 
         started = time.monotonic()
-        record: dict[str, Any] = {"index": index, "point": point.to_dict(), "started_utc": _utc_now()}
+        record: dict[str, Any] = {"index": index, "point": point.to_dict(), "started_utc": utc_now()}
         names = self._ensure(point)
         reorch_name = names[-1] if point.variant == "reorch" else None
         sampler = _Sampler(self.client, names, self.metrics_url if reorch_name else None)
@@ -664,8 +476,6 @@ class Characterization:
                 f"the load generator returned no requests for the measured window "
                 f"(warnings: {'; '.join(result.warnings) or 'none'})"
             )
-        for request in records:
-            requests_writer.writerow(request_row(index, request))
         duration_s = float(result.duration_s) or point.duration_s
         summary = summarize(
             [r.latency_us for r in records], [r.ok for r in records], duration_s, point.slo_ms
@@ -708,7 +518,7 @@ class Characterization:
             },
             wall_s=round(time.monotonic() - started, 2),
         )
-        return record
+        return record, records
 
     # ---- the whole plan ----
     def run(self) -> Path:
@@ -734,32 +544,26 @@ class Characterization:
         env_path.write_text(dumps(environment))
         self._start_server()
         try:
-            with (
-                open(self.out_dir / POINTS_FILE, "w") as points_file,
-                open(self.out_dir / REQUESTS_FILE, "w", newline="") as requests_file,
-            ):
-                writer = csv.writer(requests_file)
-                writer.writerow(REQUEST_COLUMNS)
-                with _progress(self.options.progress, points) as advance:
-                    for index, point in enumerate(points):
-                        advance(point)
-                        try:
-                            record = self._run_point(index, point, writer)
-                        except (StagebatchError, OSError, RuntimeError, ValueError) as error:
-                            LOGGER.warning("point %s failed: %s", point.point_id, error)
-                            record = {
-                                "index": index,
-                                "point": point.to_dict(),
-                                "status": "failed",
-                                "error": f"{type(error).__name__}: {error}",
-                                "started_utc": _utc_now(),
-                            }
-                        points_file.write(dumps(record) + "\n")
-                        points_file.flush()
-                        requests_file.flush()
+            start_run_files(self.out_dir)
+            with _progress(self.options.progress, points) as advance:
+                for index, point in enumerate(points):
+                    advance(point)
+                    requests: list = []
+                    try:
+                        record, requests = self._run_point(index, point)
+                    except (StagebatchError, OSError, RuntimeError, ValueError) as error:
+                        LOGGER.warning("point %s failed: %s", point.point_id, error)
+                        record = {
+                            "index": index,
+                            "point": point.to_dict(),
+                            "status": "failed",
+                            "error": f"{type(error).__name__}: {error}",
+                            "started_utc": utc_now(),
+                        }
+                    append_point(self.out_dir, record, requests)
         finally:
             self._stop_server()
-            environment["finished_utc"] = _utc_now()
+            environment["finished_utc"] = utc_now()
             env_path.write_text(dumps(environment))
         return self.out_dir
 
