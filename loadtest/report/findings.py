@@ -107,10 +107,10 @@ def compare_configs(base: list[PointData], other: list[PointData], run: RunData 
 
     ``run`` gives ``capacity.json`` for saturated comparisons.
     """
-    base = [p for p in base if p.measured]
-    other = [p for p in other if p.measured]
+    base = [p for p in base if p.measured and p.ok.any()]
+    other = [p for p in other if p.measured and p.ok.any()]
     if not base or not other:
-        return Comparison("", math.nan, math.nan, None, NO_WINNER, "could not be compared: a side did not run")
+        return Comparison("", math.nan, math.nan, None, NO_WINNER, "could not be compared: a side has no successful request")
     offered_a, offered_b = _offered(base), _offered(other)
     if abs(offered_b - offered_a) > SAME_LOAD_TOLERANCE * max(offered_a, offered_b):
         return Comparison(
