@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -30,8 +31,19 @@ from loadtest.report.sections import Content, Row, Table, fmt, state_cell
 HTML_FILE = "compare.html"
 MARKDOWN_FILE = "compare.md"
 HEADER = [
-    "model", "configuration", "workload", "load", "A offered", "B offered", "A achieved", "B achieved",
-    "A state", "B state", "A p99 ms", "B p99 ms", "B against A",
+    "model",
+    "configuration",
+    "workload",
+    "load",
+    "A offered",
+    "B offered",
+    "A achieved",
+    "B achieved",
+    "A state",
+    "B state",
+    "A p99 ms",
+    "B p99 ms",
+    "B against A",
 ]
 
 MatchKey = tuple[str, str, str, str, str]
@@ -73,11 +85,18 @@ class Match:
 
         verdict = self.comparison.verdict
         return [
-            model, label, workload, load,
-            fmt(mean(self.a, lambda p: p.offered_rps)), fmt(mean(self.b, lambda p: p.offered_rps)),
-            fmt(mean(self.a, lambda p: p.achieved_rps)), fmt(mean(self.b, lambda p: p.achieved_rps)),
-            state(self.a), state(self.b),
-            fmt(mean(self.a, lambda p: p.summary.p99_ms)), fmt(mean(self.b, lambda p: p.summary.p99_ms)),
+            model,
+            label,
+            workload,
+            load,
+            fmt(mean(self.a, lambda p: p.offered_rps)),
+            fmt(mean(self.b, lambda p: p.offered_rps)),
+            fmt(mean(self.a, lambda p: p.achieved_rps)),
+            fmt(mean(self.b, lambda p: p.achieved_rps)),
+            state(self.a),
+            state(self.b),
+            fmt(mean(self.a, lambda p: p.summary.p99_ms)),
+            fmt(mean(self.b, lambda p: p.summary.p99_ms)),
             verdict,
         ]
 
@@ -116,13 +135,22 @@ def sections(result: RunComparison) -> list[Content]:
     )
     if result.matches:
         table.tables.append(
-            Table(HEADER, [Row(m.cells(), "flagged" if m.comparison.verdict == NO_WINNER else "") for m in result.matches])
+            Table(
+                HEADER,
+                [
+                    Row(m.cells(), "flagged" if m.comparison.verdict == NO_WINNER else "")
+                    for m in result.matches
+                ],
+            )
         )
     else:
         table.paragraphs.append("No point of A matches a point of B.")
     findings = Content(
         "Findings",
-        bullets=[f"{m.key[1]} {m.key[2]} under {m.key[4]} ({m.key[3]}): B {m.comparison.text}" for m in result.matches],
+        bullets=[
+            f"{m.key[1]} {m.key[2]} under {m.key[4]} ({m.key[3]}): B {m.comparison.text}"
+            for m in result.matches
+        ],
     )
     unmatched = Content("Unmatched points")
     for name, keys in (("A", result.only_a), ("B", result.only_b)):
@@ -143,9 +171,11 @@ def write_comparison(result: RunComparison, out_dir: Path) -> tuple[Path, Path]:
 
 
 def compare(
-    run_a: Path = typer.Argument(..., help="Run directory A (the baseline)."),
-    run_b: Path = typer.Argument(..., help="Run directory B (compared against A)."),
-    out: Path = typer.Option(None, "--out", help="Folder for compare.html and compare.md [./compare_A_vs_B]."),
+    run_a: Annotated[Path, typer.Argument(help="Run directory A (the baseline).")],
+    run_b: Annotated[Path, typer.Argument(help="Run directory B (compared against A).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for compare.html and compare.md [./compare_A_vs_B].")
+    ] = None,
 ) -> None:
     """Line up the matching points of two runs, with 95% confidence intervals; no winner where loads differ."""
     result = compare_runs(load_run(run_a), load_run(run_b))

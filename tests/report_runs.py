@@ -84,21 +84,32 @@ def _latencies_us(spec: Spec, rng, n: int) -> np.ndarray:
 def _stage_rows(spec: Spec, mean_ms: float) -> tuple[list[dict], dict]:
     """Stage rows and statistics deltas whose queue + compute is 80% of ``mean_ms`` per request."""
     n = int(spec.rate_rps * DURATION_S)
-    names = [spec.model] if spec.variant == "whole" else [f"{spec.model}_stage{s}" for s in range(spec.stages)]
+    names = (
+        [spec.model] if spec.variant == "whole" else [f"{spec.model}_stage{s}" for s in range(spec.stages)]
+    )
     per_stage_us = 0.8 * mean_ms * 1000 / len(names)
     rows, models = [], {}
     for s, name in enumerate(names):
         queue_us, compute_us = 0.25 * per_stage_us, 0.75 * per_stage_us
         rows.append(
             {
-                "stage": s, "model": name, "executions": n // 2, "rows": n, "avg_batch_size": 2.0,
-                "avg_queue_us": queue_us, "avg_compute_us": compute_us,
+                "stage": s,
+                "model": name,
+                "executions": n // 2,
+                "rows": n,
+                "avg_batch_size": 2.0,
+                "avg_queue_us": queue_us,
+                "avg_compute_us": compute_us,
                 "batch_histogram": {"1": 10, "2": n // 2 - 10},
             }
         )
         models[name] = {
-            "model": name, "success": n, "fail": 0, "queue_us": queue_us * n,
-            "compute_input_us": 0.1 * compute_us * n, "compute_infer_us": 0.8 * compute_us * n,
+            "model": name,
+            "success": n,
+            "fail": 0,
+            "queue_us": queue_us * n,
+            "compute_input_us": 0.1 * compute_us * n,
+            "compute_infer_us": 0.8 * compute_us * n,
             "compute_output_us": 0.1 * compute_us * n,
         }
     return rows, models
@@ -109,8 +120,14 @@ def _reorch_record(spec: Spec, latency_us: int, t_send_us: int) -> dict:
     arrival = t_send_us + int(0.05 * latency_us)
     entry = arrival + int(0.3 * latency_us)
     exit_ = arrival + int(0.9 * latency_us)
-    record = {"arrival_us": arrival, "stage0_entry_us": entry, "exit_us": exit_, "ops": [], "bucket": 64,
-              "batch_sizes": [2] * spec.stages}
+    record = {
+        "arrival_us": arrival,
+        "stage0_entry_us": entry,
+        "exit_us": exit_,
+        "ops": [],
+        "bucket": 64,
+        "batch_sizes": [2] * spec.stages,
+    }
     if spec.stage_times:
         per = 0.5 * latency_us / spec.stages
         record["stage_times_us"] = [[0.4 * per, 0.6 * per] for _ in range(spec.stages)]
@@ -142,8 +159,11 @@ def write_run(
             server = None
             if spec.variant == "reorch" and spec.reorch_records and ok[i]:
                 server = _reorch_record(spec, int(latencies[i]), int(sent[i]))
-            requests.append(Request(int(sent[i]), int(latencies[i]), bool(ok[i]), None, 1,
-                                    None if ok[i] else "boom", server))
+            requests.append(
+                Request(
+                    int(sent[i]), int(latencies[i]), bool(ok[i]), None, 1, None if ok[i] else "boom", server
+                )
+            )
         mean_ms = float(latencies[ok].mean()) / 1000
         stages, models = _stage_rows(spec, mean_ms)
         server: dict = {"models": models, "stages": stages}

@@ -11,10 +11,23 @@ from tests.report_runs import Spec, write_run
 
 def _runs(tmp_path, rate_b: float = 40.0):
     a, b = tmp_path / "run_a", tmp_path / "run_b"
-    write_run(a, [Spec("whole", 40.0, 20.0, multiple=0.5), Spec("reorch", 40.0, 20.0, policy="dva", multiple=0.5),
-                  Spec("ensemble", 40.0, 20.0, load="only_in_a")], seed=1)
-    write_run(b, [Spec("whole", rate_b, 5.0, multiple=0.5), Spec("reorch", rate_b, 20.0, policy="dva", multiple=0.5,
-                  saturated=True)], seed=2)
+    write_run(
+        a,
+        [
+            Spec("whole", 40.0, 20.0, multiple=0.5),
+            Spec("reorch", 40.0, 20.0, policy="dva", multiple=0.5),
+            Spec("ensemble", 40.0, 20.0, load="only_in_a"),
+        ],
+        seed=1,
+    )
+    write_run(
+        b,
+        [
+            Spec("whole", rate_b, 5.0, multiple=0.5),
+            Spec("reorch", rate_b, 20.0, policy="dva", multiple=0.5, saturated=True),
+        ],
+        seed=2,
+    )
     return a, b
 
 

@@ -9,9 +9,20 @@ from tests.report_runs import Spec, write_run
 CAPACITY = {
     "models": {
         "bert_base": {
-            "whole": {"sustained_rps": 15.0, "slo_rps": 12.0, "slo_ms": 30, "percentile": 99, "limited_by": "server"},
-            "reorch:dva": {"sustained_rps": 21.0, "slo_rps": None, "slo_ms": 30, "percentile": 99,
-                           "limited_by": "server"},
+            "whole": {
+                "sustained_rps": 15.0,
+                "slo_rps": 12.0,
+                "slo_ms": 30,
+                "percentile": 99,
+                "limited_by": "server",
+            },
+            "reorch:dva": {
+                "sustained_rps": 21.0,
+                "slo_rps": None,
+                "slo_ms": 30,
+                "percentile": 99,
+                "limited_by": "server",
+            },
         }
     }
 }

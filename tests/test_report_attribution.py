@@ -19,8 +19,12 @@ def _reorch_point(stage_times: bool, stage_rows: list[dict]) -> PointData:
     records = []
     for latency in latencies:
         arrival = 1_000 + int(0.05 * latency)
-        record = {"arrival_us": arrival, "stage0_entry_us": arrival + int(0.3 * latency),
-                  "exit_us": arrival + int(0.9 * latency), "latency_us": int(latency)}
+        record = {
+            "arrival_us": arrival,
+            "stage0_entry_us": arrival + int(0.3 * latency),
+            "exit_us": arrival + int(0.9 * latency),
+            "latency_us": int(latency),
+        }
         if stage_times:
             record["stage_times_us"] = [[0.1 * latency, 0.15 * latency], [0.1 * latency, 0.15 * latency]]
         records.append(record)
@@ -28,7 +32,10 @@ def _reorch_point(stage_times: bool, stage_rows: list[dict]) -> PointData:
     point = PointData(
         index=0,
         record={"point": {"variant": "reorch", "slo_ms": 100}, "server": {"stages": stage_rows}},
-        latencies_us=latencies, ok=ok, t_send_us=np.zeros(latencies.size, dtype=np.int64), batch_sizes_seen=[],
+        latencies_us=latencies,
+        ok=ok,
+        t_send_us=np.zeros(latencies.size, dtype=np.int64),
+        batch_sizes_seen=[],
         server_records=records,
     )
     point.summary = summarize(latencies, ok, 10.0, 100)

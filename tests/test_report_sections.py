@@ -19,8 +19,14 @@ CONFIGS = (("whole", None, 20.0), ("ensemble", None, 15.0), ("reorch", "dva", 10
 
 def _specs(saturate_at_20: bool = False) -> list[Spec]:
     return [
-        Spec(variant, rate, mean_ms * rate / 10, policy=policy, error_share=0.02,
-             saturated=saturate_at_20 and rate == 20.0)
+        Spec(
+            variant,
+            rate,
+            mean_ms * rate / 10,
+            policy=policy,
+            error_share=0.02,
+            saturated=saturate_at_20 and rate == 20.0,
+        )
         for rate in (10.0, 20.0)
         for variant, policy, mean_ms in CONFIGS
     ]
@@ -29,10 +35,22 @@ def _specs(saturate_at_20: bool = False) -> list[Spec]:
 CAPACITY = {
     "models": {
         "bert_base": {
-            "whole": {"sustained_rps": 15.0, "slo_rps": 12.0, "slo_ms": 30, "percentile": 99,
-                      "limited_by": "server", "probes": [{"rate_rps": 15.0, "stable": True}]},
-            "reorch:dva": {"sustained_rps": 21.0, "slo_rps": 14.0, "slo_ms": 30, "percentile": 99,
-                           "limited_by": "server", "probes": []},
+            "whole": {
+                "sustained_rps": 15.0,
+                "slo_rps": 12.0,
+                "slo_ms": 30,
+                "percentile": 99,
+                "limited_by": "server",
+                "probes": [{"rate_rps": 15.0, "stable": True}],
+            },
+            "reorch:dva": {
+                "sustained_rps": 21.0,
+                "slo_rps": 14.0,
+                "slo_ms": 30,
+                "percentile": 99,
+                "limited_by": "server",
+                "probes": [],
+            },
         }
     }
 }
@@ -69,7 +87,11 @@ def test_report_has_every_section_and_numbers_match_raw_requests(tmp_path, new_f
 
 def test_report_marks_saturated_points_and_shows_capacity_and_crosscheck(tmp_path):
     crosscheck = {
-        "status": "ok", "reason": None, "model": "bert_base", "variant": "whole", "rate_rps": 10.0,
+        "status": "ok",
+        "reason": None,
+        "model": "bert_base",
+        "variant": "whole",
+        "rate_rps": 10.0,
         "perf_analyzer": {"p50_ms": 11.25, "p99_ms": 30.5, "throughput_rps": 9.9},
         "stagebatch": {"p50_ms": 11.75, "p99_ms": 31.25, "throughput_rps": 9.8},
     }
@@ -86,7 +108,9 @@ def test_report_marks_saturated_points_and_shows_capacity_and_crosscheck(tmp_pat
 
 
 def test_report_derives_saturation_and_achieved_rate_when_an_old_run_did_not_record_them(tmp_path):
-    write_run(tmp_path, [Spec("whole", 20.0, 10.0, saturated=True), Spec("whole", 10.0, 10.0)], new_format=False)
+    write_run(
+        tmp_path, [Spec("whole", 20.0, 10.0, saturated=True), Spec("whole", 10.0, 10.0)], new_format=False
+    )
     saturated, stable = report_lib.load_run(tmp_path).points
     assert saturated.stability == SATURATED and "derived" in saturated.unstable_reason
     assert saturated.achieved_rps < 0.95 * saturated.offered_rps
@@ -95,9 +119,12 @@ def test_report_derives_saturation_and_achieved_rate_when_an_old_run_did_not_rec
 
 def test_point_label_is_the_configuration_without_model_load_or_repeat():
     point = {
-        "variant": "reorch", "reorch": {"policy": "dva", "knobs": {"max_wait_us": 500}},
-        "batching": {"max_batch_size": 8, "preferred_batch_sizes": [4, 8]}, "slicing": {"stages": 3},
-        "model": "m", "load": "l",
+        "variant": "reorch",
+        "reorch": {"policy": "dva", "knobs": {"max_wait_us": 500}},
+        "batching": {"max_batch_size": 8, "preferred_batch_sizes": [4, 8]},
+        "slicing": {"stages": 3},
+        "model": "m",
+        "load": "l",
     }
     assert report_lib.point_label(point) == "reorch[dva] max_wait_us=500 mbs8 pref4-8 k3"
 

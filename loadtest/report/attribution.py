@@ -87,9 +87,24 @@ def _triton_parts(point: PointData, names: list[str]) -> list[Part] | None:
         source = f"Triton statistics of {name}"
         parts += [
             Part(f"{prefix}queue", QUEUE, _per_request_ms(delta.get("queue_us"), requests), source),
-            Part(f"{prefix}compute input", COMPUTE_INPUT, _per_request_ms(delta.get("compute_input_us"), requests), source),
-            Part(f"{prefix}compute infer", COMPUTE_INFER, _per_request_ms(delta.get("compute_infer_us"), requests), source),
-            Part(f"{prefix}compute output", COMPUTE_OUTPUT, _per_request_ms(delta.get("compute_output_us"), requests), source),
+            Part(
+                f"{prefix}compute input",
+                COMPUTE_INPUT,
+                _per_request_ms(delta.get("compute_input_us"), requests),
+                source,
+            ),
+            Part(
+                f"{prefix}compute infer",
+                COMPUTE_INFER,
+                _per_request_ms(delta.get("compute_infer_us"), requests),
+                source,
+            ),
+            Part(
+                f"{prefix}compute output",
+                COMPUTE_OUTPUT,
+                _per_request_ms(delta.get("compute_output_us"), requests),
+                source,
+            ),
         ]
     return parts
 
@@ -100,15 +115,15 @@ def _reorch_stage_parts(point: PointData) -> list[Part]:
         stage = row["stage"]
         source = "reorchestrator metrics (wait per row, compute per execution)"
         parts.append(Part(f"stage {stage} wait", QUEUE, (row.get("avg_queue_us") or 0.0) / 1000.0, source))
-        parts.append(Part(f"stage {stage} compute", COMPUTE, (row.get("avg_compute_us") or 0.0) / 1000.0, source))
+        parts.append(
+            Part(f"stage {stage} compute", COMPUTE, (row.get("avg_compute_us") or 0.0) / 1000.0, source)
+        )
     return parts
 
 
 def _reorch(point: PointData, measured_ms: float) -> Attribution:
     result = Attribution(measured_ms)
-    records = [
-        r for r in point.server_records if {"arrival_us", "stage0_entry_us", "exit_us"} <= set(r)
-    ]
+    records = [r for r in point.server_records if {"arrival_us", "stage0_entry_us", "exit_us"} <= set(r)]
     if not records:
         stages = _reorch_stage_parts(point)
         rest = measured_ms - sum(p.ms for p in stages)
@@ -121,23 +136,35 @@ def _reorch(point: PointData, measured_ms: float) -> Attribution:
                 residual=True,
             )
         ]
-        result.notes.append("no per-request records: the front wait cannot be told from client and network time")
+        result.notes.append(
+            "no per-request records: the front wait cannot be told from client and network time"
+        )
         return result
     latency = np.array([r["latency_us"] for r in records], dtype=float)
     arrival = np.array([r["arrival_us"] for r in records], dtype=float)
     entry = np.array([r["stage0_entry_us"] for r in records], dtype=float)
     exit_ = np.array([r["exit_us"] for r in records], dtype=float)
     source = f"REORCH_RECORD of {len(records)} requests"
-    result.parts.append(Part("client + network", CLIENT, float(np.mean(latency - (exit_ - arrival))) / 1000, source))
-    result.parts.append(Part("front wait (arrival to stage 0)", FRONT, float(np.mean(entry - arrival)) / 1000, source))
+    result.parts.append(
+        Part("client + network", CLIENT, float(np.mean(latency - (exit_ - arrival))) / 1000, source)
+    )
+    result.parts.append(
+        Part("front wait (arrival to stage 0)", FRONT, float(np.mean(entry - arrival)) / 1000, source)
+    )
     timed = [r["stage_times_us"] for r in records if r.get("stage_times_us")]
     if len(timed) == len(records) and len({len(t) for t in timed}) == 1:
         times = np.array(timed, dtype=float)  # requests x stages x (wait, compute)
         for stage in range(times.shape[1]):
-            result.parts.append(Part(f"stage {stage} wait", QUEUE, float(times[:, stage, 0].mean()) / 1000, source))
-            result.parts.append(Part(f"stage {stage} compute", COMPUTE, float(times[:, stage, 1].mean()) / 1000, source))
+            result.parts.append(
+                Part(f"stage {stage} wait", QUEUE, float(times[:, stage, 0].mean()) / 1000, source)
+            )
+            result.parts.append(
+                Part(f"stage {stage} compute", COMPUTE, float(times[:, stage, 1].mean()) / 1000, source)
+            )
         in_stages = times.sum(axis=(1, 2))
-        result.parts.append(Part("response path", RESPONSE, float(np.mean(exit_ - entry - in_stages)) / 1000, source))
+        result.parts.append(
+            Part("response path", RESPONSE, float(np.mean(exit_ - entry - in_stages)) / 1000, source)
+        )
     else:
         result.parts += _reorch_stage_parts(point)
         result.notes.append(
@@ -163,8 +190,11 @@ def attribute(point: PointData) -> Attribution | None:
         return None
     server_ms = sum(p.ms for p in parts)
     client = Part(
-        "client + network", CLIENT, max(measured_ms - server_ms, 0.0),
-        "client mean minus Triton's queue and compute", residual=True,
+        "client + network",
+        CLIENT,
+        max(measured_ms - server_ms, 0.0),
+        "client mean minus Triton's queue and compute",
+        residual=True,
     )
     result = Attribution(measured_ms, [client] + parts)
     if server_ms > measured_ms * (1 + COVERAGE_TOLERANCE):

@@ -123,7 +123,11 @@ class PointData:
         value = self.record.get("achieved_rps")
         if value is not None:
             return float(value)
-        return self.derived_achieved_rps if self.derived_achieved_rps is not None else self.summary.throughput_rps
+        return (
+            self.derived_achieved_rps
+            if self.derived_achieved_rps is not None
+            else self.summary.throughput_rps
+        )
 
     @property
     def stability(self) -> str:

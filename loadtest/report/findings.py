@@ -110,11 +110,17 @@ def compare_configs(base: list[PointData], other: list[PointData], run: RunData 
     base = [p for p in base if p.measured and p.ok.any()]
     other = [p for p in other if p.measured and p.ok.any()]
     if not base or not other:
-        return Comparison("", math.nan, math.nan, None, NO_WINNER, "could not be compared: a side has no successful request")
+        return Comparison(
+            "", math.nan, math.nan, None, NO_WINNER, "could not be compared: a side has no successful request"
+        )
     offered_a, offered_b = _offered(base), _offered(other)
     if abs(offered_b - offered_a) > SAME_LOAD_TOLERANCE * max(offered_a, offered_b):
         return Comparison(
-            "offered req/s", offered_a, offered_b, None, NO_WINNER,
+            "offered req/s",
+            offered_a,
+            offered_b,
+            None,
+            NO_WINNER,
             f"ran at different offered loads ({offered_b:.1f} vs {offered_a:.1f} req/s): no winner named",
         )
     saturated_a = any(p.saturated for p in base)
@@ -270,14 +276,24 @@ def saturation_findings(run: RunData) -> list[str]:
 def batching_findings(run: RunData) -> list[str]:
     """Average batch size per stage of the configurations under one load."""
     out = []
-    for (experiment, model, load), points in group(run.measured_points(), "experiment", "model", "load").items():
+    for (experiment, model, load), points in group(
+        run.measured_points(), "experiment", "model", "load"
+    ).items():
         sizes = []
         for label, repeats in by_label(points).items():
-            values = [s.get("avg_batch_size") for s in repeats[0].stage_rows() if s.get("avg_batch_size") is not None]
+            values = [
+                s.get("avg_batch_size")
+                for s in repeats[0].stage_rows()
+                if s.get("avg_batch_size") is not None
+            ]
             if values:
                 sizes.append(f"{label} {' / '.join(f'{v:.2f}' for v in values)}")
         if len(sizes) >= 2:
-            out.append(f"Average batch size per stage for {model} under {load} ({experiment}): " + "; ".join(sizes) + ".")
+            out.append(
+                f"Average batch size per stage for {model} under {load} ({experiment}): "
+                + "; ".join(sizes)
+                + "."
+            )
     return out
 
 
@@ -306,15 +322,18 @@ def loadgen_findings(run: RunData) -> list[str]:
     late_shares = [lg["late_share"] for lg in loadgen if lg.get("late_share") is not None]
     late_p99s = [lg["late_p99_ms"] for lg in loadgen if lg.get("late_p99_ms") is not None]
     if late_shares and late_p99s:
-        facts.append(f"up to {max(late_shares):.0%} of arrivals sent late, p99 lateness up to {max(late_p99s):.1f} ms")
+        facts.append(
+            f"up to {max(late_shares):.0%} of arrivals sent late, p99 lateness up to {max(late_p99s):.1f} ms"
+        )
     else:
         facts.append(f"up to {max(lg.get('late_arrivals') or 0 for lg in loadgen)} late arrivals in a point")
-    return [
+    sentence = (
         f"In {len(flagged)} of {len(run.points)} points the load generator was near CPU saturation or did not keep "
         f"the open-loop schedule ({'; '.join(facts)}). Where the CPU is low, the cause is the generator sharing "
         "the cores with the server: arrivals came burstier than planned, so these points' latencies include "
         "some load-generator delay."
-    ]
+    )
+    return [sentence]
 
 
 # The findings, in the order the report lists them: one function per kind (a new kind is one entry).

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from loadtest.report.attribution import KINDS, attribute
-from loadtest.report.data import SATURATED, STABLE, PointData, RunData, by_label, group, load_curve
+from loadtest.report.data import SATURATED, PointData, RunData, by_label, group, load_curve
 from loadtest.report.figures import Figure, marker_style, plot, stability_legend
 from loadtest.report.findings import findings
 from loadtest.stats import cdf
@@ -28,7 +28,9 @@ CPU_NOTE = (
     "batches instead of queueing), and they pay per-stage overhead for it. Pipeline parallelism across "
     "devices shows only on a GPU (see docs/gpu.md)."
 )
-KIND_COLORS = dict(zip(KINDS, ("#bbbbbb", "#cc3311", "#ee8866", "#99ddff", "#4477aa", "#332288", "#44bb99", "#aa4499")))
+KIND_COLORS = dict(
+    zip(KINDS, ("#bbbbbb", "#cc3311", "#ee8866", "#99ddff", "#4477aa", "#332288", "#44bb99", "#aa4499"))
+)
 
 
 def fmt(value: Any, digits: int = 1) -> str:
@@ -153,16 +155,35 @@ class CapacitySection(Section):
                     )
                 )
         content.tables.append(
-            Table(["model", "variant", "sustained req/s", "req/s at SLO", "SLO", "limited by", "probes"], rows)
+            Table(
+                ["model", "variant", "sustained req/s", "req/s at SLO", "SLO", "limited by", "probes"], rows
+            )
         )
         return content
 
 
 class ResultsSection(Section):
     title = "Results"
-    header = [
-        "#", "experiment", "model", "configuration", "load", "repeat", "offered req/s", "achieved req/s",
-        "state", "sent", "errors", "avg ms", "p50", "p90", "p95", "p99", "p99.9", "SLO ms", "SLO met",
+    header: ClassVar[list[str]] = [
+        "#",
+        "experiment",
+        "model",
+        "configuration",
+        "load",
+        "repeat",
+        "offered req/s",
+        "achieved req/s",
+        "state",
+        "sent",
+        "errors",
+        "avg ms",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "p99.9",
+        "SLO ms",
+        "SLO met",
         "goodput req/s",
     ]
 
@@ -177,7 +198,14 @@ class ResultsSection(Section):
         )
         rows = []
         for p in run.points:
-            base = [str(p.index), p.point["experiment"], p.point["model"], p.label, p.point["load"], str(p.repeat)]
+            base = [
+                str(p.index),
+                p.point["experiment"],
+                p.point["model"],
+                p.label,
+                p.point["load"],
+                str(p.repeat),
+            ]
             s = p.summary
             if s is None:
                 rows.append(Row(base + [p.status] + ["n/a"] * (len(self.header) - len(base) - 1), "failed"))
@@ -186,9 +214,20 @@ class ResultsSection(Section):
                 Row(
                     base
                     + [
-                        fmt(p.offered_rps), fmt(p.achieved_rps), state_cell(p), str(s.requests), str(s.errors),
-                        fmt(s.avg_ms), fmt(s.p50_ms), fmt(s.p90_ms), fmt(s.p95_ms), fmt(s.p99_ms),
-                        fmt(s.p999_ms), f"{s.slo_ms:g}", f"{s.slo_attainment:.1%}", fmt(s.goodput_rps),
+                        fmt(p.offered_rps),
+                        fmt(p.achieved_rps),
+                        state_cell(p),
+                        str(s.requests),
+                        str(s.errors),
+                        fmt(s.avg_ms),
+                        fmt(s.p50_ms),
+                        fmt(s.p90_ms),
+                        fmt(s.p95_ms),
+                        fmt(s.p99_ms),
+                        fmt(s.p999_ms),
+                        f"{s.slo_ms:g}",
+                        f"{s.slo_attainment:.1%}",
+                        fmt(s.goodput_rps),
                     ],
                     SATURATED if p.saturated else "",
                 )
@@ -219,11 +258,15 @@ class ThroughputLatencySection(Section):
                 for (label, curve_name), curve in sorted(curves.items()):
                     curve.sort(key=lambda p: (p.offered_rps, p.repeat))
                     x = [p.achieved_rps for p in curve]
-                    (line,) = ax.plot(x, [p.summary.p99_ms for p in curve], label=f"{label} | {curve_name} p99")
+                    (line,) = ax.plot(
+                        x, [p.summary.p99_ms for p in curve], label=f"{label} | {curve_name} p99"
+                    )
                     color = line.get_color()
                     ax.plot(x, [p.summary.p50_ms for p in curve], linestyle="--", color=color, alpha=0.6)
                     for p in curve:
-                        ax.plot([p.achieved_rps], [p.summary.p99_ms], linestyle="none", **marker_style(p, color))
+                        ax.plot(
+                            [p.achieved_rps], [p.summary.p99_ms], linestyle="none", **marker_style(p, color)
+                        )
                     capacity = run.capacity_of(curve[0].point)
                     if capacity and capacity.get("sustained_rps"):
                         ax.axvline(capacity["sustained_rps"], color=color, linestyle=":", alpha=0.7)
@@ -258,7 +301,10 @@ class CdfSection(Section):
                         suffix = ", saturated" if p.saturated else ""
                         repeat = f" r{p.repeat}" if p.record.get("repeats", 1) > 1 else ""
                         ax.step(
-                            xs, ys, where="post", linestyle=":" if p.saturated else "-",
+                            xs,
+                            ys,
+                            where="post",
+                            linestyle=":" if p.saturated else "-",
                             label=f"{p.label}{repeat} (p99 {p.summary.p99_ms:.1f} ms{suffix})",
                         )
                 ax.set_xscale("log")
@@ -306,7 +352,9 @@ class BatchSizeSection(Section):
                         ax.tick_params(labelsize=7)
                         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                     axes[0].set_ylabel("executions", fontsize=8)
-                    axes[0].figure.suptitle(f"{model} {label} under {p.point['load']} ({experiment})", fontsize=9, y=1.1)
+                    axes[0].figure.suptitle(
+                        f"{model} {label} under {p.point['load']} ({experiment})", fontsize=9, y=1.1
+                    )
         return content
 
 
@@ -335,9 +383,15 @@ class AttributionSection(Section):
                 summary_rows.append(
                     Row(
                         [
-                            str(p.index), model, label, p.point["load"], fmt(result.measured_ms, 2),
-                            fmt(result.total_ms, 2), f"{result.coverage:.0%}",
-                            "yes" if result.adds_up else "NO", "; ".join(result.notes) or "-",
+                            str(p.index),
+                            model,
+                            label,
+                            p.point["load"],
+                            fmt(result.measured_ms, 2),
+                            fmt(result.total_ms, 2),
+                            f"{result.coverage:.0%}",
+                            "yes" if result.adds_up else "NO",
+                            "; ".join(result.notes) or "-",
                         ],
                         "" if result.adds_up else "gap",
                     )
@@ -346,7 +400,10 @@ class AttributionSection(Section):
                     part_rows.append(
                         Row(
                             [
-                                str(p.index), label, part.name, fmt(part.ms, 2),
+                                str(p.index),
+                                label,
+                                part.name,
+                                fmt(part.ms, 2),
                                 f"{part.ms / result.measured_ms:.0%}" if result.measured_ms else "n/a",
                                 part.source + (" (residual)" if part.residual else ""),
                             ]
@@ -368,8 +425,12 @@ class AttributionSection(Section):
                     for part in result.parts:
                         width = max(part.ms, 0.0)
                         ax.barh(
-                            y, width, left=left, color=KIND_COLORS.get(part.kind, "#999999"),
-                            edgecolor="white", hatch="//" if part.residual else None,
+                            y,
+                            width,
+                            left=left,
+                            color=KIND_COLORS.get(part.kind, "#999999"),
+                            edgecolor="white",
+                            hatch="//" if part.residual else None,
                             label=part.kind if part.kind not in seen else None,
                         )
                         seen.add(part.kind)
@@ -382,8 +443,17 @@ class AttributionSection(Section):
         if summary_rows:
             content.tables.append(
                 Table(
-                    ["#", "model", "configuration", "load", "measured mean ms", "sum of parts ms", "coverage",
-                     "within 10%", "notes"],
+                    [
+                        "#",
+                        "model",
+                        "configuration",
+                        "load",
+                        "measured mean ms",
+                        "sum of parts ms",
+                        "coverage",
+                        "within 10%",
+                        "notes",
+                    ],
                     summary_rows,
                 )
             )
@@ -391,8 +461,14 @@ class AttributionSection(Section):
         stage_rows = [
             Row(
                 [
-                    str(p.index), p.label, p.point["load"], str(stage["stage"]), stage["model"],
-                    fmt(stage.get("executions"), 0), fmt(stage.get("rows"), 0), fmt(stage.get("avg_batch_size"), 2),
+                    str(p.index),
+                    p.label,
+                    p.point["load"],
+                    str(stage["stage"]),
+                    stage["model"],
+                    fmt(stage.get("executions"), 0),
+                    fmt(stage.get("rows"), 0),
+                    fmt(stage.get("avg_batch_size"), 2),
                     fmt((stage.get("avg_queue_us") or math.nan) / 1000.0, 2),
                     fmt((stage.get("avg_compute_us") or math.nan) / 1000.0, 2),
                 ],
@@ -404,8 +480,18 @@ class AttributionSection(Section):
         if stage_rows:
             content.tables.append(
                 Table(
-                    ["#", "configuration", "load", "stage", "model", "executions", "rows", "avg batch",
-                     "avg queue ms", "avg compute ms"],
+                    [
+                        "#",
+                        "configuration",
+                        "load",
+                        "stage",
+                        "model",
+                        "executions",
+                        "rows",
+                        "avg batch",
+                        "avg queue ms",
+                        "avg compute ms",
+                    ],
                     stage_rows,
                     "Per-stage facts of every point (server side; reorch wait per row, compute per execution):",
                 )
@@ -439,10 +525,22 @@ class ComparisonSection(Section):
                 x = np.arange(len(configs))
                 for i, repeats in enumerate(configs.values()):
                     style = {"hatch": "//", "alpha": 0.4} if any(p.saturated for p in repeats) else {}
-                    ax1.bar(i - 0.2, np.mean([p.summary.avg_ms for p in repeats]), 0.4, color="#4477aa",
-                            label="avg" if i == 0 else None, **style)
-                    ax1.bar(i + 0.2, np.mean([p.summary.p99_ms for p in repeats]), 0.4, color="#ee8866",
-                            label="p99" if i == 0 else None, **style)
+                    ax1.bar(
+                        i - 0.2,
+                        np.mean([p.summary.avg_ms for p in repeats]),
+                        0.4,
+                        color="#4477aa",
+                        label="avg" if i == 0 else None,
+                        **style,
+                    )
+                    ax1.bar(
+                        i + 0.2,
+                        np.mean([p.summary.p99_ms for p in repeats]),
+                        0.4,
+                        color="#ee8866",
+                        label="p99" if i == 0 else None,
+                        **style,
+                    )
                     ax2.bar(i, np.mean([p.achieved_rps for p in repeats]), 0.6, color="#228833", **style)
                 ax1.set_ylabel("latency (ms)")
                 ax2.set_ylabel("achieved throughput (req/s)")
@@ -460,8 +558,13 @@ class ComparisonSection(Section):
             content.tables.append(
                 Table(
                     ["#", "configuration", "load"] + operations,
-                    [Row([str(p.index), p.label, p.point["load"]] + [fmt(ops.get(op, 0.0), 0) for op in operations])
-                     for p, ops in rows],
+                    [
+                        Row(
+                            [str(p.index), p.label, p.point["load"]]
+                            + [fmt(ops.get(op, 0.0), 0) for op in operations]
+                        )
+                        for p, ops in rows
+                    ],
                     "Reorchestrator meta operations during each point (metrics deltas):",
                 )
             )
@@ -495,15 +598,30 @@ class LoadGeneratorSection(Section):
             rows.append(
                 Row(
                     [
-                        str(p.index), p.point["point_id"], fmt(loadgen.get("cpu_percent")),
-                        fmt(loadgen.get("late_arrivals")), fmt(loadgen.get("late_p99_ms"), 2),
-                        "yes" if loadgen.get("bottleneck") else "no", "; ".join(loadgen.get("warnings") or []) or "-",
+                        str(p.index),
+                        p.point["point_id"],
+                        fmt(loadgen.get("cpu_percent")),
+                        fmt(loadgen.get("late_arrivals")),
+                        fmt(loadgen.get("late_p99_ms"), 2),
+                        "yes" if loadgen.get("bottleneck") else "no",
+                        "; ".join(loadgen.get("warnings") or []) or "-",
                     ],
                     "flagged" if loadgen.get("bottleneck") else "",
                 )
             )
         content.tables.append(
-            Table(["#", "point", "load generator CPU %", "late arrivals", "p99 lateness ms", "flagged", "warnings"], rows)
+            Table(
+                [
+                    "#",
+                    "point",
+                    "load generator CPU %",
+                    "late arrivals",
+                    "p99 lateness ms",
+                    "flagged",
+                    "warnings",
+                ],
+                rows,
+            )
         )
         return content
 
@@ -530,8 +648,16 @@ class CrossCheckSection(Section):
         rows = []
         for name, key in (("perf_analyzer", "perf_analyzer"), ("stagebatch", "stagebatch")):
             values = check.get(key) or {}
-            rows.append(Row([name, fmt(values.get("p50_ms"), 2), fmt(values.get("p99_ms"), 2),
-                             fmt(values.get("throughput_rps"))]))
+            rows.append(
+                Row(
+                    [
+                        name,
+                        fmt(values.get("p50_ms"), 2),
+                        fmt(values.get("p99_ms"), 2),
+                        fmt(values.get("throughput_rps")),
+                    ]
+                )
+            )
         content.tables.append(Table(["generator", "p50 ms", "p99 ms", "throughput req/s"], rows))
         return content
 
