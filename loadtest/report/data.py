@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from loadtest import rundir
+from loadtest.capacity import variant_label
 from loadtest.stats import LatencySummary, achieved_rps, summarize
 from stagebatch.errors import ConfigValidationError
 
@@ -32,13 +33,16 @@ STABLE = "stable"
 SATURATED = "saturated"
 UNKNOWN = "unknown"
 
+# The short names of knobs in labels; the same as the plan's point ids (``plan._short``).
 _SHORT_KEYS = {
     "max_batch_size": "mbs",
     "max_queue_delay_us": "qd",
     "preferred_batch_sizes": "pref",
     "instance_count": "inst",
+    "max_queue_size": "mqs",
+    "default_timeout_us": "qto",
     "stages": "k",
-    "balance": "cuts=",
+    "balance": "",
 }
 
 
@@ -62,9 +66,7 @@ def point_label(point: dict) -> str:
 
 def capacity_label(point: dict) -> str:
     """The point's key in ``capacity.json``: ``whole``, ``ensemble`` or ``reorch:<policy>``."""
-    if point["variant"] == "reorch":
-        return f"reorch:{(point.get('reorch') or {}).get('policy') or 'default'}"
-    return point["variant"]
+    return variant_label(point["variant"], (point.get("reorch") or {}).get("policy"))
 
 
 def load_curve(load: str) -> str:
@@ -162,17 +164,23 @@ class PointData:
         return (self.record.get("load") or {}).get("multiple")
 
     @property
+    def capacity_share(self) -> float | None:
+        """Offered load over the whole model's measured sustained rate (None when none was measured)."""
+        load = self.record.get("load") or {}
+        if load.get("multiple") is not None:
+            return float(load["multiple"])
+        if load.get("capacity_rps"):
+            return self.offered_rps / float(load["capacity_rps"])
+        return None
+
+    @property
     def comparison_key(self) -> str:
         """Equal for points that differ only by variant/policy and repeat."""
-        key = self.record.get("comparison_key")
+        key = self.record.get("comparison_key") or self.point.get("comparison_key")
         if key:
             return str(key)
-        p = self.point
-        batching = json.dumps(p.get("batching") or {}, sort_keys=True)
-        slicing = json.dumps(p.get("slicing") or {}, sort_keys=True)
-        return f"{p['experiment']}/{p['model']}/{p['load']}" + (
-            "" if batching == slicing == "{}" else f"/{batching}/{slicing}"
-        )
+        p = self.point  # an older run: every configuration under the same load
+        return f"{p['experiment']}/{p['model']}/{p['load']}"
 
     @property
     def ok_latencies_us(self) -> np.ndarray:

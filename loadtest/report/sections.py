@@ -159,6 +159,31 @@ class CapacitySection(Section):
                 ["model", "variant", "sustained req/s", "req/s at SLO", "SLO", "limited by", "probes"], rows
             )
         )
+        probes = [
+            Row(
+                [
+                    model,
+                    label,
+                    fmt(probe.get("rate_rps")),
+                    "yes" if probe.get("stable") else "no",
+                    fmt(probe.get("achieved_rps")),
+                    fmt(probe.get("p99_ms")),
+                    probe.get("reason") or "-",
+                ],
+                "" if probe.get("stable") else SATURATED,
+            )
+            for model, variants in models.items()
+            for label, entry in variants.items()
+            for probe in entry.get("probes") or []
+        ]
+        if probes:
+            content.tables.append(
+                Table(
+                    ["model", "variant", "probed req/s", "sustained", "achieved req/s", "p99 ms", "reason"],
+                    probes,
+                    "The search's probes, in the order run:",
+                )
+            )
         return content
 
 
@@ -171,6 +196,7 @@ class ResultsSection(Section):
         "configuration",
         "load",
         "repeat",
+        "x capacity",
         "offered req/s",
         "achieved req/s",
         "state",
@@ -191,7 +217,8 @@ class ResultsSection(Section):
         content = Content(self.title)
         content.paragraphs.append(
             "Client-side latencies of successful requests, recomputed from requests.csv (nearest-rank "
-            "percentiles, ms). Offered = requests sent per second; achieved = successful completions inside "
+            "percentiles, ms). x capacity = the load as a multiple of the whole model's measured sustained rate. "
+            "Offered = requests sent per second; achieved = successful completions inside "
             "the measured window per second. A SATURATED point did not keep up: its queue grew during the "
             "window, so its latencies measure queue growth and are not compared. SLO met = share of all sent "
             "requests answered successfully within the SLO; goodput = those per second."
@@ -214,6 +241,7 @@ class ResultsSection(Section):
                 Row(
                     base
                     + [
+                        fmt(p.capacity_share, 2),
                         fmt(p.offered_rps),
                         fmt(p.achieved_rps),
                         state_cell(p),
