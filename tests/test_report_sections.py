@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 
 import pytest
@@ -136,3 +138,29 @@ def test_report_refuses_a_directory_without_raw_data(tmp_path):
 
 def test_markdown_table_cells_escape_pipes():
     assert markdown_cell("a|b\nc") == "a\\|b c"
+
+
+def test_report_attributes_reorch_front_wait_when_the_run_files_carry_the_records(tmp_path, monkeypatch):
+    """load_run reads each request's REORCH_RECORD from a ``server`` entry of rundir.read_requests."""
+    write_run(
+        tmp_path,
+        [Spec("reorch", 20.0, 10.0, policy="dva", repeat=r, repeats=2, stage_times=True) for r in range(2)]
+        + [Spec("whole", 20.0, 10.0, repeat=r, repeats=2) for r in range(2)],
+    )
+    with open(tmp_path / rundir.REQUESTS_FILE, newline="") as handle:
+        servers = [json.loads(row["server"]) if row["server"] else None for row in csv.DictReader(handle)]
+    read_requests = rundir.read_requests
+
+    def with_records(path, points=None):
+        grouped = read_requests(path, points)
+        rows = [row for index in sorted(grouped) for row in grouped[index]]
+        for row, server in zip(rows, servers):
+            row["server"] = server
+        return grouped
+
+    monkeypatch.setattr(rundir, "read_requests", with_records)
+    html = report_lib.write_report(tmp_path)[0].read_text()
+    reorch = report_lib.load_run(tmp_path).points[0]
+    assert len(reorch.server_records) == reorch.ok.sum()
+    assert "<td>front wait (arrival to stage 0)</td>" in html and "<td>response path</td>" in html
+    assert "2 and 2 repeats" in html

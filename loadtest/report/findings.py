@@ -64,8 +64,14 @@ def _mean(values: np.ndarray) -> float:
 
 def _basis(a: list[PointData], b: list[PointData]) -> str:
     if len(a) > 1 and len(b) > 1:
-        return f"{len(a)} and {len(b)} repeats, interval over repeats"
+        return f"{len(b)} and {len(a)} repeats, interval over repeats"
     return "from single runs: the interval covers request-to-request variation only, not run-to-run"
+
+
+def _runs(a: list[PointData], b: list[PointData]) -> str:
+    if len(a) > 1 and len(b) > 1:
+        return f"means of {len(b)} and {len(a)} repeats"
+    return "single runs"
 
 
 def _ci_text(ci: DifferenceCI, unit: str) -> str:
@@ -145,7 +151,7 @@ def compare_configs(base: list[PointData], other: list[PointData], run: RunData 
                 text += f" ({_ci_text(ci, 'req/s')}, {_basis(base, other)}"
                 text += "; " + ("a measurable difference" if ci.excludes_zero else NO_DIFFERENCE) + ")"
             else:
-                text += " (single runs)"
+                text += f" ({_runs(base, other)})"
             return Comparison("achieved req/s", achieved_a, achieved_b, ci, verdict, text + "." + capacity)
         if saturated_a:
             verdict, text = BETTER, f"kept up with {offered_a:.1f} req/s offered where the baseline saturated"
@@ -153,7 +159,7 @@ def compare_configs(base: list[PointData], other: list[PointData], run: RunData 
             verdict, text = WORSE, f"saturated at {offered_a:.1f} req/s offered where the baseline kept up"
         text += (
             f"; latencies are not compared; achieved {achieved_b:.1f} vs {achieved_a:.1f} req/s"
-            f" ({'single runs' if len(base) == 1 or len(other) == 1 else _basis(base, other)})."
+            f" ({_runs(base, other)})."
         )
         return Comparison("achieved req/s", achieved_a, achieved_b, None, verdict, text + capacity)
     ci = bootstrap_difference([p.ok_latencies_us for p in base], [p.ok_latencies_us for p in other], _p99)

@@ -272,7 +272,8 @@ class ThroughputLatencySection(Section):
         content.paragraphs.append(
             "p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where "
             "latency leaves its floor. Filled markers are stable points, hollow ones saturated, crosses of "
-            "unknown stability; the dotted vertical line is the sustained rate from the capacity search."
+            "unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
+            "rate from the capacity search."
         )
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
             with plot(
@@ -284,13 +285,17 @@ class ThroughputLatencySection(Section):
                 for p in points:
                     curves[(p.label, load_curve(p.point["load"]))].append(p)
                 for (label, curve_name), curve in sorted(curves.items()):
-                    curve.sort(key=lambda p: (p.offered_rps, p.repeat))
-                    x = [p.achieved_rps for p in curve]
+                    # the line joins the mean over repeats at each load; a marker per repeat
+                    levels = sorted(group(curve, "load").values(), key=lambda ps: ps[0].offered_rps)
+                    x = [np.mean([p.achieved_rps for p in level]) for level in levels]
                     (line,) = ax.plot(
-                        x, [p.summary.p99_ms for p in curve], label=f"{label} | {curve_name} p99"
+                        x,
+                        [np.mean([p.summary.p99_ms for p in level]) for level in levels],
+                        label=f"{label} | {curve_name} p99",
                     )
                     color = line.get_color()
-                    ax.plot(x, [p.summary.p50_ms for p in curve], linestyle="--", color=color, alpha=0.6)
+                    p50 = [np.mean([p.summary.p50_ms for p in level]) for level in levels]
+                    ax.plot(x, p50, linestyle="--", color=color, alpha=0.6)
                     for p in curve:
                         ax.plot(
                             [p.achieved_rps], [p.summary.p99_ms], linestyle="none", **marker_style(p, color)
