@@ -24,9 +24,9 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from loadtest.report import PointData, RunData, load_run
+from loadtest.report.content import Content, Row, Table, fmt, state_cell
 from loadtest.report.findings import NO_WINNER, Comparison, compare_configs
 from loadtest.report.render import render_html, render_markdown
-from loadtest.report.sections import Content, Row, Table, fmt, state_cell
 
 HTML_FILE = "compare.html"
 MARKDOWN_FILE = "compare.md"

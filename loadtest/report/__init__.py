@@ -7,7 +7,8 @@ templates in ``templates/`` into ``report.html`` (self-contained) and ``report.m
 
 Modules: ``data`` (reading a run, stability, the point label), ``findings`` (honest comparisons with
 confidence intervals), ``attribution`` (where the mean latency went), ``figures`` (the shared plot
-helper), ``sections`` (one class per section), ``render`` (templates and files).
+helper), ``content`` (what a section shows), ``sections`` and ``plots`` (one class per section; the order
+in ``sections.SECTIONS``), ``render`` (templates and files).
 """
 
 from loadtest.report.data import PointData, RunData, load_run, point_label

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import jinja2
 
+from loadtest.report.content import Content
 from loadtest.report.data import load_run
-from loadtest.report.sections import Content, build_sections
+from loadtest.report.sections import build_sections
 
 PLOTS_DIR = "plots"
 HTML_FILE = "report.html"

@@ -1,0 +1,81 @@
+"""The report's building blocks: what a section shows (:class:`Content`) and the :class:`Section` base.
+
+All text is plain; the Jinja2 templates escape it for HTML and Markdown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from loadtest.report.data import PointData, RunData, by_label
+from loadtest.report.figures import Figure
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    """A table cell: floats with ``digits`` decimals, None/NaN as ``n/a``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+@dataclass
+class Row:
+    """A table row; ``flag`` (e.g. ``saturated``) marks it in the HTML."""
+
+    cells: list[str]
+    flag: str = ""
+
+
+@dataclass
+class Table:
+    """A table: header and rows."""
+
+    header: list[str]
+    rows: list[Row]
+    caption: str = ""  # a sentence shown just above the table
+
+
+@dataclass
+class Content:
+    """What a section shows (all text is plain; the templates escape it)."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """Whether the section has nothing to show."""
+        return not (self.paragraphs or self.bullets or self.tables or self.figures)
+
+
+class Section:
+    """A report section: ``title`` and ``build``."""
+
+    title: ClassVar[str]
+
+    def build(self, run: RunData) -> Content:
+        """The section's content for ``run``."""
+        raise NotImplementedError
+
+
+def state_cell(point: PointData) -> str:
+    """``stable``, ``SATURATED (reason)`` or ``unknown``."""
+    if point.saturated:
+        return f"SATURATED ({point.unstable_reason})"
+    return point.stability
+
+
+def heaviest(points: list[PointData]) -> dict[str, PointData]:
+    """Per configuration, its stable point under the highest offered load (else its heaviest point)."""
+    best: dict[str, PointData] = {}
+    for label, repeats in by_label(points).items():
+        stable = [p for p in repeats if not p.saturated] or repeats
+        best[label] = max(stable, key=lambda p: (p.offered_rps, -p.repeat))
+    return best
