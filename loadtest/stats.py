@@ -1,4 +1,4 @@
-"""Pure statistics over raw request latencies (microseconds): percentiles, throughput, SLOs, CDFs.
+"""Pure statistics over raw request latencies (microseconds): percentiles, throughput, SLOs, CDFs, CIs.
 
 Nothing here does I/O; every function takes plain numbers so it can be unit-tested and re-run by
 ``stagebatch report`` on the raw data. Latencies come in as integer microseconds (the load
@@ -13,7 +13,7 @@ the report can be checked against ``requests.csv`` exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -123,29 +123,12 @@ def cdf(latencies_us: Sequence[int] | np.ndarray, max_points: int = 200) -> tupl
     return (values / 1000.0).tolist(), fractions.tolist()
 
 
-def throughput_at_slo(points: Iterable[tuple[float, float]], slo_ms: float) -> float | None:
-    """Highest throughput among load levels whose tail latency met the SLO.
-
-    ``points`` are (throughput_rps, tail_latency_ms) pairs of one configuration under increasing
-    load (e.g. its p99 at each Poisson rate). None when no level met the SLO.
-    """
-    meeting = [rps for rps, tail_ms in points if not math.isnan(tail_ms) and tail_ms <= slo_ms]
-    return max(meeting) if meeting else None
-
-
 def batch_size_mean(histogram: dict[int, int]) -> float:
     """Average batch size from a {batch_size: executions} histogram; NaN when empty."""
     executions = sum(histogram.values())
     if not executions:
         return math.nan
     return sum(size * count for size, count in histogram.items()) / executions
-
-
-def relative_change(before: float, after: float) -> float:
-    """(after - before) / before; NaN when before is 0 or NaN."""
-    if before == 0 or math.isnan(before) or math.isnan(after):
-        return math.nan
-    return (after - before) / before
 
 
 def achieved_rps(

@@ -90,7 +90,7 @@ class CdfSection(Section):
                     xs, ys = cdf(p.ok_latencies_us)
                     if xs:
                         suffix = ", saturated" if p.saturated else ""
-                        repeat = f" r{p.repeat}" if p.record.get("repeats", 1) > 1 else ""
+                        repeat = f" r{p.repeat}" if (p.record.get("repeats") or 1) > 1 else ""
                         ax.step(
                             xs,
                             ys,
