@@ -112,3 +112,28 @@ def test_highest_throughput_within_slo_says_none_when_no_stable_point_met_it(tmp
     run = _run(tmp_path, [Spec("whole", 10.0, 5.0), Spec("whole", 20.0, 5.0)], new_format=False)
     (sentence,) = slo_findings(run)  # an old run: stability unknown, so no point counts
     assert "no stable point met it" in sentence
+
+
+def test_findings_compare_achieved_rate_with_an_interval_when_saturated_points_repeat(tmp_path):
+    specs = [
+        Spec(
+            variant,
+            40.0,
+            20.0,
+            policy=policy,
+            repeat=r,
+            repeats=3,
+            saturated=True,
+            extra={"achieved_rps": achieved + r},
+        )
+        for r in range(3)
+        for variant, policy, achieved in (("whole", None, 20.0), ("reorch", "dva", 30.0))
+    ]
+    run = _run(tmp_path, specs)
+    whole = [p for p in run.points if p.label == "whole"]
+    reorch = [p for p in run.points if p.label == "reorch[dva]"]
+    result = compare_configs(whole, reorch, run)
+    assert result.metric == "achieved req/s" and result.verdict == BETTER
+    # resampled means lie in [20, 22] and [30, 32]: every difference is within [8, 12]
+    assert result.ci.estimate == 10.0 and 8.0 <= result.ci.low < result.ci.high <= 12.0
+    assert "measurably more served" in result.text and "p99" not in result.text

@@ -149,7 +149,10 @@ def compare_configs(base: list[PointData], other: list[PointData], run: RunData 
                 )
                 verdict = _verdict(ci, lower_is_better=False)
                 text += f" ({_ci_text(ci, 'req/s')}, {_basis(base, other)}"
-                text += "; " + ("a measurable difference" if ci.excludes_zero else NO_DIFFERENCE) + ")"
+                outcome = {BETTER: "measurably more served", WORSE: "measurably less served"}.get(
+                    verdict, verdict
+                )
+                text += f"; {outcome})"
             else:
                 text += f" ({_runs(base, other)})"
             return Comparison("achieved req/s", achieved_a, achieved_b, ci, verdict, text + "." + capacity)
