@@ -6,6 +6,7 @@ All text is plain; the Jinja2 templates escape it for HTML and Markdown.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,14 +56,14 @@ class Content:
         return not (self.paragraphs or self.bullets or self.tables or self.figures)
 
 
-class Section:
+class Section(ABC):
     """A report section: ``title`` and ``build``."""
 
     title: ClassVar[str]
 
+    @abstractmethod
     def build(self, run: RunData) -> Content:
         """The section's content for ``run``."""
-        raise NotImplementedError
 
 
 def state_cell(point: PointData) -> str:
