@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from loadtest.report import findings, load_run
+from loadtest.report.content import state_cell
+from loadtest.report.data import GENERATOR_LIMITED
 from loadtest.report.findings import BETTER, NO_DIFFERENCE, NO_WINNER, WORSE, compare_configs, slo_findings
 from tests.report_runs import Spec, write_run
 
@@ -137,3 +139,14 @@ def test_findings_compare_achieved_rate_with_an_interval_when_saturated_points_r
     # resampled means lie in [20, 22] and [30, 32]: every difference is within [8, 12]
     assert result.ci.estimate == 10.0 and 8.0 <= result.ci.low < result.ci.high <= 12.0
     assert "measurably more served" in result.text and "p99" not in result.text
+
+
+def test_findings_name_no_winner_when_the_load_generator_was_off_schedule(tmp_path):
+    late = {"stable": False, "unstable_reason": "load_generator_late: 10 of 101 arrivals sent late"}
+    run = _run(tmp_path, [Spec("whole", 40.0, 20.0, extra=late), Spec("reorch", 40.0, 5.0, policy="dva")])
+    whole, reorch = run.points
+    assert whole.stability == GENERATOR_LIMITED and not whole.saturated
+    assert state_cell(whole).startswith("UNSTABLE: load generator")
+    result = compare_configs([whole], [reorch], run)
+    assert result.verdict == NO_WINNER and "did not keep its open-loop schedule" in result.text
+    assert any("load generator did not keep" in f for f in findings(run))

@@ -33,6 +33,7 @@ COMPUTE_INFER = "compute infer"
 COMPUTE_OUTPUT = "compute output"
 COMPUTE = "compute"
 RESPONSE = "response path"
+NO_STAGE_METRICS = "the reorchestrator's stage metrics recorded no executions in the window"
 KINDS = (CLIENT, FRONT, QUEUE, COMPUTE_INPUT, COMPUTE_INFER, COMPUTE, COMPUTE_OUTPUT, RESPONSE)
 
 
@@ -110,8 +111,11 @@ def _triton_parts(point: PointData, names: list[str]) -> list[Part] | None:
 
 
 def _reorch_stage_parts(point: PointData) -> list[Part]:
+    """Stage wait and compute from the reorchestrator's metrics; stages without executions are left out."""
     parts = []
     for row in point.stage_rows():
+        if row.get("avg_queue_us") is None and row.get("avg_compute_us") is None:
+            continue
         stage = row["stage"]
         source = "reorchestrator metrics (wait per row, compute per execution)"
         parts.append(Part(f"stage {stage} wait", QUEUE, (row.get("avg_queue_us") or 0.0) / 1000.0, source))
@@ -126,6 +130,8 @@ def _reorch(point: PointData, measured_ms: float) -> Attribution:
     records = [r for r in point.server_records if {"arrival_us", "stage0_entry_us", "exit_us"} <= set(r)]
     if not records:
         stages = _reorch_stage_parts(point)
+        if not stages:
+            result.notes.append(NO_STAGE_METRICS)
         rest = measured_ms - sum(p.ms for p in stages)
         result.parts = stages + [
             Part(
@@ -166,7 +172,10 @@ def _reorch(point: PointData, measured_ms: float) -> Attribution:
             Part("response path", RESPONSE, float(np.mean(exit_ - entry - in_stages)) / 1000, source)
         )
     else:
-        result.parts += _reorch_stage_parts(point)
+        stages = _reorch_stage_parts(point)
+        if not stages:
+            result.notes.append(NO_STAGE_METRICS)
+        result.parts += stages
         result.notes.append(
             "stage waits and computes from the reorchestrator's metrics; the response path is not measured "
             "without per-request stage_times_us"

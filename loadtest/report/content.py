@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from loadtest.report.data import PointData, RunData, by_label
+from loadtest.report.data import GENERATOR_LIMITED, SATURATED, PointData, RunData, by_label
 from loadtest.report.figures import Figure
 
 
@@ -67,16 +67,23 @@ class Section(ABC):
 
 
 def state_cell(point: PointData) -> str:
-    """``stable``, ``SATURATED (reason)`` or ``unknown``."""
+    """``stable``, ``SATURATED (reason)``, ``UNSTABLE: load generator (reason)`` or ``unknown``."""
     if point.saturated:
         return f"SATURATED ({point.unstable_reason})"
+    if point.stability == GENERATOR_LIMITED:
+        return f"UNSTABLE: load generator ({point.unstable_reason})"
     return point.stability
+
+
+def row_flag(point: PointData) -> str:
+    """The HTML row class of a point: ``saturated``, ``flagged`` (generator-limited) or none."""
+    return {SATURATED: "saturated", GENERATOR_LIMITED: "flagged"}.get(point.stability, "")
 
 
 def heaviest(points: list[PointData]) -> dict[str, PointData]:
     """Per configuration, its stable point under the highest offered load (else its heaviest point)."""
     best: dict[str, PointData] = {}
     for label, repeats in by_label(points).items():
-        stable = [p for p in repeats if not p.saturated] or repeats
+        stable = [p for p in repeats if not p.unstable] or repeats
         best[label] = max(stable, key=lambda p: (p.offered_rps, -p.repeat))
     return best

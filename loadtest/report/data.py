@@ -20,6 +20,7 @@ import numpy as np
 
 from loadtest import rundir
 from loadtest.capacity import variant_label
+from loadtest.stability import LOADGEN_REASONS
 from loadtest.stats import LatencySummary, achieved_rps, summarize
 from stagebatch.errors import ConfigValidationError
 
@@ -30,8 +31,9 @@ KEEP_UP_SHARE = 0.95
 SAME_LOAD_TOLERANCE = 0.05
 
 STABLE = "stable"
-SATURATED = "saturated"
-UNKNOWN = "unknown"
+SATURATED = "saturated"  # the server did not keep up: the queue grew over the window
+GENERATOR_LIMITED = "generator-limited"  # the load generator did not keep its schedule
+UNKNOWN = "unknown"  # an older run that did not record stability
 
 # The short names of knobs in labels; the same as the plan's point ids (``plan._short``).
 _SHORT_KEYS = {
@@ -133,10 +135,13 @@ class PointData:
 
     @property
     def stability(self) -> str:
-        """:data:`STABLE`, :data:`SATURATED` or :data:`UNKNOWN` (old runs that did not record it)."""
+        """:data:`STABLE`, :data:`SATURATED`, :data:`GENERATOR_LIMITED` or :data:`UNKNOWN` (old runs)."""
         stable = self.record.get("stable")
         if stable is not None:
-            return STABLE if stable else SATURATED
+            if stable:
+                return STABLE
+            reason = str(self.record.get("unstable_reason") or "")
+            return GENERATOR_LIMITED if reason.split(":")[0] in LOADGEN_REASONS else SATURATED
         if self.measured and self.offered_rps > 0 and self.achieved_rps < KEEP_UP_SHARE * self.offered_rps:
             return SATURATED
         return UNKNOWN
@@ -145,6 +150,11 @@ class PointData:
     def saturated(self) -> bool:
         """Whether the point's queue did not keep up: its latencies measure queue growth."""
         return self.stability == SATURATED
+
+    @property
+    def unstable(self) -> bool:
+        """Whether the point is known not to be stable (saturated or limited by the load generator)."""
+        return self.stability in (SATURATED, GENERATOR_LIMITED)
 
     @property
     def unstable_reason(self) -> str | None:

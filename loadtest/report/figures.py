@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from loadtest.report.data import SATURATED, STABLE, PointData
+from loadtest.report.data import GENERATOR_LIMITED, SATURATED, STABLE, PointData
 
 MAX_FIGURES_PER_SECTION = 24
 DPI = 90
@@ -77,19 +77,26 @@ def plot(
 
 
 def marker_style(point: PointData, color) -> dict:
-    """Marker keywords by stability: filled (stable), hollow (saturated), cross (unknown)."""
+    """Marker keywords by stability: filled (stable), hollow (saturated), hollow square (the load
+    generator was late or busy), cross (unknown)."""
     if point.stability == STABLE:
         return {"marker": "o", "color": color}
     if point.stability == SATURATED:
         return {"marker": "o", "markerfacecolor": "none", "markeredgecolor": color, "color": color}
+    if point.stability == GENERATOR_LIMITED:
+        return {"marker": "s", "markerfacecolor": "none", "markeredgecolor": color, "color": color}
     return {"marker": "x", "color": color}
 
 
 def stability_legend(ax) -> None:
-    """Add the marker key (filled stable, hollow saturated, cross unknown) to the axis' legend."""
+    """Add the marker key (see :func:`marker_style`) to the axis' legend."""
     for style, text in (
         ({"marker": "o", "color": "grey"}, "stable"),
         ({"marker": "o", "markerfacecolor": "none", "markeredgecolor": "grey", "color": "grey"}, SATURATED),
+        (
+            {"marker": "s", "markerfacecolor": "none", "markeredgecolor": "grey", "color": "grey"},
+            "load generator off schedule",
+        ),
         ({"marker": "x", "color": "grey"}, "stability unknown"),
     ):
         ax.plot([], [], linestyle="none", label=text, **style)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loadtest.report.data import (
+    GENERATOR_LIMITED,
     SAME_LOAD_TOLERANCE,
     STABLE,
     UNKNOWN,
@@ -128,6 +129,18 @@ def compare_configs(base: list[PointData], other: list[PointData], run: RunData 
             None,
             NO_WINNER,
             f"ran at different offered loads ({offered_b:.1f} vs {offered_a:.1f} req/s): no winner named",
+        )
+    off_schedule = [p for p in base + other if p.stability == GENERATOR_LIMITED]
+    if off_schedule:
+        which = "the baseline" if off_schedule[0] in base else "this configuration"
+        return Comparison(
+            "",
+            math.nan,
+            math.nan,
+            None,
+            NO_WINNER,
+            f"the load generator did not keep its open-loop schedule for {which} "
+            f"({off_schedule[0].unstable_reason}), so the server saw other arrivals than planned: no winner named.",
         )
     saturated_a = any(p.saturated for p in base)
     saturated_b = any(p.saturated for p in other)
@@ -267,8 +280,15 @@ def saturation_findings(run: RunData) -> list[str]:
     if not measured:
         return []
     saturated = [p for p in measured if p.saturated]
+    off_schedule = [p for p in measured if p.stability == GENERATOR_LIMITED]
     unknown = [p for p in measured if p.stability == UNKNOWN]
     out = []
+    if off_schedule:
+        out.append(
+            f"In {len(off_schedule)} of {len(measured)} points the load generator did not keep its open-loop "
+            "schedule (late arrivals or a busy generator): the server saw other arrivals than planned, and no "
+            "finding compares them."
+        )
     if saturated:
         out.append(
             f"{len(saturated)} of {len(measured)} points were saturated (their queues did not keep up); "

@@ -12,8 +12,8 @@ from collections import defaultdict
 import numpy as np
 
 from loadtest.report.attribution import KINDS, attribute
-from loadtest.report.content import Content, Row, Section, Table, fmt, heaviest
-from loadtest.report.data import SATURATED, PointData, RunData, by_label, group, load_curve
+from loadtest.report.content import Content, Row, Section, Table, fmt, heaviest, row_flag
+from loadtest.report.data import PointData, RunData, by_label, group, load_curve
 from loadtest.report.figures import marker_style, plot, stability_legend
 from loadtest.stats import cdf
 
@@ -29,8 +29,8 @@ class ThroughputLatencySection(Section):
         content = Content(self.title)
         content.paragraphs.append(
             "p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where "
-            "latency leaves its floor. Filled markers are stable points, hollow ones saturated, crosses of "
-            "unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
+            "latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow "
+            "squares points the load generator sent off schedule, crosses of unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
             "rate from the capacity search."
         )
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
@@ -263,7 +263,7 @@ class AttributionSection(Section):
                     fmt((stage.get("avg_queue_us") or math.nan) / 1000.0, 2),
                     fmt((stage.get("avg_compute_us") or math.nan) / 1000.0, 2),
                 ],
-                SATURATED if p.saturated else "",
+                row_flag(p),
             )
             for p in run.measured_points()
             for stage in p.stage_rows()
@@ -297,7 +297,7 @@ class ComparisonSection(Section):
         content = Content(self.title)
         content.paragraphs.append(
             "Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats). "
-            "Latency bars of saturated configurations are hatched and faded: they measure queue growth."
+            "Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded."
         )
         for (experiment, model, load), points in group(
             run.measured_points(), "experiment", "model", "load"
@@ -315,7 +315,7 @@ class ComparisonSection(Section):
             ) as (ax1, ax2):
                 x = np.arange(len(configs))
                 for i, repeats in enumerate(configs.values()):
-                    style = {"hatch": "//", "alpha": 0.4} if any(p.saturated for p in repeats) else {}
+                    style = {"hatch": "//", "alpha": 0.4} if any(p.unstable for p in repeats) else {}
                     ax1.bar(
                         i - 0.2,
                         np.mean([p.summary.avg_ms for p in repeats]),

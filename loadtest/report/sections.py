@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from loadtest.report.content import Content, Row, Section, Table, fmt, state_cell
+from loadtest.report.content import Content, Row, Section, Table, fmt, row_flag, state_cell
 from loadtest.report.data import SATURATED, RunData
 from loadtest.report.findings import findings
 from loadtest.report.plots import (
@@ -149,7 +149,9 @@ class ResultsSection(Section):
             "percentiles, ms). x capacity = the load as a multiple of the whole model's measured sustained rate. "
             "Offered = requests sent per second; achieved = successful completions inside "
             "the measured window per second. A SATURATED point did not keep up: its queue grew during the "
-            "window, so its latencies measure queue growth and are not compared. SLO met = share of all sent "
+            "window, so its latencies measure queue growth and are not compared. An UNSTABLE: load generator point "
+            "was sent off its open-loop schedule (late arrivals, or a busy generator): the server saw other "
+            "arrivals than planned, so it is not compared either. SLO met = share of all sent "
             "requests answered successfully within the SLO; goodput = those per second."
         )
         rows = []
@@ -186,7 +188,7 @@ class ResultsSection(Section):
                         f"{s.slo_attainment:.1%}",
                         fmt(s.goodput_rps),
                     ],
-                    SATURATED if p.saturated else "",
+                    row_flag(p),
                 )
             )
         content.tables.append(Table(self.header, rows))
