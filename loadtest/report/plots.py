@@ -22,6 +22,13 @@ KIND_COLORS = dict(
 )
 
 
+def _minor_log_label(value: float, _position) -> str:
+    """Label the 2x and 5x minor ticks of a log axis in plain numbers (``20``, ``50``), none else."""
+    if value <= 0:
+        return ""
+    return f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""
+
+
 class ThroughputLatencySection(Section):
     title = "Throughput-latency curves"
 
@@ -33,6 +40,8 @@ class ThroughputLatencySection(Section):
             "squares points the load generator sent off schedule, crosses of unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
             "rate from the capacity search."
         )
+        from matplotlib.ticker import FuncFormatter
+
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
             with plot(
                 content.figures,
@@ -64,6 +73,8 @@ class ThroughputLatencySection(Section):
                 ax.axhline(points[0].summary.slo_ms, color="red", linewidth=0.8, alpha=0.5, label="SLO")
                 stability_legend(ax)
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
                 ax.set_xlabel("achieved throughput (completions in the window / s)")
                 ax.set_ylabel("latency (ms, log): p99 solid, p50 dashed")
                 ax.set_title(f"{model}: throughput vs latency ({experiment})")
