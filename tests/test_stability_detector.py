@@ -89,3 +89,12 @@ def test_stability_is_unstable_when_requests_fail():
 def test_stability_is_unstable_when_nothing_arrived():
     verdict = stability.assess([], START_US, 3)
     assert not verdict.stable and verdict.offered_rps == 0
+
+
+def test_stability_ignores_lateness_small_against_the_latency():
+    rows = _queue(_poisson(10, 6), service_s=0.08)  # ~80 ms latencies
+    for row in rows[::4]:  # a quarter of the arrivals 5 ms late: noise on a shared machine
+        row["late_us"] = 5_000
+        row["t_send_us"] += 5_000
+    verdict = stability.assess(rows, START_US, 6)
+    assert verdict.stable, verdict.unstable_reason
