@@ -159,7 +159,7 @@ def test_interrupted_and_crashed_runs_resume_to_the_same_points(full_run, tiny):
     process.communicate(timeout=300)
     points = read_points(run_dir)
     assert len(points) == 4
-    if servers.stdout.split():
-        assert any(p["status"] == "failed" and "server" in p["error"] for p in points), points
+    assert servers.stdout.split(), "no tritonserver child to kill"
+    assert (run_dir / "tritonserver.2.log").is_file()  # the runner brought its server back and went on
     assert main(["characterize", "--resume", str(run_dir), "--capacity", capacity, "--no-progress"]) == 0
     assert _ids(run_dir) == _ids(full_run)
