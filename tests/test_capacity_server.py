@@ -115,3 +115,23 @@ def test_capacity_search_finds_a_known_capacity_then_relative_loads_use_it(tmp_p
     assert not past["stable"] and past["backlog_growth_per_s"] > 0
     assert past["achieved_rps"] <= 1.1 * CAPACITY_RPS
     assert (run_dir / "report.html").is_file() and (run_dir / "run.log").is_file()
+
+
+@pytest.mark.server
+def test_capacity_command_writes_capacity_json_with_bounded_probes(tmp_path, capsys):
+    from stagebatch.cli import main
+
+    build_sleeper_repository(tmp_path / "repo")
+    fast = PLAN.replace(
+        "capacity: {duration_s: 2.5, warmup_s: 0.5, start_rps: 15, max_probes: 8}",
+        "capacity: {duration_s: 1.0, warmup_s: 0.2, start_rps: 10, max_probes: 2}",
+    )
+    (tmp_path / "plan.yaml").write_text(fast)
+    assert main(["capacity", "--plan", str(tmp_path / "plan.yaml"), "--out", str(tmp_path / "cap")]) == 0
+    out = capsys.readouterr().out
+    entry = read_capacity(tmp_path / "cap")["models"]["sleeper"]["whole"]
+    assert len(entry["probes"]) == 2 and entry["probes"][0]["rate_rps"] == 10
+    assert entry["probes"][1]["rate_rps"] == 30  # x3 after a sustained probe
+    assert entry["probes"][0]["stable"] and entry["sustained_rps"] >= 10
+    assert "sleeper whole: sustained" in out and "capacity.json" in out
+    assert main(["capacity", "--plan", str(tmp_path / "plan.yaml"), "--variants", "bogus"]) == 1
