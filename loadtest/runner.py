@@ -535,7 +535,7 @@ class Characterization:
         names = self._ensure(point)
         reorch_name = names[-1] if point.variant == "reorch" else None
         sampler = _Sampler(self.client, names, self.metrics_url if reorch_name else None)
-        with sampler:
+        with sampler, _console_quiet("loadtest.driver"):  # its warnings go to the log; the point line judges
             result = run_load(self.url, self.manifest, self._load_spec(point), workers=self.options.workers)
         # server counters over the measured window: the last snapshot before it opened (warm-up excluded),
         # and one after the run, when every request of the window has been answered
