@@ -266,23 +266,22 @@ class CrossCheckSection(Section):
             content.paragraphs.append(f"Skipped: {check.get('reason') or 'no reason recorded'}.")
             return content
         content.paragraphs.append(
-            f"{check.get('model', '?')} {check.get('variant', '?')} at {fmt(check.get('rate_rps'))} req/s, "
-            "measured by both generators."
+            f"{check.get('model', '?')} {check.get('variant', '?')} at {fmt(check.get('rate_rps'))} req/s "
+            f"over {check.get('protocol') or 'gRPC'}, measured by both generators (the same open-loop schedule)."
         )
-        rows = []
-        for name, key in (("perf_analyzer", "perf_analyzer"), ("stagebatch", "stagebatch")):
-            values = check.get(key) or {}
-            rows.append(
-                Row(
-                    [
-                        name,
-                        fmt(values.get("p50_ms"), 2),
-                        fmt(values.get("p99_ms"), 2),
-                        fmt(values.get("throughput_rps")),
-                    ]
-                )
+        rows = [
+            Row(
+                [
+                    name,
+                    fmt((check.get(name) or {}).get("p50_ms"), 2),
+                    fmt((check.get(name) or {}).get("p99_ms"), 2),
+                    fmt((check.get(name) or {}).get("throughput_rps")),
+                    fmt((check.get(name) or {}).get("requests")),
+                ]
             )
-        content.tables.append(Table(["generator", "p50 ms", "p99 ms", "throughput req/s"], rows))
+            for name in ("perf_analyzer", "stagebatch")
+        ]
+        content.tables.append(Table(["generator", "p50 ms", "p99 ms", "throughput req/s", "requests"], rows))
         return content
 
 
