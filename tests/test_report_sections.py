@@ -12,6 +12,7 @@ from loadtest import report as report_lib
 from loadtest import rundir
 from loadtest.report.data import SATURATED, STABLE, UNKNOWN
 from loadtest.report.render import markdown_cell
+from loadtest.report.sections import CrossCheckSection
 from loadtest.stats import summarize
 from stagebatch.errors import ConfigValidationError
 from tests.report_runs import DURATION_S, SLO_MS, Spec, write_run
@@ -164,3 +165,9 @@ def test_report_attributes_reorch_front_wait_when_the_run_files_carry_the_record
     assert len(reorch.server_records) == reorch.ok.sum()
     assert "<td>front wait (arrival to stage 0)</td>" in html and "<td>response path</td>" in html
     assert "2 and 2 repeats" in html
+
+
+def test_crosscheck_section_says_why_it_was_skipped(tmp_path):
+    run = report_lib.RunData(tmp_path, {}, crosscheck={"status": "skipped", "reason": "perf_analyzer not found"})
+    content = CrossCheckSection().build(run)
+    assert content.paragraphs == ["Skipped: perf_analyzer not found."] and not content.tables
