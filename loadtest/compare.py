@@ -43,6 +43,8 @@ HEADER = [
     "B state",
     "A p99 ms",
     "B p99 ms",
+    "A sustained",
+    "B sustained",
     "B against A",
 ]
 
@@ -72,6 +74,8 @@ class Match:
     a: list[PointData]
     b: list[PointData]
     comparison: Comparison
+    sustained_a: float | None = None  # the variant's sustained rate in each run's capacity.json
+    sustained_b: float | None = None
 
     def cells(self) -> list[str]:
         """The row of :data:`HEADER`."""
@@ -97,8 +101,14 @@ class Match:
             state(self.b),
             fmt(mean(self.a, lambda p: p.summary.p99_ms)),
             fmt(mean(self.b, lambda p: p.summary.p99_ms)),
+            fmt(self.sustained_a),
+            fmt(self.sustained_b),
             verdict,
         ]
+
+
+def _sustained(run: RunData, point: PointData) -> float | None:
+    return (run.capacity_of(point.point) or {}).get("sustained_rps")
 
 
 @dataclass
@@ -115,7 +125,18 @@ class RunComparison:
 def compare_runs(run_a: RunData, run_b: RunData) -> RunComparison:
     """Line up the matching points of two runs and compare each match (B against A)."""
     a, b = _by_key(run_a), _by_key(run_b)
-    matches = [Match(key, a[key], b[key], compare_configs(a[key], b[key], None)) for key in a if key in b]
+    matches = [
+        Match(
+            key,
+            a[key],
+            b[key],
+            compare_configs(a[key], b[key], None),
+            _sustained(run_a, a[key][0]),
+            _sustained(run_b, b[key][0]),
+        )
+        for key in a
+        if key in b
+    ]
     return RunComparison(run_a, run_b, matches, [k for k in a if k not in b], [k for k in b if k not in a])
 
 
@@ -130,7 +151,7 @@ def sections(result: RunComparison) -> list[Content]:
         )
     table = Content("Matching points")
     table.paragraphs.append(
-        "Offered and achieved in req/s. B against A: better, worse, no measurable difference (the 95% "
+        "Offered, achieved and sustained (each run's capacity search) in req/s. B against A: better, worse, no measurable difference (the 95% "
         "interval spans 0) or no winner (different offered loads, or both saturated without repeats)."
     )
     if result.matches:

@@ -27,6 +27,7 @@ def _runs(tmp_path, rate_b: float = 40.0):
             Spec("reorch", rate_b, 20.0, policy="dva", multiple=0.5, saturated=True),
         ],
         seed=2,
+        capacity={"models": {"bert_base": {"whole": {"sustained_rps": rate_b * 2, "limited_by": "server"}}}},
     )
     return a, b
 
@@ -37,6 +38,7 @@ def test_compare_lines_up_matching_points_and_states_intervals(tmp_path):
     assert [m.key[2] for m in result.matches] == ["whole", "reorch[dva]"]
     whole, reorch = result.matches
     assert whole.key[4] == "0.5x capacity"
+    assert (whole.sustained_a, whole.sustained_b) == (None, 80.0)
     assert whole.comparison.verdict == BETTER and "95% CI" in whole.comparison.text
     assert reorch.comparison.metric == "achieved req/s"  # B saturated: no latency compared
     assert [k[3] for k in result.only_a] == ["only_in_a"] and not result.only_b
