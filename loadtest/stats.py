@@ -1,4 +1,4 @@
-"""Pure statistics over raw request latencies (microseconds): percentiles, throughput, SLOs, CDFs.
+"""Pure statistics over raw request latencies (microseconds): percentiles, throughput, SLOs, CDFs, CIs.
 
 Nothing here does I/O; every function takes plain numbers so it can be unit-tested and re-run by
 ``stagebatch report`` on the raw data. Latencies come in as integer microseconds (the load
@@ -13,23 +13,31 @@ the report can be checked against ``requests.csv`` exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+CONFIDENCE = 0.95  # of every interval the report states
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0  # fixed, so a report regenerated from the same raw data states the same intervals
 
 
 def percentile_us(latencies_us: Sequence[int] | np.ndarray, pct: float) -> float:
     """Nearest-rank percentile of raw latencies (µs); NaN for no samples."""
     if not 0 < pct <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {pct}")
-    values = np.sort(np.asarray(latencies_us, dtype=np.int64))
+    values = np.asarray(latencies_us, dtype=np.int64)
     if values.size == 0:
         return math.nan
-    rank = math.ceil(pct / 100.0 * values.size)  # 1-based
-    return float(values[max(rank, 1) - 1])
+    return float(nearest_rank(values, pct))
+
+
+def nearest_rank(values: np.ndarray, pct: float) -> float:
+    """Nearest-rank percentile of a non-empty array in its own unit (no checks; the bootstrap's inner loop)."""
+    rank = max(math.ceil(pct / 100.0 * values.size), 1) - 1  # 0-based
+    return float(np.partition(values, rank)[rank])
 
 
 @dataclass
@@ -115,16 +123,6 @@ def cdf(latencies_us: Sequence[int] | np.ndarray, max_points: int = 200) -> tupl
     return (values / 1000.0).tolist(), fractions.tolist()
 
 
-def throughput_at_slo(points: Iterable[tuple[float, float]], slo_ms: float) -> float | None:
-    """Highest throughput among load levels whose tail latency met the SLO.
-
-    ``points`` are (throughput_rps, tail_latency_ms) pairs of one configuration under increasing
-    load (e.g. its p99 at each Poisson rate). None when no level met the SLO.
-    """
-    meeting = [rps for rps, tail_ms in points if not math.isnan(tail_ms) and tail_ms <= slo_ms]
-    return max(meeting) if meeting else None
-
-
 def batch_size_mean(histogram: dict[int, int]) -> float:
     """Average batch size from a {batch_size: executions} histogram; NaN when empty."""
     executions = sum(histogram.values())
@@ -133,8 +131,73 @@ def batch_size_mean(histogram: dict[int, int]) -> float:
     return sum(size * count for size, count in histogram.items()) / executions
 
 
-def relative_change(before: float, after: float) -> float:
-    """(after - before) / before; NaN when before is 0 or NaN."""
-    if before == 0 or math.isnan(before) or math.isnan(after):
-        return math.nan
-    return (after - before) / before
+def achieved_rps(
+    t_send_us: Sequence[int] | np.ndarray,
+    latencies_us: Sequence[int] | np.ndarray,
+    ok: Sequence[bool] | np.ndarray,
+    duration_s: float,
+) -> float:
+    """Successful completions inside the measured window, per second (what the server kept up with).
+
+    The window opens at the first send and lasts ``duration_s``; a request sent inside it that
+    completes after it closes does not count. For runs that did not record ``achieved_rps``.
+    """
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    sent = np.asarray(t_send_us, dtype=np.int64)
+    if sent.size == 0:
+        return 0.0
+    done = sent + np.asarray(latencies_us, dtype=np.int64)
+    end_us = sent.min() + duration_s * 1e6
+    return int(np.count_nonzero(np.asarray(ok, dtype=bool) & (done <= end_us))) / duration_s
+
+
+@dataclass(frozen=True)
+class DifferenceCI:
+    """``statistic(b) - statistic(a)`` with a bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    groups_a: int  # repeats (runs) behind each side
+    groups_b: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval excludes 0: only then is the difference a measurable gain or loss."""
+        return self.low > 0 or self.high < 0
+
+
+def bootstrap_difference(
+    groups_a: Sequence[Sequence[float] | np.ndarray],
+    groups_b: Sequence[Sequence[float] | np.ndarray],
+    statistic: Callable[[np.ndarray], float],
+    confidence: float = CONFIDENCE,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> DifferenceCI:
+    """Percentile bootstrap CI of ``statistic(b) - statistic(a)``, resampling repeats, then samples.
+
+    Each side is a list of groups (one per repeat of a point, e.g. its request latencies). A
+    resample draws the groups with replacement and then the samples inside each drawn group, so
+    the interval covers run-to-run variation when there are repeats, and request-to-request
+    variation only when each side is a single run.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    a = [np.asarray(g, dtype=float) for g in groups_a if len(g)]
+    b = [np.asarray(g, dtype=float) for g in groups_b if len(g)]
+    if not a or not b:
+        raise ValueError("each side needs at least one non-empty group")
+    rng = np.random.default_rng(seed)
+
+    def resample(groups: list[np.ndarray]) -> np.ndarray:
+        picked = [groups[i] for i in rng.integers(len(groups), size=len(groups))]
+        return np.concatenate([g[rng.integers(g.size, size=g.size)] for g in picked])
+
+    estimate = statistic(np.concatenate(b)) - statistic(np.concatenate(a))
+    diffs = np.array([statistic(resample(b)) - statistic(resample(a)) for _ in range(resamples)])
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return DifferenceCI(float(estimate), float(low), float(high), confidence, len(a), len(b))

@@ -31,7 +31,9 @@ app.command("supervise")(_commands.supervise)
 # [cli-registrations] helpers add their one-line registrations below this marker
 app.command("build")(__import__("slicing.cli", fromlist=["build"]).build)
 app.command("characterize")(__import__("loadtest.cli", fromlist=["characterize"]).characterize)
+app.command("capacity")(__import__("loadtest.cli", fromlist=["capacity"]).capacity)
 app.command("report")(__import__("loadtest.cli", fromlist=["report"]).report)
+app.command("compare")(__import__("loadtest.compare", fromlist=["compare"]).compare)
 # ---- end of registrations ----
 
 

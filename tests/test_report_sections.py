@@ -5,131 +5,63 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 from loadtest import report as report_lib
-from loadtest import runner
+from loadtest import rundir
+from loadtest.report.data import SATURATED, STABLE, UNKNOWN
+from loadtest.report.render import markdown_cell
+from loadtest.report.sections import CrossCheckSection
 from loadtest.stats import summarize
 from stagebatch.errors import ConfigValidationError
+from tests.report_runs import DURATION_S, SLO_MS, Spec, write_run
+
+CONFIGS = (("whole", None, 20.0), ("ensemble", None, 15.0), ("reorch", "dva", 10.0))
 
 
-@dataclass
-class FakeRecord:  # the fields of loadtest.client.RequestRecord the runner writes
-    t_send_us: int
-    latency_us: int
-    ok: bool
-    seq_len: int | None
-    rows: int
-    error: str | None
-    server: dict | None
-
-
-def _point(index, variant, load, policy=None, rate=10.0, qd=None):
-    batching = {} if qd is None else {"max_queue_delay_us": qd}
-    return {
-        "point_id": f"e/bert_base/{variant}/{policy or ''}/{load}",
-        "experiment": "e",
-        "model": "bert_base",
-        "variant": variant,
-        "load": load,
-        "arrival": {"kind": "poisson", "rate_rps": rate},
-        "lengths": None,
-        "batching": batching,
-        "slicing": {},
-        "reorch": {"policy": policy} if policy else {},
-        "duration_s": 10.0,
-        "warmup_s": 1.0,
-        "slo_ms": 30.0,
-        "seed": 0,
-    }
-
-
-def _write_run(tmp_path, rng):
-    configs = [("whole", None, 20.0), ("ensemble", None, 15.0), ("reorch", "dva", 10.0)]
-    points, rows = [], []
-    index = 0
-    for load, rate in (("curve@rate_rps=10", 10.0), ("curve@rate_rps=20", 20.0)):
-        for variant, policy, scale_ms in configs:
-            n = int(rate * 10)
-            latencies = (rng.gamma(2.0, scale_ms * 500, size=n) * (rate / 10)).astype(int) + 100
-            ok = rng.random(n) > 0.02
-            stages = [
-                {
-                    "stage": s,
-                    "model": f"bert_base_stage{s}",
-                    "executions": 40,
-                    "rows": 100,
-                    "avg_batch_size": 2.5,
-                    "avg_queue_us": 1500.0 + s,
-                    "avg_compute_us": 4000.0,
-                    "batch_histogram": {"1": 10, "2": 10, "4": 15},
-                }
-                for s in range(2)
-            ]
-            batch_sizes = [[2, 4]] if variant == "reorch" else None
-            for i in range(n):
-                record = FakeRecord(
-                    1_000_000 + i * 1000,
-                    int(latencies[i]),
-                    bool(ok[i]),
-                    None,
-                    1,
-                    None if ok[i] else "boom",
-                    {"batch_sizes": [2, 4]} if batch_sizes else None,
-                )
-                rows.append(runner.request_row(index, record))
-            summary = summarize(latencies, ok, 10.0, 30.0)
-            points.append(
-                {
-                    "index": index,
-                    "point": _point(index, variant, load, policy, rate),
-                    "status": "ok",
-                    "error": None,
-                    "duration_s": 10.0,
-                    "client": summary.to_dict(),
-                    "first_error": "boom",
-                    "server": {
-                        "stages": stages,
-                        "reorch": {"operations": {"new": 5, "stretch": 3}} if variant == "reorch" else None,
-                    },
-                    "loadgen": {"cpu_percent": 12.0, "late_arrivals": 0, "warnings": [], "bottleneck": False},
-                }
-            )
-            index += 1
-    points.append(
-        {
-            "index": index,
-            "point": _point(index, "whole", "spike"),
-            "status": "failed",
-            "error": "ServerStartError: model 'x' failed to load",
-        }
-    )
-    (tmp_path / runner.POINTS_FILE).write_text("".join(runner.dumps(p) + "\n" for p in points))
-    with open(tmp_path / runner.REQUESTS_FILE, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(runner.REQUEST_COLUMNS)
-        writer.writerows(rows)
-    (tmp_path / runner.ENVIRONMENT_FILE).write_text(
-        json.dumps(
-            {
-                "plan": {"name": "synthetic"},
-                "plan_source": "p.yaml",
-                "server": "embedded",
-                "hardware": {"cpu_cores_logical": 2, "gpu": "none"},
-                "software": {"python": "3.11"},
-                "started_utc": "2026-11-29T04:00:00Z",
-                "finished_utc": "2026-11-29T04:01:00Z",
-            }
+def _specs(saturate_at_20: bool = False) -> list[Spec]:
+    return [
+        Spec(
+            variant,
+            rate,
+            mean_ms * rate / 10,
+            policy=policy,
+            error_share=0.02,
+            saturated=saturate_at_20 and rate == 20.0,
         )
-    )
-    return points
+        for rate in (10.0, 20.0)
+        for variant, policy, mean_ms in CONFIGS
+    ]
 
 
-def test_report_has_every_section_and_numbers_match_raw_requests(tmp_path):
-    points = _write_run(tmp_path, np.random.default_rng(3))
+CAPACITY = {
+    "models": {
+        "bert_base": {
+            "whole": {
+                "sustained_rps": 15.0,
+                "slo_rps": 12.0,
+                "slo_ms": 30,
+                "percentile": 99,
+                "limited_by": "server",
+                "probes": [{"rate_rps": 15.0, "stable": True}],
+            },
+            "reorch:dva": {
+                "sustained_rps": 21.0,
+                "slo_rps": 14.0,
+                "slo_ms": 30,
+                "percentile": 99,
+                "limited_by": "server",
+                "probes": [],
+            },
+        }
+    }
+}
+
+
+@pytest.mark.parametrize("new_format", [True, False], ids=["new-points", "old-points"])
+def test_report_has_every_section_and_numbers_match_raw_requests(tmp_path, new_format):
+    write_run(tmp_path, _specs(), new_format=new_format, failed=True)
     html_path, md_path = report_lib.write_report(tmp_path)
     html = html_path.read_text()
     md = md_path.read_text()
@@ -141,25 +73,101 @@ def test_report_has_every_section_and_numbers_match_raw_requests(tmp_path):
     assert not re.search(r"(src|href)=['\"](?!data:|#)", html)
     assert len(list((tmp_path / "plots").glob("*.png"))) >= 5
     # every p99 in the results table equals the p99 recomputed from requests.csv
-    requests = runner.read_requests(tmp_path / runner.REQUESTS_FILE)
+    requests = rundir.read_requests(tmp_path / rundir.REQUESTS_FILE)
     data = report_lib.load_run(tmp_path)
     for point in data.points[:-1]:
         rows = requests[point.index]
-        latencies = np.array([r["latency_us"] for r in rows])
-        ok = np.array([r["ok"] for r in rows])
-        expected = summarize(latencies, ok, 10.0, 30.0)
-        assert point.summary.p99_ms == expected.p99_ms == points[point.index]["client"]["p99_ms"]
+        expected = summarize([r["latency_us"] for r in rows], [r["ok"] for r in rows], DURATION_S, SLO_MS)
+        assert point.summary.p99_ms == expected.p99_ms
         assert f"<td>{expected.p99_ms:.1f}</td>" in html
         assert f"| {expected.p99_ms:.1f} |" in md
-    # findings quote the same numbers
+        assert point.stability == (STABLE if new_format else UNKNOWN)
     findings = report_lib.findings(data)
-    whole = data.points[3].summary  # whole under rate 20 is the baseline of that comparison
-    best = min((p for p in data.points[4:6]), key=lambda p: p.summary.p99_ms).summary
-    assert any(f"from {whole.p99_ms:.1f} to {best.p99_ms:.1f} ms" in f for f in findings), findings
     assert any("failed: ServerStartError" in f for f in findings)
     assert any("2-core" in line or "2 cores" in line for line in md.splitlines())
+    assert "Skipped: not run" in html  # no cross-check file
+
+
+def test_report_marks_saturated_points_and_shows_capacity_and_crosscheck(tmp_path):
+    crosscheck = {
+        "status": "ok",
+        "reason": None,
+        "model": "bert_base",
+        "variant": "whole",
+        "rate_rps": 10.0,
+        "perf_analyzer": {"p50_ms": 11.25, "p99_ms": 30.5, "throughput_rps": 9.9},
+        "stagebatch": {"p50_ms": 11.75, "p99_ms": 31.25, "throughput_rps": 9.8},
+    }
+    write_run(tmp_path, _specs(saturate_at_20=True), capacity=CAPACITY, crosscheck=crosscheck)
+    html = report_lib.write_report(tmp_path)[0].read_text()
+    data = report_lib.load_run(tmp_path)
+    saturated = [p for p in data.points if p.saturated]
+    assert len(saturated) == 3 and all(p.point["arrival"]["rate_rps"] == 20.0 for p in saturated)
+    assert html.count('<tr class="saturated">') >= 3
+    assert "SATURATED (backlog grew 40 req/s)" in html
+    # capacity table and cross-check side by side
+    assert "<td>21.0</td>" in html and "<td>reorch:dva</td>" in html
+    assert "<td>11.25</td>" in html and "<td>11.75</td>" in html and "<td>31.25</td>" in html
+
+
+def test_report_derives_saturation_and_achieved_rate_when_an_old_run_did_not_record_them(tmp_path):
+    write_run(
+        tmp_path, [Spec("whole", 20.0, 10.0, saturated=True), Spec("whole", 10.0, 10.0)], new_format=False
+    )
+    saturated, stable = report_lib.load_run(tmp_path).points
+    assert saturated.stability == SATURATED and "derived" in saturated.unstable_reason
+    assert saturated.achieved_rps < 0.95 * saturated.offered_rps
+    assert stable.stability == UNKNOWN and stable.achieved_rps == pytest.approx(stable.offered_rps, rel=0.02)
+
+
+def test_point_label_is_the_configuration_without_model_load_or_repeat():
+    point = {
+        "variant": "reorch",
+        "reorch": {"policy": "dva", "knobs": {"max_wait_us": 500}},
+        "batching": {"max_batch_size": 8, "preferred_batch_sizes": [4, 8]},
+        "slicing": {"stages": 3},
+        "model": "m",
+        "load": "l",
+    }
+    assert report_lib.point_label(point) == "reorch[dva] max_wait_us=500 mbs8 pref4-8 k3"
 
 
 def test_report_refuses_a_directory_without_raw_data(tmp_path):
     with pytest.raises(ConfigValidationError, match="environment.json: missing"):
         report_lib.write_report(tmp_path)
+
+
+def test_markdown_table_cells_escape_pipes():
+    assert markdown_cell("a|b\nc") == "a\\|b c"
+
+
+def test_report_attributes_reorch_front_wait_when_the_run_files_carry_the_records(tmp_path, monkeypatch):
+    """load_run reads each request's REORCH_RECORD from a ``server`` entry of rundir.read_requests."""
+    write_run(
+        tmp_path,
+        [Spec("reorch", 20.0, 10.0, policy="dva", repeat=r, repeats=2, stage_times=True) for r in range(2)]
+        + [Spec("whole", 20.0, 10.0, repeat=r, repeats=2) for r in range(2)],
+    )
+    with open(tmp_path / rundir.REQUESTS_FILE, newline="") as handle:
+        servers = [json.loads(row["server"]) if row["server"] else None for row in csv.DictReader(handle)]
+    read_requests = rundir.read_requests
+
+    def with_records(path, points=None):
+        grouped = read_requests(path, points)
+        rows = [row for index in sorted(grouped) for row in grouped[index]]
+        for row, server in zip(rows, servers):
+            row["server"] = server
+        return grouped
+
+    monkeypatch.setattr(rundir, "read_requests", with_records)
+    html = report_lib.write_report(tmp_path)[0].read_text()
+    reorch = report_lib.load_run(tmp_path).points[0]
+    assert len(reorch.server_records) == reorch.ok.sum()
+    assert "<td>front wait (arrival to stage 0)</td>" in html and "<td>response path</td>" in html
+    assert "2 and 2 repeats" in html
+
+
+def test_crosscheck_section_says_why_it_was_skipped(tmp_path):
+    run = report_lib.RunData(tmp_path, {}, crosscheck={"status": "skipped", "reason": "perf_analyzer not found"})
+    content = CrossCheckSection().build(run)
+    assert content.paragraphs == ["Skipped: perf_analyzer not found."] and not content.tables

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.stats import batch_size_mean, cdf, percentile_us, relative_change, summarize, throughput_at_slo
+from loadtest.stats import batch_size_mean, cdf, percentile_us, summarize
 
 
 def test_percentile_is_nearest_rank_when_samples_are_1_to_100():
@@ -76,14 +76,6 @@ def test_cdf_ends_at_one_and_keeps_extremes_when_thinned():
     assert cdf([]) == ([], [])
 
 
-def test_throughput_at_slo_picks_highest_rate_meeting_tail():
-    curve = [(10, 5.0), (20, 8.0), (30, 40.0), (25, math.nan)]
-    assert throughput_at_slo(curve, slo_ms=10) == 20
-    assert throughput_at_slo(curve, slo_ms=1) is None
-
-
-def test_batch_size_mean_and_relative_change():
+def test_batch_size_mean_is_nan_when_no_executions():
     assert batch_size_mean({1: 2, 4: 2}) == 2.5
     assert math.isnan(batch_size_mean({}))
-    assert relative_change(10, 5) == -0.5
-    assert math.isnan(relative_change(0, 5))

@@ -1,0 +1,321 @@
+"""The report's sections: one class each, listed in :data:`SECTIONS` in the order they appear.
+
+A section turns a :class:`~loadtest.report.data.RunData` into
+:class:`~loadtest.report.content.Content` (plain-text paragraphs and bullets, tables, figures); the
+templates render it as HTML and Markdown. A new section is one class (here, or in
+:mod:`loadtest.report.plots` for a figure) plus one entry in :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from loadtest.report.content import Content, Row, Section, Table, fmt, row_flag, state_cell
+from loadtest.report.data import SATURATED, RunData
+from loadtest.report.findings import findings
+from loadtest.report.plots import (
+    AttributionSection,
+    BatchSizeSection,
+    CdfSection,
+    ComparisonSection,
+    ThroughputLatencySection,
+)
+
+CPU_NOTE = (
+    "On a CPU-only machine with 2 cores a pipeline of stages cannot add parallelism: the stages share the "
+    "same two cores, so a sliced model never computes more per second than two copies of the whole model. "
+    "Whatever the ensemble and the reorchestrator gain here comes from less padding (bucketing requests of "
+    "similar length) and less waiting (batches entering while older ones are in later stages, catch-up "
+    "batches instead of queueing), and they pay per-stage overhead for it. Pipeline parallelism across "
+    "devices shows only on a GPU (see docs/gpu.md)."
+)
+
+# ---------------------------------------------------------------- sections
+
+
+class RunSection(Section):
+    title = "Run"
+
+    def build(self, run: RunData) -> Content:
+        env = run.environment
+        plan = env.get("plan") or {}
+        content = Content(self.title)
+        content.paragraphs.append(
+            f"Plan {plan.get('name', '?')} ({env.get('plan_source', '')}), {len(run.points)} points, started "
+            f"{env.get('started_utc', '?')}, finished {env.get('finished_utc', '?')}, server {env.get('server', '?')}."
+        )
+        facts = {**(env.get("hardware") or {}), **(env.get("software") or {})}
+        content.tables.append(Table(["what", "value"], [Row([k, str(v)]) for k, v in facts.items()]))
+        return content
+
+
+class CapacitySection(Section):
+    title = "Capacity"
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title)
+        models = (run.capacity or {}).get("models") or {}
+        if not models:
+            content.paragraphs.append(
+                "No capacity search in this run (capacity.json is absent): the plan used absolute rates only."
+            )
+            return content
+        content.paragraphs.append(
+            "From capacity.json: the sustained rate is the highest open-loop rate the server kept up with "
+            "(completions within 5% of arrivals, no backlog growth, the generator on schedule); the rate at "
+            "the SLO is the highest whose tail latency stayed within the SLO."
+        )
+        rows = []
+        for model, variants in models.items():
+            for label, entry in variants.items():
+                probes = entry.get("probes") or []
+                rows.append(
+                    Row(
+                        [
+                            model,
+                            label,
+                            fmt(entry.get("sustained_rps")),
+                            fmt(entry.get("slo_rps")),
+                            f"p{fmt(entry.get('percentile'), 0)} <= {fmt(entry.get('slo_ms'), 0)} ms",
+                            str(entry.get("limited_by", "?")),
+                            str(len(probes)),
+                        ],
+                        "limited" if entry.get("limited_by") == "load_generator" else "",
+                    )
+                )
+        content.tables.append(
+            Table(
+                ["model", "variant", "sustained req/s", "req/s at SLO", "SLO", "limited by", "probes"], rows
+            )
+        )
+        probes = [
+            Row(
+                [
+                    model,
+                    label,
+                    fmt(probe.get("rate_rps")),
+                    "yes" if probe.get("stable") else "no",
+                    fmt(probe.get("achieved_rps")),
+                    fmt(probe.get("p99_ms")),
+                    probe.get("reason") or "-",
+                ],
+                "" if probe.get("stable") else SATURATED,
+            )
+            for model, variants in models.items()
+            for label, entry in variants.items()
+            for probe in entry.get("probes") or []
+        ]
+        if probes:
+            content.tables.append(
+                Table(
+                    ["model", "variant", "probed req/s", "sustained", "achieved req/s", "p99 ms", "reason"],
+                    probes,
+                    "The search's probes, in the order run:",
+                )
+            )
+        return content
+
+
+class ResultsSection(Section):
+    title = "Results"
+    header: ClassVar[list[str]] = [
+        "#",
+        "experiment",
+        "model",
+        "configuration",
+        "load",
+        "repeat",
+        "x capacity",
+        "offered req/s",
+        "achieved req/s",
+        "state",
+        "sent",
+        "errors",
+        "avg ms",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "p99.9",
+        "SLO ms",
+        "SLO met",
+        "goodput req/s",
+    ]
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title)
+        content.paragraphs.append(
+            "Client-side latencies of successful requests, recomputed from requests.csv (nearest-rank "
+            "percentiles, ms). x capacity = the load as a multiple of the whole model's measured sustained rate. "
+            "Offered = requests sent per second; achieved = successful completions inside "
+            "the measured window per second. A SATURATED point did not keep up: its queue grew during the "
+            "window, so its latencies measure queue growth and are not compared. An UNSTABLE: load generator point "
+            "was sent off its open-loop schedule (late arrivals, or a busy generator): the server saw other "
+            "arrivals than planned, so it is not compared either. SLO met = share of all sent "
+            "requests answered successfully within the SLO; goodput = those per second."
+        )
+        rows = []
+        for p in run.points:
+            base = [
+                str(p.index),
+                p.point["experiment"],
+                p.point["model"],
+                p.label,
+                p.point["load"],
+                str(p.repeat),
+            ]
+            s = p.summary
+            if s is None:
+                rows.append(Row(base + [p.status] + ["n/a"] * (len(self.header) - len(base) - 1), "failed"))
+                continue
+            rows.append(
+                Row(
+                    base
+                    + [
+                        fmt(p.capacity_share, 2),
+                        fmt(p.offered_rps),
+                        fmt(p.achieved_rps),
+                        state_cell(p),
+                        str(s.requests),
+                        str(s.errors),
+                        fmt(s.avg_ms),
+                        fmt(s.p50_ms),
+                        fmt(s.p90_ms),
+                        fmt(s.p95_ms),
+                        fmt(s.p99_ms),
+                        fmt(s.p999_ms),
+                        f"{s.slo_ms:g}",
+                        f"{s.slo_attainment:.1%}",
+                        fmt(s.goodput_rps),
+                    ],
+                    row_flag(p),
+                )
+            )
+        content.tables.append(Table(self.header, rows))
+        return content
+
+
+class FindingsSection(Section):
+    title = "Findings"
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title, bullets=findings(run))
+        if not content.bullets:
+            content.paragraphs.append("No comparison had two or more configurations under the same load.")
+        return content
+
+
+class LoadGeneratorSection(Section):
+    title = "Load generator check"
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title)
+        content.paragraphs.append(
+            "CPU use of the load generator's busiest process (percent of one core) and arrivals it sent more "
+            "than 2 ms behind the open-loop schedule. A point is flagged when the generator used 85% of a core "
+            "or more than 5% of its arrivals were late: then the generator, not only the server, shaped the "
+            "measurement."
+        )
+        rows = []
+        for p in run.points:
+            loadgen = p.record.get("loadgen") or {}
+            rows.append(
+                Row(
+                    [
+                        str(p.index),
+                        p.point["point_id"],
+                        fmt(loadgen.get("cpu_percent")),
+                        fmt(loadgen.get("late_arrivals")),
+                        fmt(loadgen.get("late_p99_ms"), 2),
+                        "yes" if loadgen.get("bottleneck") else "no",
+                        "; ".join(loadgen.get("warnings") or []) or "-",
+                    ],
+                    "flagged" if loadgen.get("bottleneck") else "",
+                )
+            )
+        content.tables.append(
+            Table(
+                [
+                    "#",
+                    "point",
+                    "load generator CPU %",
+                    "late arrivals",
+                    "p99 lateness ms",
+                    "flagged",
+                    "warnings",
+                ],
+                rows,
+            )
+        )
+        return content
+
+
+class CrossCheckSection(Section):
+    title = "Load generator cross-check"
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title)
+        check = run.crosscheck
+        if not check:
+            content.paragraphs.append(
+                "Skipped: not run (no loadgen_crosscheck.json in the run directory). It measures one point "
+                "with perf_analyzer and with stagebatch's generator to show both agree."
+            )
+            return content
+        if check.get("status") != "ok":
+            content.paragraphs.append(f"Skipped: {check.get('reason') or 'no reason recorded'}.")
+            return content
+        content.paragraphs.append(
+            f"{check.get('model', '?')} {check.get('variant', '?')} at {fmt(check.get('rate_rps'))} req/s "
+            f"over {check.get('protocol') or 'gRPC'}, measured by both generators (the same open-loop schedule)."
+        )
+        rows = [
+            Row(
+                [
+                    name,
+                    fmt((check.get(name) or {}).get("p50_ms"), 2),
+                    fmt((check.get(name) or {}).get("p99_ms"), 2),
+                    fmt((check.get(name) or {}).get("throughput_rps")),
+                    fmt((check.get(name) or {}).get("requests")),
+                ]
+            )
+            for name in ("perf_analyzer", "stagebatch")
+        ]
+        content.tables.append(Table(["generator", "p50 ms", "p99 ms", "throughput req/s", "requests"], rows))
+        return content
+
+
+class CpuNoteSection(Section):
+    title = "What a 2-core CPU can show"
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title, paragraphs=[CPU_NOTE])
+        hardware = run.environment.get("hardware") or {}
+        if hardware.get("cpu_cores_logical"):
+            content.paragraphs.append(
+                f"This run's machine: {hardware['cpu_cores_logical']} logical cores, GPU: {hardware.get('gpu', 'none')}."
+            )
+        return content
+
+
+# The report, in order: a new section is one class above and one entry here.
+SECTIONS: tuple[Section, ...] = (
+    RunSection(),
+    CapacitySection(),
+    ResultsSection(),
+    ThroughputLatencySection(),
+    CdfSection(),
+    BatchSizeSection(),
+    AttributionSection(),
+    ComparisonSection(),
+    FindingsSection(),
+    LoadGeneratorSection(),
+    CrossCheckSection(),
+    CpuNoteSection(),
+)
+SECTION_TITLES = tuple(section.title for section in SECTIONS)
+
+
+def build_sections(run: RunData) -> list[Content]:
+    """Every section of the report, in order, with its numbers."""
+    return [section.build(run) for section in SECTIONS]
