@@ -307,9 +307,8 @@ class ReorchEngine:
                     tensors.update(produced)
                     for name in [n for n in tensors if n not in keep]:
                         del tensors[name]  # free what no later stage reads
-            if error is not None and last > launch.stage:
-                error = f"stage {index} of the fused chain: {error}"
-            completions += self.scheduler.on_stage_done(launch.launch_id, now, error)
+            completions += self.scheduler.on_stage_done(launch.launch_id, now, error,
+                                                        failed_stage=index if error is not None else None)
             answers = self._answers(completions)
         self._deliver(answers)
         return self._pump(after=launch)

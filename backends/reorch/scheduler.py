@@ -231,8 +231,10 @@ class StageScheduler:
             launches.append(self._launch_new(now_us))
         return launches
 
-    def on_stage_done(self, launch_id: int, now_us: int, error: str | None = None) -> list[Completion]:
-        """A launch finished (``error``: it raised); returns the requests that are now answered."""
+    def on_stage_done(self, launch_id: int, now_us: int, error: str | None = None,
+                      failed_stage: int | None = None) -> list[Completion]:
+        """A launch finished (``error``: it raised, in ``failed_stage`` of a fused launch); returns the
+        requests that are now answered."""
         if launch_id not in self.launches:  # finished after shutdown: already answered
             return []
         batch = self.batches[self.launches.pop(launch_id)]
@@ -241,7 +243,8 @@ class StageScheduler:
         if error is not None:
             self._dissolve_merge(batch, now_us)
             del self.batches[batch.batch_id]
-            return [self._finish(r, "error", f"stage {stage} failed: {error}", now_us)
+            where = stage if failed_stage is None else failed_stage
+            return [self._finish(r, "error", f"stage {where} failed: {error}", now_us)
                     for r in batch.request_ids]
         completions = self._drop_cancelled(batch, now_us, running_done=True)
         if batch.batch_id not in self.batches:  # every member was cancelled
