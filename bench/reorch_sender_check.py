@@ -74,13 +74,23 @@ class TritonPythonModel:
     def poller(self):
         while True:
             time.sleep(0.001)
-            with self.count_lock:
-                senders = list(self.pending)
-            for s in senders:
-                try:
-                    s.is_cancelled()
-                except Exception:
-                    pass
+            if self.lock is None:  # unguarded: a sender may be answered while (or before) it is probed
+                with self.count_lock:
+                    senders = list(self.pending)
+                self.probe(senders)
+            else:  # guarded: probes and sends never overlap; only unanswered senders are probed
+                with self.lock:
+                    with self.count_lock:
+                        senders = list(self.pending)
+                    self.probe(senders)
+
+    @staticmethod
+    def probe(senders):
+        for s in senders:
+            try:
+                s.is_cancelled()
+            except Exception:
+                pass
 
     def respond(self):
         while True:
@@ -250,6 +260,9 @@ CONDITIONS = {
     "decoupled_4threads_nolock": dict(decoupled=True, threads=4, lock=False, poll=False, clients="stream"),
     "decoupled_poll_cancel": dict(decoupled=True, threads=1, lock=False, poll=True, clients="stream,cancel"),
     "nondecoupled_poll_cancel": dict(decoupled=False, threads=1, lock=False, poll=True, clients="stream,cancel"),
+    "decoupled_poll_locked_cancel": dict(decoupled=True, threads=1, lock=True, poll=True, clients="stream,cancel"),
+    "nondecoupled_poll_locked_cancel": dict(decoupled=False, threads=1, lock=True, poll=True,
+                                            clients="stream,cancel"),
     "decoupled_nopoll_cancel": dict(decoupled=True, threads=1, lock=False, poll=False, clients="stream,cancel"),
 }
 

@@ -18,6 +18,7 @@ from reorch_models import VOCAB, random_sequence_request, write_mlp_chain, write
 from stagebatch.reorch_deploy import write_reorch_model
 from backends.reorch.policies import BatchPolicy
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
+from stagebatch.cli import main as cli_main
 from stagebatch.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
@@ -37,6 +38,9 @@ def served(tmp_path_factory):
     # no value range on tokens: an out-of-vocabulary id makes stage 0 (Gather) raise inside onnxruntime
     raw_entry, _ = write_sequence_chain(repository, "raw", value_range=False)
     write_reorch_model(repository, "raw", raw_entry, max_batch_size=8, queue_delay_us=0, policy="pipeline")
+    # a manifest for `stagebatch infer` (its reorch variant is the dva model)
+    (repository / "manifest.json").write_text(json.dumps(
+        {"target": "embedded", "models": {"seqm": {**seq_entry, "variants": {"reorch": "seqm_dva"}}}}))
     # the stage directories hold bare ONNX files (no config): load only the reorchestrator models
     models = [f"seqm_{policy}" for policy in POLICIES] + ["mlp_reorch", "raw_reorch"]
     with EmbeddedTriton(repository, models=models) as server:
@@ -266,3 +270,22 @@ def test_client_cancellation_leaves_nothing_in_flight_and_the_model_keeps_servin
     assert not errors
     np.testing.assert_allclose(results[0][0].as_numpy("pooled"),
                                reference(good["tokens"], good["attention_mask"])["pooled"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", [[], ["--stream"], ["--http"]])
+def test_infer_command_prints_shapes_checksums_and_the_record(served, capsys, protocol):
+    server, _, _ = served
+    url = server.http_url if protocol == ["--http"] else server.grpc_url
+    code = cli_main(["infer", "--url", url, "--model", "seqm", "--variant", "reorch", "--length", "5",
+                     "--repository", str(server.repository), *protocol])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "hidden: shape [1, 5, 8] float32 checksum" in out and "pooled: shape [1, 8]" in out
+    assert f"{RECORD_OUTPUT}: {{" in out and '"batch_sizes"' in out
+
+
+def test_infer_command_refuses_a_length_outside_the_models_range(served, capsys):
+    server, _, _ = served
+    code = cli_main(["infer", "--url", server.grpc_url, "--model", "seqm", "--variant", "reorch", "--length", "99",
+                     "--repository", str(server.repository)])
+    assert code == 1 and "outside model 'seqm'" in capsys.readouterr().err
