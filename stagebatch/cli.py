@@ -31,6 +31,7 @@ app.command("doctor")(_commands.doctor)
 app.command("build")(__import__("slicing.cli", fromlist=["build"]).build)
 app.command("characterize")(__import__("loadtest.cli", fromlist=["characterize"]).characterize)
 app.command("report")(__import__("loadtest.cli", fromlist=["report"]).report)
+app.command("infer")(__import__("stagebatch.infer", fromlist=["infer"]).infer)
 # ---- end of registrations ----
 
 
