@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ except ImportError:
     ARRIVAL_KINDS = ("closed", "poisson", "constant", "bursty", "spike", "trace")
     LENGTH_KINDS = ("fixed", "uniform", "longtail", "file")
 PLANS_DIR = Path(__file__).parent / "plans"
+# arrival fields that are rates: each takes req/s (120) or a multiple of the measured capacity (0.85x)
+RATE_FIELDS = ("rate_rps", "off_rate_rps", "spike_rate_rps")
+_RELATIVE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*[xX]\s*$")
+# a stand-in capacity for checking relative arrivals with the load generator's own rules
+_PLACEHOLDER_CAPACITY_RPS = 100.0
+CAPACITY_LABELS = ("whole", "ensemble", "reorch")
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -197,6 +204,27 @@ class Defaults:
     warmup_s: float = 3.0
     slo_ms: float = 100.0
     seed: int = 0
+    repeats: int = 1
+
+
+@dataclass
+class CapacitySpec:
+    """The capacity search run before the points when the plan uses relative rates (``capacity:``).
+
+    ``variants`` are measured for every model that needs a capacity; relative rates always refer to
+    the ``whole`` variant's sustained rate of the same model. ``enabled: false`` forbids relative
+    rates. ``percentile`` is the latency percentile held to the model's SLO for the rate at the SLO.
+    """
+
+    enabled: bool = True
+    variants: list[str] = field(default_factory=lambda: ["whole"])
+    arrival: str = "constant"
+    duration_s: float = 3.0
+    warmup_s: float = 1.0
+    start_rps: float = 50.0
+    max_probes: int = 8
+    tolerance: float = 0.08
+    percentile: float = 99.0
 
 
 @dataclass
@@ -248,6 +276,8 @@ class Experiment:
     max_queue_delay_us: list[int | None] = field(default_factory=lambda: [None])
     preferred_batch_sizes: list[list[int] | None] = field(default_factory=lambda: [None])
     instance_count: list[int | None] = field(default_factory=lambda: [None])
+    max_queue_size: list[int | None] = field(default_factory=lambda: [None])
+    default_timeout_us: list[int | None] = field(default_factory=lambda: [None])
     # slicing (ensemble and reorch only)
     stages: list[int | None] = field(default_factory=lambda: [None])
     balance: list[str | None] = field(default_factory=lambda: [None])
@@ -257,6 +287,7 @@ class Experiment:
     duration_s: float | None = None
     warmup_s: float | None = None
     slo_ms: float | None = None
+    repeats: int | None = None
     line: int = 0
     where: dict[str, tuple[str, int]] = field(default_factory=dict)  # axis -> (file, line) for late checks
 
@@ -279,6 +310,14 @@ class Point:
     warmup_s: float
     slo_ms: float
     seed: int
+    repeat: int = 0  # 0-based
+    repeats: int = 1
+    comparison_key: str = ""  # equal for points that differ only by variant/policy and repeat
+
+    @property
+    def relative(self) -> bool:
+        """Whether any of the point's rates is a multiple of the measured capacity."""
+        return any(is_relative(self.arrival.get(key)) for key in RATE_FIELDS)
 
     def build_key(self) -> tuple:
         """Points with equal keys share one repository build of the model."""
@@ -310,6 +349,9 @@ class Point:
             "warmup_s": self.warmup_s,
             "slo_ms": self.slo_ms,
             "seed": self.seed,
+            "repeat": self.repeat,
+            "repeats": self.repeats,
+            "comparison_key": self.comparison_key,
         }
 
 
@@ -322,27 +364,46 @@ class Plan:
     description: str
     repository: RepositorySpec
     defaults: Defaults
+    capacity: CapacitySpec
     models: dict[str, ModelDef]
     loads: dict[str, LoadDef]
     experiments: list[Experiment]
     raw: dict = field(default_factory=dict, repr=False)
 
     def points(self) -> list[Point]:
-        """All measurement points, ordered so that rebuilds and reloads are fewest."""
+        """All measurement points, ordered so that rebuilds and reloads are fewest.
+
+        Repeats are interleaved: within one build, every configuration runs its repeat 0, then every
+        configuration its repeat 1 in the reverse order, and so on (A B C, C B A, A B C), so a drift
+        of the machine over time does not favour one variant.
+        """
         points: list[Point] = []
         seen: set[str] = set()
         for experiment in self.experiments:
-            for model_name in experiment.models:
-                model = self.models[model_name]
-                for variant in experiment.variants:
-                    points.extend(self._points_for(experiment, model, variant, seen))
+            repeats = experiment.repeats or self.defaults.repeats
+            for repeat in range(repeats):
+                for model_name in experiment.models:
+                    model = self.models[model_name]
+                    for variant in experiment.variants:
+                        points.extend(self._points_for(experiment, model, variant, seen, repeat, repeats))
         order = {key: i for i, key in enumerate(dict.fromkeys(p.build_key() for p in points))}
-        # stable sort: builds grouped, then configurations grouped, plan order otherwise
         config_order = {key: i for i, key in enumerate(dict.fromkeys(p.config_key() for p in points))}
-        return sorted(points, key=lambda p: (order[p.build_key()], config_order[p.config_key()]))
+
+        def position(p: Point) -> tuple:
+            config = config_order[p.config_key()]
+            return (order[p.build_key()], p.repeat, -config if p.repeat % 2 else config)
+
+        # stable sort: builds grouped, then repeats, then configurations grouped, plan order otherwise
+        return sorted(points, key=position)
 
     def _points_for(
-        self, experiment: Experiment, model: ModelDef, variant: str, seen: set[str]
+        self,
+        experiment: Experiment,
+        model: ModelDef,
+        variant: str,
+        seen: set[str],
+        repeat: int = 0,
+        repeats: int = 1,
     ) -> list[Point]:
         sliced = variant in ("ensemble", "reorch")
         stages = experiment.stages if sliced else [None]
@@ -351,11 +412,13 @@ class Plan:
         knob_names = list(experiment.knobs) if variant == "reorch" else []
         knob_values = [experiment.knobs[name] for name in knob_names]
         out = []
-        for mbs, delay, preferred, instances, k, balance, policy, knob_combo in itertools.product(
+        for mbs, delay, preferred, instances, queue_size, timeout, k, balance, policy, knob_combo in itertools.product(
             experiment.max_batch_size,
             experiment.max_queue_delay_us,
             experiment.preferred_batch_sizes,
             experiment.instance_count,
+            experiment.max_queue_size,
+            experiment.default_timeout_us,
             stages,
             balances,
             policies,
@@ -368,6 +431,8 @@ class Plan:
                     ("max_queue_delay_us", delay),
                     ("preferred_batch_sizes", preferred),
                     ("instance_count", instances),
+                    ("max_queue_size", queue_size),
+                    ("default_timeout_us", timeout),
                 )
                 if value is not None
             }
@@ -388,6 +453,14 @@ class Plan:
                     parts += [f"{_short(k_)}{_fmt(v)}" for k_, v in {**batching, **slicing}.items()]
                     parts += [_fmt(v) for v in reorch.values()]
                     parts.append(label)
+                    comparison_key = "/".join(
+                        [experiment.name, model.name]
+                        + [f"{_short(k_)}{_fmt(v)}" for k_, v in batching.items()]
+                        + [_fmt(reorch.get("knobs", {}))] * bool(reorch.get("knobs"))
+                        + [label]
+                    )
+                    if repeats > 1:
+                        parts.append(f"r{repeat}")
                     point_id = "/".join(parts)
                     if point_id in seen:
                         continue
@@ -409,7 +482,10 @@ class Plan:
                             if experiment.warmup_s is None
                             else experiment.warmup_s,
                             slo_ms=slo_ms,
-                            seed=self.defaults.seed,
+                            seed=self.defaults.seed + repeat,
+                            repeat=repeat,
+                            repeats=repeats,
+                            comparison_key=comparison_key,
                         )
                     )
         return out
@@ -425,6 +501,8 @@ def _short(key: str) -> str:
         "max_queue_delay_us": "qd",
         "preferred_batch_sizes": "pref",
         "instance_count": "inst",
+        "max_queue_size": "mqs",
+        "default_timeout_us": "qto",
         "stages": "k",
         "balance": "",
     }.get(key, key)
@@ -449,7 +527,7 @@ def _plain(value: Any) -> Any:
 # ---------------------------------------------------------------- parsing
 
 
-_TOP_KEYS = ("name", "description", "repository", "defaults", "models", "loads", "experiments")
+_TOP_KEYS = ("name", "description", "repository", "defaults", "capacity", "models", "loads", "experiments")
 _REPOSITORY_KEYS = (
     "path",
     "build",
@@ -460,7 +538,18 @@ _REPOSITORY_KEYS = (
     "balance",
     "queue_delay_us",
 )
-_DEFAULTS_KEYS = ("duration_s", "warmup_s", "slo_ms", "seed")
+_DEFAULTS_KEYS = ("duration_s", "warmup_s", "slo_ms", "seed", "repeats")
+_CAPACITY_KEYS = (
+    "enabled",
+    "variants",
+    "arrival",
+    "duration_s",
+    "warmup_s",
+    "start_rps",
+    "max_probes",
+    "tolerance",
+    "percentile",
+)
 _MODEL_KEYS = ("lengths", "slo_ms")
 _LOAD_KEYS = ("arrival", "lengths", "sweep")
 _EXPERIMENT_KEYS = (
@@ -474,8 +563,16 @@ _EXPERIMENT_KEYS = (
     "duration_s",
     "warmup_s",
     "slo_ms",
+    "repeats",
 )
-_BATCHING_KEYS = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "instance_count")
+_BATCHING_KEYS = (
+    "max_batch_size",
+    "max_queue_delay_us",
+    "preferred_batch_sizes",
+    "instance_count",
+    "max_queue_size",
+    "default_timeout_us",
+)
 _SLICING_KEYS = ("stages", "balance")
 _REORCH_KEYS = ("policy", "knobs")
 
@@ -520,6 +617,7 @@ def parse_plan(text: str, source: str = "<plan>") -> Plan:
     description = data.get("description") or ""
     repository = _parse_repository(data.get("repository") or _Map(), at("repository"))
     defaults = _parse_defaults(data.get("defaults") or _Map(), at("defaults"))
+    capacity = _parse_capacity(data.get("capacity") or _Map(), at("capacity"))
     models = _parse_models(data["models"], at("models"), repository)
     loads = _parse_loads(data["loads"], at("loads"))
     experiments = _parse_experiments(data["experiments"], at("experiments"), models, loads, repository)
@@ -529,6 +627,7 @@ def parse_plan(text: str, source: str = "<plan>") -> Plan:
         description=str(description),
         repository=repository,
         defaults=defaults,
+        capacity=capacity,
         models=models,
         loads=loads,
         experiments=experiments,
@@ -580,7 +679,107 @@ def _parse_defaults(raw: Any, where: _Where) -> Defaults:
         defaults.slo_ms = _number(raw["slo_ms"], at("slo_ms"), positive=True)
     if "seed" in raw:
         defaults.seed = _int(raw["seed"], at("seed"), minimum=0)
+    if "repeats" in raw:
+        defaults.repeats = _int(raw["repeats"], at("repeats"), minimum=1)
     return defaults
+
+
+def _parse_capacity(raw: Any, where: _Where) -> CapacitySpec:
+    raw = _expect_mapping(raw, where)
+    _check_keys(raw, _CAPACITY_KEYS, where)
+    at = lambda key: where.child(key, _key_line(raw, key, where.line))  # noqa: E731
+    spec = CapacitySpec()
+    if "enabled" in raw:
+        if not isinstance(raw["enabled"], bool):
+            raise at("enabled").error(f"expected true or false, got {raw['enabled']!r}")
+        spec.enabled = raw["enabled"]
+    if "variants" in raw:
+        spec.variants = _names(raw["variants"], at("variants"), CAPACITY_LABELS, "variant")
+    if "arrival" in raw:
+        spec.arrival = _choice(raw["arrival"], ("constant", "poisson"), at("arrival"), "capacity arrival kind")
+    for key in ("duration_s", "start_rps"):
+        if key in raw:
+            setattr(spec, key, _number(raw[key], at(key), positive=True))
+    if "warmup_s" in raw:
+        spec.warmup_s = _number(raw["warmup_s"], at("warmup_s"), minimum=0)
+    if "max_probes" in raw:
+        spec.max_probes = _int(raw["max_probes"], at("max_probes"), minimum=2)
+    if "tolerance" in raw:
+        spec.tolerance = _number(raw["tolerance"], at("tolerance"), positive=True)
+        if spec.tolerance >= 1:
+            raise at("tolerance").error(f"must be < 1 (a relative bracket width), got {spec.tolerance}")
+    if "percentile" in raw:
+        spec.percentile = _number(raw["percentile"], at("percentile"), positive=True)
+        if spec.percentile > 100:
+            raise at("percentile").error(f"must be <= 100, got {spec.percentile}")
+    return spec
+
+
+# ---------------------------------------------------------------- relative rates
+
+
+def is_relative(value: Any) -> bool:
+    """Whether a rate value is a multiple of the measured capacity (a string such as ``"0.85x"``)."""
+    return isinstance(value, str) and bool(_RELATIVE.match(value))
+
+
+def parse_rate(value: Any, where: _Where | None = None, key: str = "rate_rps") -> tuple[float | None, float | None]:
+    """(absolute req/s, None) for a number, (None, multiple) for ``"0.85x"``; errors name the rule.
+
+    Raises:
+        ConfigValidationError: not a number nor ``<number>x``, or a multiple that is not > 0.
+    """
+    where = where or _Where("<plan>", 0, key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, str):
+        match = _RELATIVE.match(value)
+        if match:
+            multiple = float(match.group(1))
+            if not multiple > 0:
+                raise where.error(
+                    f"{value!r}: a multiple of the measured capacity must be > 0 (e.g. 0.85x); "
+                    "for no load in a phase give 0"
+                )
+            return None, multiple
+    raise where.error(
+        f"{value!r} is not a rate: give req/s (e.g. 120) or a multiple of the whole model's measured "
+        "capacity (e.g. 0.85x)"
+    )
+
+
+def resolve_arrival(arrival: dict, capacity_rps: float | None, *, model: str = "") -> tuple[dict, dict]:
+    """The arrival with every relative rate turned into req/s, and the point's ``load`` record.
+
+    ``load`` is ``{"rate_rps": R, "multiple": m or None, "capacity_rps": C or None}`` for the main
+    rate (``rate_rps``; ``users`` for closed loops).
+
+    Raises:
+        ConfigValidationError: a relative rate without a measured capacity.
+    """
+    resolved = dict(arrival)
+    multiple_main = None
+    for key in RATE_FIELDS:
+        if key not in arrival:
+            continue
+        absolute, multiple = parse_rate(arrival[key], key=key)
+        if multiple is not None:
+            if capacity_rps is None or not capacity_rps > 0:
+                raise ConfigValidationError(
+                    f"{key}: {arrival[key]} is relative to {model or 'the model'}'s measured capacity, but no "
+                    "capacity was measured (the capacity search is disabled, failed, or cannot reach the "
+                    "server); enable 'capacity:' in the plan, pass --capacity FILE, or give rates in req/s"
+                )
+            absolute = multiple * capacity_rps
+            if key == "rate_rps":
+                multiple_main = multiple
+        resolved[key] = round(absolute, 3)
+    load = {
+        "rate_rps": resolved.get("rate_rps"),
+        "multiple": multiple_main,
+        "capacity_rps": None if capacity_rps is None else round(float(capacity_rps), 3),
+    }
+    return resolved, load
 
 
 def _parse_models(raw: Any, where: _Where, repository: RepositorySpec) -> dict[str, ModelDef]:
@@ -619,7 +818,13 @@ def _parse_arrival(raw: Any, where: _Where) -> dict:
     _choice(
         raw["kind"], ARRIVAL_KINDS, where.child("kind", _key_line(raw, "kind", where.line)), "arrival kind"
     )
-    _check_with_driver("ArrivalSpec", raw, where)
+    checked = _Map(raw)
+    checked.line, checked.key_lines = getattr(raw, "line", where.line), getattr(raw, "key_lines", {})
+    for key in RATE_FIELDS:
+        if key in raw and isinstance(raw[key], str):
+            _, multiple = parse_rate(raw[key], where.child(key, _key_line(raw, key, where.line)), key)
+            checked[key] = multiple * _PLACEHOLDER_CAPACITY_RPS  # the generator's own rules still apply
+    _check_with_driver("ArrivalSpec", checked, where)
     return _plain(raw)
 
 
@@ -760,6 +965,8 @@ def _parse_experiments(
         for key in ("duration_s", "slo_ms"):
             if key in body:
                 setattr(experiment, key, _number(body[key], at(key), positive=True))
+        if "repeats" in body:
+            experiment.repeats = _int(body["repeats"], at("repeats"), minimum=1)
         if "warmup_s" in body:
             experiment.warmup_s = _number(body["warmup_s"], at("warmup_s"), minimum=0)
         experiments.append(experiment)
@@ -783,6 +990,9 @@ def _parse_batching(raw: Any, where: _Where, experiment: Experiment) -> None:
         experiment.instance_count = _sweep(
             raw["instance_count"], at("instance_count"), lambda v, w: _int(v, w, minimum=1)
         )
+    for key in ("max_queue_size", "default_timeout_us"):  # Triton's default queue policy
+        if key in raw:
+            setattr(experiment, key, _sweep(raw[key], at(key), lambda v, w: _int(v, w, minimum=0)))
     if "preferred_batch_sizes" in raw:
         value = raw["preferred_batch_sizes"]
         # one list of sizes is one setting; a list of lists is a sweep over settings

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import runner as raw
+from loadtest import rundir as raw
 from loadtest.stats import cdf, relative_change, summarize, throughput_at_slo
 from stagebatch.errors import ConfigValidationError
 

@@ -22,40 +22,55 @@ Raw data layout: see :data:`ENVIRONMENT_FILE`, :data:`POINTS_FILE`, :data:`REQUE
 from __future__ import annotations
 
 import copy
-import csv
-import datetime as dt
+import dataclasses
 import json
 import logging
-import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.plan import ModelLimits, Plan, Point, check_against_models, knob_parameter
+from loadtest import capacity as capacity_search
+from loadtest.environment import collect_environment, utc_now
+from loadtest.plan import (
+    ModelLimits,
+    Plan,
+    Point,
+    check_against_models,
+    knob_parameter,
+    parse_plan,
+    resolve_arrival,
+)
+from loadtest.rundir import (  # noqa: F401 - re-exported for older callers
+    CAPACITY_FILE,
+    ENVIRONMENT_FILE,
+    LOG_FILE,
+    POINTS_FILE,
+    REQUEST_COLUMNS,
+    REQUESTS_FILE,
+    append_point,
+    dumps,
+    read_requests,
+    request_row,
+    discard_incomplete,
+    drop_requests,
+    read_capacity,
+    read_environment,
+    read_points,
+    start_run_files,
+    write_json,
+    write_points,
+)
+from loadtest.stability import arrival_period_s, assess
+from stagebatch.repository import DynamicBatching
 from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
 
 LOGGER = logging.getLogger(__name__)
+# one line per point (and per capacity probe) on the console; everything else INFO goes to the log file
+PROGRESS = logging.getLogger("loadtest.progress")
 
-ENVIRONMENT_FILE = "environment.json"  # hardware, software versions, plan, times
-POINTS_FILE = "points.jsonl"  # one JSON line per point
-REQUESTS_FILE = "requests.csv"  # one row per request of every point
-REQUEST_COLUMNS = (
-    "point",
-    "t_send_us",
-    "latency_us",
-    "ok",
-    "seq_len",
-    "rows",
-    "late_us",
-    "error",
-    "batch_sizes",
-    "server",
-)
 MANIFEST_FILE = "manifest.json"
 # A load generator busier than this (percent of one core) may be what limits a point.
 LOADGEN_BUSY_PERCENT = 85.0
@@ -63,187 +78,6 @@ LOADGEN_BUSY_PERCENT = 85.0
 # normal when the generator shares the cores with the server).
 LATE_ARRIVALS_SHARE = 0.05
 ADMIN_KEY_ENV = "STAGEBATCH_ADMIN_KEY"
-
-
-# ---------------------------------------------------------------- raw data files
-
-
-def request_row(point_index: int, record: Any) -> list:
-    """One ``requests.csv`` row from a driver RequestRecord."""
-    server = getattr(record, "server", None) or None
-    batch_sizes = (server or {}).get("batch_sizes") if isinstance(server, dict) else None
-    return [
-        point_index,
-        int(record.t_send_us),
-        int(record.latency_us),
-        int(bool(record.ok)),
-        "" if record.seq_len is None else int(record.seq_len),
-        int(record.rows or 1),
-        int(getattr(record, "late_us", 0) or 0),
-        (record.error or "").replace("\n", " ")[:500],
-        "" if not batch_sizes else " ".join(str(int(b)) for b in batch_sizes),
-        "" if server is None else json.dumps(server, separators=(",", ":")),
-    ]
-
-
-def read_requests(path: Path) -> dict[int, list[dict]]:
-    """``requests.csv`` grouped by point index (types restored)."""
-    grouped: dict[int, list[dict]] = {}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"point", "t_send_us", "latency_us", "ok"} - set(reader.fieldnames or ())
-        if missing:
-            raise ConfigValidationError(f"{path}: columns {', '.join(sorted(missing))} are missing")
-        for row in reader:
-            grouped.setdefault(int(row["point"]), []).append(
-                {
-                    "t_send_us": int(row["t_send_us"]),
-                    "latency_us": int(row["latency_us"]),
-                    "ok": row["ok"] == "1",
-                    "seq_len": int(row["seq_len"]) if row.get("seq_len") else None,
-                    "rows": int(row.get("rows") or 1),
-                    "late_us": int(row.get("late_us") or 0),
-                    "error": row.get("error") or None,
-                    "batch_sizes": [int(b) for b in row["batch_sizes"].split()]
-                    if row.get("batch_sizes")
-                    else [],
-                }
-            )
-    return grouped
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
-
-
-def dumps(value: Any) -> str:
-    """JSON for the raw data files (NaN written as null so any JSON reader accepts it)."""
-    return json.dumps(_nan_to_none(value), default=_json_default)
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    if hasattr(value, "to_dict"):
-        return _nan_to_none(value.to_dict())
-    return value
-
-
-# ---------------------------------------------------------------- environment
-
-
-def _package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for name in (
-        "stagebatch",
-        "nvidia-pytriton",
-        "tritonclient",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "onnx",
-        "numpy",
-        "torch",
-        "transformers",
-        "locust",
-        "gevent",
-        "matplotlib",
-    ):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        return out.stdout.strip().replace("\n", "; ") or "none"
-    except (OSError, subprocess.SubprocessError):
-        return "none"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def collect_environment(plan: Plan, plan_text: str, *, server: str, repository: Path) -> dict:
-    """Hardware, software versions and the plan, for ``environment.json``."""
-    import psutil
-
-    hardware = {
-        "cpu_model": _cpu_model(),
-        "cpu_cores_logical": psutil.cpu_count(logical=True),
-        "cpu_cores_physical": psutil.cpu_count(logical=False),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": _gpu(),
-        "machine": platform.machine(),
-        "os": platform.platform(),
-    }
-    software = {"python": platform.python_version(), "git_commit": _git_commit(), **_package_versions()}
-    try:
-        from stagebatch.server import TRITON_VERSION
-
-        software["tritonserver (embedded)"] = TRITON_VERSION
-    except ImportError:
-        pass
-    return {
-        "plan": plan.to_dict(),
-        "plan_source": plan.source,
-        "plan_text": plan_text,
-        "server": server,
-        "repository": str(repository),
-        "hardware": hardware,
-        "software": software,
-        "started_utc": _utc_now(),
-        "finished_utc": None,
-        "argv": sys.argv,
-    }
-
-
-def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- configurations (pure)
@@ -279,6 +113,19 @@ def apply_batching(config: dict, batching: dict) -> dict:
     if "instance_count" in batching:
         groups = config.get("instance_group") or [{"kind": "KIND_CPU"}]
         config["instance_group"] = [{**groups[0], "count": int(batching["instance_count"])}]
+    if "max_queue_size" in batching or "default_timeout_us" in batching:
+        dynamic = config.setdefault("dynamic_batching", {})
+        policy = dynamic.get("default_queue_policy") or {}
+        queue = DynamicBatching(
+            max_queue_size=int(batching.get("max_queue_size", policy.get("max_queue_size", 0))),
+            default_timeout_us=int(
+                batching.get("default_timeout_us", policy.get("default_timeout_microseconds", 0))
+            ),
+        ).to_config()
+        if "default_queue_policy" in queue:
+            dynamic["default_queue_policy"] = queue["default_queue_policy"]
+        else:
+            dynamic.pop("default_queue_policy", None)
     return config
 
 
@@ -394,6 +241,8 @@ class RunOptions:
     progress: bool = True
     admin_headers: dict[str, str] | None = None
     metrics_url: str | None = None
+    resume: bool = False  # continue the run in out_dir: skip its complete points
+    capacity_file: Path | None = None  # a capacity.json to take instead of searching
 
 
 @dataclass
@@ -422,6 +271,10 @@ class Characterization:
         self.manifest: dict = {}
         self.server = None
         self.client = None
+        self.replica_clients: list = []
+        self.capacity: dict | None = None  # capacity.json document (measured or given)
+        self.interrupted = False
+        self._server_starts = 0
 
     # ---- repository ----
     def _read_manifest(self) -> dict:
@@ -531,26 +384,44 @@ class Characterization:
         else:
             from stagebatch.server import EmbeddedTriton
 
-            self.server = EmbeddedTriton(
-                self.repository, models=[], log_path=self.out_dir / "tritonserver.log"
-            )
+            self._server_starts += 1
+            log_name = "tritonserver.log" if self._server_starts == 1 else f"tritonserver.{self._server_starts}.log"
+            self.server = EmbeddedTriton(self.repository, models=[], log_path=self.out_dir / log_name)
             self.server.start()
             url = self.server.grpc_url
             self.admin_headers = self.server.admin_headers
             self.metrics_url = self.server.metrics_url
-        self.url = url
-        self.client = grpcclient.InferenceServerClient(url)
+        self.url = url  # passed to the load generator as given (it spreads requests over the targets)
+        targets = server_targets(url)
+        # reloads go to every listed replica; statistics come from the first
+        self.replica_clients = [grpcclient.InferenceServerClient(target) for target in targets]
+        self.client = self.replica_clients[0]
         return url
 
     def _stop_server(self) -> None:
         if self.client is not None and self.server is None:
             self._restore_remote_models()
         if self.client is not None:
-            self.client.close()
+            for client in self.replica_clients:
+                client.close()
             self.client = None
+            self.replica_clients = []
         if self.server is not None:
             self.server.stop()
             self.server = None
+
+    def _server_lost(self) -> str | None:
+        """Why the server we started is gone (None while it runs, or when it is not ours)."""
+        if self.server is not None and not self.server.is_alive():
+            return f"tritonserver exited (log: {self.server.log_path})"
+        return None
+
+    def _restart_server(self) -> None:
+        """Bring back the embedded server we own; every model is loaded again on demand."""
+        LOGGER.warning("restarting the embedded tritonserver")
+        self._stop_server()
+        self.state.loaded.clear()
+        self._start_server()
 
     def _restore_remote_models(self) -> None:
         """A server we did not start gets its models back as built (best effort; failures are logged)."""
@@ -580,10 +451,11 @@ class Characterization:
         from tritonclient.utils import InferenceServerException
 
         try:
-            if config is None:
-                self.client.load_model(name, headers=self.admin_headers)
-            else:
-                self.client.load_model(name, config=json.dumps(config), headers=self.admin_headers)
+            for client in self.replica_clients:
+                if config is None:
+                    client.load_model(name, headers=self.admin_headers)
+                else:
+                    client.load_model(name, config=json.dumps(config), headers=self.admin_headers)
         except InferenceServerException as error:
             raise ServerStartError(f"model {name!r} failed to load: {error.message()}") from None
         self.state.loaded[name] = json.dumps(config, sort_keys=True) if config is not None else ""
@@ -592,7 +464,8 @@ class Characterization:
         for name in list(self.state.loaded):
             if name == model or name.startswith(f"{model}_"):
                 try:
-                    self.client.unload_model(name, headers=self.admin_headers)
+                    for client in self.replica_clients:
+                        client.unload_model(name, headers=self.admin_headers)
                 except Exception as error:  # noqa: BLE001 - unloading is best effort; the next load reports
                     LOGGER.warning("could not unload %s: %s", name, error)
                 del self.state.loaded[name]
@@ -616,6 +489,14 @@ class Characterization:
         return names
 
     # ---- one point ----
+    def _resolved(self, point: Point) -> tuple[Point, dict]:
+        """The point with its relative rates in req/s, and its ``load`` record."""
+        capacity = capacity_search.whole_capacity(self.capacity, point.model)
+        arrival, load = resolve_arrival(point.arrival, capacity if point.relative else None, model=point.model)
+        if not point.relative:
+            load["capacity_rps"] = None if capacity is None else round(capacity, 3)
+        return dataclasses.replace(point, arrival=arrival), load
+
     def _load_spec(self, point: Point):
         from loadtest.driver import LoadSpec
         from loadtest.workloads import ArrivalSpec, LengthSpec
@@ -640,13 +521,17 @@ class Characterization:
             seed=point.seed,
         )
 
-    def _run_point(self, index: int, point: Point, requests_writer) -> dict:
+    def _run_point(self, index: int, point: Point) -> tuple[dict, list]:
+        """Measure one point; return its ``points.jsonl`` record and its request records."""
         from loadtest.driver import run_load
         from loadtest.server_stats import diff_reorch_metrics, diff_statistics
         from loadtest.stats import percentile_us, summarize
 
         started = time.monotonic()
-        record: dict[str, Any] = {"index": index, "point": point.to_dict(), "started_utc": _utc_now()}
+        record: dict[str, Any] = {"index": index, "point": point.to_dict(), "started_utc": utc_now()}
+        point, load = self._resolved(point)
+        record["point"]["arrival_plan"] = record["point"]["arrival"]
+        record["point"]["arrival"] = point.arrival
         names = self._ensure(point)
         reorch_name = names[-1] if point.variant == "reorch" else None
         sampler = _Sampler(self.client, names, self.metrics_url if reorch_name else None)
@@ -664,8 +549,6 @@ class Characterization:
                 f"the load generator returned no requests for the measured window "
                 f"(warnings: {'; '.join(result.warnings) or 'none'})"
             )
-        for request in records:
-            requests_writer.writerow(request_row(index, request))
         duration_s = float(result.duration_s) or point.duration_s
         summary = summarize(
             [r.latency_us for r in records], [r.ok for r in records], duration_s, point.slo_ms
@@ -690,10 +573,32 @@ class Characterization:
         bottleneck = loadgen_bottleneck(cpu, late, summary.requests)
         late_p99_ms = percentile_us([int(getattr(r, "late_us", 0) or 0) for r in records], 99) / 1000.0
         first_error = next((r.error for r in records if not r.ok and r.error), None)
+        verdict = assess(
+            [r.to_dict() for r in records],
+            int(round(window_start_s * 1e6)),
+            duration_s,
+            period_s=arrival_period_s(point.arrival),
+            loadgen_cpu_percent=cpu,
+            late_tolerance_us=result.spec.late_tolerance_us,
+        )
+        lost = self._server_lost()
+        if lost:
+            raise StagebatchError(f"the server failed during the point: {lost}")
         record.update(
             status="ok",
             error=None,
             duration_s=duration_s,
+            offered_rps=round(verdict.offered_rps, 3),
+            achieved_rps=round(verdict.achieved_rps, 3),
+            stable=verdict.stable,
+            unstable_reason=verdict.unstable_reason,
+            subwindows=[sub.__dict__ for sub in verdict.subwindows],
+            backlog_growth_per_s=round(verdict.backlog_growth_per_s, 3),
+            stability={"keep_up_ratio": verdict.keep_up_ratio, "late_share": round(verdict.late_share, 4)},
+            repeat=point.repeat,
+            repeats=point.repeats,
+            comparison_key=point.comparison_key,
+            load=load,
             client=summary.to_dict(),
             first_error=first_error,
             server=server,
@@ -708,11 +613,229 @@ class Characterization:
             },
             wall_s=round(time.monotonic() - started, 2),
         )
-        return record
+        return record, records
+
+    # ---- capacity ----
+    def capacity_models(self, points: list[Point]) -> list[str]:
+        """Models whose whole-model capacity the points need (those with relative rates), in plan order."""
+        return list(dict.fromkeys(p.model for p in points if p.relative))
+
+    def _capacity_labels(self, model: str) -> list[tuple[str, str | None]]:
+        """(variant, policy) pairs to search for ``model``: ``whole`` first, then the plan's others."""
+        wanted = [("whole", None)]
+        for variant in self.plan.capacity.variants:
+            if variant == "whole":
+                continue
+            if variant == "reorch":
+                policies = [
+                    policy
+                    for experiment in self.plan.experiments
+                    if model in experiment.models and "reorch" in experiment.variants
+                    for policy in experiment.policy
+                ] or [None]
+                wanted += [("reorch", policy) for policy in dict.fromkeys(policies)]
+            else:
+                wanted.append((variant, None))
+        available = self.manifest["models"][model].get("variants", {})
+        return [(variant, policy) for variant, policy in wanted if variant in available]
+
+    def _probe(self, model: str, variant: str, policy: str | None, rate_rps: float) -> capacity_search.Probe:
+        """One capacity probe: a short open-loop load at ``rate_rps`` on the configuration as built."""
+        from loadtest.driver import run_load
+        from loadtest.stats import percentile_us
+
+        spec = self.plan.capacity
+        definition = self.plan.models[model]
+        point = Point(
+            point_id=f"capacity/{model}/{capacity_search.variant_label(variant, policy)}/{rate_rps:.1f}",
+            experiment="capacity",
+            model=model,
+            variant=variant,
+            load=f"capacity@rate_rps={rate_rps:.1f}",
+            arrival={"kind": spec.arrival, "rate_rps": round(rate_rps, 3)},
+            lengths=definition.lengths,
+            batching={},
+            slicing={},
+            reorch={"policy": policy} if policy else {},
+            duration_s=spec.duration_s,
+            warmup_s=spec.warmup_s,
+            slo_ms=definition.slo_ms or self.plan.defaults.slo_ms,
+            seed=self.plan.defaults.seed,
+        )
+        self._ensure(point)
+        try:
+            with _console_quiet("loadtest.driver"):  # an overloaded probe is expected to warn
+                result = run_load(self.url, self.manifest, self._load_spec(point), workers=self.options.workers)
+        except StagebatchError as error:
+            if self._server_lost():
+                self._restart_server()
+            return capacity_search.Probe(rate_rps, False, 0.0, None, f"load run failed: {error}")
+        records = [r.to_dict() for r in result.records]
+        verdict = assess(
+            records,
+            int(round((result.start_epoch_s + point.warmup_s) * 1e6)),
+            float(result.duration_s),
+            loadgen_cpu_percent=float(result.loadgen_cpu_percent),
+            late_tolerance_us=result.spec.late_tolerance_us,
+        )
+        ok = [r["latency_us"] for r in records if r["ok"]]
+        tail_ms = percentile_us(ok, spec.percentile) / 1000.0 if ok else None
+        probe = capacity_search.Probe(
+            rate_rps=rate_rps,
+            stable=verdict.stable,
+            achieved_rps=verdict.achieved_rps,
+            p99_ms=tail_ms,
+            reason=verdict.unstable_reason,
+            load_generator_limited=verdict.limited_by_load_generator,
+        )
+        PROGRESS.info(
+            "capacity %s %s: %.1f req/s -> %.1f achieved, p%g %s ms, %s",
+            model,
+            capacity_search.variant_label(variant, policy),
+            rate_rps,
+            probe.achieved_rps,
+            spec.percentile,
+            "-" if tail_ms is None else f"{tail_ms:.1f}",
+            "sustained" if probe.stable else f"not sustained ({(probe.reason or '').split(':')[0]})",
+        )
+        return probe
+
+    def measure_capacity(self, models: list[str]) -> dict:
+        """Search the capacity of each model's variants; write and return ``capacity.json``."""
+        spec = self.plan.capacity
+        settings = capacity_search.SearchSettings(
+            start_rps=spec.start_rps, tolerance=spec.tolerance, max_probes=spec.max_probes
+        )
+        document = read_capacity(self.out_dir) or {"models": {}}
+        document.update(
+            {
+                "arrival": spec.arrival,
+                "probe_duration_s": spec.duration_s,
+                "probe_warmup_s": spec.warmup_s,
+                "tolerance": spec.tolerance,
+                "max_probes": spec.max_probes,
+                "server": self.options.url or "embedded tritonserver",
+            }
+        )
+        for model in models:
+            slo_ms = self.plan.models[model].slo_ms or self.plan.defaults.slo_ms
+            for variant, policy in self._capacity_labels(model):
+                label = capacity_search.variant_label(variant, policy)
+                if label in document["models"].get(model, {}):
+                    continue  # measured before this run was interrupted
+                try:
+                    result = capacity_search.search_capacity(
+                        lambda rate, v=variant, p=policy, m=model: self._probe(m, v, p, rate),
+                        slo_ms=slo_ms,
+                        percentile=spec.percentile,
+                        settings=settings,
+                    )
+                except StagebatchError as error:
+                    LOGGER.warning("capacity search of %s %s failed: %s", model, label, error)
+                    continue
+                if result.limited_by == capacity_search.LIMITED_BY_LOADGEN:
+                    LOGGER.warning(
+                        "capacity of %s %s: the load generator fell behind at %s req/s; %s req/s is a lower "
+                        "bound of the server's capacity, not the capacity (use more --workers)",
+                        model,
+                        label,
+                        f"{capacity_search.bracket(result.probes)[1].rate_rps:.0f}",
+                        f"{result.sustained_rps or 0:.0f}",
+                    )
+                PROGRESS.info(
+                    "capacity %s %s: sustained %s req/s, within the %g ms SLO up to %s req/s (limited by %s)",
+                    model,
+                    label,
+                    "-" if result.sustained_rps is None else f"{result.sustained_rps:.1f}",
+                    slo_ms,
+                    "-" if result.slo_rps is None else f"{result.slo_rps:.1f}",
+                    result.limited_by,
+                )
+                document["models"].setdefault(model, {})[label] = result.to_dict()
+                write_json(self.out_dir / CAPACITY_FILE, document)
+        write_json(self.out_dir / CAPACITY_FILE, document)
+        return document
+
+    def _prepare_capacity(self, points: list[Point]) -> None:
+        """Take or measure the capacity the relative rates need (nothing when every rate is absolute)."""
+        needed = self.capacity_models(points)
+        if self.options.capacity_file is not None:
+            self.capacity = json.loads(Path(self.options.capacity_file).read_text())
+            write_json(self.out_dir / CAPACITY_FILE, self.capacity)
+        elif needed:
+            self.capacity = self.measure_capacity(needed)
+        else:
+            self.capacity = read_capacity(self.out_dir)
+
+    def check_capacity_source(self, points: list[Point]) -> None:
+        """Refuse relative rates up front when no capacity can be had."""
+        needed = self.capacity_models(points)
+        if needed and self.options.capacity_file is None and not self.plan.capacity.enabled:
+            raise ConfigValidationError(
+                f"{self.plan.source}: points of {', '.join(needed)} use rates relative to the measured "
+                "capacity (e.g. 0.85x), but the plan disables the capacity search (capacity.enabled: false) "
+                "and no --capacity FILE was given; enable it, pass --capacity, or give rates in req/s"
+            )
+
+    def run_capacity(self, models: list[str] | None = None) -> dict:
+        """Only the capacity search (``stagebatch capacity``): build or read the models, search, write."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        models = models or list(self.plan.models)
+        unknown = [m for m in models if m not in self.plan.models]
+        if unknown:
+            raise ConfigValidationError(
+                f"--model {', '.join(unknown)}: not in the plan's models ({', '.join(self.plan.models)})"
+            )
+        with _log_file(self.out_dir / LOG_FILE):
+            if self.options.url is None or self.plan.repository.build:
+                self._prepare_repository()
+            else:
+                self._read_manifest()
+            self._start_server()
+            try:
+                return self.measure_capacity(models)
+            finally:
+                self._stop_server()
 
     # ---- the whole plan ----
+    def _begin(self, points: list[Point]) -> set[int]:
+        """Start or resume the run files; return the indices of points already complete."""
+        if not self.options.resume:
+            start_run_files(self.out_dir)
+            return set()
+        written = discard_incomplete(self.out_dir)
+        ids = {p.point_id: i for i, p in enumerate(points)}
+        kept = [
+            p
+            for p in written
+            if p.get("status") == "ok" and ids.get(p["point"]["point_id"]) == int(p["index"])
+        ]  # failed points, and points the plan no longer has at that index, run again
+        rerun = {int(p["index"]) for p in written} - {int(p["index"]) for p in kept}
+        write_points(self.out_dir, kept)
+        drop_requests(self.out_dir, rerun)
+        done = {int(p["index"]) for p in kept}
+        LOGGER.info("resuming %s: %d of %d points complete", self.out_dir, len(done), len(points))
+        return done
+
+    def _failed_record(self, index: int, point: Point, error: BaseException) -> dict:
+        return {
+            "index": index,
+            "point": point.to_dict(),
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "started_utc": utc_now(),
+            "repeat": point.repeat,
+            "repeats": point.repeats,
+            "comparison_key": point.comparison_key,
+            "stable": False,
+            "unstable_reason": f"failed: {error}",
+        }
+
     def run(self) -> Path:
-        """Run every point; write the raw data; return the run directory (report written by the caller)."""
+        """Run every point; write the raw data; return the run directory (report written by the caller).
+
+        Ctrl-C discards the current point, keeps the complete ones and sets ``interrupted``.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         plan_text = Path(self.plan.source).read_text() if Path(self.plan.source).is_file() else ""
         if self.options.url and any(p.slicing for p in self.plan.points()):
@@ -721,47 +844,161 @@ class Characterization:
                 f"server at {self.options.url}; drop the slicing knobs or run without --url"
             )
         points = self.plan.points()
-        if self.options.url is None or self.plan.repository.build:
-            self._prepare_repository()
-        else:
-            self._read_manifest()
-        check_against_models(self.plan, self.model_limits())
-        server_label = self.options.url or "embedded tritonserver"
-        environment = collect_environment(
-            self.plan, plan_text, server=server_label, repository=self.repository
-        )
-        env_path = self.out_dir / ENVIRONMENT_FILE
-        env_path.write_text(dumps(environment))
-        self._start_server()
-        try:
-            with (
-                open(self.out_dir / POINTS_FILE, "w") as points_file,
-                open(self.out_dir / REQUESTS_FILE, "w", newline="") as requests_file,
-            ):
-                writer = csv.writer(requests_file)
-                writer.writerow(REQUEST_COLUMNS)
-                with _progress(self.options.progress, points) as advance:
+        self.check_capacity_source(points)
+        with _log_file(self.out_dir / LOG_FILE):
+            if self.options.url is None or self.plan.repository.build:
+                self._prepare_repository()
+            else:
+                self._read_manifest()
+            check_against_models(self.plan, self.model_limits())
+            env_path = self.out_dir / ENVIRONMENT_FILE
+            if self.options.resume and env_path.is_file():
+                environment = read_environment(self.out_dir)
+                environment.setdefault("resumed_utc", []).append(utc_now())
+            else:
+                environment = collect_environment(
+                    self.plan,
+                    plan_text,
+                    server=self.options.url or "embedded tritonserver",
+                    repository=self.repository,
+                )
+                environment["replicas"] = replica_count(self.options.url)
+            write_json(env_path, environment)
+            try:
+                done = self._begin(points)
+                self._start_server()
+                self._prepare_capacity(points)
+                with _progress(self.options.progress, points, done) as progress:
                     for index, point in enumerate(points):
-                        advance(point)
+                        if index in done:
+                            continue
+                        progress.start(point)
+                        requests: list = []
                         try:
-                            record = self._run_point(index, point, writer)
+                            if self._server_lost():
+                                self._restart_server()
+                            record, requests = self._run_point(index, point)
                         except (StagebatchError, OSError, RuntimeError, ValueError) as error:
                             LOGGER.warning("point %s failed: %s", point.point_id, error)
-                            record = {
-                                "index": index,
-                                "point": point.to_dict(),
-                                "status": "failed",
-                                "error": f"{type(error).__name__}: {error}",
-                                "started_utc": _utc_now(),
-                            }
-                        points_file.write(dumps(record) + "\n")
-                        points_file.flush()
-                        requests_file.flush()
-        finally:
-            self._stop_server()
-            environment["finished_utc"] = _utc_now()
-            env_path.write_text(dumps(environment))
+                            record = self._failed_record(index, point, error)
+                            requests = []
+                            if self._server_lost():
+                                try:
+                                    self._restart_server()
+                                except StagebatchError as restart_error:
+                                    append_point(self.out_dir, record, requests)
+                                    raise restart_error from error
+                        append_point(self.out_dir, record, requests)
+                        progress.finish(point, record)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                LOGGER.warning("interrupted: the current point is discarded; complete points are kept")
+            finally:
+                self._stop_server()
+                environment["finished_utc"] = utc_now()
+                environment["interrupted"] = self.interrupted
+                write_json(env_path, environment)
         return self.out_dir
+
+
+def server_targets(url: str) -> list[str]:
+    """The ``host:port`` targets of a server address (contract 3): a comma-separated list, or
+    ``dns:///host:port`` (one target, as named)."""
+    targets = [part.strip() for part in url.split(",") if part.strip()]
+    return [t[len("dns:///"):] if t.startswith("dns:///") else t for t in targets] or [url]
+
+
+def replica_count(url: str | None) -> int:
+    """How many servers a ``--url`` names: a comma-separated list counts each; one target (or none) is 1.
+
+    A ``dns:///host:port`` target counts as 1 here (its addresses are resolved by gRPC, not listed).
+    """
+    if not url:
+        return 1
+    return max(1, len([part for part in url.split(",") if part.strip()]))
+
+
+class _log_file:
+    """Send every log record (INFO and up, the exporter's and onnxruntime's included) to the run's log file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self) -> _log_file:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, mode="a")
+        self.handler.setLevel(logging.INFO)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(self.handler)
+        self._level = root.level
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.setLevel(self._level)
+        self.handler.close()
+
+
+class ConsoleFilter(logging.Filter):
+    """What the console shows: warnings and errors, plus the one-line-per-point progress records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.muted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging hook
+        if record.name == PROGRESS.name:
+            return True
+        if any(record.name == name or record.name.startswith(name + ".") for name in self.muted):
+            return False
+        return record.levelno >= logging.WARNING
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Progress lines as they are; everything else prefixed with its level ("warning: ...")."""
+
+    def format(self, record: logging.LogRecord) -> str:  # noqa: D102 - logging hook
+        message = record.getMessage()
+        if record.name == PROGRESS.name:
+            return message
+        return f"{record.levelname.lower()}: {message}"
+
+
+def console_handler() -> logging.Handler:
+    """A stderr handler for the CLI: warnings and the progress lines only (see :class:`ConsoleFilter`)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormatter())
+    handler.addFilter(ConsoleFilter())
+    return handler
+
+
+class _console_quiet:
+    """Keep the named loggers off the console (their records still reach the log file)."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def _filters(self) -> list[ConsoleFilter]:
+        return [
+            f
+            for handler in logging.getLogger().handlers
+            for f in handler.filters
+            if isinstance(f, ConsoleFilter)
+        ]
+
+    def __enter__(self) -> _console_quiet:
+        for f in self._filters():
+            f.muted.update(self.names)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for f in self._filters():
+            f.muted.difference_update(self.names)
 
 
 @dataclass
@@ -820,26 +1057,52 @@ class _Sampler:
         return earlier[-1] if earlier else self.snapshots[0]
 
 
-class _progress:
-    """A rich progress bar over points (time-weighted), or nothing when disabled."""
+def point_line(position: int, total: int, record: dict) -> str:
+    """The console's one line for a finished point."""
+    point = record["point"]
+    head = f"[{position}/{total}] {point['point_id']}"
+    if record.get("status") != "ok":
+        return f"{head}: FAILED: {record.get('error')}"
+    load = record.get("load") or {}
+    multiple = f" ({load['multiple']:g}x)" if load.get("multiple") else ""
+    client = record.get("client") or {}
+    p99 = client.get("p99_ms")
+    verdict = "stable" if record.get("stable") else f"UNSTABLE ({(record.get('unstable_reason') or '').split(':')[0]})"
+    return (
+        f"{head}: {record.get('offered_rps', 0):.1f} req/s offered{multiple}, "
+        f"{record.get('achieved_rps', 0):.1f} achieved, p99 {'-' if p99 is None else f'{p99:.1f}'} ms, {verdict}"
+    )
 
-    def __init__(self, enabled: bool, points: list[Point]) -> None:
+
+class _progress:
+    """A rich progress bar over points (time-weighted) with one line per point; plain lines without a tty."""
+
+    def __init__(self, enabled: bool, points: list[Point], done: set[int] | None = None) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.points = points
+        self.done = set(done or ())
         self.progress = None
+        self.task = None
+        self.finished = len(self.done)
 
-    def __enter__(self):
+    def _weight(self, point: Point) -> float:
+        return point.duration_s + point.warmup_s
+
+    def __enter__(self) -> _progress:
         if not self.enabled:
-            return lambda point: LOGGER.info("point %s", point.point_id)
+            return self
         from rich.console import Console
         from rich.logging import RichHandler
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        # log lines go through the bar's console, above the bar, instead of breaking it
+        # console log lines go through the bar's console, above the bar, instead of breaking it
         console = Console(stderr=True)
         root = logging.getLogger()
         self._saved_handlers = root.handlers[:]
-        root.handlers = [RichHandler(console=console, show_time=False, show_path=False)]
+        rich_handler = RichHandler(console=console, show_time=False, show_path=False, show_level=False)
+        rich_handler.addFilter(ConsoleFilter())
+        rich_handler.setFormatter(_ConsoleFormatter())
+        root.handlers = [h for h in self._saved_handlers if isinstance(h, logging.FileHandler)] + [rich_handler]
         self.progress = Progress(
             TextColumn("{task.description}", style="bold"),
             BarColumn(bar_width=24),
@@ -849,34 +1112,55 @@ class _progress:
             TimeRemainingColumn(),
             console=console,
         )
-        total = sum(p.duration_s + p.warmup_s for p in self.points)
-        task = self.progress.add_task("characterize", total=total)
+        total = sum(self._weight(p) for p in self.points)
+        self.task = self.progress.add_task("characterize", total=total)
+        self.progress.advance(self.task, sum(self._weight(p) for i, p in enumerate(self.points) if i in self.done))
         self.progress.start()
-        last: list[Point] = []
+        return self
 
-        def advance(point: Point) -> None:
-            if last:
-                self.progress.advance(task, last[-1].duration_s + last[-1].warmup_s)
-            last.append(point)
-            self.progress.update(task, description=f"point {len(last)}/{len(self.points)}")
-            self.progress.console.print(
-                f"point {len(last)}/{len(self.points)}: {point.point_id}", highlight=False
-            )
+    def start(self, point: Point) -> None:
+        """A point begins."""
+        LOGGER.info("point %s", point.point_id)
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"point {self.finished + 1}/{len(self.points)}")
 
-        self._finish = lambda: last and self.progress.advance(task, last[-1].duration_s + last[-1].warmup_s)
-        return advance
+    def finish(self, point: Point, record: dict) -> None:
+        """A point is written: its one console line."""
+        self.finished += 1
+        PROGRESS.info("%s", point_line(self.finished, len(self.points), record))
+        if self.progress is not None:
+            self.progress.advance(self.task, self._weight(point))
 
     def __exit__(self, *exc_info: object) -> None:
         if self.progress is not None:
-            self._finish()
             self.progress.stop()
             logging.getLogger().handlers = self._saved_handlers
 
 
 def characterize(plan: Plan, options: RunOptions) -> Path:
-    """Run ``plan`` and write its raw data and report into ``options.out_dir``."""
+    """Run ``plan`` and write its raw data and report into ``options.out_dir``.
+
+    Ctrl-C: the current point is discarded, the report is written from the complete points, the
+    resume command is logged, and KeyboardInterrupt is raised again.
+    """
     from loadtest.report import write_report
 
-    run_dir = Characterization(plan, options).run()
-    write_report(run_dir)
+    run = Characterization(plan, options)
+    run_dir = run.run()
+    if read_points(run_dir):
+        write_report(run_dir)
+    if run.interrupted:
+        LOGGER.warning("resume with: stagebatch characterize --resume %s", run_dir)
+        raise KeyboardInterrupt
     return run_dir
+
+
+def resume_plan(run_dir: str | Path) -> Plan:
+    """The plan a run was started with, from its ``environment.json`` (for ``--resume``)."""
+    environment = read_environment(run_dir)
+    text = environment.get("plan_text")
+    if not text:
+        raise ConfigValidationError(
+            f"{Path(run_dir) / ENVIRONMENT_FILE}: has no plan_text; this run cannot be resumed"
+        )
+    return parse_plan(text, environment.get("plan_source") or "<plan>")

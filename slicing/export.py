@@ -8,7 +8,9 @@ architecture, seed, weights hash, torch and onnxscript versions, so repeated bui
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -98,9 +100,26 @@ def export_zoo_model(model: ZooModel, *, directory: Path | None = None, use_cach
     return ExportedModel(path=path, opset=_opset_of(path), cached=False, export_s=time.perf_counter() - start)
 
 
-def _export(model: ZooModel, path: Path) -> None:
-    import logging
+class _LogStream(io.TextIOBase):
+    """A text stream whose lines become INFO records of ``logger`` (for redirected prints)."""
 
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._buffer = ""
+
+    def writable(self) -> bool:  # noqa: D102 - io hook
+        return True
+
+    def write(self, text: str) -> int:  # noqa: D102 - io hook
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info("%s", line.rstrip())
+        return len(text)
+
+
+def _export(model: ZooModel, path: Path) -> None:
     import torch
 
     external = model.parameter_bytes > _EXTERNAL_DATA_THRESHOLD_BYTES
@@ -108,7 +127,10 @@ def _export(model: ZooModel, path: Path) -> None:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # Batch 2 examples: a batch-1 example can make torch.export specialise the batch dim.
     examples = model.example_inputs(batch=2)
-    with warnings.catch_warnings(), torch.no_grad():
+    # the exporter prints its progress ("[torch.onnx] Obtain model graph ...") on stdout and onnxscript
+    # logs every optimizer pass at INFO: both go to the log (a run's log file), not the console
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(_LogStream(LOGGER)):
         warnings.simplefilter("ignore")  # FutureWarnings from torch.export/transformers internals
         try:
             torch.onnx.export(

@@ -30,6 +30,7 @@ app.command("doctor")(_commands.doctor)
 # [cli-registrations] helpers add their one-line registrations below this marker
 app.command("build")(__import__("slicing.cli", fromlist=["build"]).build)
 app.command("characterize")(__import__("loadtest.cli", fromlist=["characterize"]).characterize)
+app.command("capacity")(__import__("loadtest.cli", fromlist=["capacity"]).capacity)
 app.command("report")(__import__("loadtest.cli", fromlist=["report"]).report)
 app.command("infer")(__import__("stagebatch.infer", fromlist=["infer"]).infer)
 # ---- end of registrations ----

@@ -1,0 +1,91 @@
+"""The stability detector on synthetic request records: steady, growing backlog, bursty but stable, late generator."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from loadtest import stability
+
+START_US = 1_000_000_000_000
+
+
+def _queue(arrivals_s: np.ndarray, service_s: float, servers: int = 1) -> list[dict]:
+    """Rows of a FIFO queue with ``servers`` servers of fixed service time (window-relative arrivals)."""
+    free = [0.0] * servers
+    rows = []
+    for t in arrivals_s:
+        i = int(np.argmin(free))
+        begin = max(t, free[i])
+        free[i] = begin + service_s
+        rows.append({"t_send_us": START_US + int(t * 1e6), "latency_us": int((free[i] - t) * 1e6), "ok": True, "late_us": 0})
+    return rows
+
+
+def _poisson(rate: float, window_s: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1 / rate, int(rate * window_s * 2) + 10)
+    times = np.cumsum(gaps)
+    return times[times < window_s]
+
+
+def test_stability_is_stable_when_load_is_well_below_service_rate():
+    rows = _queue(_poisson(50, 6), service_s=0.01)  # 50 req/s against 100 req/s
+    verdict = stability.assess(rows, START_US, 6)
+    assert verdict.stable, verdict.unstable_reason
+    assert len(verdict.subwindows) >= 3
+    assert abs(verdict.offered_rps - 50) < 10 and verdict.achieved_rps <= verdict.offered_rps + 1
+    assert sum(s.arrivals for s in verdict.subwindows) == len(rows)
+
+
+def test_stability_reports_growing_backlog_when_arrivals_exceed_service_rate():
+    rows = _queue(_poisson(150, 6), service_s=0.01)  # 150 req/s against 100 req/s
+    verdict = stability.assess(rows, START_US, 6)
+    assert not verdict.stable
+    assert verdict.unstable_reason.split(":")[0] in (stability.REASON_KEEP_UP, stability.REASON_BACKLOG)
+    assert verdict.backlog_growth_per_s > 20
+    assert not verdict.limited_by_load_generator
+    assert verdict.achieved_rps < 110
+
+
+def test_stability_is_stable_when_bursts_overload_briefly_then_drain():
+    # 1 s at 160 req/s then 2 s at 10 req/s against 100 req/s: the backlog of each burst drains
+    times, t = [], 0.0
+    rng = np.random.default_rng(3)
+    while t < 9:
+        in_burst = (t % 3.0) < 1.0
+        t += rng.exponential(1 / (160 if in_burst else 10))
+        times.append(t)
+    rows = _queue(np.array([x for x in times if x < 9]), service_s=0.01)
+    period = stability.arrival_period_s({"kind": "bursty", "on_s": 1, "off_s": 2})
+    verdict = stability.assess(rows, START_US, 9, period_s=period)
+    assert len(verdict.subwindows) == 3
+    assert verdict.stable, verdict.unstable_reason
+
+
+def test_stability_blames_the_generator_when_arrivals_were_sent_late():
+    rows = _queue(_poisson(50, 6), service_s=0.01)
+    for row in rows[::5]:  # every fifth arrival left 10 ms behind schedule
+        row["late_us"] = 10_000
+        row["t_send_us"] += 10_000
+    verdict = stability.assess(rows, START_US, 6)
+    assert not verdict.stable and verdict.limited_by_load_generator
+    assert verdict.unstable_reason.startswith(stability.REASON_LOADGEN_LATE)
+
+
+def test_stability_blames_the_generator_when_its_process_was_busy():
+    rows = _queue(_poisson(50, 6), service_s=0.01)
+    verdict = stability.assess(rows, START_US, 6, loadgen_cpu_percent=97)
+    assert not verdict.stable and verdict.limited_by_load_generator
+
+
+def test_stability_is_unstable_when_requests_fail():
+    rows = _queue(_poisson(50, 6), service_s=0.01)
+    for row in rows[::3]:
+        row["ok"] = False
+    verdict = stability.assess(rows, START_US, 6)
+    assert not verdict.stable and verdict.unstable_reason.startswith(stability.REASON_KEEP_UP)
+
+
+def test_stability_is_unstable_when_nothing_arrived():
+    verdict = stability.assess([], START_US, 3)
+    assert not verdict.stable and verdict.offered_rps == 0
