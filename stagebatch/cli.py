@@ -33,6 +33,8 @@ app.command("characterize")(__import__("loadtest.cli", fromlist=["characterize"]
 app.command("capacity")(__import__("loadtest.cli", fromlist=["capacity"]).capacity)
 app.command("report")(__import__("loadtest.cli", fromlist=["report"]).report)
 app.command("infer")(__import__("stagebatch.infer", fromlist=["infer"]).infer)
+app.command("simulate")(__import__("tuning.cli", fromlist=["simulate"]).simulate)
+app.command("tune")(__import__("tuning.cli", fromlist=["tune"]).tune)
 # ---- end of registrations ----
 
 

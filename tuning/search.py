@@ -19,14 +19,22 @@ Search (``search``), two rounds of simulation:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from loadtest.capacity import CapacityResult, Probe, SearchSettings, search_capacity
 from stagebatch.errors import BadParameterError
 from tuning.batcher import BatcherSettings
-from tuning.simulate import ModelProfile, SimResult, SimSettings, VariantConfig, Workload, batch1_latency_ms, simulate
+from tuning.simulate import (
+    ModelProfile,
+    SimResult,
+    SimSettings,
+    VariantConfig,
+    Workload,
+    batch1_latency_ms,
+    simulate,
+)
 
 OBJECTIVES = ("goodput", "p99", "throughput")
 PREFERRED_CHOICES = ("none", "max", "half_max")

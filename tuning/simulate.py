@@ -86,12 +86,13 @@ class ModelProfile:
                                         "simulator models batching models only")
         build = entry.get("build") or {}
         profiled = build.get("profile_seq_len")
-        if spec.is_sequence and profiled is None:
+        sequence = spec.max_length is not None  # the manifest's "sequence" range
+        if sequence and profiled is None:
             profiled = _zoo_default_length(name, entry.get("size"), spec.max_length)
         return cls(name=name, stage_tables_ms=tables, favoured_batch_sizes=spec.favoured_batch_sizes,
                    max_batch_size=spec.max_batch_size,
                    build_queue_delay_us=int(build.get("max_queue_delay_us", 100)),
-                   max_length=spec.max_length if spec.is_sequence else None, min_length=spec.min_length,
+                   max_length=spec.max_length if sequence else None, min_length=spec.min_length,
                    profiled_length=int(profiled) if profiled else None)
 
     @property
@@ -334,7 +335,7 @@ def _pad(batch: list[_Job]) -> int | None:
 
 
 def _us(ms: float) -> int:
-    return int(round(ms * 1000.0))
+    return round(ms * 1000.0)
 
 
 class _Variant:
