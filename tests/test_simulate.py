@@ -124,3 +124,8 @@ def test_replay_run_writes_simulation_json_with_the_error_of_each_point(tmp_path
     assert first["error"]["p50"] == pytest.approx((simulated_p50 - 2.5) / 2.5, abs=1e-3)
     assert "skipped" in second
     assert written["summary"]["stable_points"] == 1
+
+
+def test_profile_drops_noise_when_a_smaller_batch_was_measured_slower_than_a_larger_one():
+    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 10.2, 2: 3.3, 4: 17.2, 8: 48.3}]))
+    assert profile.stage_tables_ms[0] == {1: 3.3, 2: 3.3, 4: 17.2, 8: 48.3}

@@ -3,11 +3,14 @@
 What is modelled (docs/tuning.md, "The dynamic batcher model"):
 
 - requests wait in one FIFO queue per model;
-- a batch is formed only when a model instance is free (Triton may prepare further payloads ahead
-  of free instances; that look-ahead is *not* modelled: a batch forms at the moment an instance
-  can take it, which is when the ahead-of-time payload would have been handed over anyway);
+- a batch is formed only when a model instance is free. Triton (no queue policy, no priorities) may
+  keep up to 2 x instance_count payloads formed ahead of busy instances, and such a payload keeps
+  growing until an instance takes it; that look-ahead is *not* modelled separately: forming the
+  batch at the moment an instance takes it gives the same batch whenever a waiting payload would
+  have grown to the same size (it does unless it filled up to max_batch_size first);
 - with ``preferred_batch_sizes``: when the queue holds at least one preferred size, the largest
-  preferred size that fits (and that is <= ``max_batch_size``) leaves at once;
+  preferred size that fits leaves at once (even when more are queued: a preferred size wins over
+  ``max_batch_size``, as the docs say: "the largest preferred size it can, or else the largest size");
 - otherwise a batch of ``max_batch_size`` leaves at once when the queue holds that many;
 - otherwise the batcher waits until the oldest request has waited ``max_queue_delay_us``, then sends
   everything queued (up to ``max_batch_size``); a delay of 0 sends at once;
@@ -82,12 +85,12 @@ class DynamicBatcher:
 
     def _size_now(self, now_us: int) -> int:
         queued = len(self._queue)
-        limit = self.settings.max_batch_size
-        if queued >= limit:
-            return limit
         fitting = [s for s in self.settings.preferred_batch_sizes if s <= queued]
         if fitting:
             return fitting[-1]
+        limit = self.settings.max_batch_size
+        if queued >= limit:
+            return limit
         deadline = self.deadline_us()
         if deadline is not None and now_us >= deadline:
             return queued

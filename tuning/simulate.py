@@ -75,7 +75,7 @@ class ModelProfile:
     def from_manifest_entry(cls, name: str, entry: Mapping[str, Any]) -> ModelProfile:
         """Read the tables, favoured sizes and sequence range through the reorchestrator's own reader."""
         spec = StagesSpec.from_manifest_entry(name, dict(entry))
-        tables = tuple(dict(t) for t in spec.latency_tables_ms)
+        tables = tuple(non_decreasing(t) for t in spec.latency_tables_ms)
         missing = [i for i, t in enumerate(tables) if not t]
         if missing or not tables:
             raise ConfigValidationError(
@@ -120,6 +120,20 @@ class ModelProfile:
     def default_batcher(self) -> BatcherSettings:
         """The dynamic batcher as built (max batch size and queue delay of the build, one instance)."""
         return BatcherSettings(max_batch_size=self.max_batch_size, max_queue_delay_us=self.build_queue_delay_us)
+
+
+def non_decreasing(table: Mapping[int, float]) -> dict[int, float]:
+    """A latency table made non-decreasing in batch size: each size takes the least time of any size >= it.
+
+    A larger batch never runs faster than a smaller one; a measured time above a larger batch's is
+    noise of a shared machine (it only ever adds time), so the smaller batch keeps the larger's time.
+    """
+    out: dict[int, float] = {}
+    least = float("inf")
+    for size in sorted(table, reverse=True):
+        least = min(least, float(table[size]))
+        out[size] = least
+    return dict(sorted(out.items()))
 
 
 def _zoo_default_length(name: str, size: str | None, max_length: int | None) -> int | None:
