@@ -55,7 +55,7 @@ def simulate(
     from tuning.simulate import simulate as run_simulation
     from tuning.tune import load_built
 
-    console = Console()
+    console = Console(width=160)
     settings = _settings(launch_overhead_ms, request_overhead_ms, device_slots)
     if run is not None:
         document = replay_run(run, settings, progress=lambda line: console.print(line, highlight=False))
