@@ -458,8 +458,8 @@ class _Variant:
 def _lengths(profile: ModelProfile, workload: Workload, rng: np.random.Generator, count: int) -> list[int | None]:
     if not profile.is_sequence:
         return [None] * count
-    if workload.lengths is None:
-        return [profile.profiled_length or profile.max_length] * count
+    if workload.lengths is None:  # as the load generator does: full-length requests
+        return [int(profile.max_length)] * count
     distribution = make_length_distribution(workload.lengths, min_length=profile.min_length,
                                             max_length=int(profile.max_length))
     return [int(v) for v in distribution.sample(rng, count)]
