@@ -11,7 +11,7 @@ from stagebatch.cli import main
 from stagebatch.errors import BadParameterError
 from tuning.batcher import BatcherSettings
 from tuning.confirm import mean_ci95
-from tuning.search import SearchOptions, SearchSpace, check_slo, search
+from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
 from tuning.tune import config_from_description
 
@@ -79,3 +79,10 @@ def test_mean_ci95_uses_student_t_for_few_repeats():
     assert mean == pytest.approx(12.0)
     assert half == pytest.approx(4.303 * 2.0 / 3 ** 0.5, rel=1e-3)
     assert mean_ci95([5.0]) == (5.0, None)
+
+
+def test_diverse_takes_one_per_label_first_then_the_next_best():
+    rows = [{"k": 1, "label": "reorch:dva"}, {"k": 2, "label": "reorch:dva"}, {"k": 3, "label": "whole"},
+            {"k": 4, "label": "whole"}]
+    assert [r["k"] for r in diverse(rows, 3, label=lambda r: r["label"])] == [1, 2, 3]
+    assert [r["k"] for r in diverse(rows, 2, label=lambda r: r["label"])] == [1, 3]

@@ -109,7 +109,7 @@ class Confirmer:
         self.server: EmbeddedTriton | None = None
         self.loaded: dict[str, str] = {}
 
-    def __enter__(self) -> Confirmer:
+    def __enter__(self) -> Confirmer:  # noqa: PYI034 - the project's context managers name their class
         import tritonclient.grpc as grpcclient
 
         self.server = EmbeddedTriton(self.repository, models=[], log_path=self.log_path)

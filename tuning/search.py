@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from loadtest.capacity import CapacityResult, Probe, SearchSettings, search_capacity
 from stagebatch.errors import BadParameterError
@@ -39,6 +39,8 @@ from tuning.simulate import (
 OBJECTIVES = ("goodput", "p99", "throughput")
 PREFERRED_CHOICES = ("none", "max", "half_max")
 POLICIES = ("dva", "pipeline", "load", "operator", "input")
+T = TypeVar("T")
+COMPLEXITY = {"whole": 0, "ensemble": 1, "reorch": 2}  # on a tie, the simpler configuration ranks first
 
 
 @dataclass(frozen=True)
@@ -228,11 +230,23 @@ def search(profiles: Sequence[ModelProfile], workload: Workload, *, space: Searc
                                                      within_slo=False, start_rps=screen_rps)
             candidate.score = candidate.sustained.sustained_rps or 0.0
         ranked.append(candidate)
-    ranked.sort(key=lambda c: -c.score)
+    ranked.sort(key=lambda c: (-round(c.score, 1), COMPLEXITY[c.config.variant], c.config.batcher.max_queue_delay_us))
     ordered = ranked + [c for c in survivors if c not in ranked]
     facts = {"candidates": len(candidates), "screen_rps": round(screen_rps, 2), "objective": options.objective,
              "baseline": {**baseline.describe(), "simulated_slo_rps": baseline.capacity.sustained_rps}}
     return ordered, facts
+
+
+def diverse(ranked: Sequence[T], count: int, label: Callable[[T], str]) -> list[T]:
+    """The best ``count`` of ``ranked``, at most one per label first (then the next best of any label)."""
+    chosen: list[T] = []
+    labels: set[str] = set()
+    for item in ranked:
+        if len(chosen) < count and label(item) not in labels:
+            chosen.append(item)
+            labels.add(label(item))
+    chosen += [item for item in ranked if item not in chosen][:count - len(chosen)]
+    return sorted(chosen, key=ranked.index)
 
 
 def why(candidate: Candidate, baseline_rps: float | None) -> str:

@@ -28,7 +28,7 @@ from loadtest.rundir import write_json
 from stagebatch.errors import ConfigValidationError
 from tuning.batcher import BatcherSettings
 from tuning.confirm import Confirmer, mean_ci95, write_ready_repository
-from tuning.search import SearchOptions, SearchSpace, check_slo, search, why
+from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search, why
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
 
 TUNE_FILE = "tune.json"
@@ -141,7 +141,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
     ranked = state["search"]["ranked"]
     baseline_config = VariantConfig("whole", builds[0].profile.default_batcher())
     to_confirm = [(BASELINE_KEY, builds[0], baseline_config)]
-    for row in ranked[:options.confirm]:
+    for row in diverse(ranked, options.confirm, label=lambda r: r["label"]):
         to_confirm.append((row["key"], by_k.get(row["stages"], builds[0]), config_from_description(row)))
 
     # ---- confirm (real server), in rounds ----
@@ -253,10 +253,12 @@ def report_markdown(state: dict[str, Any]) -> str:
     search_facts = state["search"]
     lines = [f"## Tuned configurations: {state['model']} at p99 ≤ {state['slo_ms']:g} ms", "",
              (f"Objective: {state['objective']}. {search_facts['candidates']} configurations were simulated "
-             f"(screened at {search_facts['screen_rps']} req/s, {state['workload']['arrival']} arrivals); the best "
-             f"were measured on the embedded server with the capacity search (a probe passes when the load is "
-             f"sustained and its p99 is within the SLO), in interleaved rounds. Goodput = the highest rate "
-             f"sustained within the SLO; ± is the 95% confidence interval over the rounds. Batch-1 latency "
+             f"(screened at {search_facts['screen_rps']} req/s, {state['workload']['arrival']} arrivals); "
+             + ("the best were measured on the embedded server with the capacity search (a probe passes when the "
+                "load is sustained and its p99 is within the SLO), in interleaved rounds. Goodput = the highest rate "
+                "sustained within the SLO; ± is the 95% confidence interval over the rounds. "
+                if state["measurements"] else "nothing was measured (simulation only). ")
+             + f"Batch-1 latency "
              f"(the SLO floor): {state['batch1_latency_ms']} ms. Used {state.get('used_s', 0) / 60:.1f} of "
              f"{state['budget_s'] / 60:.0f} min."), "",
              "| rank | configuration | variant | K | goodput req/s (measured) | simulated | vs default | rounds |",
