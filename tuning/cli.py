@@ -12,11 +12,11 @@ ARRIVAL_HELP = "Arrival spec as in plans, e.g. poisson:rate_rps=100 (closed:user
 LENGTHS_HELP = "Length spec as in plans, e.g. fixed:length=64 or uniform:min_length=8,max_length=128."
 
 
-def _settings(launch_overhead_ms: float, request_overhead_ms: float, device_slots: int):
+def _settings(launch_overhead_ms: float, row_device_ms: float, request_overhead_ms: float, device_slots: int):
     from tuning.simulate import SimSettings
 
-    return SimSettings(launch_overhead_ms=launch_overhead_ms, request_overhead_ms=request_overhead_ms,
-                       device_slots=device_slots)
+    return SimSettings(launch_overhead_ms=launch_overhead_ms, row_device_ms=row_device_ms,
+                       request_overhead_ms=request_overhead_ms, device_slots=device_slots)
 
 
 def simulate(
@@ -38,8 +38,12 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Seed of arrivals and lengths.")] = 0,
     run: Annotated[Path | None, typer.Option("--run", help="A characterize run folder: simulate each of its points, "
                                                 "report the error, write simulation.json there.")] = None,
-    launch_overhead_ms: Annotated[float, typer.Option(help="Cost of every launch beyond the tables (ms).")] = 0.3,
-    request_overhead_ms: Annotated[float, typer.Option(help="Cost of every request beyond the server (ms).")] = 0.3,
+    calibrate: Annotated[bool, typer.Option(help="With --run: also fit the overheads to the run (in-sample).")] = False,
+    calibration: Annotated[Path | None, typer.Option(
+        help="Take the overheads from a simulation.json (or run folder) calibrated with --calibrate.")] = None,
+    launch_overhead_ms: Annotated[float, typer.Option(help="Device time of every launch beyond the tables (ms).")] = 0.3,
+    row_device_ms: Annotated[float, typer.Option(help="Device time every row adds to a launch (ms).")] = 0.0,
+    request_overhead_ms: Annotated[float, typer.Option(help="Latency every request adds outside the server (ms).")] = 0.3,
     device_slots: Annotated[int, typer.Option(help="Launches that run at once without slowing each other.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -50,15 +54,17 @@ def simulate(
     from loadtest.workloads import ArrivalSpec, LengthSpec
     from stagebatch.errors import BadParameterError
     from tuning.batcher import BatcherSettings
-    from tuning.replay import replay_run
+    from tuning.replay import calibrated_settings, replay_run
     from tuning.simulate import VariantConfig, Workload
     from tuning.simulate import simulate as run_simulation
     from tuning.tune import load_built
 
     console = Console(width=160)
-    settings = _settings(launch_overhead_ms, request_overhead_ms, device_slots)
+    settings = (calibrated_settings(calibration) if calibration is not None
+                else _settings(launch_overhead_ms, row_device_ms, request_overhead_ms, device_slots))
     if run is not None:
-        document = replay_run(run, settings, progress=lambda line: console.print(line, highlight=False))
+        document = replay_run(run, settings, calibrate=calibrate,
+                              progress=lambda line: console.print(line, highlight=False))
         if as_json:
             typer.echo(json.dumps(document["summary"], indent=2))
             return
@@ -67,6 +73,12 @@ def simulate(
                       f"{_pct(summary['median_abs_error_p50'])} (stable points: {_pct(summary['stable_median_abs_error_p50'])}"
                       f", target {summary['target']:.0%}); avg {_pct(summary['median_abs_error_avg'])}; wrote "
                       f"{Path(run) / 'simulation.json'}", highlight=False)
+        if "calibration" in document:
+            fitted = document["calibration"]
+            knobs = ", ".join(f"{k}={fitted['settings'][k]}" for k in fitted["grid"])
+            console.print(f"calibrated (in-sample): {knobs}: median |error| of p50 "
+                          f"{_pct(fitted['summary']['median_abs_error_p50'])} (stable points: "
+                          f"{_pct(fitted['summary']['stable_median_abs_error_p50'])})", highlight=False)
         return
     if model is None:
         raise BadParameterError("give --model NAME (or --run RUN_DIR to simulate a characterization run)")
@@ -121,6 +133,8 @@ def tune(
     resume: Annotated[Path | None, typer.Option(help="Resume the tuning in this folder.")] = None,
     simulate_only: Annotated[bool, typer.Option("--simulate-only", help="Search only; measure nothing.")] = False,
     probe_s: Annotated[float, typer.Option(help="Measured seconds of each confirmation probe.")] = 5.0,
+    calibration: Annotated[Path | None, typer.Option(
+        help="Simulator overheads from a simulation.json (or run folder) made with simulate --run --calibrate.")] = None,
 ) -> None:
     """Find the best configuration under an SLO: simulate the joint space, confirm the best on the server."""
     import datetime as dt
@@ -128,6 +142,7 @@ def tune(
     from loadtest.workloads import ArrivalSpec, LengthSpec
     from slicing.repository import BuildOptions, build_repository
     from stagebatch.errors import BadParameterError
+    from tuning.replay import calibrated_settings
     from tuning.search import OBJECTIVES
     from tuning.simulate import Workload
     from tuning.tune import TuneOptions, load_built
@@ -165,6 +180,8 @@ def tune(
     options = TuneOptions(model=model, slo_ms=slo_ms, workload=workload, out=out, objective=objective,
                           budget_s=budget_minutes * 60.0 - used_s, top=top, confirm=confirm, repeats=repeats,
                           probe_s=probe_s, measure=not simulate_only)
+    if calibration is not None:
+        options.settings = calibrated_settings(calibration)
     run_tune(builds, options, resume=resume is not None, say=lambda line: typer.echo(line, err=True))
     typer.echo((out / "tune.md").read_text())
 

@@ -9,6 +9,7 @@ ran at), lengths, window and SLO are replayed in virtual time. The result goes t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import statistics
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from loadtest.rundir import read_environment, read_points, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.errors import ConfigValidationError
 from tuning.batcher import BatcherSettings
-from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
+from tuning.simulate import LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 SIMULATION_FILE = "simulation.json"
 SCHEMA_VERSION = 1
@@ -72,38 +73,51 @@ def _relative_error(simulated: float | None, measured: float | None) -> float | 
     return round((simulated - measured) / measured, 4)
 
 
-def replay_run(run_dir: str | Path, settings: SimSettings | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Simulate every complete point of ``run_dir``; write and return ``simulation.json``."""
-    run_dir = Path(run_dir)
-    settings = settings or SimSettings()
+CALIBRATION_GRID = {"launch_overhead_ms": (0.3, 1.0, 2.0, 4.0), "row_device_ms": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0),
+                    "request_overhead_ms": (0.3, 2.0, 4.0, 6.0)}
+
+
+def _replayable(run_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any], Any]]:
+    """Each point record with its row stub and what to simulate (None and a reason when it cannot be)."""
     manifest = run_manifest(run_dir)
-    rows = []
+    out = []
     for record in read_points(run_dir):
         point = record.get("point") or {}
         row: dict[str, Any] = {"index": record.get("index"), "point_id": point.get("point_id"),
                                "model": point.get("model"), "variant": point.get("variant"),
                                "rate_rps": (point.get("arrival") or {}).get("rate_rps"),
                                "stable": record.get("stable"), "repeat": record.get("repeat")}
-        rows.append(row)
+        job = None
+        entry = (manifest.get("models") or {}).get(point.get("model"))
+        stages = (point.get("slicing") or {}).get("stages")
         if record.get("status", "ok") != "ok" or not record.get("client"):
             row["skipped"] = "the point failed; nothing measured"
-            continue
-        entry = (manifest.get("models") or {}).get(point.get("model"))
-        if entry is None:
+        elif entry is None:
             row["skipped"] = f"model {point.get('model')!r} is not in the run's manifest"
-            continue
-        stages = (point.get("slicing") or {}).get("stages")
-        if stages and point["variant"] != "whole" and int(stages) != len(entry.get("stages", [])):
+        elif stages and point["variant"] != "whole" and int(stages) != len(entry.get("stages", [])):
             row["skipped"] = (f"built with K={stages}; the manifest holds the profile of K={len(entry['stages'])} "
                               "only (the last build)")
+        else:
+            try:
+                profile = ModelProfile.from_manifest_entry(point["model"], entry)
+                job = (profile, point_config(point, profile), point_workload(point))
+            except Exception as error:  # noqa: BLE001 - one point that cannot be replayed does not stop the others
+                row["skipped"] = f"{type(error).__name__}: {error}"
+        out.append((record, row, job))
+    return out
+
+
+def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
+    rows = []
+    for record, stub, job in jobs:
+        row = dict(stub)
+        rows.append(row)
+        if job is None:
             continue
+        profile, config, workload = job
         try:
-            profile = ModelProfile.from_manifest_entry(point["model"], entry)
-            config = point_config(point, profile)
-            workload = point_workload(point)
             result = simulate(profile, config, workload, settings)
-        except Exception as error:  # noqa: BLE001 - one point that cannot be replayed does not stop the others
+        except Exception as error:  # noqa: BLE001 - as above
             row["skipped"] = f"{type(error).__name__}: {error}"
             continue
         simulated = result.to_dict()
@@ -114,14 +128,66 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None,
         row["simulated"]["stable"] = result.stable
         row["error"] = {k.removesuffix("_ms").removesuffix("_rps"): _relative_error(simulated.get(k), measured.get(k))
                         for k in COMPARED}
-        if progress:
-            progress(f"{row['point_id']}: p50 measured {measured.get('p50_ms')} ms, simulated {simulated.get('p50_ms')} "
-                     f"ms ({row['error']['p50']:+.0%})" if row["error"]["p50"] is not None else row["point_id"])
-    document = {"schema_version": SCHEMA_VERSION, "settings": dataclasses.asdict(settings),
-                "whole_latency_source": "sum of the stage tables per batch size", "points": rows,
-                "summary": summarize_errors(rows)}
+    return rows
+
+
+def _fit_key(rows: list[dict[str, Any]]) -> float:
+    """Median |p50 error| over every simulated point (the stable ones alone are often too few to fit)."""
+    value = summarize_errors(rows)["median_abs_error_p50"]
+    return float("inf") if value is None else value
+
+
+def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, calibrate: bool = False,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Simulate every complete point of ``run_dir``; write and return ``simulation.json``.
+
+    ``calibrate``: also fit the overheads (:data:`CALIBRATION_GRID`) to this run's
+    points (least median |p50 error| over every simulated point). The calibrated figures are in-sample:
+    they say how well the model *can* fit, the default ones how well it predicts.
+    """
+    run_dir = Path(run_dir)
+    settings = settings or SimSettings()
+    jobs = _replayable(run_dir)
+    rows = _evaluate(jobs, settings)
+    document: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "settings": dataclasses.asdict(settings),
+                                "whole_latency_source": LATENCY_SOURCE_WHOLE, "points": rows,
+                                "summary": summarize_errors(rows)}
+    if calibrate:
+        best = (_fit_key(rows), settings, rows)
+        names = list(CALIBRATION_GRID)
+        for values in itertools.product(*(CALIBRATION_GRID[n] for n in names)):
+            trial = dataclasses.replace(settings, **dict(zip(names, values)))
+            trial_rows = _evaluate(jobs, trial)
+            key = _fit_key(trial_rows)
+            if key < best[0]:
+                best = (key, trial, trial_rows)
+        _, fitted, fitted_rows = best
+        document["calibration"] = {"in_sample": True, "grid": {k: list(v) for k, v in CALIBRATION_GRID.items()},
+                                   "settings": dataclasses.asdict(fitted), "points": fitted_rows,
+                                   "summary": summarize_errors(fitted_rows)}
+    if progress:
+        for row in rows:
+            if "error" in row and row["error"]["p50"] is not None:
+                progress(f"{row['point_id']}: p50 measured {row['measured']['p50_ms']} ms, simulated "
+                         f"{row['simulated']['p50_ms']} ms ({row['error']['p50']:+.0%})")
+            else:
+                progress(f"{row['point_id']}: {row.get('skipped', 'no p50')}")
     write_json(run_dir / SIMULATION_FILE, document)
     return document
+
+
+def calibrated_settings(path: str | Path) -> SimSettings:
+    """The calibrated simulator settings of a ``simulation.json`` (or of a run folder holding one)."""
+    path = Path(path)
+    file = path / SIMULATION_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigValidationError(f"{file}: missing; run 'stagebatch simulate --run RUN_DIR --calibrate' first")
+    document = json.loads(file.read_text())
+    values = (document.get("calibration") or {}).get("settings") or document.get("settings")
+    if not values:
+        raise ConfigValidationError(f"{file}: holds no simulator settings")
+    names = {f.name for f in dataclasses.fields(SimSettings)}
+    return SimSettings(**{k: v for k, v in values.items() if k in names})
 
 
 def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -207,7 +207,10 @@ class SimSettings:
     launch_overhead_ms: float = 0.3
     """Added to every launch (Python backend call, tensor copies)."""
     request_overhead_ms: float = 0.3
-    """Added once to every request's latency (gRPC and client)."""
+    """Added once to every request's latency (gRPC and client; not device time)."""
+    row_device_ms: float = 0.0
+    """Device time every row adds to the launch that takes it in (stage 0 or the whole model): request
+    decoding and conversion, paid once per request (calibrated by ``simulate --run --calibrate``)."""
     device_slots: int = 1
     """Launches that run at the same time without slowing each other (1 on a small CPU)."""
     drain_s: float = 5.0
@@ -216,8 +219,8 @@ class SimSettings:
     def __post_init__(self) -> None:
         if self.device_slots < 1:
             raise BadParameterError(f"device_slots={self.device_slots}: must be >= 1")
-        if self.launch_overhead_ms < 0 or self.request_overhead_ms < 0:
-            raise BadParameterError("launch_overhead_ms and request_overhead_ms must be >= 0")
+        if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms) < 0:
+            raise BadParameterError("launch_overhead_ms, request_overhead_ms and row_device_ms must be >= 0")
 
 
 @dataclass
@@ -362,11 +365,12 @@ class _Variant:
         self.stage_sizes: list[Counter] = []
         self.operations: dict[str, int] = {}
         overhead_ms = settings.launch_overhead_ms
+        row_ms = settings.row_device_ms
         if config.variant == "whole":
             sizes = Counter()
             self.stage_sizes = [sizes]
             self.models = [_BatchedModel(loop, config.batcher,
-                                         lambda b: _us(profile.whole_ms(len(b), _pad(b)) + overhead_ms),
+                                         lambda b: _us(profile.whole_ms(len(b), _pad(b)) + overhead_ms + row_ms * len(b)),
                                          self._complete, self.device, sizes)]
         elif config.variant == "ensemble":
             self.models = []
@@ -375,7 +379,8 @@ class _Variant:
                 self.stage_sizes.append(sizes)
                 self.models.append(_BatchedModel(
                     loop, config.batcher,
-                    lambda b, s=stage: _us(profile.stages_ms(s, s, len(b), _pad(b)) + overhead_ms),
+                    lambda b, s=stage: _us(profile.stages_ms(s, s, len(b), _pad(b)) + overhead_ms
+                                          + (row_ms * len(b) if s == 0 else 0.0)),
                     lambda b, s=stage: self._stage_done(s, b), self.device, sizes))
         else:
             self._init_reorch()
@@ -419,7 +424,8 @@ class _Variant:
             for stage in range(launch.stage, launch.final_stage + 1):
                 self.stage_sizes[stage][launch.rows] += 1
             duration = _us(self.profile.stages_ms(launch.stage, launch.final_stage, launch.rows, launch.pad_to)
-                           + self.settings.launch_overhead_ms)
+                           + self.settings.launch_overhead_ms
+                           + (self.settings.row_device_ms * launch.rows if launch.stage == 0 else 0.0))
             self.device.run(duration, lambda launch=launch: self._launch_done(launch))
         timer = self.scheduler.next_timer_us()
         if timer is not None and self._timer_at != timer:
@@ -529,4 +535,5 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
 def batch1_latency_ms(profile: ModelProfile, settings: SimSettings | None = None) -> float:
     """The fastest any configuration can answer one request alone (whole chain at batch 1)."""
     settings = settings or SimSettings()
-    return profile.whole_ms(1, profile.profiled_length) + settings.launch_overhead_ms + settings.request_overhead_ms
+    return (profile.whole_ms(1, profile.profiled_length) + settings.launch_overhead_ms + settings.row_device_ms
+            + settings.request_overhead_ms)
