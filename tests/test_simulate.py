@@ -10,7 +10,7 @@ from loadtest.rundir import append_point, start_run_files, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.errors import BadParameterError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
-from tuning.replay import SIMULATION_FILE, replay_run
+from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 NO_OVERHEAD = SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0)
@@ -129,3 +129,24 @@ def test_replay_run_writes_simulation_json_with_the_error_of_each_point(tmp_path
 def test_profile_drops_noise_when_a_smaller_batch_was_measured_slower_than_a_larger_one():
     profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 10.2, 2: 3.3, 4: 17.2, 8: 48.3}]))
     assert profile.stage_tables_ms[0] == {1: 3.3, 2: 3.3, 4: 17.2, 8: 48.3}
+
+
+def test_replay_run_calibration_fits_the_overheads_when_the_run_is_slower_than_the_tables(tmp_path):
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "manifest.json").write_text(json.dumps({"models": {"m": manifest_entry([{1: 1.0, 8: 3.0}])}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    start_run_files(run)
+    write_json(run / "environment.json", {"repository": str(repository)})
+    point = {"point_id": "p0", "model": "m", "variant": "whole", "arrival": {"kind": "constant", "rate_rps": 20.0},
+             "lengths": None, "batching": {"max_queue_delay_us": 0}, "slicing": {}, "reorch": {},
+             "duration_s": 3.0, "warmup_s": 0.5, "slo_ms": 50.0, "seed": 0}
+    # 1 ms of compute + 2 ms launch + 4 ms outside the device
+    measured = {"p50_ms": 7.0, "avg_ms": 7.0, "p99_ms": 7.0, "throughput_rps": 20.0}
+    append_point(run, {"index": 0, "status": "ok", "point": point, "stable": True, "client": measured})
+    document = replay_run(run, NO_OVERHEAD, calibrate=True)
+    fitted = document["calibration"]
+    assert fitted["in_sample"] is True
+    assert fitted["summary"]["median_abs_error_p50"] < 0.05 < document["summary"]["median_abs_error_p50"]
+    assert calibrated_settings(run).request_overhead_ms == fitted["settings"]["request_overhead_ms"]
