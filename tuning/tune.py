@@ -16,6 +16,7 @@ Resume (``--resume DIR``): the search result and every finished measurement are 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -144,37 +145,41 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
     for row in diverse(ranked, options.confirm, label=lambda r: r["label"]):
         to_confirm.append((row["key"], by_k.get(row["stages"], builds[0]), config_from_description(row)))
 
-    # ---- confirm (real server), in rounds ----
+    # ---- confirm (real server), in rounds; one server per build, kept across the rounds ----
     done = {(m["key"], m["repeat"]) for m in state["measurements"]}
     if options.measure:
         say(f"confirming {len(to_confirm) - 1} configurations and the default whole model on the server "
             f"({options.repeats} rounds at most, {clock.left_s / 60:.1f} min left)")
-        for repeat in range(options.repeats):
-            todo = [t for t in to_confirm if (t[0], repeat) not in done]
-            if not todo:
-                continue
-            estimate_s = _round_estimate_s(state, len(todo), options)
-            if clock.left_s < estimate_s:
-                say(f"round {repeat + 1}: {clock.left_s:.0f} s left, a round takes about {estimate_s:.0f} s; stopping")
-                break
-            for build in {id(t[1]): t[1] for t in todo}.values():
-                with Confirmer(build.repository, build.manifest, options.model, options.workload,
-                               log_path=out / f"tritonserver.k{build.profile.num_stages}.log", probe_s=options.probe_s,
-                               warmup_s=options.probe_warmup_s, say=say) as confirmer:
-                    for key, owner, config in todo:
-                        if owner is not build:
-                            continue
-                        if clock.left_s < 0:
-                            break
-                        start = _start_rate(state, key, ranked)
-                        say(f"  round {repeat + 1} {key}: searching from {start:.1f} req/s")
-                        began = time.monotonic()
-                        result = confirmer.rate_within_slo(config, start, seed=repeat)
-                        state["measurements"].append({
-                            "key": key, "repeat": repeat, "slo_rps": result.sustained_rps,
-                            "probes": [p.to_dict() for p in result.probes], "limited_by": result.limited_by,
-                            "wall_s": round(time.monotonic() - began, 1)})
-                        save()
+        with contextlib.ExitStack() as servers:
+            confirmers: dict[int, Confirmer] = {}
+            for repeat in range(options.repeats):
+                todo = [t for t in to_confirm if (t[0], repeat) not in done]
+                if not todo:
+                    continue
+                estimate_s = _round_estimate_s(state, len(todo), options)
+                if clock.left_s < estimate_s:
+                    say(f"round {repeat + 1}: {clock.left_s:.0f} s left, a round takes about {estimate_s:.0f} s; "
+                        "stopping")
+                    break
+                for key, build, config in todo:
+                    if clock.left_s < _round_estimate_s(state, 1, options) * 0.5:
+                        say(f"  {clock.left_s:.0f} s left: {key} is not measured in round {repeat + 1}")
+                        continue
+                    k = build.profile.num_stages
+                    if k not in confirmers:
+                        confirmers[k] = servers.enter_context(Confirmer(
+                            build.repository, build.manifest, options.model, options.workload,
+                            log_path=out / f"tritonserver.k{k}.log", probe_s=options.probe_s,
+                            warmup_s=options.probe_warmup_s, say=say))
+                    start = _start_rate(state, key, ranked)
+                    say(f"  round {repeat + 1} {key}: searching from {start:.1f} req/s")
+                    began = time.monotonic()
+                    result = confirmers[k].rate_within_slo(config, start, seed=repeat)
+                    state["measurements"].append({
+                        "key": key, "repeat": repeat, "slo_rps": result.sustained_rps,
+                        "probes": [p.to_dict() for p in result.probes], "limited_by": result.limited_by,
+                        "wall_s": round(time.monotonic() - began, 1)})
+                    save()
     state["results"] = _results(state, to_confirm)
     state["used_s"] = round(clock.used_s, 1)
     save()
