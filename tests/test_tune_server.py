@@ -11,21 +11,20 @@ from loadtest import runner
 from loadtest.plan import load_plan
 from slicing.repository import BuildOptions, build_repository
 from stagebatch.cli import main
-from tuning.replay import SIMULATION_FILE, replay_run
+from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 PLAN = textwrap.dedent("""\
     name: simtiny
-    repository: {path: repo, build: false}
-    defaults: {duration_s: 4, warmup_s: 1, slo_ms: 100, seed: 1}
+    repository: {{path: repo, build: false}}
+    defaults: {{duration_s: 4, warmup_s: 1, slo_ms: 100, seed: 1}}
     models:
       bert_base:
-        lengths: {kind: fixed, length: 16}
+        lengths: {{kind: fixed, length: 16}}
     loads:
       curve:
-        arrival: {kind: poisson, rate_rps: 30}
-        sweep: {rate_rps: [30, 80]}
+        arrival: {{kind: poisson, rate_rps: {rate}}}
     experiments:
       - name: variants
         models: [bert_base]
@@ -41,14 +40,20 @@ def tiny_bert(tmp_path_factory):
     return root
 
 
-def test_simulator_p50_is_within_25_percent_of_a_real_tiny_run(tiny_bert):
-    (tiny_bert / "plan.yaml").write_text(PLAN)
-    run_dir = runner.characterize(load_plan(tiny_bert / "plan.yaml"),
-                                  runner.RunOptions(out_dir=tiny_bert / "run", progress=False))
-    document = replay_run(run_dir)
-    assert (run_dir / SIMULATION_FILE).is_file()
+def _run(root, rate: int):
+    (root / f"plan{rate}.yaml").write_text(PLAN.format(rate=rate))
+    return runner.characterize(load_plan(root / f"plan{rate}.yaml"),
+                               runner.RunOptions(out_dir=root / f"run{rate}", progress=False))
+
+
+def test_simulator_p50_is_within_25_percent_of_a_real_tiny_run_when_calibrated_on_another(tiny_bert):
+    calibration_run = _run(tiny_bert, 20)
+    replay_run(calibration_run, calibrate=True)  # fits the overheads to the first run (in-sample)
+    checked_run = _run(tiny_bert, 60)
+    document = replay_run(checked_run, calibrated_settings(calibration_run))  # predicts the second one
+    assert (checked_run / SIMULATION_FILE).is_file()
     summary = document["summary"]
-    assert summary["simulated"] == 4, [p.get("skipped") for p in document["points"]]
+    assert summary["simulated"] == 2, [p.get("skipped") for p in document["points"]]
     assert summary["median_abs_error_p50"] <= 0.25, json.dumps(document["points"], indent=1)
 
 
