@@ -3,8 +3,9 @@
 One ``EmbeddedTriton`` serves the built repository; each configuration is loaded through the
 repository API with its own ``config.pbtxt`` (``loadtest.runner.point_configs``: the same code that
 applies a plan point's batching and reorch knobs), and its rate within the SLO is searched with the
-capacity search (``loadtest.capacity.search_capacity``), a probe passing when the load is sustained
-(``loadtest.stability.assess``) and its p99 is within the SLO. Repeats run in rounds (every
+capacity search (``loadtest.capacity.search_capacity``), a probe passing when the server kept up
+(``loadtest.stability.assess``: stable, or unstable only because the load generator sent late or was
+busy, which on a shared 2-core machine says nothing of the server) and its p99 is within the SLO. Repeats run in rounds (every
 configuration once per round), so slow drift of a shared machine hits all of them alike.
 """
 
@@ -154,11 +155,16 @@ class Confirmer:
         ok = [r["latency_us"] for r in records if r["ok"]]
         p99 = percentile_us(ok, 99) / 1000.0 if ok else None
         within = p99 is not None and p99 <= self.workload.slo_ms
-        reason = verdict.unstable_reason or (None if within else f"p99 {p99} ms above the SLO {self.workload.slo_ms} ms")
+        # The server kept up when the only complaint is the load generator's (it sent late, or was busy):
+        # assess checks keep-up and backlog first, so those held. The answers met the SLO or not all the same.
+        kept_up = verdict.stable or verdict.limited_by_load_generator
+        passed = kept_up and within
+        reason = (None if passed else
+                  verdict.unstable_reason if not kept_up else f"p99 {p99} ms above the SLO {self.workload.slo_ms} ms")
+        note = "" if verdict.stable or not passed else f" (load generator: {verdict.unstable_reason.split(':')[0]})"
         self.say(f"    {rate_rps:7.1f} req/s -> achieved {verdict.achieved_rps:.1f}, p99 "
-                 f"{'-' if p99 is None else f'{p99:.1f}'} ms: {'pass' if verdict.stable and within else reason}")
-        return Probe(rate_rps, verdict.stable and within, verdict.achieved_rps, p99, reason,
-                     load_generator_limited=verdict.limited_by_load_generator)
+                 f"{'-' if p99 is None else f'{p99:.1f}'} ms: {'pass' + note if passed else reason}")
+        return Probe(rate_rps, passed, verdict.achieved_rps, p99, reason)
 
     def rate_within_slo(self, config: VariantConfig, start_rps: float, seed: int) -> CapacityResult:
         """The highest rate this configuration sustains with p99 within the SLO (one capacity search)."""
