@@ -9,11 +9,14 @@ import pytest
 from loadtest.workloads import ArrivalSpec
 from stagebatch.cli import main
 from stagebatch.errors import BadParameterError
+from loadtest.capacity import CapacityResult, Probe
+from stagebatch.model_config import write_model_config
+from tuning import tune as tune_module
 from tuning.batcher import BatcherSettings
 from tuning.confirm import mean_ci95
 from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
-from tuning.tune import config_from_description
+from tuning.tune import TuneOptions, config_from_description
 
 PLANTED = {1: 4.0, 2: 8.0, 4: 4.4, 8: 40.0}  # batch 4 is by far the cheapest per row
 
@@ -86,3 +89,56 @@ def test_diverse_takes_one_per_label_first_then_the_next_best():
             {"k": 4, "label": "whole"}]
     assert [r["k"] for r in diverse(rows, 3, label=lambda r: r["label"])] == [1, 2, 3]
     assert [r["k"] for r in diverse(rows, 2, label=lambda r: r["label"])] == [1, 3]
+
+
+class FakeConfirmer:
+    """Stands in for the server: a configuration's rate within the SLO is 10 x its max batch size."""
+
+    calls: list = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def rate_within_slo(self, config, start_rps, seed):
+        FakeConfirmer.calls.append((config.batcher.max_batch_size, seed))
+        rate = 10.0 * config.batcher.max_batch_size + seed
+        return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
+
+
+def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_measuring_again(tmp_path, monkeypatch):
+    repository = tmp_path / "repo"
+    write_model_config(repository / "m", {
+        "name": "m", "backend": "python", "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": 100}})
+    (repository / "m" / "1").mkdir()
+    entry = {"max_batch_size": 8, "inputs": [], "outputs": [], "sequence": None, "build": {"max_queue_delay_us": 100},
+             "variants": {"whole": "m"},
+             "stages": [{"index": 0, "onnx": "m_stage0/1/model.onnx", "inputs": [], "outputs": [],
+                         "favoured_batch_size": 8, "latency_ms": {"1": 2.0, "2": 2.5, "4": 3.0, "8": 4.0}}]}
+    (repository / "manifest.json").write_text(json.dumps({"target": "embedded", "models": {"m": entry}}))
+    monkeypatch.setattr(tune_module, "Confirmer", FakeConfirmer)
+    FakeConfirmer.calls = []
+    options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
+                          out=tmp_path / "out", top=1, confirm=2, repeats=2,
+                          space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
+                                            preferred=("none",), instance_counts=(1,)))
+    state = tune_module.tune([tune_module.load_built(repository, "m")], options, say=lambda _: None)
+    assert len(FakeConfirmer.calls) == 3 * 2  # default + 2 configurations, 2 rounds each
+    best = state["results"][1]
+    assert best["key"] == "whole_mbs4_d0_i1" and best["measured_slo_rps"] == 40.5 and best["ci95_rps"] is not None
+    assert best["vs_default"] == pytest.approx(40.5 / 80.5, rel=1e-3)
+    ready = tmp_path / "out" / "configs" / "1_whole_mbs4_d0_i1"
+    assert "max_batch_size: 4" in (ready / "m" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8" in (repository / "m" / "config.pbtxt").read_text()  # the source is untouched
+    assert json.loads((ready / "tuned.json").read_text())["configuration"]["batching"]["max_batch_size"] == 4
+    FakeConfirmer.calls = []
+    tune_module.tune([tune_module.load_built(repository, "m")], options, resume=True, say=lambda _: None)
+    assert FakeConfirmer.calls == []
