@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from loadtest.capacity import CapacityResult, Probe
 from loadtest.workloads import ArrivalSpec
 from stagebatch.cli import main
 from stagebatch.errors import BadParameterError
-from loadtest.capacity import CapacityResult, Probe
 from stagebatch.model_config import write_model_config
 from tuning import tune as tune_module
 from tuning.batcher import BatcherSettings
