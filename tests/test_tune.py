@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import pytest
 
@@ -94,7 +95,7 @@ def test_diverse_takes_one_per_label_first_then_the_next_best():
 class FakeConfirmer:
     """Stands in for the server: a configuration's rate within the SLO is 10 x its max batch size."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, *args, **kwargs) -> None:
         pass
