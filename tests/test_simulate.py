@@ -149,4 +149,6 @@ def test_replay_run_calibration_fits_the_overheads_when_the_run_is_slower_than_t
     fitted = document["calibration"]
     assert fitted["in_sample"] is True
     assert fitted["summary"]["median_abs_error_p50"] < 0.05 < document["summary"]["median_abs_error_p50"]
-    assert calibrated_settings(run).request_overhead_ms == fitted["settings"]["request_overhead_ms"]
+    whole = fitted["settings"]["variant_overrides"]["whole"]
+    assert calibrated_settings(run).for_variant("whole").request_overhead_ms == whole["request_overhead_ms"]
+    assert calibrated_settings(run).for_variant("reorch").request_overhead_ms == 0.0  # no reorch point: unfitted

@@ -75,8 +75,9 @@ def simulate(
                       f"{Path(run) / 'simulation.json'}", highlight=False)
         if "calibration" in document:
             fitted = document["calibration"]
-            knobs = ", ".join(f"{k}={fitted['settings'][k]}" for k in fitted["grid"])
-            console.print(f"calibrated (in-sample): {knobs}: median |error| of p50 "
+            knobs = "; ".join(f"{variant}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                              for variant, values in fitted["settings"]["variant_overrides"].items())
+            console.print(f"calibrated (in-sample) {knobs or 'defaults fit best'}: median |error| of p50 "
                           f"{_pct(fitted['summary']['median_abs_error_p50'])} (stable points: "
                           f"{_pct(fitted['summary']['stable_median_abs_error_p50'])})", highlight=False)
         return

@@ -131,9 +131,9 @@ def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
     return rows
 
 
-def _fit_key(rows: list[dict[str, Any]]) -> float:
-    """Median |p50 error| over every simulated point (the stable ones alone are often too few to fit)."""
-    value = summarize_errors(rows)["median_abs_error_p50"]
+def _fit_error(rows: list[dict[str, Any]], variant: str) -> float:
+    """Median |p50 error| over every simulated point of ``variant`` (stable ones alone are often too few)."""
+    value = summarize_errors([r for r in rows if r.get("variant") == variant])["median_abs_error_p50"]
     return float("inf") if value is None else value
 
 
@@ -141,8 +141,9 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Simulate every complete point of ``run_dir``; write and return ``simulation.json``.
 
-    ``calibrate``: also fit the overheads (:data:`CALIBRATION_GRID`) to this run's
-    points (least median |p50 error| over every simulated point). The calibrated figures are in-sample:
+    ``calibrate``: also fit the overheads (:data:`CALIBRATION_GRID`) to this run's points, per variant
+    (whole / ensemble / reorch: least median |p50 error| over that variant's points; they pay different
+    serving costs). The calibrated figures are in-sample:
     they say how well the model *can* fit, the default ones how well it predicts.
     """
     run_dir = Path(run_dir)
@@ -153,15 +154,18 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
                                 "whole_latency_source": LATENCY_SOURCE_WHOLE, "points": rows,
                                 "summary": summarize_errors(rows)}
     if calibrate:
-        best = (_fit_key(rows), settings, rows)
+        variants = sorted({r["variant"] for r in rows if "error" in r})
+        best = {v: (_fit_error(rows, v), {}) for v in variants}
         names = list(CALIBRATION_GRID)
         for values in itertools.product(*(CALIBRATION_GRID[n] for n in names)):
-            trial = dataclasses.replace(settings, **dict(zip(names, values)))
-            trial_rows = _evaluate(jobs, trial)
-            key = _fit_key(trial_rows)
-            if key < best[0]:
-                best = (key, trial, trial_rows)
-        _, fitted, fitted_rows = best
+            combo = dict(zip(names, values))
+            trial_rows = _evaluate(jobs, dataclasses.replace(settings, **combo))
+            for variant in variants:
+                error = _fit_error(trial_rows, variant)
+                if error < best[variant][0]:
+                    best[variant] = (error, combo)
+        fitted = dataclasses.replace(settings, variant_overrides={v: combo for v, (_, combo) in best.items() if combo})
+        fitted_rows = _evaluate(jobs, fitted)
         document["calibration"] = {"in_sample": True, "grid": {k: list(v) for k, v in CALIBRATION_GRID.items()},
                                    "settings": dataclasses.asdict(fitted), "points": fitted_rows,
                                    "summary": summarize_errors(fitted_rows)}

@@ -215,6 +215,13 @@ class SimSettings:
     """Launches that run at the same time without slowing each other (1 on a small CPU)."""
     drain_s: float = 5.0
     """How long the simulation continues after the last arrival before it counts the rest as failed."""
+    variant_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per variant (whole / ensemble / reorch), values that replace the ones above (calibration)."""
+
+    def for_variant(self, variant: str) -> SimSettings:
+        """The settings a configuration of ``variant`` runs with."""
+        override = self.variant_overrides.get(variant)
+        return dataclasses.replace(self, variant_overrides={}, **override) if override else self
 
     def __post_init__(self) -> None:
         if self.device_slots < 1:
@@ -474,7 +481,7 @@ def _lengths(profile: ModelProfile, workload: Workload, rng: np.random.Generator
 def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
              settings: SimSettings | None = None) -> SimResult:
     """Run ``config`` under ``workload`` in virtual time; latencies over the measured window."""
-    settings = settings or SimSettings()
+    settings = (settings or SimSettings()).for_variant(config.variant)
     if config.batcher.max_batch_size > profile.max_batch_size:
         raise BadParameterError(
             f"max_batch_size={config.batcher.max_batch_size} exceeds the built model's {profile.max_batch_size}; "
@@ -534,6 +541,6 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
 
 def batch1_latency_ms(profile: ModelProfile, settings: SimSettings | None = None) -> float:
     """The fastest any configuration can answer one request alone (whole chain at batch 1)."""
-    settings = settings or SimSettings()
+    settings = (settings or SimSettings()).for_variant("whole")
     return (profile.whole_ms(1, profile.profiled_length) + settings.launch_overhead_ms + settings.row_device_ms
             + settings.request_overhead_ms)
