@@ -135,7 +135,7 @@ def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_m
     assert len(FakeConfirmer.calls) == 3 * 2  # default + 2 configurations, 2 rounds each
     best = state["results"][1]
     assert best["key"] == "whole_mbs4_d0_i1" and best["measured_slo_rps"] == 40.5 and best["ci95_rps"] is not None
-    assert best["vs_default"] == pytest.approx(40.5 / 80.5, rel=1e-3)
+    assert best["vs_default"] == pytest.approx((40 / 80 + 41 / 81) / 2, abs=1e-3)  # paired by round
     ready = tmp_path / "out" / "configs" / "1_whole_mbs4_d0_i1"
     assert "max_batch_size: 4" in (ready / "m" / "config.pbtxt").read_text()
     assert "max_batch_size: 8" in (repository / "m" / "config.pbtxt").read_text()  # the source is untouched

@@ -207,8 +207,6 @@ def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -
 
 def _results(state: dict[str, Any], to_confirm) -> list[dict[str, Any]]:
     rows = []
-    base_values = [m["slo_rps"] or 0.0 for m in state["measurements"] if m["key"] == BASELINE_KEY]
-    base_mean, _ = mean_ci95(base_values)
     ranked = {r["key"]: r for r in state["search"]["ranked"]}
     for key, build, config in to_confirm:
         values = [m["slo_rps"] or 0.0 for m in state["measurements"] if m["key"] == key]
@@ -220,8 +218,16 @@ def _results(state: dict[str, Any], to_confirm) -> list[dict[str, Any]]:
                                      ).get("simulated_slo_rps"),
                "why": "the default whole model as built (the baseline)" if key == BASELINE_KEY
                else ranked.get(key, {}).get("why", "")}
-        if values and base_values and base_mean > 0 and key != BASELINE_KEY:
-            row["vs_default"] = round(mean / base_mean, 3)
+        if key != BASELINE_KEY:
+            # Paired by round: each round measured the default and this configuration close in time,
+            # so the ratio cancels the drift of a shared machine that the absolute figures carry.
+            base_by_round = {m["repeat"]: m["slo_rps"] for m in state["measurements"] if m["key"] == BASELINE_KEY}
+            ratios = [(m["slo_rps"] or 0.0) / base_by_round[m["repeat"]] for m in state["measurements"]
+                      if m["key"] == key and base_by_round.get(m["repeat"])]
+            if ratios:
+                ratio, ratio_half = mean_ci95(ratios)
+                row["vs_default"] = round(ratio, 3)
+                row["vs_default_ci95"] = None if ratio_half is None else round(ratio_half, 3)
         rows.append(row)
     measured = [r for r in rows if r["key"] != BASELINE_KEY]
     measured.sort(key=lambda r: -(r["measured_slo_rps"] if r["measured_slo_rps"] is not None else
@@ -253,6 +259,13 @@ def _fmt(value: float | None, half: float | None = None) -> str:
     return f"{value:.1f}" + (f" ± {half:.1f}" if half is not None else "")
 
 
+def _ratio(row: dict[str, Any]) -> str:
+    if row.get("vs_default") is None:
+        return "-"
+    half = row.get("vs_default_ci95")
+    return f"{row['vs_default']:.2f}x" + (f" ± {half:.2f}" if half is not None else "")
+
+
 def report_markdown(state: dict[str, Any]) -> str:
     """The report section: the tuned configurations, their measured goodput and why each won."""
     search_facts = state["search"]
@@ -261,7 +274,8 @@ def report_markdown(state: dict[str, Any]) -> str:
              f"(screened at {search_facts['screen_rps']} req/s, {state['workload']['arrival']} arrivals); "
              + ("the best were measured on the embedded server with the capacity search (a probe passes when the "
                 "load is sustained and its p99 is within the SLO), in interleaved rounds. Goodput = the highest rate "
-                "sustained within the SLO; ± is the 95% confidence interval over the rounds. "
+                "sustained within the SLO; ± is the 95% confidence interval over the rounds; vs default is the mean "
+                "of the per-round ratios to the default whole model (paired: it cancels drift between rounds). "
                 if state["measurements"] else "nothing was measured (simulation only). ")
              + f"Batch-1 latency "
              f"(the SLO floor): {state['batch1_latency_ms']} ms. Used {state.get('used_s', 0) / 60:.1f} of "
@@ -273,7 +287,7 @@ def report_markdown(state: dict[str, Any]) -> str:
         label = "default" if row["key"] == BASELINE_KEY else str(rank := rank + 1)
         lines.append(f"| {label} | `{row['key']}` | {row['label']} | {row['stages'] if row['variant'] != 'whole' else '-'} | "
                      f"{_fmt(row['measured_slo_rps'], row['ci95_rps'])} | {_fmt(row['simulated_slo_rps'])} | "
-                     f"{row.get('vs_default', '-')} | {row['repeats']} |")
+                     f"{_ratio(row)} | {row['repeats']} |")
     lines += ["", "Why each won:", ""]
     for row in state["results"]:
         if row["key"] != BASELINE_KEY:
