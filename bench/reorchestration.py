@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backends.reorch.deploy import write_reorch_model  # noqa: E402
+from stagebatch.reorch_deploy import write_reorch_model  # noqa: E402
 from backends.reorch.errors import StagebatchError  # noqa: E402
 from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
 from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402

@@ -390,7 +390,7 @@ def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOpt
     if max_batch == 0:
         return "reorch variant left out: the model is served without batching, and the reorchestrator re-forms batches"
     try:
-        from backends.reorch.deploy import write_reorch_model
+        from stagebatch.reorch_deploy import write_reorch_model
     except ImportError as error:
         return f"reorch variant left out: backends.reorch.deploy is not available ({error})"
     model_dir = write_reorch_model(out, name, entry, target=options.target, max_batch_size=max_batch,

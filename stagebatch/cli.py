@@ -1,7 +1,8 @@
 """The ``stagebatch`` command line: one typer app wiring the packages together.
 
-Each command lives in its own package (``slicing.cli``, ``loadtest.cli``, ``stagebatch.commands``)
-and does its heavy imports inside the function, so ``stagebatch --help`` stays fast. This module is
+Each command lives in its own package (``tuning.cli``, ``loadtest.cli``, ``slicing.cli``,
+``stagebatch.commands``) and imports heavy third-party libraries inside the function, so
+``stagebatch --help`` stays fast. This module is
 the only place where a :class:`~stagebatch.errors.StagebatchError` becomes a one-line message and
 an exit code.
 """
@@ -12,7 +13,12 @@ import sys
 
 import typer
 
+from loadtest import cli as loadtest_cli
+from loadtest import compare
+from slicing import cli as slicing_cli
+from stagebatch import commands, infer
 from stagebatch.errors import StagebatchError
+from tuning import cli as tuning_cli
 
 app = typer.Typer(
     name="stagebatch",
@@ -22,18 +28,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# ---- command registrations (one line each; keep this block sorted by package) ----
-from stagebatch import commands as _commands  # noqa: E402
+# Usage errors derive from the ClickException of the click that typer uses (typer >= 0.20 vendors
+# its own as typer._click; older typer uses click itself): BadParameter's base in both cases.
+_CLICK_EXCEPTION = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
-app.command("serve")(_commands.serve)
-app.command("doctor")(_commands.doctor)
-app.command("supervise")(_commands.supervise)
-# [cli-registrations] helpers add their one-line registrations below this marker
-app.command("build")(__import__("slicing.cli", fromlist=["build"]).build)
-app.command("characterize")(__import__("loadtest.cli", fromlist=["characterize"]).characterize)
-app.command("capacity")(__import__("loadtest.cli", fromlist=["capacity"]).capacity)
-app.command("report")(__import__("loadtest.cli", fromlist=["report"]).report)
-app.command("compare")(__import__("loadtest.compare", fromlist=["compare"]).compare)
+# ---- command registrations: one line each, by package, top layer first ----
+app.command("simulate")(tuning_cli.simulate)
+app.command("tune")(tuning_cli.tune)
+app.command("characterize")(loadtest_cli.characterize)
+app.command("capacity")(loadtest_cli.capacity)
+app.command("report")(loadtest_cli.report)
+app.command("compare")(compare.compare)
+app.command("build")(slicing_cli.build)
+app.command("serve")(commands.serve)
+app.command("supervise")(commands.supervise)
+app.command("doctor")(commands.doctor)
+app.command("infer")(infer.infer)
 # ---- end of registrations ----
 
 
@@ -52,13 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            return error.exit_code
-        raise
+    except _CLICK_EXCEPTION as error:  # usage errors arrive here in non-standalone mode
+        error.show()
+        return error.exit_code
     return outcome if isinstance(outcome, int) else 0
 
 

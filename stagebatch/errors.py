@@ -6,13 +6,9 @@ one-line message and an exit code. Messages name the field, its value, the rule 
 
 from __future__ import annotations
 
-
-class StagebatchError(Exception):
-    """Base class of every error stagebatch raises on purpose."""
-
-
-class ConfigValidationError(StagebatchError):
-    """A configuration, plan or parameter value breaks a rule."""
+# The base and the classes code inside Triton raises live in the leaf package ``backends`` (which
+# may import nothing of the host); re-exported here so there is one hierarchy.
+from backends.common.errors import ConfigValidationError, StageContractError, StagebatchError
 
 
 class BadParameterError(ConfigValidationError):
@@ -27,5 +23,5 @@ class ServerStartError(StagebatchError):
     """The Triton server could not be started, or a model failed to load."""
 
 
-class StageContractError(StagebatchError):
-    """A stage broke its contract (e.g. returned a different number of rows than it was given)."""
+__all__ = ["BadParameterError", "ConfigValidationError", "ServerStartError", "SliceError",
+           "StageContractError", "StagebatchError"]

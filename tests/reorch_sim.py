@@ -12,9 +12,10 @@ from backends.reorch.scheduler import Completion, Request, StageLaunch, StageSch
 
 
 def make_scheduler(policy: str = "pipeline", num_stages: int = 3, favoured: tuple[int, ...] | None = None,
-                   max_sequence_length: int | None = None, **knobs) -> StageScheduler:
+                   max_sequence_length: int | None = None, latency_tables_ms=(), **knobs) -> StageScheduler:
     knobs.setdefault("max_batch_rows", 8)
-    context = StageContext(num_stages, favoured or (knobs["max_batch_rows"],) * num_stages, max_sequence_length)
+    context = StageContext(num_stages, favoured or (knobs["max_batch_rows"],) * num_stages, max_sequence_length,
+                           latency_tables_ms=tuple(latency_tables_ms))
     return StageScheduler(create_policy(policy, ReorchKnobs(**knobs), context))
 
 

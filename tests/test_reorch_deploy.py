@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from reorch_models import write_sequence_chain
 
-from backends.reorch.deploy import write_reorch_model
+from stagebatch.reorch_deploy import write_reorch_model
 from backends.reorch.spec import StagesSpec
 from stagebatch.errors import ConfigValidationError
 from stagebatch.model_config import read_model_config
@@ -19,7 +19,7 @@ def test_layout_config_and_stages_json(tmp_path):
     version = model_dir / "1"
     assert (version / "model.py").is_file() and (version / "backends" / "reorch" / "scheduler.py").is_file()
     config = read_model_config(model_dir / "config.pbtxt")
-    assert config["model_transaction_policy"]["decoupled"] is True
+    assert not config.get("model_transaction_policy", {}).get("decoupled", False)  # answered through the sender
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "300"
     assert config["max_batch_size"] == 8
     inputs = {i["name"]: i for i in config["input"]}

@@ -1,9 +1,10 @@
-"""The reorchestrator through the embedded Triton server (gRPC streaming), with tiny staged models."""
+"""The reorchestrator through the embedded Triton server (gRPC streaming, unary gRPC, HTTP), with tiny staged models."""
 
 from __future__ import annotations
 
 import json
 import queue
+from functools import partial
 import re
 import time
 import urllib.request
@@ -11,10 +12,13 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from reorch_models import VOCAB, random_sequence_request, write_mlp_chain, write_sequence_chain, write_slow_chain
 
-from backends.reorch.deploy import write_reorch_model
+from stagebatch.reorch_deploy import write_reorch_model
 from backends.reorch.policies import BatchPolicy
+from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
+from stagebatch.cli import main as cli_main
 from stagebatch.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
@@ -34,29 +38,34 @@ def served(tmp_path_factory):
     # no value range on tokens: an out-of-vocabulary id makes stage 0 (Gather) raise inside onnxruntime
     raw_entry, _ = write_sequence_chain(repository, "raw", value_range=False)
     write_reorch_model(repository, "raw", raw_entry, max_batch_size=8, queue_delay_us=0, policy="pipeline")
+    # a manifest for `stagebatch infer` (its reorch variant is the dva model)
+    (repository / "manifest.json").write_text(json.dumps(
+        {"target": "embedded", "models": {"seqm": {**seq_entry, "variants": {"reorch": "seqm_dva"}}}}))
     # the stage directories hold bare ONNX files (no config): load only the reorchestrator models
     models = [f"seqm_{policy}" for policy in POLICIES] + ["mlp_reorch", "raw_reorch"]
     with EmbeddedTriton(repository, models=models) as server:
         yield server, seq_reference, mlp_reference
 
 
-def _inputs(tensors: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+def _inputs(tensors: dict[str, np.ndarray], client_module=grpcclient) -> list:
     inputs = []
     for name, array in tensors.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
+        tensor = client_module.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
 
 
-def stream_all(url: str, model: str, requests: list[dict[str, np.ndarray]], timeout_s: float = 60):
+def stream_all(url: str, model: str, requests: list[dict[str, np.ndarray]], timeout_s: float = 60,
+               record: bool = False):
     """Send every request on one stream at once; returns {index: (result, error)}."""
     client = grpcclient.InferenceServerClient(url)
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    parameters = {RECORD_PARAMETER: True} if record else None
     try:
         for index, tensors in enumerate(requests):
-            client.async_stream_infer(model, _inputs(tensors), request_id=str(index))
+            client.async_stream_infer(model, _inputs(tensors), request_id=str(index), parameters=parameters)
         received = [answers.get(timeout=timeout_s) for _ in requests]
     finally:
         client.stop_stream()
@@ -76,7 +85,7 @@ def test_every_policy_returns_the_whole_models_outputs(served, policy):
     rng = np.random.default_rng(11)
     requests = [random_sequence_request(rng, int(rng.integers(1, 3)), int(n))
                 for n in rng.choice([2, 4, 7, 16, 30, 32], 40)]
-    results, errors = stream_all(server.grpc_url, f"seqm_{policy}", requests)
+    results, errors = stream_all(server.grpc_url, f"seqm_{policy}", requests, record=True)
     assert not errors, errors[:3]
     assert sorted(results) == list(range(len(requests)))
     for index, request in enumerate(requests):
@@ -102,7 +111,7 @@ def test_non_sequence_model_through_the_server(served):
 def test_a_stage_that_raises_fails_only_its_request_and_the_model_keeps_serving(served):
     server, reference, _ = served
     poison = {"tokens": np.array([[1, 2, VOCAB + 100]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
-    results, errors = stream_all(server.grpc_url, "raw_reorch", [poison])
+    results, errors = stream_all(server.grpc_url, "raw_reorch", [poison], record=True)
     assert not results and len(errors) == 1
     assert "stage 0 failed" in str(errors[0]) and "REORCH_RECORD" in str(errors[0])
     good = random_sequence_request(np.random.default_rng(0), 2, 5)
@@ -110,6 +119,56 @@ def test_a_stage_that_raises_fails_only_its_request_and_the_model_keeps_serving(
     assert not errors
     np.testing.assert_allclose(results[0][0].as_numpy("hidden"),
                                reference(good["tokens"], good["attention_mask"])["hidden"], rtol=1e-5, atol=1e-6)
+
+
+def test_unary_grpc_and_http_calls_match_the_whole_models_outputs(served):
+    server, reference, _ = served
+    rng = np.random.default_rng(21)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    http = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    for rows, length in [(1, 3), (2, 17), (3, 32)]:
+        request = random_sequence_request(rng, rows, length)
+        want = reference(request["tokens"], request["attention_mask"])
+        for client, module in ((grpc, grpcclient), (http, httpclient)):
+            result = client.infer("seqm_dva", _inputs(request, module))
+            np.testing.assert_allclose(result.as_numpy("hidden"), want["hidden"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(result.as_numpy("pooled"), want["pooled"], rtol=1e-5, atol=1e-6)
+
+
+def test_record_is_sent_only_when_the_request_asks_for_it(served):
+    server, _, _ = served
+    request = random_sequence_request(np.random.default_rng(3), 2, 5)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    http = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    plain = grpc.infer("seqm_dva", _inputs(request))
+    assert plain.as_numpy(RECORD_OUTPUT) is None and plain.as_numpy("pooled") is not None
+    asked = grpc.infer("seqm_dva", _inputs(request), parameters={RECORD_PARAMETER: True})
+    records = asked.as_numpy(RECORD_OUTPUT)
+    assert records.shape == (2, 1)
+    record = json.loads(records[0, 0])
+    assert {"arrival_us", "stage0_entry_us", "exit_us", "ops", "bucket", "batch_sizes"} <= set(record)
+    assert http.infer("seqm_dva", _inputs(request, httpclient)).as_numpy(RECORD_OUTPUT) is None
+    asked = http.infer("seqm_dva", _inputs(request, httpclient), parameters={RECORD_PARAMETER: True})
+    assert json.loads(asked.as_numpy(RECORD_OUTPUT)[1, 0])["exit_us"] >= record["arrival_us"]
+
+
+def test_concurrent_unary_calls_are_each_answered_exactly_once(served):
+    server, reference, _ = served
+    rng = np.random.default_rng(8)
+    requests = [random_sequence_request(rng, 1, int(n)) for n in rng.integers(1, 33, 300)]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    for index, request in enumerate(requests):
+        client.async_infer("seqm_dva", _inputs(request), partial(lambda i, result, error: answers.put((i, result, error)), index),
+                           request_id=str(index))
+    received = [answers.get(timeout=120) for _ in requests]
+    assert [e for _, _, e in received if e is not None] == []
+    assert sorted(i for i, _, _ in received) == list(range(len(requests)))
+    for index, result, _ in received[::37]:
+        want = reference(requests[index]["tokens"], requests[index]["attention_mask"])
+        np.testing.assert_allclose(result.as_numpy("pooled"), want["pooled"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(queue.Empty):
+        answers.get(timeout=0.3)  # nothing answered twice
 
 
 def test_bad_request_is_answered_with_invalid_argument(served):
@@ -211,3 +270,22 @@ def test_client_cancellation_leaves_nothing_in_flight_and_the_model_keeps_servin
     assert not errors
     np.testing.assert_allclose(results[0][0].as_numpy("pooled"),
                                reference(good["tokens"], good["attention_mask"])["pooled"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", [[], ["--stream"], ["--http"]])
+def test_infer_command_prints_shapes_checksums_and_the_record(served, capsys, protocol):
+    server, _, _ = served
+    url = server.http_url if protocol == ["--http"] else server.grpc_url
+    code = cli_main(["infer", "--url", url, "--model", "seqm", "--variant", "reorch", "--length", "5",
+                     "--repository", str(server.repository), *protocol])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "hidden: shape [1, 5, 8] float32 checksum" in out and "pooled: shape [1, 8]" in out
+    assert f"{RECORD_OUTPUT}: {{" in out and '"batch_sizes"' in out
+
+
+def test_infer_command_refuses_a_length_outside_the_models_range(served, capsys):
+    server, _, _ = served
+    code = cli_main(["infer", "--url", server.grpc_url, "--model", "seqm", "--variant", "reorch", "--length", "99",
+                     "--repository", str(server.repository)])
+    assert code == 1 and "outside model 'seqm'" in capsys.readouterr().err

@@ -39,13 +39,16 @@ LOGGER = logging.getLogger(__name__)
 
 # Answer kinds; model.py maps them to Triton error codes.
 SUCCESS, INVALID, STAGE_ERROR, CANCELLED, SHUTDOWN = "success", "invalid", "stage_error", "cancelled", "shutdown"
+OVERLOADED = "overloaded"  # refused at once: the admission limit (max_inflight_rows) is reached
+# Default admission limit: the rows whose largest boundary tensors fit in this share of available memory.
+ADMISSION_MEMORY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
 class Answer:
     """The one final answer for a request."""
 
-    kind: str  # SUCCESS | INVALID | STAGE_ERROR | CANCELLED | SHUTDOWN
+    kind: str  # SUCCESS | INVALID | STAGE_ERROR | CANCELLED | SHUTDOWN | OVERLOADED
     message: str
     outputs: dict[str, np.ndarray] | None  # model outputs (SUCCESS only)
     record: dict  # the per-request record (docs/architecture.md, REORCH_RECORD)
@@ -59,6 +62,26 @@ def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def default_inflight_rows(spec: StagesSpec, memory_bytes: int | None) -> int:
+    """Admission limit sized from memory: rows whose largest per-row boundary tensors fit in a share of it."""
+    floor = 4 * spec.max_batch_size
+    if memory_bytes is None:
+        return max(floor, 4096)
+    return max(floor, int(memory_bytes * ADMISSION_MEMORY_SHARE / spec.largest_row_bytes()))
+
+
 class ReorchEngine:
     """Serve requests through the stages of ``spec`` under ``policy``; answers through ``respond``."""
 
@@ -70,7 +93,8 @@ class ReorchEngine:
         if len(runners) != len(spec.stages):
             raise ValueError(f"{len(runners)} stage runners for {len(spec.stages)} stages")
         context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
-                               max_sequence_length=(spec.max_length or 1 << 30) if spec.is_sequence else None)
+                               max_sequence_length=(spec.max_length or 1 << 30) if spec.is_sequence else None,
+                               latency_tables_ms=tuple(spec.latency_tables_ms))
         self.spec = spec
         self.knobs = knobs
         self.scheduler = StageScheduler(create_policy(policy, knobs, context))
@@ -87,18 +111,21 @@ class ReorchEngine:
         self._ids = itertools.count()
         self._handles: dict[int, Any] = {}
         self._tensors: dict[int, dict[str, np.ndarray]] = {}
+        self.max_inflight_rows = knobs.max_inflight_rows or default_inflight_rows(spec, available_memory_bytes())
+        self._inflight_rows = 0
         self._reported_ops: Counter[str] = Counter()
         self._closing = False
         self._trace = open(knobs.trace_jsonl, "a", buffering=1) if knobs.trace_jsonl else None  # noqa: SIM115
         self._trace_lock = threading.Lock()
-        # One answer or probe at a time: a handle must never be probed while (or after) its final
-        # answer is sent (Triton frees the response factory with it), and on tritonserver 2.51 two
-        # threads sending at once crashed the Python backend (segfault in libtriton_python.so).
-        # (Measured: with 4 sending threads the server crashed in 4 runs of 4, with one in none.)
+        # A handle must never be probed while (or after) its final answer is sent (Triton frees the
+        # response factory with it): probes and answers never overlap. With one responder thread the
+        # lock is uncontended; several responders send in parallel only where docs/reorch.md shows
+        # it safe on 2.51 (non-decoupled model, no cancellation probe).
         self._sender_lock = threading.Lock()
-        # Answers are sent by their own thread: a stage thread goes back to computing at once
+        self._parallel_sends = knobs.responder_threads > 1 and cancel_probe is None
+        # Answers are sent by their own thread(s): a stage thread goes back to computing at once
         # instead of waiting for one response IPC per request of its batch.
-        self._responders = ThreadPoolExecutor(1, thread_name_prefix="reorch-respond")
+        self._responders = ThreadPoolExecutor(knobs.responder_threads, thread_name_prefix="reorch-respond")
         # The scheduler bounds how many launches of each stage run; a pool thread may also carry its
         # batch on into later stages (see _pump), so each pool has a thread per stage to spare.
         self._pools = [ThreadPoolExecutor(knobs.stage_concurrency * len(spec.stages),
@@ -163,10 +190,20 @@ class ReorchEngine:
                 continue
             accepted.append((handle, Request(next(self._ids), rows, now, seq_len=length), dict(tensors)))
         with self._lock:
+            admitted = []
             for handle, request, tensors in accepted:
+                if self._inflight_rows + request.rows > self.max_inflight_rows:
+                    record = Request(-1, request.rows, now, exit_us=now).record()
+                    rejected.append((handle, Answer(
+                        OVERLOADED, f"the reorchestrator holds {self._inflight_rows} rows in flight and its "
+                        f"admission limit is max_inflight_rows={self.max_inflight_rows}: retry later, or raise "
+                        "the limit (parameter 'max_inflight_rows' in the model's config.pbtxt)", None, record)))
+                    continue
+                self._inflight_rows += request.rows
                 self._handles[request.request_id] = handle
                 self._tensors[request.request_id] = tensors
-            completions = self.scheduler.add_requests([request for _, request, _ in accepted], now)
+                admitted.append(request)
+            completions = self.scheduler.add_requests(admitted, now)
             answers = self._answers(completions)
         self._deliver(rejected + answers)
         self._pump()
@@ -216,7 +253,7 @@ class ReorchEngine:
         for job in jobs:
             launch = job[0]
             self.metrics.stage_launch(launch.stage, launch.rows, launch.queue_wait_us)
-            if (inline is None and after is not None and launch.stage == after.stage + 1
+            if (inline is None and after is not None and launch.stage == after.final_stage + 1
                     and not set(launch.request_ids).isdisjoint(after.request_ids)):
                 inline = job
                 continue
@@ -234,18 +271,27 @@ class ReorchEngine:
 
     def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
                  lengths: list[int | None]) -> tuple | None:
-        stage = self.spec.stages[launch.stage]
-        started = time.perf_counter()
         error = None
         per_member: list[dict[str, np.ndarray]] | None = None
-        try:
-            feeds = build_feeds(self.spec, stage, members, launch.pad_to)
-            outputs = self.runners[launch.stage].run(feeds)
-            per_member = split_outputs(self.spec, stage, outputs, rows, lengths)
-        except Exception as exc:  # a stage failure fails exactly this batch; the executors go on
-            error = f"{type(exc).__name__}: {exc}"
-            LOGGER.warning("stage %d failed for a batch of %d rows: %s", launch.stage, launch.rows, error)
-        self.metrics.stage_compute(launch.stage, int((time.perf_counter() - started) * 1e6))
+        batched: dict[str, np.ndarray] = {}  # a fused launch keeps the batch's tensors whole between stages
+        last = launch.final_stage
+        for index in range(launch.stage, last + 1):
+            stage = self.spec.stages[index]
+            started = time.perf_counter()
+            try:
+                feeds = build_feeds(self.spec, stage, members, launch.pad_to, batched)
+                outputs = self.runners[index].run(feeds)
+                if index == last:
+                    per_member = split_outputs(self.spec, stage, outputs, rows, lengths,
+                                               batched=batched, keep=self._needed_after[index])
+                else:
+                    batched.update(outputs)
+            except Exception as exc:  # a stage failure fails exactly this batch; the executors go on
+                error = f"{type(exc).__name__}: {exc}"
+                LOGGER.warning("stage %d failed for a batch of %d rows: %s", index, launch.rows, error)
+            self.metrics.stage_compute(index, int((time.perf_counter() - started) * 1e6))
+            if error is not None:
+                break
         cancelled = self._probe_cancelled(launch.request_ids) if error is None else []
         with self._lock:
             if self._closing:
@@ -253,7 +299,7 @@ class ReorchEngine:
             now = self._now_us()
             completions = self.scheduler.cancel(cancelled, now) if cancelled else []
             if per_member is not None:
-                keep = self._needed_after[launch.stage]
+                keep = self._needed_after[last]
                 for request_id, produced in zip(launch.request_ids, per_member):
                     tensors = self._tensors.get(request_id)
                     if tensors is None:
@@ -261,7 +307,8 @@ class ReorchEngine:
                     tensors.update(produced)
                     for name in [n for n in tensors if n not in keep]:
                         del tensors[name]  # free what no later stage reads
-            completions += self.scheduler.on_stage_done(launch.launch_id, now, error)
+            completions += self.scheduler.on_stage_done(launch.launch_id, now, error,
+                                                        failed_stage=index if error is not None else None)
             answers = self._answers(completions)
         self._deliver(answers)
         return self._pump(after=launch)
@@ -325,6 +372,7 @@ class ReorchEngine:
         for completion in completions:
             handle = self._handles.pop(completion.request_id)
             tensors = self._tensors.pop(completion.request_id, {})
+            self._inflight_rows -= completion.rows
             if completion.outcome == "success":
                 outputs = {t.name: tensors[t.name] for t in self.spec.outputs}
                 answers.append((handle, Answer(SUCCESS, "", outputs, completion.record)))
@@ -354,8 +402,11 @@ class ReorchEngine:
                     if self._trace is not None:
                         self._trace.write(line + "\n")
             try:
-                with self._sender_lock:
+                if self._parallel_sends:
                     self._respond(handle, answer)
+                else:
+                    with self._sender_lock:
+                        self._respond(handle, answer)
             except Exception as exc:  # the client may be gone; the other answers must still go out
                 LOGGER.warning("could not deliver an answer (%s): %s", answer.kind, exc)
 

@@ -54,10 +54,16 @@ def make_ort_runners(spec: StagesSpec, repository_root: Path | str, *, intra_op_
 
 
 def build_feeds(spec: StagesSpec, stage: StageSpec, members: Sequence[Mapping[str, np.ndarray]],
-                pad_to: int | None) -> dict[str, np.ndarray]:
-    """Concatenate the members' tensors for ``stage``, padding sequence tensors to ``pad_to``."""
+                pad_to: int | None, batched: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Concatenate the members' tensors for ``stage``, padding sequence tensors to ``pad_to``.
+
+    ``batched``: tensors already whole for this batch (earlier stages of a fused launch), used as they are.
+    """
     feeds = {}
     for name in stage.inputs:
+        if batched and name in batched:
+            feeds[name] = batched[name]
+            continue
         tensor = spec.tensor(name)
         feeds[name] = concat_rows([m[name] for m in members], tensor.sequence_axis, tensor.pad_value,
                                   length=pad_to if tensor.sequence_axis is not None else None)
@@ -65,14 +71,22 @@ def build_feeds(spec: StagesSpec, stage: StageSpec, members: Sequence[Mapping[st
 
 
 def split_outputs(spec: StagesSpec, stage: StageSpec, outputs: Mapping[str, np.ndarray], rows: Sequence[int],
-                  lengths: Sequence[int | None]) -> list[dict[str, np.ndarray]]:
-    """Per-member outputs of a launch; sequence tensors are cut back to each member's own length."""
+                  lengths: Sequence[int | None], *, batched: Mapping[str, np.ndarray] | None = None,
+                  keep: set[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """Per-member outputs of a launch; sequence tensors are cut back to each member's own length.
+
+    A fused launch passes the tensors its earlier stages made (``batched``) and the names still
+    needed after it (``keep``): only those are cut, nothing else is copied.
+    """
     per_member: list[dict[str, np.ndarray]] = [{} for _ in rows]
     total = sum(rows)
     for name in stage.outputs:
         if name not in outputs:
             raise StageContractError(f"stage {stage.index} did not return its output '{name}'")
-        array = outputs[name]
+    sources = {**(batched or {}), **outputs}
+    names = list(stage.outputs) if keep is None else [n for n in sources if n in keep]
+    for name in names:
+        array = sources[name]
         if array.ndim == 0 or array.shape[0] != total:
             raise StageContractError(f"stage {stage.index} returned '{name}' with shape {array.shape} "
                                      f"for a batch of {total} rows; stage outputs must be batch-first")

@@ -1,10 +1,13 @@
 """Triton Python-backend model of the stage reorchestrator (``NAME_reorch``). Glue only.
 
-Decoupled (gRPC streaming only): ``execute`` hands each request's tensors and response sender to
-the engine and returns at once, so one instance keeps many batches in flight; the engine's threads
-answer each request exactly once through its sender. Scheduling is in ``backends.reorch.scheduler``,
-the data path in ``backends.reorch.engine``. ``deploy.write_reorch_model`` copies this file, with the
-``backends`` package and ``stages.json`` beside it, into the model's version directory.
+Not decoupled, yet answered later: ``execute`` hands each request's tensors and response sender to
+the engine and returns ``None`` at once, so Triton gives the instance its next batch while earlier
+requests are still inside (cross-request batching); the engine's threads answer each request
+exactly once through its sender (one response + FINAL flag). Unary gRPC, HTTP and gRPC streaming
+clients all work (measured on tritonserver 2.51: docs/reorch.md). Scheduling is in
+``backends.reorch.scheduler``, the data path in ``backends.reorch.engine``.
+``stagebatch.reorch_deploy`` copies this file, with the ``backends`` package and ``stages.json``
+beside it, into the model's version directory.
 
 Config parameters (string values): ``policy`` (pipeline | load | operator | input | dva), every
 field of ``ReorchKnobs`` by name, ``stages_file`` (default ``stages.json``), ``repository_root``
@@ -12,6 +15,9 @@ field of ``ReorchKnobs`` by name, ``stages_file`` (default ``stages.json``), ``r
 ``execution_provider`` (cpu | cuda; GPU instances use cuda) and ``cancel_poll_ms`` (period of the
 cancellation check of waiting requests; running ones are checked at each stage boundary; default 0 =
 no checks, see ``initialize`` for why).
+
+Request parameter ``reorch_record`` (bool true) asks for the ``REORCH_RECORD`` output (one JSON
+string per row); without it the answer carries only the model outputs (no JSON is built).
 """
 
 from __future__ import annotations
@@ -22,18 +28,34 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backends.reorch.engine import CANCELLED, INVALID, SHUTDOWN, Answer, ReorchEngine
+from backends.reorch.engine import CANCELLED, INVALID, OVERLOADED, SHUTDOWN, Answer, ReorchEngine
 from backends.reorch.executor import make_ort_runners
 from backends.reorch.metrics import TritonMetrics
 from backends.reorch.policies import ReorchKnobs
-from backends.reorch.spec import StagesSpec
+from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER, StagesSpec
 
-RECORD_OUTPUT = "REORCH_RECORD"
+
+def wants_record(parameters_json: str) -> bool:
+    """Whether a request's parameters (the JSON string Triton gives) hold ``reorch_record: true``."""
+    if RECORD_PARAMETER not in parameters_json:  # the common case: no JSON parsing at all
+        return False
+    try:
+        return json.loads(parameters_json).get(RECORD_PARAMETER) is True
+    except ValueError:
+        return False
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        # pb_utils' error classes exist only once the stub runs (not at import time).
+        self.error_codes = {
+            INVALID: pb_utils.TritonError.INVALID_ARG,
+            CANCELLED: pb_utils.TritonError.CANCELLED,
+            SHUTDOWN: pb_utils.TritonError.UNAVAILABLE,
+            OVERLOADED: pb_utils.TritonError.UNAVAILABLE,
+        }
+        self.final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
         model_dir = args["model_repository"]
         version_dir = os.path.join(model_dir, args["model_version"])
@@ -47,8 +69,7 @@ class TritonPythonModel:
         }
         self.input_names = [tensor.name for tensor in spec.inputs]
         # 0 (default): never ask Triton whether a request was cancelled. On tritonserver 2.51 asking
-        # (sender.is_cancelled) while clients cancel streams crashed the server in about 1 of 8 runs
-        # (segfault in TRITONBACKEND_ResponseFactoryIsCancelled); with 0 it never did (0 of 16).
+        # (is_cancelled) while clients cancel streams crashed the server (docs/reorch.md).
         cancel_poll_ms = float(parameters.get("cancel_poll_ms", "0"))
         self.engine = ReorchEngine(
             spec,
@@ -70,7 +91,8 @@ class TritonPythonModel:
                 if tensor is not None:
                     # Copy: the request's buffers are released once execute returns.
                     tensors[name] = np.array(tensor.as_numpy(), copy=True)
-            items.append((request.get_response_sender(), tensors))
+            handle = (request.get_response_sender(), wants_record(request.parameters()))
+            items.append((handle, tensors))
         self.engine.submit(items)
         return None
 
@@ -78,26 +100,24 @@ class TritonPythonModel:
         self.engine.close("shutting down: the model is being unloaded")
 
     # ---- engine callbacks (engine threads) ----
-    def _respond(self, sender, answer: Answer) -> None:
-        record = json.dumps(answer.record)
+    def _respond(self, handle, answer: Answer) -> None:
+        sender, record_wanted = handle
         if answer.ok:
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(array.astype(self.output_dtypes[name], copy=False)))
-                for name, array in answer.outputs.items()
-            ]
-            rows = next(iter(answer.outputs.values())).shape[0]
-            tensors.append(pb_utils.Tensor(RECORD_OUTPUT, np.full((rows, 1), record.encode(), dtype=np.object_)))
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=self.output_dtypes[name]))
+                       for name, array in answer.outputs.items()]
+            if record_wanted:
+                rows = next(iter(answer.outputs.values())).shape[0]
+                record = json.dumps(answer.record).encode()
+                tensors.append(pb_utils.Tensor(RECORD_OUTPUT, np.full((rows, 1), record, dtype=np.object_)))
             response = pb_utils.InferenceResponse(output_tensors=tensors)
         else:
-            code = {
-                INVALID: pb_utils.TritonError.INVALID_ARG,
-                CANCELLED: pb_utils.TritonError.CANCELLED,
-                SHUTDOWN: pb_utils.TritonError.UNAVAILABLE,
-            }.get(answer.kind, pb_utils.TritonError.INTERNAL)
-            message = f"{answer.message} ({RECORD_OUTPUT} {record})"
+            message = answer.message
+            if record_wanted:
+                message = f"{message} ({RECORD_OUTPUT} {json.dumps(answer.record)})"
+            code = self.error_codes.get(answer.kind, pb_utils.TritonError.INTERNAL)
             response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(response, flags=self.final_flag)
 
     @staticmethod
-    def _cancelled(senders):
-        return [sender.is_cancelled() for sender in senders]
+    def _cancelled(handles):
+        return [sender.is_cancelled() for sender, _ in handles]

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .cost import CostModel
 from .errors import ConfigValidationError
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class BatchPolicy(str, enum.Enum):
     OPERATOR = "operator"  # new + split
     INPUT = "input"  # new + bucketing
     DVA = "dva"  # all of them, each when the situation calls for it
+
+
+COST_MODEL_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -70,6 +74,18 @@ class ReorchKnobs:
     """onnxruntime intra-op threads per stage session."""
     trace_jsonl: str = ""
     """If set, append one JSON line per answered request to this file (server-side trace)."""
+    cost_model: str = "auto"
+    """Never lose (``cost.py``): on, off, or auto (= on for the default policy dva, off for the others)."""
+    stage_overhead_us: float = 150.0
+    """Cost model: what one stage boundary costs (launch, feed build, split, scheduling), microseconds."""
+    fuse_max_overhead_share: float = 0.1
+    """Cost model: fuse every batch when K boundaries would add more than this share of the chain at batch 1."""
+    whole_max_arrivals: float = 0.5
+    """Cost model: run a batch as the whole chain when fewer requests are expected during it (and no diversity)."""
+    max_inflight_rows: int = 0
+    """Admission limit: rows inside at once; beyond it answer UNAVAILABLE at once. 0 = sized from memory."""
+    responder_threads: int = 1
+    """Threads that send answers (more only where parallel sends are safe: docs/reorch.md)."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -91,6 +107,12 @@ class ReorchKnobs:
              "must be strictly increasing")
         need(0 <= self.bucket_min_saving < 1, "bucket_min_saving", "must be in [0, 1)")
         need(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0 (0 = onnxruntime default)")
+        need(self.cost_model in COST_MODEL_MODES, "cost_model", f"must be one of {', '.join(COST_MODEL_MODES)}")
+        need(self.stage_overhead_us >= 0, "stage_overhead_us", "must be >= 0")
+        need(self.fuse_max_overhead_share >= 0, "fuse_max_overhead_share", "must be >= 0")
+        need(self.whole_max_arrivals >= 0, "whole_max_arrivals", "must be >= 0 (0 = never run whole)")
+        need(self.max_inflight_rows >= 0, "max_inflight_rows", "must be >= 0 (0 = sized from memory)")
+        need(self.responder_threads >= 1, "responder_threads", "must be >= 1")
 
     @property
     def merged_rows_limit(self) -> int:
@@ -138,6 +160,16 @@ class StageContext:
     favoured_batch_sizes: tuple[int, ...]
     max_sequence_length: int | None = None  # None: the model has no sequence axis
     bucket_bounds: tuple[int, ...] = field(default=())
+    latency_tables_ms: tuple[Mapping[int, float], ...] = field(default=())  # per stage: batch -> ms (cost model)
+
+    def cost_model(self, knobs: ReorchKnobs, policy_never_loses: bool) -> CostModel | None:
+        """The cost model these knobs ask for (None: off, or no latency tables to decide with)."""
+        if knobs.cost_model == "off" or (knobs.cost_model == "auto" and not policy_never_loses):
+            return None
+        model = CostModel.from_tables(self.latency_tables_ms, stage_overhead_us=knobs.stage_overhead_us,
+                                      fuse_max_overhead_share=knobs.fuse_max_overhead_share,
+                                      whole_max_arrivals=knobs.whole_max_arrivals)
+        return model if model.has_tables and len(model.latency_tables_ms) == self.num_stages else None
 
     def resolve_stage(self, index: int) -> int:
         """A stage index from a knob: negative counts from the end (-1 = last stage)."""
@@ -168,12 +200,14 @@ class Policy(ABC):
 
     name: BatchPolicy = BatchPolicy.PIPELINE
     buckets_requests = False  # whether pick_entry_group may group by bucket (records op "bucket")
+    never_loses = False  # whether cost_model=auto turns the cost model on for this policy
 
     def __init__(self, knobs: ReorchKnobs, context: StageContext) -> None:
         self.knobs = knobs
         self.context = context
         self.stretch_last_stage = context.resolve_stage(knobs.stretch_last_stage)
         self.split_last_stage = context.resolve_stage(knobs.split_last_stage)
+        self.cost = context.cost_model(knobs, self.never_loses)
 
     # ---- entry -------------------------------------------------------------------------------
     def pick_entry_group(self, pending: Sequence[Request]) -> tuple[list[Request], bool]:
@@ -272,6 +306,7 @@ class DvaPolicy(Policy):
 
     name = BatchPolicy.DVA
     buckets_requests = True
+    never_loses = True
 
     def pick_entry_group(self, pending: Sequence[Request]) -> tuple[list[Request], bool]:
         fifo = self._fifo_group(pending)

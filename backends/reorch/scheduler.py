@@ -24,6 +24,14 @@ Meta operations (DVABatch, ATC'22):
   continue and answer independently;
 - **bucket**: a new batch holds requests of one sequence-length bucket and is padded only to its
   longest request.
+
+Never-lose decisions of the cost model (``cost.py``; the default policy only), counted like the
+operations above:
+
+- **fuse**: the stages are too cheap for the per-stage overhead: every batch runs the whole chain
+  as one launch (a *fused* batch: no boundary, no re-forming);
+- **whole**: this batch can gain nothing from boundaries now (no load, no diversity): it runs the
+  chain fused, like the whole model.
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .cost import FUSE, WHOLE
 from .policies import Policy, bucket_of, default_bucket_bounds
 
-OPERATIONS = ("new", "stretch", "split", "bucket")
+# Every operation name, in the order reports show them (metrics label ``operation``; the one list).
+OPERATIONS = ("new", "stretch", "split", "bucket", FUSE, WHOLE)
+ARRIVAL_EWMA_WEIGHT = 0.1  # weight of the newest inter-arrival gap in the arrival-rate estimate
 ENTRY_SCAN_WINDOW = 256  # pending requests a new batch is chosen from (oldest first)
 OUTCOMES = ("success", "error", "cancelled")
 
@@ -93,6 +104,7 @@ class Batch:
     bucket: int | None = None
     queued_since_us: int = 0
     merge: MergePlan | None = None
+    fused: bool = False  # runs every stage in one launch (cost model: fuse / whole)
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,11 @@ class StageLaunch:
     rows: int
     pad_to: int | None  # pad sequence tensors to this length (None: no sequence axis)
     queue_wait_us: int  # time the batch waited before this stage (metrics)
+    last_stage: int = -1  # a fused launch runs stage..last_stage; -1: only ``stage``
+
+    @property
+    def final_stage(self) -> int:
+        return self.stage if self.last_stage < 0 else self.last_stage
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,7 @@ class Completion:
     outcome: str  # one of OUTCOMES
     message: str
     record: dict
+    rows: int = 1
 
 
 class StageScheduler:
@@ -138,6 +156,10 @@ class StageScheduler:
         self.launches: dict[int, int] = {}  # launch id -> batch id
         self.operation_counts: Counter[str] = Counter()
         self.closed_reason: str | None = None
+        self.cost = policy.cost
+        self._fuse_always = self.cost is not None and self.cost.fuse_always()
+        self._last_arrival_us: int | None = None
+        self._arrival_gap_us: float | None = None  # EWMA of the gap between arrivals
         self._ids = itertools.count()
 
     # ---- inputs ---------------------------------------------------------------------------------
@@ -152,13 +174,28 @@ class StageScheduler:
                                  f"allowed 1..{self.knobs.max_batch_rows}")
             if self.closed_reason is not None:
                 completions.append(Completion(request.request_id, "error", self.closed_reason,
-                                              request.record()))
+                                              request.record(), request.rows))
                 continue
             if request.seq_len is not None and self.bucket_bounds:
                 request.bucket = bucket_of(request.seq_len, self.bucket_bounds)  # provisional, for grouping
             self.requests[request.request_id] = request
             self.pending[request.request_id] = None
+            self._note_arrival(now_us)
         return completions
+
+    def _note_arrival(self, now_us: int) -> None:
+        if self._last_arrival_us is not None:
+            gap = max(0, now_us - self._last_arrival_us)
+            previous = gap if self._arrival_gap_us is None else self._arrival_gap_us
+            self._arrival_gap_us = previous + ARRIVAL_EWMA_WEIGHT * (gap - previous)
+        self._last_arrival_us = now_us
+
+    def arrival_rate_per_us(self, now_us: int) -> float:
+        """Recent arrival rate (requests per µs); decays while nothing arrives."""
+        if self._arrival_gap_us is None or self._last_arrival_us is None:
+            return 0.0
+        gap = max(self._arrival_gap_us, now_us - self._last_arrival_us, 1.0)
+        return 1.0 / gap
 
     def cancel(self, request_ids: Iterable[int], now_us: int) -> list[Completion]:
         """Cancel requests: answered at once unless running, else dropped at the next boundary."""
@@ -194,8 +231,10 @@ class StageScheduler:
             launches.append(self._launch_new(now_us))
         return launches
 
-    def on_stage_done(self, launch_id: int, now_us: int, error: str | None = None) -> list[Completion]:
-        """A launch finished (``error``: it raised); returns the requests that are now answered."""
+    def on_stage_done(self, launch_id: int, now_us: int, error: str | None = None,
+                      failed_stage: int | None = None) -> list[Completion]:
+        """A launch finished (``error``: it raised, in ``failed_stage`` of a fused launch); returns the
+        requests that are now answered."""
         if launch_id not in self.launches:  # finished after shutdown: already answered
             return []
         batch = self.batches[self.launches.pop(launch_id)]
@@ -204,12 +243,13 @@ class StageScheduler:
         if error is not None:
             self._dissolve_merge(batch, now_us)
             del self.batches[batch.batch_id]
-            return [self._finish(r, "error", f"stage {stage} failed: {error}", now_us)
+            where = stage if failed_stage is None else failed_stage
+            return [self._finish(r, "error", f"stage {where} failed: {error}", now_us)
                     for r in batch.request_ids]
         completions = self._drop_cancelled(batch, now_us, running_done=True)
         if batch.batch_id not in self.batches:  # every member was cancelled
             return completions
-        if stage == self.num_stages - 1:
+        if stage == self.num_stages - 1 or batch.fused:
             del self.batches[batch.batch_id]
             completions.extend(self._finish(r, "success", "", now_us) for r in batch.request_ids)
             return completions
@@ -271,10 +311,12 @@ class StageScheduler:
         self.running[batch.stage] += 1
         launch_id = next(self._ids)
         self.launches[launch_id] = batch.batch_id
+        stages = self.num_stages - batch.stage if batch.fused else 1
         for r in batch.request_ids:
-            self.requests[r].batch_sizes.append(batch.rows)
+            self.requests[r].batch_sizes.extend([batch.rows] * stages)
         return StageLaunch(launch_id, batch.stage, tuple(batch.request_ids), batch.rows, batch.pad_to,
-                           max(0, now_us - batch.queued_since_us))
+                           max(0, now_us - batch.queued_since_us),
+                           last_stage=self.num_stages - 1 if batch.fused else -1)
 
     def _launch_new(self, now_us: int) -> StageLaunch:
         # Look at the oldest ENTRY_SCAN_WINDOW pending requests only: O(1) decisions under backlog.
@@ -282,7 +324,9 @@ class StageScheduler:
         group, bucketed = self.policy.pick_entry_group(window)
         group_rows = sum(r.rows for r in group)
         group_pad = max((r.seq_len for r in group if r.seq_len is not None), default=None)
-        target, boundary = self._stretch_target(group_rows, group_pad, group[0].bucket if bucketed else None)
+        fused = self._fused_decision(group_rows, len(window) - len(group), bucketed, now_us)
+        target, boundary = (None, 0) if fused else \
+            self._stretch_target(group_rows, group_pad, group[0].bucket if bucketed else None)
         ids = [r.request_id for r in group]
         for r in ids:
             del self.pending[r]
@@ -295,7 +339,12 @@ class StageScheduler:
             self.operation_counts["bucket"] += 1
             for request in group:
                 request.ops.append({"op": "bucket", "stage": 0})
-        if target is None:
+        if fused is not None:
+            batch.fused = True
+            self.operation_counts[fused] += 1
+            for request in group:
+                request.ops.append({"op": fused, "stage": 0})
+        elif target is None:
             self.operation_counts["new"] += 1
             for request in group:
                 request.ops.append({"op": "new", "stage": 0})
@@ -307,12 +356,23 @@ class StageScheduler:
                 self._hold(target, now_us)
         return self._launch(batch, now_us)
 
+    def _fused_decision(self, group_rows: int, waiting_behind: int, bucketed: bool, now_us: int) -> str | None:
+        """FUSE or WHOLE when the cost model says the next batch gains nothing from boundaries, else None."""
+        if self.cost is None or self.num_stages < 2:
+            return None
+        if self._fuse_always:
+            return FUSE
+        if self.cost.run_whole(group_rows, pipeline_busy=bool(self.batches), waiting_behind=waiting_behind,
+                               diverse=bucketed, arrival_rate_per_us=self.arrival_rate_per_us(now_us)):
+            return WHOLE
+        return None
+
     def _stretch_target(self, group_rows: int, group_pad: int | None,
                         bucket: int | None) -> tuple[Batch | None, int]:
         """The batch a new batch should catch up with (cheapest catch-up first), if the policy allows."""
         best: tuple[int, int, Batch] | None = None
         for batch in self.batches.values():
-            if batch.merge is not None or batch.state is BatchState.HELD:
+            if batch.merge is not None or batch.state is BatchState.HELD or batch.fused:
                 continue
             boundary = batch.stage + 1 if batch.state is BatchState.RUNNING else batch.stage
             if bucket is not None and batch.bucket is not None and batch.bucket != bucket:
@@ -430,7 +490,7 @@ class StageScheduler:
     def _finish(self, request_id: int, outcome: str, message: str, now_us: int) -> Completion:
         request = self.requests.pop(request_id)
         request.exit_us = now_us
-        return Completion(request_id, outcome, message, request.record())
+        return Completion(request_id, outcome, message, request.record(), request.rows)
 
 
 def make_requests(rows: Sequence[int], now_us: int, seq_lens: Sequence[int | None] | None = None,

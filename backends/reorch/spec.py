@@ -1,8 +1,9 @@
-"""``stages.json``: what the reorchestrator knows about its model (written by ``deploy.py``).
+"""``stages.json``: what the reorchestrator knows about its model (written by ``stagebatch.reorch_deploy``).
 
 It is the manifest entry of the model (docs/architecture.md) reduced to what serving needs:
 model inputs/outputs, every stage's ONNX path (relative to the repository root), input and output
-names, favoured batch size, and the metadata of every tensor (dtype, shape, sequence axis, padding).
+names, favoured batch size, measured latency per batch size (``latency_ms``, the cost model's table)
+and the metadata of every tensor (dtype, shape, sequence axis, padding).
 """
 
 from __future__ import annotations
@@ -34,8 +35,17 @@ def numpy_dtype(datatype: str) -> np.dtype:
                                     f"(use one of {', '.join(_WIRE_TO_NUMPY)})") from None
 
 
+# The optional output with the per-request record (docs/architecture.md), and the request parameter
+# (bool true) that asks for it: without it an answer carries only the model outputs.
+RECORD_OUTPUT = "REORCH_RECORD"
+RECORD_PARAMETER = "reorch_record"
+
 # Stages below this share of the whole model's cost keep no favoured batch size (see from_manifest_entry).
 NEGLIGIBLE_COST_SHARE = 0.05
+
+def _latency_table(stage: dict[str, Any]) -> dict[int, float]:
+    return {int(batch): float(ms) for batch, ms in (stage.get("latency_ms") or {}).items()}
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -70,6 +80,7 @@ class StageSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     favoured_batch_size: int
+    latency_ms: dict[int, float] = field(default_factory=dict, compare=False)  # batch size -> median ms (may be empty)
 
 
 @dataclass
@@ -105,8 +116,24 @@ class StagesSpec:
         return any(t.sequence_axis is not None for t in self.inputs)
 
     @property
+    def latency_tables_ms(self) -> list[dict[int, float]]:
+        """Each stage's measured latency per batch size (empty dicts where the manifest has none)."""
+        return [dict(s.latency_ms) for s in self.stages]
+
+    @property
     def favoured_batch_sizes(self) -> tuple[int, ...]:
         return tuple(s.favoured_batch_size for s in self.stages)
+
+    def largest_row_bytes(self) -> int:
+        """Upper bound of the bytes one row holds while inside: every tensor of the chain at the longest length."""
+        longest = self.max_length or 512
+        total = 0
+        for tensor in self.tensors.values():
+            elements = 1
+            for axis, size in enumerate(tensor.shape[1:], start=1):
+                elements *= longest if axis == tensor.sequence_axis else max(size, 1)
+            total += elements * tensor.dtype.itemsize
+        return max(total, 1)
 
     def tensor(self, name: str) -> TensorSpec:
         return self.tensors.get(name) or TensorSpec(name, np.dtype("float32"), (-1,))
@@ -136,7 +163,7 @@ class StagesSpec:
                     # and splitting batches before it would only add calls.
                     favoured = max_batch
                 stages.append(StageSpec(int(stage["index"]), stage["onnx"], tuple(stage["inputs"]),
-                                        tuple(stage["outputs"]), favoured))
+                                        tuple(stage["outputs"]), favoured, _latency_table(stage)))
             sequence = entry.get("sequence") or {}
         except (KeyError, TypeError) as error:
             raise ConfigValidationError(f"manifest entry of {model!r} lacks {error} (see the manifest.json "
@@ -150,7 +177,8 @@ class StagesSpec:
             "inputs": [{"name": t.name, **t.to_dict()} for t in self.inputs],
             "outputs": [{"name": t.name, **t.to_dict()} for t in self.outputs],
             "stages": [{"index": s.index, "onnx": s.onnx, "inputs": list(s.inputs), "outputs": list(s.outputs),
-                        "favoured_batch_size": s.favoured_batch_size} for s in self.stages],
+                        "favoured_batch_size": s.favoured_batch_size,
+                        "latency_ms": {str(b): ms for b, ms in sorted(s.latency_ms.items())}} for s in self.stages],
             "tensors": {name: t.to_dict() for name, t in self.tensors.items()},
             "sequence": None if self.max_length is None else {"max_length": self.max_length,
                                                               "min_length": self.min_length},
@@ -165,7 +193,7 @@ class StagesSpec:
                    [TensorSpec.from_dict(t["name"], t) for t in data["inputs"]],
                    [TensorSpec.from_dict(t["name"], t) for t in data["outputs"]],
                    [StageSpec(s["index"], s["onnx"], tuple(s["inputs"]), tuple(s["outputs"]),
-                              int(s["favoured_batch_size"])) for s in data["stages"]],
+                              int(s["favoured_batch_size"]), _latency_table(s)) for s in data["stages"]],
                    tensors, max_length=sequence.get("max_length"), min_length=int(sequence.get("min_length", 1)))
 
     @classmethod

@@ -1,7 +1,13 @@
 """Host side: lay out ``NAME_reorch`` (the reorchestrator model) in a Triton model repository.
 
 Called by the repository builder (``stagebatch build``) with the model's manifest entry; tests call
-it with hand-written entries. Needs ``stagebatch`` (config rendering); never runs inside Triton.
+it with hand-written entries. Host-only (it lives in the core, not in ``backends/``, which is copied
+into model folders and may import nothing of the host).
+
+The model is NOT decoupled: ``execute`` returns ``None`` and the engine answers each request later
+through its response sender (one response + FINAL flag). So unary gRPC, HTTP and gRPC streaming
+clients can all call it, and Triton keeps handing new batches to the instance while earlier ones are
+still inside (docs/reorch.md, measured on tritonserver 2.51).
 """
 
 from __future__ import annotations
@@ -12,20 +18,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigValidationError
-from .policies import ReorchKnobs, StageContext, create_policy
-from .spec import StagesSpec
+import backends.reorch
+from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
+from backends.reorch.spec import RECORD_OUTPUT, StagesSpec
+from stagebatch.errors import ConfigValidationError
+from stagebatch.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
+from stagebatch.repository import copy_backends_package
 
-RECORD_OUTPUT = "REORCH_RECORD"
 TARGETS = ("embedded", "gpu")
+MODEL_GLUE = Path(backends.reorch.__file__).with_name("model.py")
 
 
 def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_size: int, queue_delay_us: int,
                         policy: str, knobs: ReorchKnobs,
                         extra_parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.pbtxt`` of ``name`` as a dict (protobuf-JSON form)."""
-    from stagebatch.model_config import numpy_to_triton_dtype, string_parameters
-
     def tensor_config(tensor, ragged: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": tensor.name, "data_type": numpy_to_triton_dtype(tensor.dtype.name),
                                  "dims": list(tensor.shape[1:])}
@@ -40,9 +47,9 @@ def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_s
         "input": [tensor_config(t, ragged=True) for t in spec.inputs],
         "output": [tensor_config(t, ragged=False) for t in spec.outputs]
         + [{"name": RECORD_OUTPUT, "data_type": "TYPE_STRING", "dims": [1]}],
-        "model_transaction_policy": {"decoupled": True},
+        "model_transaction_policy": {"decoupled": False},  # answered later through the response sender
         "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
-        # One instance: it keeps many batches in flight itself (decoupled execute returns at once).
+        # One instance: it keeps many batches in flight itself (execute returns at once).
         "instance_group": [{"count": 1, "kind": "KIND_CPU" if target == "embedded" else "KIND_GPU"}],
         "parameters": string_parameters({"policy": policy, "stages_file": "stages.json", **knobs.to_parameters(),
                                          **dict(extra_parameters or {})}),
@@ -60,9 +67,6 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     ``extra_parameters`` are further config parameters of the glue (``cancel_poll_ms``,
     ``execution_provider``, ``repository_root``; see ``model.py``).
     """
-    from stagebatch.model_config import write_model_config
-    from stagebatch.repository import copy_backends_package
-
     if target not in TARGETS:
         raise ConfigValidationError(f"target must be one of {TARGETS}, got {target!r}")
     if max_batch_size < 1:
@@ -94,7 +98,7 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     copy_backends_package(version_dir)
-    shutil.copy2(Path(__file__).with_name("model.py"), version_dir / "model.py")
+    shutil.copy2(MODEL_GLUE, version_dir / "model.py")
     (version_dir / "stages.json").write_text(spec.to_json())
     write_model_config(model_dir, reorch_model_config(model_name, spec, target=target, max_batch_size=max_batch_size,
                                                       queue_delay_us=queue_delay_us, policy=policy, knobs=knobs,

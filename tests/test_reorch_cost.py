@@ -1,0 +1,174 @@
+"""The cost model's never-lose decisions (fuse, whole) on synthetic stage latency tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reorch_models import random_sequence_request, write_sequence_chain
+from reorch_sim import Simulation, make_scheduler
+from test_reorch_engine import Answers
+
+from backends.reorch.cost import FUSE, WHOLE, CostModel, interpolate_ms
+from backends.reorch.engine import OVERLOADED, SUCCESS, ReorchEngine, default_inflight_rows
+from backends.reorch.executor import make_ort_runners
+from backends.reorch.metrics import OPERATIONS_TOTAL, CountingMetrics
+from backends.reorch.policies import ReorchKnobs
+from backends.reorch.scheduler import OPERATIONS, make_requests
+from backends.reorch.spec import StagesSpec
+
+CHEAP = [{1: 0.02, 8: 0.05}] * 3  # 20 µs stages: boundaries (150 µs each) cannot pay
+COSTLY = [{1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0}] * 3  # 2 ms stages
+
+
+def test_interpolate_ms_is_linear_between_and_beyond_measured_sizes():
+    table = {1: 1.0, 4: 4.0, 8: 6.0}
+    assert interpolate_ms(table, 4) == 4.0
+    assert interpolate_ms(table, 2) == pytest.approx(2.0)
+    assert interpolate_ms(table, 16) == pytest.approx(10.0)
+    assert interpolate_ms({2: 3.0}, 4) == pytest.approx(6.0)
+
+
+def test_fuse_always_when_stages_are_too_cheap_for_the_boundary_overhead():
+    assert CostModel.from_tables(CHEAP).fuse_always()
+    assert not CostModel.from_tables(COSTLY).fuse_always()
+    assert not CostModel.from_tables([{}, {}, {}]).fuse_always()  # no tables: no decision
+
+
+@pytest.mark.parametrize("busy, waiting, diverse, rate, want", [
+    (False, 0, False, 0.0, True),  # idle, one batch, no diversity: the whole model
+    (True, 0, False, 0.0, False),  # another batch is in the pipeline: stretch may pay
+    (False, 3, False, 0.0, False),  # requests wait behind this batch
+    (False, 0, True, 0.0, False),  # length diversity the policy uses (bucketing)
+    (False, 0, False, 1 / 1000, False),  # ~6 arrivals expected during the 6 ms chain
+])
+def test_run_whole_only_without_load_or_diversity(busy, waiting, diverse, rate, want):
+    model = CostModel.from_tables(COSTLY)
+    assert model.run_whole(1, pipeline_busy=busy, waiting_behind=waiting, diverse=diverse,
+                           arrival_rate_per_us=rate) is want
+
+
+def test_operations_tuple_names_the_new_decisions():
+    assert OPERATIONS[:4] == ("new", "stretch", "split", "bucket") and {FUSE, WHOLE} <= set(OPERATIONS)
+
+
+def test_scheduler_fuses_every_batch_of_cheap_stages_under_dva():
+    scheduler = make_scheduler("dva", latency_tables_ms=CHEAP)
+    sim = Simulation(scheduler)
+    for i in range(5):
+        sim.arrive(i * 50, make_requests([1], 0, first_id=i))
+    completions = sim.run()
+    assert len(completions) == 5 and all(c.outcome == "success" for c in completions)
+    assert all(launch.final_stage == 2 and launch.stage == 0 for launch in sim.launches)
+    assert scheduler.operation_counts[FUSE] == len(sim.launches)
+    assert scheduler.operation_counts["new"] == 0
+    record = completions[0].record
+    assert record["ops"] == [{"op": FUSE, "stage": 0}] and len(record["batch_sizes"]) == 3
+
+
+def test_scheduler_runs_a_lone_request_whole_and_pipelines_under_a_burst():
+    scheduler = make_scheduler("dva", latency_tables_ms=COSTLY)
+    sim = Simulation(scheduler)
+    sim.arrive(0, make_requests([1], 0))
+    sim.run()
+    assert scheduler.operation_counts[WHOLE] == 1 and scheduler.operation_counts["new"] == 0
+    burst = make_requests([1] * 40, 0, first_id=100)
+    for i, request in enumerate(burst):
+        sim.arrive(1_000_000 + i * 100, [request])  # 10 per ms: a chain of 6+ ms sees many arrive
+    sim.run()
+    assert scheduler.operation_counts["new"] + scheduler.operation_counts["stretch"] > 0
+    assert len(sim.completions) == 41
+
+
+@pytest.mark.parametrize("policy, mode, want_decisions", [
+    ("pipeline", "auto", False), ("dva", "auto", True), ("dva", "off", False), ("load", "on", True)])
+def test_cost_model_applies_to_dva_by_default_and_where_switched_on(policy, mode, want_decisions):
+    scheduler = make_scheduler(policy, latency_tables_ms=CHEAP, cost_model=mode)
+    sim = Simulation(scheduler)
+    sim.arrive(0, make_requests([1, 1], 0))
+    sim.run()
+    decided = scheduler.operation_counts[FUSE] + scheduler.operation_counts[WHOLE]
+    assert (decided > 0) is want_decisions
+
+
+def _engine(tmp_path, tables, **knob_values):
+    entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
+    for stage, table in zip(entry["stages"], tables):
+        stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
+    spec = StagesSpec.from_manifest_entry("seqm", entry)
+    answers, metrics = Answers(), CountingMetrics()
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, **knob_values), make_ort_runners(spec, tmp_path),
+                          answers, metrics=metrics)
+    return engine, answers, reference, metrics
+
+
+def test_fused_chain_returns_the_whole_models_outputs_and_counts_fuse(tmp_path):
+    engine, answers, reference, metrics = _engine(tmp_path, CHEAP)
+    rng = np.random.default_rng(4)
+    requests = [random_sequence_request(rng, int(rng.integers(1, 3)), int(n)) for n in rng.integers(1, 33, 30)]
+    try:
+        for start in range(0, 30, 5):
+            engine.submit([(i, requests[i]) for i in range(start, start + 5)])
+        answers.wait(30)
+    finally:
+        engine.close()
+    for index, request in enumerate(requests):
+        answer = answers.by_handle[index]
+        assert answer.kind == SUCCESS
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(answer.outputs["pooled"], want["pooled"], rtol=1e-5, atol=1e-6)
+    assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] >= 1
+
+
+def test_admission_limit_answers_unavailable_at_once_beyond_max_inflight_rows(tmp_path):
+    engine, answers, _, _ = _engine(tmp_path, COSTLY, max_inflight_rows=3)
+    request = random_sequence_request(np.random.default_rng(0), 2, 8)
+    try:
+        engine.submit([("a", request), ("b", request), ("c", request)])  # 2 + 2 > 3: b and c refused
+        answers.wait(3)
+    finally:
+        engine.close()
+    assert answers.by_handle["a"].kind == SUCCESS
+    for handle in ("b", "c"):
+        assert answers.by_handle[handle].kind == OVERLOADED
+        assert "max_inflight_rows=3" in answers.by_handle[handle].message
+
+
+def test_default_admission_limit_is_sized_from_memory(tmp_path):
+    entry, _ = write_sequence_chain(tmp_path)
+    spec = StagesSpec.from_manifest_entry("seqm", entry)
+    small = default_inflight_rows(spec, 64 * 1024 * 1024)
+    large = default_inflight_rows(spec, 64 * 1024**3)
+    assert 4 * spec.max_batch_size <= small < large
+    assert default_inflight_rows(spec, None) >= 4 * spec.max_batch_size
+
+
+class FailOnDemand:
+    """Wraps a stage runner; raises MemoryError (as onnxruntime does on a too-big batch) while armed."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.armed = False
+
+    def run(self, feeds):
+        if self.armed:
+            raise MemoryError("Failed to allocate memory for a batch")
+        return self.inner.run(feeds)
+
+
+def test_a_failure_inside_a_fused_chain_names_its_stage_and_later_batches_go_on(tmp_path):
+    engine, answers, _, _ = _engine(tmp_path, CHEAP)
+    failing = FailOnDemand(engine.runners[1])
+    engine.runners[1] = failing
+    request = random_sequence_request(np.random.default_rng(1), 1, 6)
+    try:
+        failing.armed = True
+        engine.submit([("failed", request)])
+        answers.wait(1)
+        failing.armed = False
+        engine.submit([("later", request)])
+        answers.wait(2)
+    finally:
+        engine.close()
+    assert "stage 1 failed: MemoryError" in answers.by_handle["failed"].message
+    assert answers.by_handle["later"].kind == SUCCESS

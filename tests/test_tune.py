@@ -1,0 +1,145 @@
+"""The simulated configuration search and ``stagebatch tune``'s refusals (no server)."""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+import pytest
+
+from loadtest.capacity import CapacityResult, Probe
+from loadtest.workloads import ArrivalSpec
+from stagebatch.cli import main
+from stagebatch.errors import BadParameterError
+from stagebatch.model_config import write_model_config
+from tuning import tune as tune_module
+from tuning.batcher import BatcherSettings
+from tuning.confirm import mean_ci95
+from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search
+from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
+from tuning.tune import TuneOptions, config_from_description
+
+PLANTED = {1: 4.0, 2: 8.0, 4: 4.4, 8: 40.0}  # batch 4 is by far the cheapest per row
+
+
+def profile_of(tables, max_batch=8) -> ModelProfile:
+    entry = {"max_batch_size": max_batch, "inputs": [], "outputs": [], "sequence": None, "build": {},
+             "stages": [{"index": i, "onnx": f"m_stage{i}/1/model.onnx", "inputs": [], "outputs": [],
+                         "favoured_batch_size": max_batch, "latency_ms": {str(b): ms for b, ms in t.items()}}
+                        for i, t in enumerate(tables)]}
+    return ModelProfile.from_manifest_entry("m", entry)
+
+
+def test_search_finds_the_planted_batch_size_when_one_size_is_far_cheaper():
+    space = SearchSpace(variants=("whole",), max_batch_sizes=(1, 2, 4, 8), queue_delays_us=(0, 2000),
+                        preferred=("none",), instance_counts=(1,))
+    workload = Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=200.0)
+    ranked, facts = search([profile_of([PLANTED])], workload, space=space,
+                           options=SearchOptions(keep=4, screen_duration_s=3.0, rank_duration_s=5.0))
+    assert facts["candidates"] == 7  # batch 1 never waits: (1, 0) and 3 sizes x 2 delays
+    assert ranked[0].config.batcher.max_batch_size == 4
+    assert ranked[0].score > 2 * facts["baseline"]["simulated_slo_rps"]
+
+
+def test_check_slo_refuses_an_slo_below_the_batch1_latency():
+    profile = profile_of([{1: 30.0, 8: 90.0}, {1: 30.0, 8: 90.0}])
+    with pytest.raises(BadParameterError, match=r"--slo-ms 50 is below m's batch-1 latency \(60\.\d+ ms"):
+        check_slo(profile, 50.0, SimSettings())
+    assert check_slo(profile, 100.0, SimSettings()) == pytest.approx(60.6)
+
+
+def test_tune_cli_refuses_an_slo_below_the_batch1_latency_with_a_clear_message(tmp_path, capsys):
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    entry = {"size": "small", "max_batch_size": 8, "inputs": [], "outputs": [], "sequence": None, "build": {},
+             "variants": {"whole": "m"},
+             "stages": [{"index": 0, "onnx": "m_stage0/1/model.onnx", "inputs": [], "outputs": [],
+                         "favoured_batch_size": 8, "latency_ms": {"1": 40.0, "8": 100.0}}]}
+    (repository / "manifest.json").write_text(json.dumps({"models": {"m": entry}}))
+    code = main(["tune", "--model", "m", "--slo-ms", "10", "--repository", str(repository),
+                 "--out", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--slo-ms 10 is below m's batch-1 latency (40.6" in err
+    assert "Raise --slo-ms" in err
+
+
+def test_search_space_skips_queue_delays_for_batch_one_and_instances_for_reorch():
+    space = SearchSpace(variants=("whole", "reorch"), max_batch_sizes=(1, 4), queue_delays_us=(0, 500),
+                        preferred=("none",), instance_counts=(1, 2), policies=("dva",))
+    configs = space.candidates(profile_of([PLANTED]))
+    assert all(c.batcher.max_queue_delay_us == 0 for c in configs if c.batcher.max_batch_size == 1)
+    assert all(c.batcher.instance_count == 1 for c in configs if c.variant == "reorch")
+    assert len(configs) == 2 * 3 + 3  # whole: 3 batcher settings x 2 instance counts; reorch: 3
+
+
+def test_config_from_description_round_trips_a_reorch_configuration():
+    config = VariantConfig("reorch", BatcherSettings(8, 500, (4, 8), 1), "load", (("stretch_max_wait_us", 5000),))
+    assert config_from_description(config.describe()) == config
+
+
+def test_mean_ci95_uses_student_t_for_few_repeats():
+    mean, half = mean_ci95([10.0, 12.0, 14.0])
+    assert mean == pytest.approx(12.0)
+    assert half == pytest.approx(4.303 * 2.0 / 3 ** 0.5, rel=1e-3)
+    assert mean_ci95([5.0]) == (5.0, None)
+
+
+def test_diverse_takes_one_per_label_first_then_the_next_best():
+    rows = [{"k": 1, "label": "reorch:dva"}, {"k": 2, "label": "reorch:dva"}, {"k": 3, "label": "whole"},
+            {"k": 4, "label": "whole"}]
+    assert [r["k"] for r in diverse(rows, 3, label=lambda r: r["label"])] == [1, 2, 3]
+    assert [r["k"] for r in diverse(rows, 2, label=lambda r: r["label"])] == [1, 3]
+
+
+class FakeConfirmer:
+    """Stands in for the server: a configuration's rate within the SLO is 10 x its max batch size."""
+
+    calls: ClassVar[list] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def rate_within_slo(self, config, start_rps, seed):
+        FakeConfirmer.calls.append((config.batcher.max_batch_size, seed))
+        rate = 10.0 * config.batcher.max_batch_size + seed
+        return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
+
+
+def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_measuring_again(tmp_path, monkeypatch):
+    repository = tmp_path / "repo"
+    write_model_config(repository / "m", {
+        "name": "m", "backend": "python", "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": 100}})
+    (repository / "m" / "1").mkdir()
+    entry = {"max_batch_size": 8, "inputs": [], "outputs": [], "sequence": None, "build": {"max_queue_delay_us": 100},
+             "variants": {"whole": "m"},
+             "stages": [{"index": 0, "onnx": "m_stage0/1/model.onnx", "inputs": [], "outputs": [],
+                         "favoured_batch_size": 8, "latency_ms": {"1": 2.0, "2": 2.5, "4": 3.0, "8": 4.0}}]}
+    (repository / "manifest.json").write_text(json.dumps({"target": "embedded", "models": {"m": entry}}))
+    monkeypatch.setattr(tune_module, "Confirmer", FakeConfirmer)
+    FakeConfirmer.calls = []
+    options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
+                          out=tmp_path / "out", top=1, confirm=2, repeats=2,
+                          space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
+                                            preferred=("none",), instance_counts=(1,)))
+    state = tune_module.tune([tune_module.load_built(repository, "m")], options, say=lambda _: None)
+    assert len(FakeConfirmer.calls) == 3 * 2  # default + 2 configurations, 2 rounds each
+    best = state["results"][1]
+    assert best["key"] == "whole_mbs4_d0_i1" and best["measured_slo_rps"] == 40.5 and best["ci95_rps"] is not None
+    assert best["vs_default"] == pytest.approx((40 / 80 + 41 / 81) / 2, abs=1e-3)  # paired by round
+    ready = tmp_path / "out" / "configs" / "1_whole_mbs4_d0_i1"
+    assert "max_batch_size: 4" in (ready / "m" / "config.pbtxt").read_text()
+    assert "max_batch_size: 8" in (repository / "m" / "config.pbtxt").read_text()  # the source is untouched
+    assert json.loads((ready / "tuned.json").read_text())["configuration"]["batching"]["max_batch_size"] == 4
+    FakeConfirmer.calls = []
+    tune_module.tune([tune_module.load_built(repository, "m")], options, resume=True, say=lambda _: None)
+    assert FakeConfirmer.calls == []

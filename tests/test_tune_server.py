@@ -1,0 +1,78 @@
+"""``stagebatch tune`` and ``simulate --run`` against the real embedded server (tiny BERT, slow)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from loadtest import runner
+from loadtest.plan import load_plan
+from slicing.repository import BuildOptions, build_repository
+from stagebatch.cli import main
+from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+PLAN = textwrap.dedent("""\
+    name: simtiny
+    repository: {{path: repo, build: false}}
+    defaults: {{duration_s: 4, warmup_s: 1, slo_ms: 100, seed: 1}}
+    models:
+      bert_base:
+        lengths: {{kind: fixed, length: 16}}
+    loads:
+      curve:
+        arrival: {{kind: poisson, rate_rps: {rate}}}
+    experiments:
+      - name: variants
+        models: [bert_base]
+        variants: [whole, reorch]
+        loads: [curve]
+    """)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    build_repository(root / "repo", models=["bert_base"], options=BuildOptions(size="tiny", stages=2, max_batch=8))
+    return root
+
+
+def _run(root, rate: int):
+    (root / f"plan{rate}.yaml").write_text(PLAN.format(rate=rate))
+    return runner.characterize(load_plan(root / f"plan{rate}.yaml"),
+                               runner.RunOptions(out_dir=root / f"run{rate}", progress=False))
+
+
+def test_simulator_p50_is_within_25_percent_of_a_real_tiny_run_when_calibrated_on_another(tiny_bert):
+    calibration_run = _run(tiny_bert, 20)
+    replay_run(calibration_run, calibrate=True)  # fits the overheads to the first run (in-sample)
+    checked_run = _run(tiny_bert, 60)
+    document = replay_run(checked_run, calibrated_settings(calibration_run))  # predicts the second one
+    assert (checked_run / SIMULATION_FILE).is_file()
+    summary = document["summary"]
+    assert summary["simulated"] == 2, [p.get("skipped") for p in document["points"]]
+    assert summary["median_abs_error_p50"] <= 0.25, json.dumps(document["points"], indent=1)
+
+
+def test_tune_confirms_and_writes_ready_repositories_within_its_budget(tiny_bert, capsys):
+    out = tiny_bert / "tuned"
+    code = main(["tune", "--model", "bert_base", "--size", "tiny", "--slo-ms", "50", "--repository",
+                 str(tiny_bert / "repo"), "--budget-minutes", "2.5", "--confirm", "1", "--top", "1",
+                 "--repeats", "2", "--probe-s", "1.5", "--out", str(out)])
+    assert code == 0
+    state = json.loads((out / "tune.json").read_text())
+    assert state["used_s"] <= 2.5 * 60 * 1.2
+    measured = [r for r in state["results"] if r["measured_slo_rps"] is not None]
+    assert {r["key"] for r in measured} >= {"baseline"}
+    ready = sorted((out / "configs").iterdir())
+    assert len(ready) == 1 and (ready[0] / "manifest.json").is_file() and (ready[0] / "tuned.json").is_file()
+    assert "Why each won" in (out / "tune.md").read_text()
+    # resume: nothing left to measure, the same results
+    assert main(["tune", "--model", "bert_base", "--size", "tiny", "--slo-ms", "50", "--repository",
+                 str(tiny_bert / "repo"), "--budget-minutes", "2.5", "--confirm", "1", "--top", "1",
+                 "--repeats", "2", "--resume", str(out)]) == 0
+    again = json.loads((out / "tune.json").read_text())
+    assert len(again["measurements"]) == len(state["measurements"])

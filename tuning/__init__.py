@@ -1,0 +1,1 @@
+"""Predict and tune: a discrete-event simulator of the served variants, and a configuration search."""

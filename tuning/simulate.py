@@ -1,0 +1,546 @@
+"""A discrete-event simulator of a built model's variants, in virtual time (``stagebatch simulate``).
+
+Inputs are the manifest's measured per-stage latency tables and a workload given with the plans'
+specs (``loadtest.workloads.ArrivalSpec`` / ``LengthSpec``). Three variants:
+
+- ``whole``: one model behind one dynamic batcher (``tuning.batcher``); a batch of ``n`` rows takes
+  the *sum of the stage tables* at ``n`` (the manifest has no table of the unsliced model);
+- ``ensemble``: K stage models, each behind its own dynamic batcher with the same knobs; a request
+  leaves a stage's batch on its own and queues at the next stage's batcher;
+- ``reorch``: one dynamic batcher in front (its instance returns at once, so it never blocks), then
+  the real ``backends.reorch.scheduler.StageScheduler`` with the real policies and cost model; the
+  simulator plays the executor: every launch takes the tables' time for its stages.
+
+Every launch runs on a shared *device* of ``device_slots`` slots (default 1: on a small CPU each
+onnxruntime call uses every core, so two launches at once only share them; a pipeline of stages adds
+no parallelism). A launch also pays ``launch_overhead_ms`` (Python backend, tensor copies).
+
+Sequence models: a batch pads to its longest request; a stage's time scales linearly with that
+length relative to the length the tables were profiled at (see docs/tuning.md).
+
+The measured window, the stability verdict and the latency summary use the same code as real runs
+(``loadtest.stability.assess``, ``loadtest.stats.summarize``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from backends.reorch.cost import interpolate_ms
+from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
+from backends.reorch.scheduler import Request, StageLaunch, StageScheduler
+from backends.reorch.spec import StagesSpec
+from loadtest.stability import assess
+from loadtest.stats import LatencySummary, summarize
+from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
+from slicing.zoo import ZOO
+from stagebatch.errors import BadParameterError, ConfigValidationError
+from tuning.batcher import BatcherSettings, DynamicBatcher
+
+VARIANTS = ("whole", "ensemble", "reorch")
+DEFAULT_POLICY = "dva"
+LATENCY_SOURCE_WHOLE = "sum of the stage tables per batch size"
+UNANSWERED_LATENCY_US = 10**12  # a request still inside when the simulation stops (counted as failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: latency tables
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the simulator knows about a built model (from its manifest entry)."""
+
+    name: str
+    stage_tables_ms: tuple[dict[int, float], ...]
+    favoured_batch_sizes: tuple[int, ...]
+    max_batch_size: int
+    build_queue_delay_us: int = 100
+    max_length: int | None = None  # None: no sequence axis
+    min_length: int = 1
+    profiled_length: int | None = None  # the length the tables were measured at (sequence models)
+
+    @classmethod
+    def from_manifest_entry(cls, name: str, entry: Mapping[str, Any]) -> ModelProfile:
+        """Read the tables, favoured sizes and sequence range through the reorchestrator's own reader."""
+        spec = StagesSpec.from_manifest_entry(name, dict(entry))
+        tables = tuple(non_decreasing(t) for t in spec.latency_tables_ms)
+        missing = [i for i, t in enumerate(tables) if not t]
+        if missing or not tables:
+            raise ConfigValidationError(
+                f"manifest entry of {name!r}: stage(s) {missing or 'all'} have no latency_ms table; rebuild the "
+                f"model with 'stagebatch build' (it profiles every stage)")
+        if spec.max_batch_size < 1:
+            raise ConfigValidationError(f"manifest entry of {name!r}: max_batch_size={spec.max_batch_size}; the "
+                                        "simulator models batching models only")
+        build = entry.get("build") or {}
+        profiled = build.get("profile_seq_len")
+        sequence = spec.max_length is not None  # the manifest's "sequence" range
+        if sequence and profiled is None:
+            profiled = _zoo_default_length(name, entry.get("size"), spec.max_length)
+        return cls(name=name, stage_tables_ms=tables, favoured_batch_sizes=spec.favoured_batch_sizes,
+                   max_batch_size=spec.max_batch_size,
+                   build_queue_delay_us=int(build.get("max_queue_delay_us", 100)),
+                   max_length=spec.max_length if sequence else None, min_length=spec.min_length,
+                   profiled_length=int(profiled) if profiled else None)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_tables_ms)
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.max_length is not None
+
+    def length_scale(self, pad_to: int | None) -> float:
+        """Time of a batch padded to ``pad_to`` relative to one at the profiled length (linear)."""
+        if not self.is_sequence or pad_to is None or not self.profiled_length:
+            return 1.0
+        return pad_to / self.profiled_length
+
+    def stages_ms(self, first: int, last: int, rows: int, pad_to: int | None = None) -> float:
+        """Stages ``first..last`` on a batch of ``rows`` padded to ``pad_to``."""
+        compute = sum(interpolate_ms(self.stage_tables_ms[s], rows) for s in range(first, last + 1))
+        return compute * self.length_scale(pad_to)
+
+    def whole_ms(self, rows: int, pad_to: int | None = None) -> float:
+        return self.stages_ms(0, self.num_stages - 1, rows, pad_to)
+
+    def default_batcher(self) -> BatcherSettings:
+        """The dynamic batcher as built (max batch size and queue delay of the build, one instance)."""
+        return BatcherSettings(max_batch_size=self.max_batch_size, max_queue_delay_us=self.build_queue_delay_us)
+
+
+def non_decreasing(table: Mapping[int, float]) -> dict[int, float]:
+    """A latency table made non-decreasing in batch size: each size takes the least time of any size >= it.
+
+    A larger batch never runs faster than a smaller one; a measured time above a larger batch's is
+    noise of a shared machine (it only ever adds time), so the smaller batch keeps the larger's time.
+    """
+    out: dict[int, float] = {}
+    least = float("inf")
+    for size in sorted(table, reverse=True):
+        least = min(least, float(table[size]))
+        out[size] = least
+    return dict(sorted(out.items()))
+
+
+def _zoo_default_length(name: str, size: str | None, max_length: int | None) -> int | None:
+    """The zoo's default sequence length: what ``stagebatch build`` profiles the stages at."""
+    zoo = ZOO.get(name)
+    if zoo is None or size not in zoo.architectures:
+        return max_length
+    length = zoo.architectures[size].get("default_seq_len")
+    if length is None:
+        return max_length
+    return min(int(length), max_length) if max_length else int(length)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to simulate
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One served configuration: variant, batcher knobs, and (reorch) policy and knobs."""
+
+    variant: str = "whole"
+    batcher: BatcherSettings = field(default_factory=BatcherSettings)
+    policy: str | None = None
+    knobs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise BadParameterError(f"variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        if self.variant != "reorch" and (self.policy or self.knobs):
+            raise BadParameterError(f"variant {self.variant!r} takes no reorch policy or knobs; use variant reorch")
+
+    @property
+    def label(self) -> str:
+        """``whole``, ``ensemble`` or ``reorch:<policy>`` (as capacity.json spells them)."""
+        return f"reorch:{self.policy or DEFAULT_POLICY}" if self.variant == "reorch" else self.variant
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"variant": self.variant, "label": self.label, "batching": self.batcher.to_batching()}
+        if self.variant == "reorch":
+            out["reorch"] = {"policy": self.policy or DEFAULT_POLICY, "knobs": dict(self.knobs)}
+        return out
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Arrivals and lengths (plan specs), the measured window and the SLO."""
+
+    arrival: ArrivalSpec
+    lengths: LengthSpec | None = None
+    duration_s: float = 30.0
+    warmup_s: float = 3.0
+    slo_ms: float = 100.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise BadParameterError(f"duration_s={self.duration_s}, warmup_s={self.warmup_s}: need duration_s > 0 "
+                                    "and warmup_s >= 0")
+
+    def with_rate(self, rate_rps: float) -> Workload:
+        """The same workload with an open-loop rate of ``rate_rps``."""
+        return dataclasses.replace(self, arrival=dataclasses.replace(self.arrival, rate_rps=float(rate_rps)))
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Costs the tables do not hold (calibration constants; docs/tuning.md)."""
+
+    launch_overhead_ms: float = 0.3
+    """Added to every launch (Python backend call, tensor copies)."""
+    request_overhead_ms: float = 0.3
+    """Added once to every request's latency (gRPC and client; not device time)."""
+    row_device_ms: float = 0.0
+    """Device time every row adds to the launch that takes it in (stage 0 or the whole model): request
+    decoding and conversion, paid once per request (calibrated by ``simulate --run --calibrate``)."""
+    device_slots: int = 1
+    """Launches that run at the same time without slowing each other (1 on a small CPU)."""
+    drain_s: float = 5.0
+    """How long the simulation continues after the last arrival before it counts the rest as failed."""
+    variant_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per variant (whole / ensemble / reorch), values that replace the ones above (calibration)."""
+
+    def for_variant(self, variant: str) -> SimSettings:
+        """The settings a configuration of ``variant`` runs with."""
+        override = self.variant_overrides.get(variant)
+        return dataclasses.replace(self, variant_overrides={}, **override) if override else self
+
+    def __post_init__(self) -> None:
+        if self.device_slots < 1:
+            raise BadParameterError(f"device_slots={self.device_slots}: must be >= 1")
+        if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms) < 0:
+            raise BadParameterError("launch_overhead_ms, request_overhead_ms and row_device_ms must be >= 0")
+
+
+@dataclass
+class SimResult:
+    """The prediction for one configuration under one workload."""
+
+    config: VariantConfig
+    summary: LatencySummary
+    stable: bool
+    unstable_reason: str | None
+    offered_rps: float
+    achieved_rps: float
+    stage_batches: list[dict[str, Any]]
+    operations: dict[str, int]
+    cpu_s: float
+
+    @property
+    def goodput_rps(self) -> float:
+        return self.summary.goodput_rps
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.summary
+        return {**self.config.describe(), "p50_ms": _r(s.p50_ms), "p99_ms": _r(s.p99_ms), "avg_ms": _r(s.avg_ms),
+                "throughput_rps": _r(s.throughput_rps), "goodput_rps": _r(s.goodput_rps), "slo_ms": s.slo_ms,
+                "offered_rps": _r(self.offered_rps), "achieved_rps": _r(self.achieved_rps), "stable": self.stable,
+                "unstable_reason": self.unstable_reason, "requests": s.requests, "stages": self.stage_batches,
+                "operations": self.operations, "cpu_s": round(self.cpu_s, 3)}
+
+
+def _r(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The event loop and its parts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    request_id: int
+    arrival_us: int
+    length: int | None
+    exit_us: int | None = None
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.now_us = 0
+        self._events: list = []
+        self._seq = itertools.count()
+
+    def at(self, when_us: int, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (max(int(when_us), self.now_us), next(self._seq), action))
+
+    def run(self, until_us: int) -> None:
+        while self._events and self._events[0][0] <= until_us:
+            when, _, action = heapq.heappop(self._events)
+            self.now_us = when
+            action()
+
+
+class _Device:
+    """``slots`` launches run at once; the others wait in FIFO order."""
+
+    def __init__(self, loop: _Loop, slots: int) -> None:
+        self.loop, self.slots, self.busy = loop, slots, 0
+        self._waiting: deque[tuple[int, Callable[[], None]]] = deque()
+        self.busy_us = 0
+
+    def run(self, duration_us: int, done: Callable[[], None]) -> None:
+        self._waiting.append((max(1, duration_us), done))
+        self._start()
+
+    def _start(self) -> None:
+        while self.busy < self.slots and self._waiting:
+            duration, done = self._waiting.popleft()
+            self.busy += 1
+            self.busy_us += duration
+            self.loop.at(self.loop.now_us + duration, lambda done=done: self._finish(done))
+
+    def _finish(self, done: Callable[[], None]) -> None:
+        self.busy -= 1
+        self._start()
+        done()
+
+
+class _BatchedModel:
+    """One Triton model: a dynamic batcher and ``instance_count`` instances that run on the device."""
+
+    def __init__(self, loop: _Loop, settings: BatcherSettings, duration_us: Callable[[list[_Job]], int] | None,
+                 on_batch_done: Callable[[list[_Job]], None], device: _Device | None,
+                 sizes: Counter | None = None) -> None:
+        self.loop, self.batcher = loop, DynamicBatcher(settings)
+        self.free = settings.instance_count if device is not None else 1 << 30
+        self.duration_us, self.on_batch_done, self.device = duration_us, on_batch_done, device
+        self.sizes = sizes if sizes is not None else Counter()
+        self._timer_at: int | None = None
+
+    def add(self, job: _Job) -> None:
+        self.batcher.add(job, self.loop.now_us)
+        self.pump()
+
+    def pump(self) -> None:
+        while self.free > 0:
+            batch = self.batcher.take(self.loop.now_us)
+            if not batch:
+                break
+            self.sizes[len(batch)] += 1
+            if self.device is None:  # an instance that returns at once (the reorchestrator's front)
+                self.on_batch_done(batch)
+                continue
+            self.free -= 1
+            self.device.run(self.duration_us(batch), lambda batch=batch: self._done(batch))
+        deadline = self.batcher.deadline_us()
+        if self.free > 0 and deadline is not None and deadline > self.loop.now_us and self._timer_at != deadline:
+            self._timer_at = deadline
+            self.loop.at(deadline, self.pump)
+
+    def _done(self, batch: list[_Job]) -> None:
+        self.free += 1
+        self.on_batch_done(batch)
+        self.pump()
+
+
+def _pad(batch: list[_Job]) -> int | None:
+    lengths = [j.length for j in batch if j.length is not None]
+    return max(lengths) if lengths else None
+
+
+def _us(ms: float) -> int:
+    return round(ms * 1000.0)
+
+
+class _Variant:
+    """Builds the variant's parts on a loop; ``submit`` takes one request, ``finish`` is called back."""
+
+    def __init__(self, profile: ModelProfile, config: VariantConfig, settings: SimSettings, loop: _Loop,
+                 finish: Callable[[_Job], None]) -> None:
+        self.profile, self.config, self.settings, self.loop, self.finish = profile, config, settings, loop, finish
+        self.device = _Device(loop, settings.device_slots)
+        self.stage_sizes: list[Counter] = []
+        self.operations: dict[str, int] = {}
+        overhead_ms = settings.launch_overhead_ms
+        row_ms = settings.row_device_ms
+        if config.variant == "whole":
+            sizes = Counter()
+            self.stage_sizes = [sizes]
+            self.models = [_BatchedModel(loop, config.batcher,
+                                         lambda b: _us(profile.whole_ms(len(b), _pad(b)) + overhead_ms + row_ms * len(b)),
+                                         self._complete, self.device, sizes)]
+        elif config.variant == "ensemble":
+            self.models = []
+            for stage in range(profile.num_stages):
+                sizes = Counter()
+                self.stage_sizes.append(sizes)
+                self.models.append(_BatchedModel(
+                    loop, config.batcher,
+                    lambda b, s=stage: _us(profile.stages_ms(s, s, len(b), _pad(b)) + overhead_ms
+                                          + (row_ms * len(b) if s == 0 else 0.0)),
+                    lambda b, s=stage: self._stage_done(s, b), self.device, sizes))
+        else:
+            self._init_reorch()
+
+    # whole / ensemble
+    def _complete(self, batch: list[_Job]) -> None:
+        for job in batch:
+            self.finish(job)
+
+    def _stage_done(self, stage: int, batch: list[_Job]) -> None:
+        if stage + 1 == len(self.models):
+            self._complete(batch)
+        else:
+            for job in batch:
+                self.models[stage + 1].add(job)
+
+    # reorch
+    def _init_reorch(self) -> None:
+        profile, config = self.profile, self.config
+        knobs = ReorchKnobs.from_parameters({"max_batch_rows": config.batcher.max_batch_size, **dict(config.knobs)})
+        context = StageContext(profile.num_stages, profile.favoured_batch_sizes,
+                               max_sequence_length=(profile.max_length or 1 << 30) if profile.is_sequence else None,
+                               latency_tables_ms=profile.stage_tables_ms)
+        self.scheduler = StageScheduler(create_policy(config.policy or DEFAULT_POLICY, knobs, context))
+        self.stage_sizes = [Counter() for _ in range(profile.num_stages)]
+        self.jobs: dict[int, _Job] = {}
+        self._timer_at: int | None = None
+        self.models = [_BatchedModel(self.loop, config.batcher, None, self._enter_reorch, None)]
+
+    def _enter_reorch(self, batch: list[_Job]) -> None:
+        requests = []
+        for job in batch:
+            self.jobs[job.request_id] = job
+            requests.append(Request(job.request_id, 1, self.loop.now_us, seq_len=job.length))
+        self._answer(self.scheduler.add_requests(requests, self.loop.now_us))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        now = self.loop.now_us
+        for launch in self.scheduler.schedule(now):
+            for stage in range(launch.stage, launch.final_stage + 1):
+                self.stage_sizes[stage][launch.rows] += 1
+            duration = _us(self.profile.stages_ms(launch.stage, launch.final_stage, launch.rows, launch.pad_to)
+                           + self.settings.launch_overhead_ms
+                           + (self.settings.row_device_ms * launch.rows if launch.stage == 0 else 0.0))
+            self.device.run(duration, lambda launch=launch: self._launch_done(launch))
+        timer = self.scheduler.next_timer_us()
+        if timer is not None and self._timer_at != timer:
+            self._timer_at = timer
+            self.loop.at(timer, self._schedule)
+
+    def _launch_done(self, launch: StageLaunch) -> None:
+        self._answer(self.scheduler.on_stage_done(launch.launch_id, self.loop.now_us))
+        self._schedule()
+
+    def _answer(self, completions) -> None:
+        for completion in completions:
+            job = self.jobs.pop(completion.request_id)
+            if completion.outcome == "success":
+                self.finish(job)
+
+    def submit(self, job: _Job) -> None:
+        self.models[0].add(job)
+
+    def batch_report(self) -> list[dict[str, Any]]:
+        rows = []
+        names = ["whole"] if self.config.variant == "whole" else list(range(self.profile.num_stages))
+        for name, sizes in zip(names, self.stage_sizes):
+            launches = sum(sizes.values())
+            mean = sum(k * v for k, v in sizes.items()) / launches if launches else None
+            rows.append({"stage": name, "launches": launches, "avg_batch_size": _r(mean) if mean else None,
+                         "batch_histogram": {str(k): v for k, v in sorted(sizes.items())}})
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _lengths(profile: ModelProfile, workload: Workload, rng: np.random.Generator, count: int) -> list[int | None]:
+    if not profile.is_sequence:
+        return [None] * count
+    if workload.lengths is None:  # as the load generator does: full-length requests
+        return [int(profile.max_length)] * count
+    distribution = make_length_distribution(workload.lengths, min_length=profile.min_length,
+                                            max_length=int(profile.max_length))
+    return [int(v) for v in distribution.sample(rng, count)]
+
+
+def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
+             settings: SimSettings | None = None) -> SimResult:
+    """Run ``config`` under ``workload`` in virtual time; latencies over the measured window."""
+    settings = (settings or SimSettings()).for_variant(config.variant)
+    if config.batcher.max_batch_size > profile.max_batch_size:
+        raise BadParameterError(
+            f"max_batch_size={config.batcher.max_batch_size} exceeds the built model's {profile.max_batch_size}; "
+            f"the tables stop there (rebuild with --max-batch {config.batcher.max_batch_size})")
+    started = time.process_time()
+    loop = _Loop()
+    rng = np.random.default_rng(workload.seed)
+    jobs: list[_Job] = []
+    closed = not workload.arrival.is_open_loop
+    duration_us = _us(workload.duration_s * 1000.0)
+
+    def finish(job: _Job) -> None:
+        job.exit_us = loop.now_us
+        if closed and loop.now_us < duration_us:
+            issue(loop.now_us)
+
+    variant = _Variant(profile, config, settings, loop, finish)
+    length_pool: list[int | None] = []
+
+    def issue(at_us: int) -> None:
+        if not length_pool:
+            length_pool.extend(reversed(_lengths(profile, workload, rng, 1024)))
+        job = _Job(len(jobs), at_us, length_pool.pop())
+        jobs.append(job)
+        loop.at(at_us, lambda job=job: variant.submit(job))
+
+    if closed:
+        for _ in range(workload.arrival.users):
+            issue(0)
+    else:
+        times_s = make_arrival_process(workload.arrival).arrival_times_s(workload.duration_s, rng)
+        for t in times_s:
+            issue(_us(float(t) * 1000.0))
+    loop.run(duration_us + _us(settings.drain_s * 1000.0))
+
+    window_start_us = _us(workload.warmup_s * 1000.0)
+    window_s = workload.duration_s - workload.warmup_s
+    overhead_us = _us(settings.request_overhead_ms)
+    rows = []
+    for job in jobs:
+        if not window_start_us <= job.arrival_us < duration_us:
+            continue
+        done = job.exit_us is not None
+        rows.append({"t_send_us": job.arrival_us, "late_us": 0, "ok": done,
+                     "latency_us": (job.exit_us - job.arrival_us + overhead_us) if done else UNANSWERED_LATENCY_US})
+    if not rows:
+        raise BadParameterError(f"the workload sends no request in the measured window ({workload.warmup_s} s to "
+                                f"{workload.duration_s} s); raise the rate or the duration")
+    verdict = assess(rows, window_start_us, window_s)
+    summary = summarize([r["latency_us"] for r in rows], [r["ok"] for r in rows], window_s, workload.slo_ms)
+    operations = dict(variant.scheduler.operation_counts) if config.variant == "reorch" else {}
+    return SimResult(config=config, summary=summary, stable=verdict.stable, unstable_reason=verdict.unstable_reason,
+                     offered_rps=verdict.offered_rps, achieved_rps=verdict.achieved_rps,
+                     stage_batches=variant.batch_report(), operations=operations,
+                     cpu_s=time.process_time() - started)
+
+
+def batch1_latency_ms(profile: ModelProfile, settings: SimSettings | None = None) -> float:
+    """The fastest any configuration can answer one request alone (whole chain at batch 1)."""
+    settings = (settings or SimSettings()).for_variant("whole")
+    return (profile.whole_ms(1, profile.profiled_length) + settings.launch_overhead_ms + settings.row_device_ms
+            + settings.request_overhead_ms)

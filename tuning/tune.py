@@ -1,0 +1,300 @@
+"""``stagebatch tune``: search by simulation, confirm the best few on the real server, write them out.
+
+Steps, each checked against the budget's clock before it starts:
+
+1. profiles: the built model's manifest (one profile per built K; ``--stages`` builds more Ks);
+2. search (``tuning.search``): screen every configuration in simulation, rank the best by simulated
+   capacity within the SLO;
+3. confirm (``tuning.confirm``): the default whole model and the best ``confirm`` configurations are
+   measured in rounds (each round measures every one of them once), ``repeats`` rounds at most;
+4. write: ``tune.json`` (everything, also the resume state), ``tune.md`` (the report section) and
+   the top N configurations as ready repositories under ``configs/``.
+
+Resume (``--resume DIR``): the search result and every finished measurement are read back from
+``DIR/tune.json``; only missing measurements run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest.rundir import write_json
+from stagebatch.errors import ConfigValidationError
+from tuning.batcher import BatcherSettings
+from tuning.confirm import Confirmer, mean_ci95, write_ready_repository
+from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search, why
+from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
+
+TUNE_FILE = "tune.json"
+REPORT_FILE = "tune.md"
+CONFIGS_DIR = "configs"
+BASELINE_KEY = "baseline"
+SEARCH_SHARE = 0.3  # at most this share of the budget goes to the simulated search
+
+
+@dataclass
+class Built:
+    """One built repository of the model (one K) and its profile."""
+
+    repository: Path
+    manifest: dict[str, Any]
+    profile: ModelProfile
+
+
+@dataclass
+class TuneOptions:
+    model: str
+    slo_ms: float
+    workload: Workload
+    out: Path
+    objective: str = "goodput"
+    budget_s: float = 15 * 60.0
+    top: int = 3
+    confirm: int = 3  # configurations confirmed on the server (besides the default whole model)
+    repeats: int = 3
+    probe_s: float = 5.0
+    probe_warmup_s: float = 1.5
+    space: SearchSpace = field(default_factory=SearchSpace)
+    settings: SimSettings = field(default_factory=SimSettings)
+    measure: bool = True  # False: simulate only (no server)
+
+
+def load_built(repository: Path, model: str) -> Built:
+    path = Path(repository) / "manifest.json"
+    if not path.is_file():
+        raise ConfigValidationError(f"{path}: missing; build the model first (stagebatch build --model {model} "
+                                    f"--out {repository})")
+    manifest = json.loads(path.read_text())
+    entry = (manifest.get("models") or {}).get(model)
+    if entry is None:
+        raise ConfigValidationError(f"{path} has no model {model!r} (it has {', '.join(manifest.get('models', {})) or 'none'});"
+                                    f" build it with stagebatch build --model {model} --out {repository}")
+    return Built(Path(repository), manifest, ModelProfile.from_manifest_entry(model, entry))
+
+
+def config_from_description(data: dict[str, Any]) -> VariantConfig:
+    """Inverse of ``VariantConfig.describe`` (for resume)."""
+    batcher = BatcherSettings.from_batching(data["batching"], BatcherSettings())
+    reorch = data.get("reorch") or {}
+    if data["variant"] != "reorch":
+        return VariantConfig(data["variant"], batcher)
+    return VariantConfig("reorch", batcher, reorch.get("policy"), tuple(sorted((reorch.get("knobs") or {}).items())))
+
+
+class _Clock:
+    def __init__(self, budget_s: float) -> None:
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+
+    @property
+    def used_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def left_s(self) -> float:
+        return self.budget_s - self.used_s
+
+
+def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
+         say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole tuning; returns (and writes) the ``tune.json`` document."""
+    clock = _Clock(options.budget_s)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / TUNE_FILE
+    state: dict[str, Any] = {}
+    if resume:
+        if not state_path.is_file():
+            raise ConfigValidationError(f"--resume {out}: no {TUNE_FILE} there; start a new tuning with --out")
+        state = json.loads(state_path.read_text())
+        if state.get("model") != options.model or state.get("slo_ms") != options.slo_ms:
+            raise ConfigValidationError(f"--resume {out}: it tuned {state.get('model')} at {state.get('slo_ms')} ms, "
+                                        f"not {options.model} at {options.slo_ms} ms; use a new --out")
+    floor_ms = check_slo(builds[0].profile, options.slo_ms, options.settings)
+    by_k = {b.profile.num_stages: b for b in builds}
+    state.update({"model": options.model, "slo_ms": options.slo_ms, "objective": options.objective,
+                  "budget_s": options.budget_s, "batch1_latency_ms": round(floor_ms, 3),
+                  "workload": {"arrival": options.workload.arrival.kind,
+                               "lengths": options.workload.lengths.to_dict() if options.workload.lengths else None},
+                  "simulator": dataclasses.asdict(options.settings)})
+    state.setdefault("measurements", [])
+
+    def save() -> None:
+        write_json(state_path, state)
+
+    # ---- search (simulation) ----
+    if "search" not in state:
+        search_deadline = options.budget_s * SEARCH_SHARE
+        ordered, facts = search([b.profile for b in builds], options.workload, space=options.space,
+                                settings=options.settings, options=SearchOptions(objective=options.objective),
+                                progress=say, deadline=lambda: clock.used_s > search_deadline)
+        base_rps = facts["baseline"].get("simulated_slo_rps")
+        state["search"] = {**facts, "search_s": round(clock.used_s, 1),
+                           "ranked": [{**c.describe(), "why": why(c, base_rps)} for c in ordered]}
+        save()
+    ranked = state["search"]["ranked"]
+    baseline_config = VariantConfig("whole", builds[0].profile.default_batcher())
+    to_confirm = [(BASELINE_KEY, builds[0], baseline_config)]
+    for row in diverse(ranked, options.confirm, label=lambda r: r["label"]):
+        to_confirm.append((row["key"], by_k.get(row["stages"], builds[0]), config_from_description(row)))
+
+    # ---- confirm (real server), in rounds; one server per build, kept across the rounds ----
+    done = {(m["key"], m["repeat"]) for m in state["measurements"]}
+    if options.measure:
+        say(f"confirming {len(to_confirm) - 1} configurations and the default whole model on the server "
+            f"({options.repeats} rounds at most, {clock.left_s / 60:.1f} min left)")
+        with contextlib.ExitStack() as servers:
+            confirmers: dict[int, Confirmer] = {}
+            for repeat in range(options.repeats):
+                todo = [t for t in to_confirm if (t[0], repeat) not in done]
+                if not todo:
+                    continue
+                estimate_s = _round_estimate_s(state, len(todo), options)
+                if clock.left_s < estimate_s:
+                    say(f"round {repeat + 1}: {clock.left_s:.0f} s left, a round takes about {estimate_s:.0f} s; "
+                        "stopping")
+                    break
+                for key, build, config in todo:
+                    if clock.left_s < _round_estimate_s(state, 1, options) * 0.5:
+                        say(f"  {clock.left_s:.0f} s left: {key} is not measured in round {repeat + 1}")
+                        continue
+                    k = build.profile.num_stages
+                    if k not in confirmers:
+                        confirmers[k] = servers.enter_context(Confirmer(
+                            build.repository, build.manifest, options.model, options.workload,
+                            log_path=out / f"tritonserver.k{k}.log", probe_s=options.probe_s,
+                            warmup_s=options.probe_warmup_s, say=say))
+                    start = _start_rate(state, key, ranked)
+                    say(f"  round {repeat + 1} {key}: searching from {start:.1f} req/s")
+                    began = time.monotonic()
+                    result = confirmers[k].rate_within_slo(config, start, seed=repeat)
+                    state["measurements"].append({
+                        "key": key, "repeat": repeat, "slo_rps": result.sustained_rps,
+                        "probes": [p.to_dict() for p in result.probes], "limited_by": result.limited_by,
+                        "wall_s": round(time.monotonic() - began, 1)})
+                    save()
+    state["results"] = _results(state, to_confirm)
+    state["used_s"] = round(clock.used_s, 1)
+    save()
+    _write_outputs(out, state, to_confirm, options, say)
+    save()
+    return state
+
+
+def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
+    walls = [m["wall_s"] for m in state["measurements"] if m.get("wall_s")]
+    per = (sum(walls) / len(walls)) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)
+    return per * count * 0.8  # a later round may start if most of it fits
+
+
+def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -> float:
+    earlier = [m["slo_rps"] for m in state["measurements"] if m["key"] == key and m.get("slo_rps")]
+    if earlier:
+        return 0.9 * sum(earlier) / len(earlier)
+    if key == BASELINE_KEY:
+        simulated = state["search"]["baseline"].get("simulated_slo_rps")
+    else:
+        simulated = next((r.get("simulated_slo_rps") for r in ranked if r["key"] == key), None)
+    return 0.8 * simulated if simulated else 20.0
+
+
+def _results(state: dict[str, Any], to_confirm) -> list[dict[str, Any]]:
+    rows = []
+    ranked = {r["key"]: r for r in state["search"]["ranked"]}
+    for key, build, config in to_confirm:
+        values = [m["slo_rps"] or 0.0 for m in state["measurements"] if m["key"] == key]
+        mean, half = mean_ci95(values)
+        row = {"key": key, "stages": build.profile.num_stages, **config.describe(), "repeats": len(values),
+               "measured_slo_rps": None if not values else round(mean, 2),
+               "ci95_rps": None if half is None else round(half, 2),
+               "simulated_slo_rps": (state["search"]["baseline"] if key == BASELINE_KEY else ranked.get(key, {})
+                                     ).get("simulated_slo_rps"),
+               "why": "the default whole model as built (the baseline)" if key == BASELINE_KEY
+               else ranked.get(key, {}).get("why", "")}
+        if key != BASELINE_KEY:
+            # Paired by round: each round measured the default and this configuration close in time,
+            # so the ratio cancels the drift of a shared machine that the absolute figures carry.
+            base_by_round = {m["repeat"]: m["slo_rps"] for m in state["measurements"] if m["key"] == BASELINE_KEY}
+            ratios = [(m["slo_rps"] or 0.0) / base_by_round[m["repeat"]] for m in state["measurements"]
+                      if m["key"] == key and base_by_round.get(m["repeat"])]
+            if ratios:
+                ratio, ratio_half = mean_ci95(ratios)
+                row["vs_default"] = round(ratio, 3)
+                row["vs_default_ci95"] = None if ratio_half is None else round(ratio_half, 3)
+        rows.append(row)
+    measured = [r for r in rows if r["key"] != BASELINE_KEY]
+    measured.sort(key=lambda r: -(r["measured_slo_rps"] if r["measured_slo_rps"] is not None else
+                                  (r["simulated_slo_rps"] or 0) * 1e-6))
+    return [r for r in rows if r["key"] == BASELINE_KEY] + measured
+
+
+def _write_outputs(out: Path, state: dict[str, Any], to_confirm, options: TuneOptions, say) -> None:
+    configs = {key: (build, config) for key, build, config in to_confirm}
+    winners = [r for r in state["results"] if r["key"] != BASELINE_KEY][:options.top]
+    written = []
+    for rank, row in enumerate(winners, start=1):
+        build, config = configs[row["key"]]
+        target = out / CONFIGS_DIR / f"{rank}_{row['key']}"
+        write_ready_repository(build.repository, build.manifest, options.model, config, options.workload, target,
+                               {"rank": rank, "slo_ms": options.slo_ms, "measured_slo_rps": row["measured_slo_rps"],
+                                "ci95_rps": row["ci95_rps"], "simulated_slo_rps": row["simulated_slo_rps"],
+                                "why": row["why"]})
+        row["repository"] = str(target)
+        written.append(target)
+    state["written"] = [str(p) for p in written]
+    (out / REPORT_FILE).write_text(report_markdown(state))
+    say(f"wrote {out / REPORT_FILE} and {len(written)} ready repositories under {out / CONFIGS_DIR}")
+
+
+def _fmt(value: float | None, half: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (f" ± {half:.1f}" if half is not None else "")
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    if row.get("vs_default") is None:
+        return "-"
+    half = row.get("vs_default_ci95")
+    return f"{row['vs_default']:.2f}x" + (f" ± {half:.2f}" if half is not None else "")
+
+
+def report_markdown(state: dict[str, Any]) -> str:
+    """The report section: the tuned configurations, their measured goodput and why each won."""
+    search_facts = state["search"]
+    lines = [f"## Tuned configurations: {state['model']} at p99 ≤ {state['slo_ms']:g} ms", "",
+             (f"Objective: {state['objective']}. {search_facts['candidates']} configurations were simulated "
+             f"(screened at {search_facts['screen_rps']} req/s, {state['workload']['arrival']} arrivals); "
+             + ("the best were measured on the embedded server with the capacity search (a probe passes when the "
+                "load is sustained and its p99 is within the SLO), in interleaved rounds. Goodput = the highest rate "
+                "sustained within the SLO; ± is the 95% confidence interval over the rounds; vs default is the mean "
+                "of the per-round ratios to the default whole model (paired: it cancels drift between rounds). "
+                if state["measurements"] else "nothing was measured (simulation only). ")
+             + f"Batch-1 latency "
+             f"(the SLO floor): {state['batch1_latency_ms']} ms. Used {state.get('used_s', 0) / 60:.1f} of "
+             f"{state['budget_s'] / 60:.0f} min."), "",
+             "| rank | configuration | variant | K | goodput req/s (measured) | simulated | vs default | rounds |",
+             "|---|---|---|---|---|---|---|---|"]
+    rank = 0
+    for row in state["results"]:
+        label = "default" if row["key"] == BASELINE_KEY else str(rank := rank + 1)
+        lines.append(f"| {label} | `{row['key']}` | {row['label']} | {row['stages'] if row['variant'] != 'whole' else '-'} | "
+                     f"{_fmt(row['measured_slo_rps'], row['ci95_rps'])} | {_fmt(row['simulated_slo_rps'])} | "
+                     f"{_ratio(row)} | {row['repeats']} |")
+    lines += ["", "Why each won:", ""]
+    for row in state["results"]:
+        if row["key"] != BASELINE_KEY:
+            b = row["batching"]
+            knobs = f", policy {row['reorch']['policy']}" if row.get("reorch") else ""
+            lines.append(f"- `{row['key']}` (max batch {b['max_batch_size']}, delay {b['max_queue_delay_us']} µs, "
+                         f"preferred {b['preferred_batch_sizes'] or 'none'}, {b['instance_count']} instance(s){knobs}): "
+                         f"{row['why']}." + (f" Ready repository: `{row['repository']}`." if row.get("repository") else ""))
+    lines += ["", "Measured on a shared machine unless stated otherwise; re-run on a quiet one for final figures.", ""]
+    return "\n".join(lines)
