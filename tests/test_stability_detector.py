@@ -64,9 +64,9 @@ def test_stability_is_stable_when_bursts_overload_briefly_then_drain():
 
 def test_stability_blames_the_generator_when_arrivals_were_sent_late():
     rows = _queue(_poisson(50, 6), service_s=0.01)
-    for row in rows[::5]:  # every fifth arrival left 40 ms (two mean gaps) behind schedule
-        row["late_us"] = 40_000
-        row["t_send_us"] += 40_000
+    for row in rows[::5]:  # every fifth arrival left 100 ms (five mean gaps) behind schedule
+        row["late_us"] = 100_000
+        row["t_send_us"] += 100_000
     verdict = stability.assess(rows, START_US, 6)
     assert not verdict.stable and verdict.limited_by_load_generator
     assert verdict.unstable_reason.startswith(stability.REASON_LOADGEN_LATE)
