@@ -977,6 +977,22 @@ def console_handler() -> logging.Handler:
     return handler
 
 
+class console_logging:
+    """For the CLI: the root logger at INFO with only :func:`console_handler`; restored on exit."""
+
+    def __enter__(self) -> console_logging:
+        root = logging.getLogger()
+        self._saved = (root.handlers[:], root.level)
+        root.handlers = [console_handler()]
+        root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        root = logging.getLogger()
+        root.handlers, level = self._saved
+        root.setLevel(level)
+
+
 class _console_quiet:
     """Keep the named loggers off the console (their records still reach the log file)."""
 
