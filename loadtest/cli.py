@@ -96,7 +96,7 @@ def characterize(
         raise BadParameterError("--resume takes the plan from the run's environment.json; drop --plan")
     if resume is None and plan is None:
         raise BadParameterError("give --plan PLAN (or --resume RUN_DIR)")
-    from loadtest.runner import RunOptions, console_logging, resume_plan
+    from loadtest.runner import RunOptions, console_logging, resume_plan, run_summary
     from loadtest.runner import characterize as run
 
     parsed = resume_plan(resume) if resume is not None else load_plan(plan)
@@ -119,6 +119,8 @@ def characterize(
     )
     with console_logging():  # warnings and one line per point; the rest goes to the run's log file
         run_dir = run(parsed, options)
+    for line in run_summary(run_dir):
+        typer.echo(line)
     typer.echo(f"report: {run_dir / 'report.html'} (raw data and report.md beside it)")
     failed = _failed_points(run_dir / "points.jsonl")
     if failed:

@@ -1171,6 +1171,45 @@ def characterize(plan: Plan, options: RunOptions) -> Path:
     return run_dir
 
 
+def run_summary(run_dir: str | Path) -> list[str]:
+    """A few lines on a finished run: stable share, capacity per model, each whole curve's coverage.
+
+    For each model's whole variant: is there a stable point meeting its SLO for at least 99% of
+    requests, and a point at or past capacity (unstable, or at >= 1x of a server-limited capacity)?
+    """
+    points = [p for p in read_points(run_dir) if p.get("status") == "ok"]
+    failed = len(read_points(run_dir)) - len(points)
+    stable = sum(1 for p in points if p.get("stable"))
+    lines = [
+        f"{len(points)} points measured ({failed} failed): {stable} stable "
+        f"({stable / len(points):.0%})" if points else f"no point measured ({failed} failed)"
+    ]
+    capacity = read_capacity(run_dir) or {"models": {}}
+    for model, labels in capacity["models"].items():
+        for label, entry in labels.items():
+            lines.append(
+                f"capacity {model} {label}: sustained {entry.get('sustained_rps')} req/s, at the SLO "
+                f"{entry.get('slo_rps')} req/s, limited by {entry.get('limited_by')}"
+            )
+    for model in dict.fromkeys(p["point"]["model"] for p in points):
+        whole = [p for p in points if p["point"]["model"] == model and p["point"]["variant"] == "whole"]
+        if not whole:
+            continue
+        good = any(
+            p.get("stable") and (p.get("client") or {}).get("slo_attainment", 0) >= 0.99 for p in whole
+        )
+        server_limited = (capacity["models"].get(model, {}).get("whole") or {}).get("limited_by") == "server"
+        past = any(
+            not p.get("stable") or (server_limited and ((p.get("load") or {}).get("multiple") or 0) >= 1.0)
+            for p in whole
+        )
+        lines.append(
+            f"{model} whole: stable point with SLO attainment >= 99%: {'yes' if good else 'no'}; "
+            f"point at or past capacity: {'yes' if past else 'no'}"
+        )
+    return lines
+
+
 def resume_plan(run_dir: str | Path) -> Plan:
     """The plan a run was started with, from its ``environment.json`` (for ``--resume``)."""
     environment = read_environment(run_dir)
