@@ -63,7 +63,7 @@ from loadtest.rundir import (  # noqa: F401 - re-exported for older callers
     write_json,
     write_points,
 )
-from loadtest.stability import arrival_period_s, assess
+from loadtest.stability import LOADGEN_REASONS, arrival_period_s, assess
 from stagebatch.repository import DynamicBatching
 from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
 
@@ -1175,7 +1175,8 @@ def run_summary(run_dir: str | Path) -> list[str]:
     """A few lines on a finished run: stable share, capacity per model, each whole curve's coverage.
 
     For each model's whole variant: is there a stable point meeting its SLO for at least 99% of
-    requests, and a point at or past capacity (unstable, or at >= 1x of a server-limited capacity)?
+    requests, and a point at or past capacity (saturated, i.e. unstable for a server reason, or at
+    >= 1x of a server-limited capacity)?
     """
     points = [p for p in read_points(run_dir) if p.get("status") == "ok"]
     failed = len(read_points(run_dir)) - len(points)
@@ -1199,9 +1200,13 @@ def run_summary(run_dir: str | Path) -> list[str]:
             p.get("stable") and (p.get("client") or {}).get("slo_attainment", 0) >= 0.99 for p in whole
         )
         server_limited = (capacity["models"].get(model, {}).get("whole") or {}).get("limited_by") == "server"
-        past = any(
-            not p.get("stable") or (server_limited and ((p.get("load") or {}).get("multiple") or 0) >= 1.0)
+        saturated = [
+            p
             for p in whole
+            if not p.get("stable") and (p.get("unstable_reason") or "").split(":")[0] not in LOADGEN_REASONS
+        ]
+        past = bool(saturated) or any(
+            server_limited and ((p.get("load") or {}).get("multiple") or 0) >= 1.0 for p in whole
         )
         lines.append(
             f"{model} whole: stable point with SLO attainment >= 99%: {'yes' if good else 'no'}; "
