@@ -594,7 +594,11 @@ class Characterization:
             unstable_reason=verdict.unstable_reason,
             subwindows=[sub.__dict__ for sub in verdict.subwindows],
             backlog_growth_per_s=round(verdict.backlog_growth_per_s, 3),
-            stability={"keep_up_ratio": verdict.keep_up_ratio, "late_share": round(verdict.late_share, 4)},
+            stability={
+                "keep_up_ratio": verdict.keep_up_ratio,
+                "late_share": round(verdict.late_share, 4),
+                "rate_kept": verdict.rate_kept,
+            },
             repeat=point.repeat,
             repeats=point.repeats,
             comparison_key=point.comparison_key,
@@ -680,13 +684,14 @@ class Characterization:
         )
         ok = [r["latency_us"] for r in records if r["ok"]]
         tail_ms = percentile_us(ok, spec.percentile) / 1000.0 if ok else None
+        # a generator that sent late but kept every sub-window's rate does not make the rate unsustained
         probe = capacity_search.Probe(
             rate_rps=rate_rps,
-            stable=verdict.stable,
+            stable=verdict.sustained,
             achieved_rps=verdict.achieved_rps,
             p99_ms=tail_ms,
             reason=verdict.unstable_reason,
-            load_generator_limited=verdict.limited_by_load_generator,
+            load_generator_limited=verdict.limited_by_load_generator and not verdict.sustained,
         )
         PROGRESS.info(
             "capacity %s %s: %.1f req/s -> %.1f achieved, p%g %s ms, %s",
@@ -696,7 +701,9 @@ class Characterization:
             probe.achieved_rps,
             spec.percentile,
             "-" if tail_ms is None else f"{tail_ms:.1f}",
-            "sustained" if probe.stable else f"not sustained ({(probe.reason or '').split(':')[0]})",
+            ("sustained" + (" (generator late, rate kept)" if probe.reason else ""))
+            if probe.stable
+            else f"not sustained ({(probe.reason or '').split(':')[0]})",
         )
         return probe
 

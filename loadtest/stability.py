@@ -14,6 +14,11 @@ tested on synthetic records. A point is **stable** when
    or 50 ms gaps is noise on a shared machine, not a broken schedule), and its busiest process stayed
    under ``LOADGEN_BUSY_PERCENT`` of a core.
 
+``rate_kept`` says whether the generator still delivered every sub-window's scheduled arrivals
+within ``KEEP_UP_TOLERANCE`` (lateness moved few requests across sub-window boundaries): a late but
+rate-keeping generator makes arrivals clumpier, which spoils latency figures but not the question
+the capacity search asks (does the server keep up with this rate?).
+
 The server-side rules are checked first: a point the server could not keep up with is reported as
 such even if the generator was also late. Periodic (bursty) arrivals get sub-windows of whole burst
 cycles, so every sub-window boundary falls at the same phase. Field meanings: docs/characterization.md.
@@ -68,6 +73,14 @@ class Stability:
     unstable_reason: str | None = None
     keep_up_ratio: float | None = None  # completions / arrivals after the first sub-window
     late_share: float = 0.0
+    rate_kept: bool = True  # every sub-window's arrivals were sent within it (within the tolerance)
+
+    @property
+    def sustained(self) -> bool:
+        """For the capacity search: stable, or only late while still delivering the rate."""
+        if self.stable:
+            return True
+        return self.unstable_reason.split(":")[0] == REASON_LOADGEN_LATE and self.rate_kept
 
     @property
     def limited_by_load_generator(self) -> bool:
@@ -155,6 +168,12 @@ def assess(
     late_limit_us = max(late_tolerance_us, LATE_LATENCY_SHARE * median_us, LATE_GAP_SHARE * mean_gap_us)
     late = sum(1 for r in rows if int(r.get("late_us") or 0) > late_limit_us)
     late_share = late / arrivals if arrivals else 0.0
+    sent_at = sorted(int(r["t_send_us"]) for r in rows)
+    moved = sum(
+        abs((count_before(sent_at, edges_us[i + 1]) - count_before(sent_at, edges_us[i])) - subs[i].arrivals)
+        for i in range(n)
+    )
+    rate_kept = moved <= max(2, KEEP_UP_TOLERANCE * arrivals)
     tail_arrivals = sum(s.arrivals for s in subs[1:])
     tail_completions = sum(s.completions for s in subs[1:])
     keep_up = tail_completions / tail_arrivals if tail_arrivals else None
@@ -165,6 +184,7 @@ def assess(
         backlog_growth_per_s=growth_per_s,
         keep_up_ratio=keep_up,
         late_share=late_share,
+        rate_kept=rate_kept,
     )
     reason = None
     if arrivals == 0:
