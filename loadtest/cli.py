@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,15 +20,6 @@ def _default_out(name: str) -> Path:
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return Path("results") / f"{name}-{stamp}"
-
-
-def _console_logging() -> None:
-    """Console: warnings and one line per point; the rest goes to the run's log file (see loadtest.runner)."""
-    from loadtest.runner import console_handler
-
-    root = logging.getLogger()
-    root.handlers = [console_handler()]
-    root.setLevel(logging.INFO)
 
 
 def _read_capacity_arg(path: Path) -> dict:
@@ -106,7 +96,7 @@ def characterize(
         raise BadParameterError("--resume takes the plan from the run's environment.json; drop --plan")
     if resume is None and plan is None:
         raise BadParameterError("give --plan PLAN (or --resume RUN_DIR)")
-    from loadtest.runner import RunOptions, resume_plan
+    from loadtest.runner import RunOptions, console_logging, resume_plan, run_summary
     from loadtest.runner import characterize as run
 
     parsed = resume_plan(resume) if resume is not None else load_plan(plan)
@@ -114,7 +104,6 @@ def characterize(
     if check:
         _print_check(parsed, capacity_doc)
         return
-    _console_logging()
     out = resume if resume is not None else (out or _default_out(parsed.name))
     capacity_file = None
     if capacity is not None:
@@ -128,7 +117,10 @@ def characterize(
         resume=resume is not None,
         capacity_file=capacity_file,
     )
-    run_dir = run(parsed, options)
+    with console_logging():  # warnings and one line per point; the rest goes to the run's log file
+        run_dir = run(parsed, options)
+    for line in run_summary(run_dir):
+        typer.echo(line)
     typer.echo(f"report: {run_dir / 'report.html'} (raw data and report.md beside it)")
     failed = _failed_points(run_dir / "points.jsonl")
     if failed:
@@ -165,7 +157,7 @@ def capacity(
 
     from loadtest.plan import CAPACITY_LABELS, load_plan
     from loadtest.rundir import CAPACITY_FILE
-    from loadtest.runner import Characterization, RunOptions
+    from loadtest.runner import Characterization, RunOptions, console_logging
     from stagebatch.errors import BadParameterError
 
     parsed = load_plan(plan)
@@ -175,10 +167,10 @@ def capacity(
         if bad or not chosen:
             raise BadParameterError(f"--variants {variants}: each must be one of {', '.join(CAPACITY_LABELS)}")
         parsed.capacity = dataclasses.replace(parsed.capacity, variants=chosen)
-    _console_logging()
     out = out or _default_out("capacity")
     search = Characterization(parsed, RunOptions(out_dir=out, url=url, workers=workers, progress=False))
-    document = search.run_capacity(model or None)
+    with console_logging():
+        document = search.run_capacity(model or None)
     for name, labels in document["models"].items():
         for label, entry in labels.items():
             slo = "-" if entry["slo_rps"] is None else f"{entry['slo_rps']:.1f}"

@@ -63,7 +63,7 @@ from loadtest.rundir import (  # noqa: F401 - re-exported for older callers
     write_json,
     write_points,
 )
-from loadtest.stability import arrival_period_s, assess
+from loadtest.stability import LOADGEN_REASONS, arrival_period_s, assess
 from stagebatch.repository import DynamicBatching
 from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
 
@@ -594,7 +594,11 @@ class Characterization:
             unstable_reason=verdict.unstable_reason,
             subwindows=[sub.__dict__ for sub in verdict.subwindows],
             backlog_growth_per_s=round(verdict.backlog_growth_per_s, 3),
-            stability={"keep_up_ratio": verdict.keep_up_ratio, "late_share": round(verdict.late_share, 4)},
+            stability={
+                "keep_up_ratio": verdict.keep_up_ratio,
+                "late_share": round(verdict.late_share, 4),
+                "rate_kept": verdict.rate_kept,
+            },
             repeat=point.repeat,
             repeats=point.repeats,
             comparison_key=point.comparison_key,
@@ -680,13 +684,14 @@ class Characterization:
         )
         ok = [r["latency_us"] for r in records if r["ok"]]
         tail_ms = percentile_us(ok, spec.percentile) / 1000.0 if ok else None
+        # a generator that sent late but kept every sub-window's rate does not make the rate unsustained
         probe = capacity_search.Probe(
             rate_rps=rate_rps,
-            stable=verdict.stable,
+            stable=verdict.sustained,
             achieved_rps=verdict.achieved_rps,
             p99_ms=tail_ms,
             reason=verdict.unstable_reason,
-            load_generator_limited=verdict.limited_by_load_generator,
+            load_generator_limited=verdict.limited_by_load_generator and not verdict.sustained,
         )
         PROGRESS.info(
             "capacity %s %s: %.1f req/s -> %.1f achieved, p%g %s ms, %s",
@@ -696,7 +701,9 @@ class Characterization:
             probe.achieved_rps,
             spec.percentile,
             "-" if tail_ms is None else f"{tail_ms:.1f}",
-            "sustained" if probe.stable else f"not sustained ({(probe.reason or '').split(':')[0]})",
+            ("sustained" + (" (generator late, rate kept)" if probe.reason else ""))
+            if probe.stable
+            else f"not sustained ({(probe.reason or '').split(':')[0]})",
         )
         return probe
 
@@ -977,6 +984,22 @@ def console_handler() -> logging.Handler:
     return handler
 
 
+class console_logging:
+    """For the CLI: the root logger at INFO with only :func:`console_handler`; restored on exit."""
+
+    def __enter__(self) -> console_logging:
+        root = logging.getLogger()
+        self._saved = (root.handlers[:], root.level)
+        root.handlers = [console_handler()]
+        root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        root = logging.getLogger()
+        root.handlers, level = self._saved
+        root.setLevel(level)
+
+
 class _console_quiet:
     """Keep the named loggers off the console (their records still reach the log file)."""
 
@@ -1153,6 +1176,50 @@ def characterize(plan: Plan, options: RunOptions) -> Path:
         LOGGER.warning("resume with: stagebatch characterize --resume %s", run_dir)
         raise KeyboardInterrupt
     return run_dir
+
+
+def run_summary(run_dir: str | Path) -> list[str]:
+    """A few lines on a finished run: stable share, capacity per model, each whole curve's coverage.
+
+    For each model's whole variant: is there a stable point meeting its SLO for at least 99% of
+    requests, and a point at or past capacity (saturated, i.e. unstable for a server reason, or at
+    >= 1x of a server-limited capacity)?
+    """
+    points = [p for p in read_points(run_dir) if p.get("status") == "ok"]
+    failed = len(read_points(run_dir)) - len(points)
+    stable = sum(1 for p in points if p.get("stable"))
+    lines = [
+        f"{len(points)} points measured ({failed} failed): {stable} stable "
+        f"({stable / len(points):.0%})" if points else f"no point measured ({failed} failed)"
+    ]
+    capacity = read_capacity(run_dir) or {"models": {}}
+    for model, labels in capacity["models"].items():
+        for label, entry in labels.items():
+            lines.append(
+                f"capacity {model} {label}: sustained {entry.get('sustained_rps')} req/s, at the SLO "
+                f"{entry.get('slo_rps')} req/s, limited by {entry.get('limited_by')}"
+            )
+    for model in dict.fromkeys(p["point"]["model"] for p in points):
+        whole = [p for p in points if p["point"]["model"] == model and p["point"]["variant"] == "whole"]
+        if not whole:
+            continue
+        good = any(
+            p.get("stable") and (p.get("client") or {}).get("slo_attainment", 0) >= 0.99 for p in whole
+        )
+        server_limited = (capacity["models"].get(model, {}).get("whole") or {}).get("limited_by") == "server"
+        saturated = [
+            p
+            for p in whole
+            if not p.get("stable") and (p.get("unstable_reason") or "").split(":")[0] not in LOADGEN_REASONS
+        ]
+        past = bool(saturated) or any(
+            server_limited and ((p.get("load") or {}).get("multiple") or 0) >= 1.0 for p in whole
+        )
+        lines.append(
+            f"{model} whole: stable point with SLO attainment >= 99%: {'yes' if good else 'no'}; "
+            f"point at or past capacity: {'yes' if past else 'no'}"
+        )
+    return lines
 
 
 def resume_plan(run_dir: str | Path) -> Plan:

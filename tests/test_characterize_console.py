@@ -59,3 +59,19 @@ def test_point_line_says_rate_multiple_and_verdict():
         "UNSTABLE (backlog_growing)"
     )
     assert "FAILED: boom" in runner.point_line(1, 1, {"status": "failed", "point": {"point_id": "p"}, "error": "boom"})
+
+
+def test_run_summary_counts_stable_points_and_whole_curve_coverage(tmp_path):
+    from loadtest.rundir import CAPACITY_FILE, append_point, start_run_files, write_json
+
+    start_run_files(tmp_path)
+    write_json(tmp_path / CAPACITY_FILE, {"models": {"m": {"whole": {"sustained_rps": 100, "slo_rps": 90,
+                                                                      "limited_by": "server"}}}})  # fmt: skip
+    for index, (multiple, stable, attainment) in enumerate([(0.5, True, 1.0), (1.3, False, 0.2)]):
+        append_point(tmp_path, {"index": index, "status": "ok", "stable": stable,
+                                "point": {"model": "m", "variant": "whole"},
+                                "load": {"multiple": multiple}, "client": {"slo_attainment": attainment}})  # fmt: skip
+    lines = runner.run_summary(tmp_path)
+    assert lines[0] == "2 points measured (0 failed): 1 stable (50%)"
+    assert "limited by server" in lines[1]
+    assert lines[2] == "m whole: stable point with SLO attainment >= 99%: yes; point at or past capacity: yes"

@@ -64,9 +64,9 @@ def test_stability_is_stable_when_bursts_overload_briefly_then_drain():
 
 def test_stability_blames_the_generator_when_arrivals_were_sent_late():
     rows = _queue(_poisson(50, 6), service_s=0.01)
-    for row in rows[::5]:  # every fifth arrival left 40 ms (two mean gaps) behind schedule
-        row["late_us"] = 40_000
-        row["t_send_us"] += 40_000
+    for row in rows[::5]:  # every fifth arrival left 100 ms (five mean gaps) behind schedule
+        row["late_us"] = 100_000
+        row["t_send_us"] += 100_000
     verdict = stability.assess(rows, START_US, 6)
     assert not verdict.stable and verdict.limited_by_load_generator
     assert verdict.unstable_reason.startswith(stability.REASON_LOADGEN_LATE)
@@ -98,3 +98,17 @@ def test_stability_ignores_lateness_small_against_the_latency():
         row["t_send_us"] += 5_000
     verdict = stability.assess(rows, START_US, 6)
     assert verdict.stable, verdict.unstable_reason
+
+
+def test_capacity_counts_a_late_generator_that_kept_the_rate_as_sustained():
+    rows = _queue(_poisson(50, 6), service_s=0.01)
+    for row in rows[::5]:  # late, but each by far less than a sub-window
+        row["late_us"] = 100_000
+        row["t_send_us"] += 100_000
+    verdict = stability.assess(rows, START_US, 6)
+    assert not verdict.stable and verdict.rate_kept and verdict.sustained
+    for row in rows:  # everything pushed 1.5 s: sub-windows lost their arrivals to the next ones
+        row["late_us"] = 1_500_000
+        row["t_send_us"] += 1_500_000
+    verdict = stability.assess(rows, START_US, 6)
+    assert not verdict.rate_kept and not verdict.sustained
