@@ -140,6 +140,8 @@ def read_requests(path: Path, points: Iterable[int] | None = None) -> dict[int, 
                     "batch_sizes": [int(b) for b in row["batch_sizes"].split()]
                     if row.get("batch_sizes")
                     else [],
+                    # the reorchestrator's per-request record (REORCH_RECORD), when it sent one
+                    "server": json.loads(row["server"]) if row.get("server") else None,
                 }
             )
     return grouped

@@ -43,17 +43,11 @@ from loadtest.plan import (
     parse_plan,
     resolve_arrival,
 )
-from loadtest.rundir import (  # noqa: F401 - re-exported for older callers
+from loadtest.rundir import (
     CAPACITY_FILE,
     ENVIRONMENT_FILE,
     LOG_FILE,
-    POINTS_FILE,
-    REQUEST_COLUMNS,
-    REQUESTS_FILE,
     append_point,
-    dumps,
-    read_requests,
-    request_row,
     discard_incomplete,
     drop_requests,
     read_capacity,

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import rundir, runner
 from loadtest.plan import load_plan
 
 BUILD_PLAN = textwrap.dedent("""\
@@ -40,7 +40,7 @@ def test_runner_builds_and_rebuilds_sliced_models(tmp_path):
     )
     points = {
         json.loads(line)["point"]["point_id"]: json.loads(line)
-        for line in (run_dir / runner.POINTS_FILE).read_text().splitlines()
+        for line in (run_dir / rundir.POINTS_FILE).read_text().splitlines()
     }
     assert all(p["status"] == "ok" for p in points.values()), [p.get("error") for p in points.values()]
     ensemble = points["variants/bert_base/ensemble/poisson"]

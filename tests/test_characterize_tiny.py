@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loadtest import report as report_lib
-from loadtest import runner
+from loadtest import rundir, runner
 from loadtest.plan import load_plan
 from loadtest.stats import summarize
 from stagebatch.cli import main
@@ -53,13 +53,13 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.server
 def test_runner_completes_a_small_plan_with_raw_data(tiny_run):
-    points = [json.loads(line) for line in (tiny_run / runner.POINTS_FILE).read_text().splitlines()]
+    points = [json.loads(line) for line in (tiny_run / rundir.POINTS_FILE).read_text().splitlines()]
     assert [p["status"] for p in points] == ["ok"] * 4, [p.get("error") for p in points]
-    environment = json.loads((tiny_run / runner.ENVIRONMENT_FILE).read_text())
+    environment = json.loads((tiny_run / rundir.ENVIRONMENT_FILE).read_text())
     assert environment["plan"]["name"] == "tiny" and "models:" in environment["plan_text"]
     assert environment["hardware"]["cpu_cores_logical"] >= 1
     assert environment["software"]["tritonclient"] and environment["finished_utc"]
-    requests = runner.read_requests(tiny_run / runner.REQUESTS_FILE)
+    requests = rundir.read_requests(tiny_run / rundir.REQUESTS_FILE)
     for point in points:
         rows = requests[point["index"]]
         assert point["client"]["requests"] == len(rows) > 0
@@ -89,9 +89,9 @@ def test_report_sections_and_numbers_match_raw_data(tiny_run):
     md = (tiny_run / "report.md").read_text()
     for title in report_lib.SECTION_TITLES:
         assert f">{title}</h2>" in html and f"## {title}" in md
-    with open(tiny_run / runner.REQUESTS_FILE, newline="") as handle:
+    with open(tiny_run / rundir.REQUESTS_FILE, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    for line in (tiny_run / runner.POINTS_FILE).read_text().splitlines():
+    for line in (tiny_run / rundir.POINTS_FILE).read_text().splitlines():
         point = json.loads(line)
         mine = [r for r in rows if int(r["point"]) == point["index"]]
         latencies = np.array([int(r["latency_us"]) for r in mine])
@@ -140,7 +140,7 @@ def test_unknown_model_in_repository_is_refused_before_any_point(tmp_path, capsy
     )
     err = capsys.readouterr().err
     assert "plan.yaml:5: models.bert_base: model 'bert_base' is not in the repository" in err
-    assert not (tmp_path / "run" / runner.POINTS_FILE).exists()
+    assert not (tmp_path / "run" / rundir.POINTS_FILE).exists()
 
 
 @pytest.mark.server
@@ -160,9 +160,9 @@ def test_runner_against_a_running_server_restores_its_models(tmp_path, triton_se
         out_dir=tmp_path / "run", url=server.grpc_url, admin_headers=server.admin_headers, progress=False
     )
     run_dir = runner.characterize(load_plan(tmp_path / "plan.yaml"), options)
-    points = [json.loads(line) for line in (run_dir / runner.POINTS_FILE).read_text().splitlines()]
+    points = [json.loads(line) for line in (run_dir / rundir.POINTS_FILE).read_text().splitlines()]
     assert [p["status"] for p in points] == ["ok", "ok"]
-    assert json.loads((run_dir / runner.ENVIRONMENT_FILE).read_text())["server"] == server.grpc_url
+    assert json.loads((run_dir / rundir.ENVIRONMENT_FILE).read_text())["server"] == server.grpc_url
     # the points ran with queue delays 0 and 3000 µs and max batch 4; the server got its model back as built
     restored = client.get_model_config("seq", as_json=True)["config"]
     assert restored["max_batch_size"] == built["max_batch_size"] == 8
