@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import re
@@ -27,26 +28,26 @@ from typing import Any
 
 import yaml
 
+from backends.reorch.policies import BatchPolicy, ReorchKnobs
+from loadtest import workloads
+from loadtest.workloads import ARRIVAL_KINDS, LENGTH_KINDS
+from slicing.manifest import VARIANTS
+from slicing.slicer import BALANCES
+from slicing.zoo import MODEL_NAMES as ZOO_MODELS
+from slicing.zoo import SIZES
 from stagebatch.errors import ConfigValidationError
+from stagebatch.repository import TARGETS
 
-VARIANTS = ("whole", "ensemble", "reorch")
-REORCH_POLICIES = ("pipeline", "load", "operator", "input", "dva")
-ZOO_MODELS = ("resnet50", "bert_base", "lstm")
-SIZES = ("tiny", "small", "full")
-TARGETS = ("embedded", "gpu")
-BALANCES = ("measured", "profile", "flops")
-try:  # the load generator owns these names
-    from loadtest.workloads import ARRIVAL_KINDS, LENGTH_KINDS
-except ImportError:
-    ARRIVAL_KINDS = ("closed", "poisson", "constant", "bursty", "spike", "trace")
-    LENGTH_KINDS = ("fixed", "uniform", "longtail", "file")
+# Every vocabulary is its owner's: the reorchestrator's policies, the manifest's variants, the zoo's
+# models and sizes, the slicer's balances, the repository writer's targets, the workloads' kinds.
+REORCH_POLICIES = tuple(policy.value for policy in BatchPolicy)
 PLANS_DIR = Path(__file__).parent / "plans"
 # arrival fields that are rates: each takes req/s (120) or a multiple of the measured capacity (0.85x)
 RATE_FIELDS = ("rate_rps", "off_rate_rps", "spike_rate_rps")
 _RELATIVE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*[xX]\s*$")
 # a stand-in capacity for checking relative arrivals with the load generator's own rules
 _PLACEHOLDER_CAPACITY_RPS = 100.0
-CAPACITY_LABELS = ("whole", "ensemble", "reorch")
+CAPACITY_LABELS = VARIANTS
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -834,15 +835,7 @@ def _check_with_driver(class_name: str, raw: dict, where: _Where) -> None:
     ``loadtest.workloads`` owns the meaning of arrival and length fields; repeating its rules here
     would drift.
     """
-    try:
-        from loadtest import workloads
-    except ImportError:  # not in this checkout: only the kind was checked
-        return
-    spec_class = getattr(workloads, class_name, None)
-    if spec_class is None:
-        return
-    import dataclasses
-
+    spec_class = getattr(workloads, class_name)
     fields = {f.name: f for f in dataclasses.fields(spec_class)}
     _check_keys(raw, list(fields), where)
     for key, value in raw.items():
@@ -1040,16 +1033,6 @@ def _parse_slicing(raw: Any, where: _Where, experiment: Experiment, repository: 
         raise where.error("slicing sweeps rebuild the model; set repository.build: true")
 
 
-def _reorch_knobs_class():
-    """The reorchestrator's knob dataclass when it is installed in this checkout, else None."""
-    try:
-        from backends.reorch import policies
-    except ImportError:
-        return None
-    knobs_class = getattr(policies, "ReorchKnobs", None)
-    import dataclasses
-
-    return knobs_class if knobs_class is not None and dataclasses.is_dataclass(knobs_class) else None
 
 
 def knob_parameter(value: Any) -> str:
@@ -1077,28 +1060,23 @@ def _parse_reorch(raw: Any, where: _Where, experiment: Experiment) -> None:
         return
     knobs_where = at("knobs")
     knobs_raw = _expect_mapping(raw["knobs"], knobs_where)
-    knobs_class = _reorch_knobs_class()
-    if knobs_class is not None:
-        import dataclasses
-
-        # "policy" is its own axis; the rest are the knob dataclass's fields
-        _check_keys(knobs_raw, [f.name for f in dataclasses.fields(knobs_class)], knobs_where)
+    # "policy" is its own axis; the rest are the knob dataclass's fields
+    _check_keys(knobs_raw, [f.name for f in dataclasses.fields(ReorchKnobs)], knobs_where)
     for key, value in knobs_raw.items():
         key_where = knobs_where.child(str(key), _key_line(knobs_raw, key, knobs_where.line))
         # a list of lists sweeps list-valued knobs (bucket_bounds); a list of scalars sweeps a scalar knob
         values = _sweep(value, key_where, _check_knob_value)
         experiment.knobs[str(key)] = values
-        if knobs_class is not None:
-            for index, one in enumerate(values):
-                try:
-                    knobs_class.from_parameters({str(key): knob_parameter(one)})
-                except (ValueError, TypeError, ConfigValidationError) as error:
-                    item_where = (
-                        key_where.child(index, _item_line(value, index, key_where.line))
-                        if isinstance(value, list)
-                        else key_where
-                    )
-                    raise item_where.error(str(error)) from None
+        for index, one in enumerate(values):
+            try:
+                ReorchKnobs.from_parameters({str(key): knob_parameter(one)})
+            except (ValueError, TypeError, ConfigValidationError) as error:
+                item_where = (
+                    key_where.child(index, _item_line(value, index, key_where.line))
+                    if isinstance(value, list)
+                    else key_where
+                )
+                raise item_where.error(str(error)) from None
 
 
 def _check_knob_value(value: Any, where: _Where) -> Any:
