@@ -380,7 +380,10 @@ class Characterization:
 
             self._server_starts += 1
             log_name = "tritonserver.log" if self._server_starts == 1 else f"tritonserver.{self._server_starts}.log"
-            self.server = EmbeddedTriton(self.repository, models=[], log_path=self.out_dir / log_name)
+            # Supervised: a model whose stub dies is reloaded (with the config it was serving) within
+            # seconds; a point during which that happened is recorded as failed (see _run_point).
+            self.server = EmbeddedTriton(self.repository, models=[], log_path=self.out_dir / log_name,
+                                         supervise=True)
             self.server.start()
             url = self.server.grpc_url
             self.admin_headers = self.server.admin_headers
@@ -515,6 +518,11 @@ class Characterization:
             seed=point.seed,
         )
 
+    def _restarts(self, names: list[str]) -> int:
+        """Supervisor restarts of ``names`` so far (0 against a server this runner did not start)."""
+        supervisor = self.server.supervisor if self.server is not None else None
+        return sum(supervisor.restarts(name) for name in names) if supervisor is not None else 0
+
     def _run_point(self, index: int, point: Point) -> tuple[dict, list]:
         """Measure one point; return its ``points.jsonl`` record and its request records."""
         from loadtest.driver import run_load
@@ -529,8 +537,15 @@ class Characterization:
         names = self._ensure(point)
         reorch_name = names[-1] if point.variant == "reorch" else None
         sampler = _Sampler(self.client, names, self.metrics_url if reorch_name else None)
+        restarts_before = self._restarts(names)
         with sampler, _console_quiet("loadtest.driver"):  # its warnings go to the log; the point line judges
             result = run_load(self.url, self.manifest, self._load_spec(point), workers=self.options.workers)
+        restarted = self._restarts(names) - restarts_before
+        if restarted:
+            raise StagebatchError(
+                f"the supervisor restarted {restarted} model(s) of this point while it ran (a Python stub "
+                f"died); the point's figures would mix two servers; see {self.server.log_path}"
+            )
         # server counters over the measured window: the last snapshot before it opened (warm-up excluded),
         # and one after the run, when every request of the window has been answered
         window_start_s = result.start_epoch_s + point.warmup_s
