@@ -34,7 +34,8 @@ POINTS_FILE = "points.jsonl"  # one JSON line per complete point
 REQUESTS_FILE = "requests.csv"  # one row per request of every point
 CAPACITY_FILE = "capacity.json"  # the capacity search (contract 5)
 LOG_FILE = "run.log"  # the run's full log, including the exporter's and onnxruntime's chatter
-LOADGEN_CROSSCHECK_FILE = "loadgen_crosscheck.json"
+LOADGEN_CROSSCHECK_FILE = "loadgen_crosscheck.json"  # one steady point replayed by perf_analyzer too
+SIMULATION_FILE = "simulation.json"  # `stagebatch simulate --run`: every point simulated (docs/tuning.md)
 REQUEST_COLUMNS = (
     "point",
     "t_send_us",

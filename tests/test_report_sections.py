@@ -12,7 +12,7 @@ from loadtest import report as report_lib
 from loadtest import rundir
 from loadtest.report.data import SATURATED, STABLE, UNKNOWN
 from loadtest.report.render import markdown_cell
-from loadtest.report.sections import CrossCheckSection
+from loadtest.report.sections import CrossCheckSection, SimulationSection
 from loadtest.stats import summarize
 from stagebatch.errors import ConfigValidationError
 from tests.report_runs import DURATION_S, SLO_MS, Spec, write_run
@@ -171,3 +171,26 @@ def test_crosscheck_section_says_why_it_was_skipped(tmp_path):
     run = report_lib.RunData(tmp_path, {}, crosscheck={"status": "skipped", "reason": "perf_analyzer not found"})
     content = CrossCheckSection().build(run)
     assert content.paragraphs == ["Skipped: perf_analyzer not found."] and not content.tables
+
+
+def test_simulation_section_shows_the_error_summary_and_each_point(tmp_path):
+    simulation = {
+        "whole_latency_source": "sum of the stage tables per batch size",
+        "points": [
+            {"point_id": "a", "stable": True, "measured": {"p50_ms": 10.0}, "simulated": {"p50_ms": 12.0},
+             "error": {"p50": 0.2}},
+            {"point_id": "b", "skipped": "built with another K"},
+        ],
+        "summary": {"stable_points": 1, "stable_median_abs_error_p50": 0.2, "median_abs_error_p50": 0.2,
+                    "stable_median_abs_error_avg": 0.1, "target": 0.25},
+    }
+    content = SimulationSection().build(report_lib.RunData(tmp_path, {}, simulation=simulation))
+    assert "20.0%" in content.paragraphs[0] and "target 25.0%" in content.paragraphs[0]
+    rows = [row.cells for row in content.tables[0].rows]
+    assert rows[0] == ["a", "stable", "10.00", "12.00", "20.0%"]
+    assert rows[1][-1] == "built with another K"
+
+
+def test_simulation_section_says_how_to_get_one_when_absent(tmp_path):
+    content = SimulationSection().build(report_lib.RunData(tmp_path, {}))
+    assert "stagebatch simulate --run" in content.paragraphs[0] and not content.tables

@@ -16,13 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loadtest.rundir import read_environment, read_points, write_json
+from loadtest.rundir import SIMULATION_FILE, read_environment, read_points, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.errors import ConfigValidationError
 from tuning.batcher import BatcherSettings
 from tuning.simulate import LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
-SIMULATION_FILE = "simulation.json"
 SCHEMA_VERSION = 1
 ERROR_TARGET = 0.25  # the bar: median relative error of p50 over the stable points
 COMPARED = ("p50_ms", "avg_ms", "p99_ms", "throughput_rps")

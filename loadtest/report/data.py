@@ -215,6 +215,7 @@ class RunData:
     points: list[PointData] = field(default_factory=list)
     capacity: dict | None = None  # capacity.json
     crosscheck: dict | None = None  # loadgen_crosscheck.json
+    simulation: dict | None = None  # simulation.json (stagebatch simulate --run)
 
     def measured_points(self) -> list[PointData]:
         """Points that ran and have a client summary."""
@@ -278,6 +279,7 @@ def load_run(run_dir: str | Path) -> RunData:
         environment=environment,
         capacity=rundir.read_capacity(run_dir),
         crosscheck=_read_json(run_dir / rundir.LOADGEN_CROSSCHECK_FILE),
+        simulation=_read_json(run_dir / rundir.SIMULATION_FILE),
     )
     for record in records:
         index = int(record["index"])

@@ -285,6 +285,56 @@ class CrossCheckSection(Section):
         return content
 
 
+class SimulationSection(Section):
+    title = "Simulator error"
+
+    def build(self, run: RunData) -> Content:
+        content = Content(self.title)
+        document = run.simulation
+        if not document:
+            content.paragraphs.append(
+                "Not simulated (no simulation.json): `stagebatch simulate --run RUN_DIR` replays every point "
+                "of this run in virtual time and writes it."
+            )
+            return content
+        summary = document.get("summary") or {}
+        content.paragraphs.append(
+            f"Each point replayed by the simulator from the manifest's stage latency tables "
+            f"({document.get('whole_latency_source', '?')} for the whole model). Median |error| of p50 over "
+            f"the {summary.get('stable_points', '?')} stable points: "
+            f"{_percent(summary.get('stable_median_abs_error_p50'))} (all points "
+            f"{_percent(summary.get('median_abs_error_p50'))}); of the mean: "
+            f"{_percent(summary.get('stable_median_abs_error_avg'))}; target "
+            f"{_percent(summary.get('target'))}."
+        )
+        calibration = document.get("calibration")
+        if calibration:
+            fitted = calibration.get("summary") or {}
+            content.paragraphs.append(
+                f"With overheads fitted to this same run (in-sample, so a fit, not a prediction): median "
+                f"|error| of p50 over the stable points {_percent(fitted.get('stable_median_abs_error_p50'))}."
+            )
+        rows = []
+        for point in document.get("points") or []:
+            if "error" not in point:
+                rows.append(Row([point.get("point_id", "?"), "", "", "", point.get("skipped", "not simulated")]))
+                continue
+            measured, simulated, error = point["measured"], point["simulated"], point["error"]
+            rows.append(Row([
+                point.get("point_id", "?"),
+                "stable" if point.get("stable") else "unstable",
+                fmt(measured.get("p50_ms"), 2),
+                fmt(simulated.get("p50_ms"), 2),
+                f"{_percent(error.get('p50'))}",
+            ]))
+        content.tables.append(Table(["point", "state", "measured p50 ms", "simulated p50 ms", "p50 error"], rows))
+        return content
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100.0 * fraction:.1f}%"
+
+
 class CpuNoteSection(Section):
     title = "What a 2-core CPU can show"
 
@@ -311,6 +361,7 @@ SECTIONS: tuple[Section, ...] = (
     FindingsSection(),
     LoadGeneratorSection(),
     CrossCheckSection(),
+    SimulationSection(),
     CpuNoteSection(),
 )
 SECTION_TITLES = tuple(section.title for section in SECTIONS)
