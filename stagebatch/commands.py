@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from stagebatch.errors import BadParameterError
+
 
 def serve(
     repository: Annotated[Path, typer.Option("--repository", "-r", help="Model repository directory.")] = Path(
@@ -25,6 +27,10 @@ def serve(
     key_file: Annotated[
         Optional[Path], typer.Option(help="Write the admin key (repository API) to this file, mode 0600.")
     ] = None,
+    admin_key_file: Annotated[
+        Optional[Path], typer.Option(help="Take the admin key from this file (e.g. a mounted Secret, so that "
+                                          "replicas share one key) instead of making a new one.")
+    ] = None,
     startup_timeout_s: Annotated[float, typer.Option(help="Seconds to wait for the server and models.")] = 300.0,
     supervise: Annotated[bool, typer.Option(
         "--supervise/--no-supervise",
@@ -39,6 +45,7 @@ def serve(
     from stagebatch.server import ADMIN_HEADER, EmbeddedTriton
 
     console = Console(stderr=True)
+    keys = {} if admin_key_file is None else {"admin_key": read_admin_key(admin_key_file)}
     server = EmbeddedTriton(
         repository,
         models=model or None,
@@ -50,6 +57,7 @@ def serve(
         startup_timeout_s=startup_timeout_s,
         supervise=supervise,
         supervisor_metrics_port=supervisor_metrics_port,
+        **keys,
     )
     stopping = False
 
@@ -140,6 +148,18 @@ def supervise(
         supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def read_admin_key(path: Path) -> str:
+    """The admin key stored in ``path`` (surrounding whitespace dropped); a clear error when there is none."""
+    try:
+        key = path.read_text().strip()
+    except OSError as error:
+        raise BadParameterError(f"--admin-key-file {path}: cannot be read ({error.strerror})") from None
+    if not key or any(character.isspace() for character in key):
+        raise BadParameterError(f"--admin-key-file {path}: must hold one key (a single word), e.g. the output "
+                                "of `python3 -c \"import secrets; print(secrets.token_hex(16))\"`")
+    return key
 
 
 def doctor() -> None:

@@ -185,10 +185,10 @@ def test_cpu_triton_runs_the_embedded_server_on_the_fixed_ports() -> None:
     assert (params["host"], params["http_port"], params["grpc_port"], params["metrics_port"]) == (
         "0.0.0.0", 8000, 8001, 8002)
     assert str(params["repository"]) == "/models"
-    # The key it makes goes to the sidecar through an in-memory emptyDir, not the Secret.
-    assert str(params["key_file"]) == SUPERVISOR_KEY_FILE
+    # Every replica takes the Secret's key (the file the supervisor sidecar reads too).
+    assert str(params["admin_key_file"]) == SUPERVISOR_KEY_FILE
     volumes = {v["name"]: v for v in find(objects, "Deployment", "stagebatch-triton")["spec"]["template"]["spec"]["volumes"]}
-    assert "secret" not in volumes["admin-key"] and volumes["admin-key"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["admin-key"]["secret"]["secretName"] == "stagebatch-admin-key"
     assert "nvidia.com/gpu" not in json.dumps(triton["resources"])
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def local_command(command: list[str], repository: Path, workdir: Path, ports: di
     replacements = {
         "--repository": str(repository), "--host": "127.0.0.1", "--http-port": str(ports["http"]),
         "--grpc-port": str(ports["grpc"]), "--metrics-port": str(ports["metrics"]),
-        "--key-file": str(workdir / "admin-key"), "--log-file": str(workdir / "tritonserver.log"),
+        "--admin-key-file": str(workdir / "admin-key"), "--log-file": str(workdir / "tritonserver.log"),
     }
     local = []
     for arg in command:
@@ -74,6 +75,7 @@ def cpu_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ports = {name: embedded.find_free_port() for name in ("http", "grpc", "metrics")}
     command = local_command(triton["command"], repository, workdir, ports)
     assert "--host=127.0.0.1" in command and f"--http-port={ports['http']}" in command
+    (workdir / "admin-key").write_text(secrets.token_hex(16) + "\n")  # the mounted Secret's file
     with open(workdir / "serve.out", "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "stagebatch.cli", *command[1:]], stdout=out, stderr=subprocess.STDOUT,
@@ -81,8 +83,7 @@ def cpu_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         )
     try:
         deadline = time.monotonic() + 300
-        # `serve` writes the key file once the server and its models are ready.
-        while not (workdir / "admin-key").exists() or http("GET", f"http://127.0.0.1:{ports['http']}/v2/health/ready") != 200:
+        while http("GET", f"http://127.0.0.1:{ports['http']}/v2/health/ready") != 200:
             assert process.poll() is None, (workdir / "serve.out").read_text()[-3000:]
             assert time.monotonic() < deadline, (workdir / "serve.out").read_text()[-3000:]
             time.sleep(0.3)
@@ -120,7 +121,7 @@ def test_probe_paths_answer_on_the_cpu_server(cpu_triton: dict) -> None:
         assert http("GET", f"http://127.0.0.1:{cpu_triton['ports']['http']}{path}") == 200, probe
 
 
-def test_key_file_for_the_sidecar_unlocks_the_repository_api(cpu_triton: dict) -> None:
+def test_the_secrets_key_file_unlocks_the_repository_api(cpu_triton: dict) -> None:
     key = (cpu_triton["workdir"] / "admin-key").read_text().strip()
     assert re.fullmatch(r"[0-9a-f]{32}", key)
     index = f"http://127.0.0.1:{cpu_triton['ports']['http']}/v2/repository/index"
