@@ -5,12 +5,12 @@ the requests themselves leave from this separate, un-patched process, started by
 :class:`loadtest.session.LoadSession` (``python -m loadtest.sender``) before the run starts:
 
 * open loop: the main thread walks this process's share of the precomputed arrival schedule and
-  hands each arrival to gRPC at its time (``future()``; it never waits for a response, so no
-  coordinated omission); an arrival sent late is recorded with its lateness, never skipped;
+  hands each arrival to the client at its time (it never waits for a response, so no coordinated
+  omission); an arrival sent late is recorded with its lateness, never skipped;
 * closed loop: each Locust user of the parent adds one chain here: request, answer, next request,
   until the window closes.
 
-Timestamps are taken on gRPC's own threads (see :mod:`loadtest.client`). Records go back to the
+Timestamps are taken on the threads that make the calls (see :mod:`loadtest.client`). Records go back to the
 parent in batches (length-prefixed pickles on stdout) while the run goes on; the ``REORCH_RECORD``
 JSON stays unparsed here (the parent parses it). At ``start + warmup + duration`` the window
 closes; in-flight requests are waited for (bounded by the client timeout), then a summary frame
@@ -213,7 +213,7 @@ class Sender:
             self._emit(("records", [vars(r) for r in chunk]))
             self._emitted += len(chunk)
             if not final:
-                time.sleep(0)  # let a waiting gRPC thread take its timestamp between chunks
+                time.sleep(0)  # let a waiting call thread take its timestamp between chunks
 
     def _flush_loop(self, stop: threading.Event) -> None:
         while not stop.wait(FLUSH_INTERVAL_S):
