@@ -58,7 +58,8 @@ _INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 _STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Triton's own client allows messages up to INT32_MAX; the default 4 MiB is too small for big tensors.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
-MAX_UNARY_THREADS = 1024
+MAX_UNARY_THREADS = 256
+PRESTARTED_UNARY_THREADS = 4
 _ID_TAG = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["id"].number << 3 | 2  # length-delimited
 
 
@@ -281,14 +282,19 @@ class _UnaryWorkers:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
+        for _ in range(min(PRESTARTED_UNARY_THREADS, max_threads)):
+            self._start()
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._work, daemon=True, name="stagebatch-unary")
+        self._threads.append(thread)
+        self._idle += 1
+        thread.start()
 
     def submit(self, method: Any, pending: _Pending) -> None:
         with self._lock:
             if self._idle <= self._queue.qsize() and len(self._threads) < self._max_threads:
-                thread = threading.Thread(target=self._work, daemon=True, name="stagebatch-unary")
-                self._threads.append(thread)
-                self._idle += 1
-                thread.start()
+                self._start()  # every thread is busy or claimed: one more
         self._queue.put((method, pending))
 
     def _work(self) -> None:
