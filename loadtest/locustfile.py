@@ -1,25 +1,27 @@
 """Locust user for Triton over gRPC: closed- and open-loop workloads built from a repository's manifest.
 
-Run it with plain Locust (``--host`` is the server's gRPC address)::
+Run it with plain Locust (``--host`` is the server's gRPC address: ``host:port``, a comma-separated
+list of them, or ``dns:///name:port``; see :func:`loadtest.client.parse_targets`)::
 
     locust -f loadtest/locustfile.py --headless --host 127.0.0.1:8001 -u 8 -r 8 -t 30s \\
         --sb-manifest model_repository/manifest.json --sb-model bert_base --sb-variant whole \\
         --sb-lengths uniform:min_length=8,max_length=64 --sb-records results/records.jsonl
 
-    # open loop: Poisson arrivals at 50/s; one user per Locust process sends the whole schedule
+    # open loop: Poisson arrivals at 50/s; each Locust process's sender walks its share of the schedule
     locust -f loadtest/locustfile.py --headless --host 127.0.0.1:8001 -u 1 -t 40s \\
         --sb-manifest ... --sb-model bert_base --sb-arrival poisson:rate_rps=50 --sb-duration 30
 
 Every option also reads an environment variable (``STAGEBATCH_MODEL``, ...; see ``--help``).
 Distributed: start the master with ``--master --expect-workers N`` and N processes with
 ``--worker --master-host H``; the master sends the plan to the workers and, for an open loop,
-each worker sends every N-th arrival of the one schedule (one user per worker walks it; a worker
-without a user walks its share anyway).
+each worker sends every N-th arrival of the one schedule (its sender process walks it, with or
+without a user).
 Workers return their raw records to the master, which writes ``--sb-records``. Let ``-t`` exceed
 ``--sb-warmup + --sb-duration`` by a few seconds so the workers can drain and report before Locust
 quits.
 
-Raw latencies (µs, with variant, sequence length, server record and error) are kept per request;
+The requests leave from a sender process per Locust process (:mod:`loadtest.sender`, no gevent);
+raw latencies (µs, with variant, sequence length, server record and error) are kept per request;
 Locust's own ``request`` event is fired too, so its UI, CSV and HTML reports still work (rounded).
 The programmatic API is :func:`loadtest.driver.run_load`.
 """
@@ -251,8 +253,8 @@ def install(event_hooks: Events) -> None:
 
 
 class TritonUser(User):
-    """Lends its greenlet to the process's :class:`LoadSession` (closed: one request at a time;
-    open: the first user of the process walks the arrival schedule, other users stay idle)."""
+    """One user of the process's :class:`LoadSession` (closed loop: one more request-answer chain in
+    the sender; open loop: the sender walks the schedule by itself, users stay idle)."""
 
     wait_time = constant(0)
 
