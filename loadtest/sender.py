@@ -218,6 +218,7 @@ class Sender:
     def _flush_loop(self, stop: threading.Event) -> None:
         while not stop.wait(FLUSH_INTERVAL_S):
             self._flush()
+            gc.freeze()  # the records so far are long-lived: keep full collections from scanning them
 
     def run(self) -> dict[str, Any]:
         """Send the share, drain, emit every record and the summary; return the summary."""
