@@ -42,7 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from loadtest.driver import SATURATION_CPU_PERCENT, LoadPlan, LoadResult, LoadSpec, run_load
-from loadtest.perf_analyzer import PerfAnalyzerUnavailable, ensure_perf_analyzer, run_schedule, stagebatch_summary
+from loadtest.perf_analyzer import (
+    PerfAnalyzerUnavailable,
+    ensure_perf_analyzer,
+    run_schedule,
+    stagebatch_summary,
+)
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec

@@ -94,11 +94,14 @@ def finish_record(record: RequestRecord) -> RequestRecord:
     if isinstance(raw, (bytes, bytearray, memoryview, str)):
         try:
             parsed = json.loads(raw)
-            if not isinstance(parsed, dict):
-                raise ValueError(f"{REORCH_RECORD_OUTPUT} is not a JSON object: {bytes(raw[:80])!r}")
-            record.server = parsed
         except ValueError as error:
             record.server, record.ok, record.error = None, False, f"{type(error).__name__}: {error}"
+            return record
+        if isinstance(parsed, dict):
+            record.server = parsed
+        else:
+            text = f"{REORCH_RECORD_OUTPUT} is not a JSON object: {bytes(raw[:80])!r}"
+            record.server, record.ok, record.error = None, False, f"ValueError: {text}"
     return record
 
 
@@ -151,7 +154,7 @@ class StreamClosedError(Exception):
 class _Pending:
     """One request in flight (slots: created on the hot path)."""
 
-    __slots__ = ("request_id", "seq_len", "payload", "scheduled_ns", "start_ns", "t_send_us", "late_us", "then")
+    __slots__ = ("late_us", "payload", "request_id", "scheduled_ns", "seq_len", "start_ns", "t_send_us", "then")
 
     def __init__(self, request_id: str, seq_len: int | None, payload: bytes, scheduled_ns: int | None,
                  then: Callable[[], None] | None) -> None:
@@ -232,7 +235,7 @@ class _ResponseStream:
                     self._complete(request, end_ns, response.infer_response, None)
         except grpc.RpcError as error:
             reason = f"stream failed: {error.code().name}: {error.details()}"  # type: ignore[attr-defined]
-        except Exception as error:  # a failing stream must still answer every waiting request
+        except Exception as error:  # noqa: BLE001 - a failing stream must still answer every waiting request
             reason = f"stream failed: {type(error).__name__}: {error}"
         finally:
             self.fail_all(f"{StreamClosedError.__name__}: {reason}", pending)
@@ -417,7 +420,7 @@ class TritonLoadClient:
             end_ns = time.perf_counter_ns()
             code = rpc_error.code()  # type: ignore[attr-defined]
             self._complete(pending, end_ns, None, f"{code.name if code else 'UNKNOWN'}: {rpc_error.details()}")  # type: ignore[attr-defined]
-        except Exception as other:  # a channel that cannot even start the call still yields one record
+        except Exception as other:  # noqa: BLE001 - a channel that cannot even start the call still yields one record
             self._complete(pending, time.perf_counter_ns(), None, f"{type(other).__name__}: {other}")
         else:
             self._complete(pending, time.perf_counter_ns(), response, None)
@@ -429,7 +432,7 @@ class TritonLoadClient:
                 if isinstance(response, bytes):
                     response = service_pb2.ModelInferResponse.FromString(response)
                 server = reorch_record_bytes(response)
-            except Exception as other:
+            except Exception as other:  # noqa: BLE001 - a malformed response fails this request only
                 error = f"{type(other).__name__}: {other}"
         record = RequestRecord(
             t_send_us=pending.t_send_us,

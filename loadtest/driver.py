@@ -289,8 +289,7 @@ def _result(spec: LoadSpec, summary: dict[str, Any], all_records: list[RequestRe
         records_path = Path(records_path)
         records_path.parent.mkdir(parents=True, exist_ok=True)
         with open(records_path, "w") as out:
-            for record in records:
-                out.write(json.dumps(record.to_dict()) + "\n")
+            out.writelines(json.dumps(record.to_dict()) + "\n" for record in records)
     for warning in warnings:
         LOGGER.warning("%s", warning)
     return LoadResult(

@@ -149,8 +149,7 @@ class RecordCollector:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as out:
-            for record in sorted(self.records, key=lambda r: r["t_send_us"]):
-                out.write(json.dumps(record) + "\n")
+            out.writelines(json.dumps(record) + "\n" for record in sorted(self.records, key=lambda r: r["t_send_us"]))
 
 
 def _fire_request_event(environment: Environment, record: RequestRecord) -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from tritonclient.grpc import service_pb2
 
 from loadtest.client import (
     REORCH_RECORD_PARAMETER,
@@ -16,7 +17,6 @@ from loadtest.client import (
 )
 from loadtest.request_factory import RequestFactory, model_entry
 from stagebatch.errors import ConfigValidationError
-from tritonclient.grpc import service_pb2
 
 MANIFEST = {
     "target": "embedded",

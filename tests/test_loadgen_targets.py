@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import tritonclient.grpc as grpcclient
 
-from loadgen_models import build_repository
 from loadtest.driver import LoadSpec, run_load
 from loadtest.server_stats import snapshot_statistics
+from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec
 from stagebatch.server import EmbeddedTriton
 
