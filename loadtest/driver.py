@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.client import RequestRecord
+from loadtest.client import PROTOCOLS, RequestRecord, parse_targets
 from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from stagebatch.errors import ConfigValidationError, StagebatchError
@@ -57,7 +57,8 @@ class LoadSpec:
 
     ``duration_s`` is the measured window; it follows ``warmup_s`` seconds whose requests are sent
     but not returned. ``priority``/``timeout_us`` are Triton's per-request priority (1 = highest, 0 =
-    the model's default) and server-side queue timeout (0 = none). ``client_timeout_s`` bounds each
+    the model's default) and server-side queue timeout (0 = none). ``protocol`` is ``unary``
+    (``ModelInfer``) or ``stream`` (``ModelStreamInfer``); empty means the variant's default. ``client_timeout_s`` bounds each
     request on the client: a request unanswered by then is recorded as an error. An open-loop
     arrival sent more than ``late_tolerance_us`` after its scheduled time counts as late.
     """
@@ -74,6 +75,7 @@ class LoadSpec:
     rows: int = 1
     client_timeout_s: float = 60.0
     late_tolerance_us: int = 2000
+    protocol: str = ""  # unary | stream; "" = the variant's default (loadtest.client.DEFAULT_PROTOCOL)
 
     def __post_init__(self) -> None:
         if isinstance(self.arrival, dict):
@@ -89,6 +91,8 @@ class LoadSpec:
             (self.rows >= 1, f"rows must be >= 1 (got {self.rows})"),
             (self.client_timeout_s > 0, f"client_timeout_s must be > 0 (got {self.client_timeout_s})"),
             (self.late_tolerance_us >= 0, f"late_tolerance_us must be >= 0 (got {self.late_tolerance_us})"),
+            (self.protocol in ("", *PROTOCOLS),
+             f"protocol {self.protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)} (or leave it empty)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -199,7 +203,10 @@ def run_load(
     master_bind_host: str = "127.0.0.1",
     master_port: int = 0,
 ) -> LoadResult:
-    """Run ``spec`` against ``grpc_url`` ("host:port") and return the measured window's records.
+    """Run ``spec`` against ``grpc_url`` and return the measured window's records.
+
+    ``grpc_url``: ``"host:port"``, a comma-separated list of them (requests spread round robin over
+    the servers) or ``"dns:///host:port"`` (gRPC's round_robin over every address of the name).
 
     ``workers=0``: one Locust process (LocalRunner). ``workers=N``: a Locust master plus N local worker
     processes; ``remote_workers`` more may connect from other machines (see the module docstring).
@@ -211,6 +218,7 @@ def run_load(
         raise ConfigValidationError("remote_workers need a master reachable from other machines: set master_bind_host")
     spec = _absolute_paths(spec)
     validate_spec(manifest, spec)
+    parse_targets(grpc_url)  # a malformed address fails here, before any process starts
     processes = workers + remote_workers
     plan = LoadPlan(
         grpc_url=grpc_url,
@@ -281,8 +289,7 @@ def _result(spec: LoadSpec, summary: dict[str, Any], all_records: list[RequestRe
         records_path = Path(records_path)
         records_path.parent.mkdir(parents=True, exist_ok=True)
         with open(records_path, "w") as out:
-            for record in records:
-                out.write(json.dumps(record.to_dict()) + "\n")
+            out.writelines(json.dumps(record.to_dict()) + "\n" for record in records)
     for warning in warnings:
         LOGGER.warning("%s", warning)
     return LoadResult(

@@ -1,25 +1,27 @@
 """Locust user for Triton over gRPC: closed- and open-loop workloads built from a repository's manifest.
 
-Run it with plain Locust (``--host`` is the server's gRPC address)::
+Run it with plain Locust (``--host`` is the server's gRPC address: ``host:port``, a comma-separated
+list of them, or ``dns:///name:port``; see :func:`loadtest.client.parse_targets`)::
 
     locust -f loadtest/locustfile.py --headless --host 127.0.0.1:8001 -u 8 -r 8 -t 30s \\
         --sb-manifest model_repository/manifest.json --sb-model bert_base --sb-variant whole \\
         --sb-lengths uniform:min_length=8,max_length=64 --sb-records results/records.jsonl
 
-    # open loop: Poisson arrivals at 50/s; one user per Locust process sends the whole schedule
+    # open loop: Poisson arrivals at 50/s; each Locust process's sender walks its share of the schedule
     locust -f loadtest/locustfile.py --headless --host 127.0.0.1:8001 -u 1 -t 40s \\
         --sb-manifest ... --sb-model bert_base --sb-arrival poisson:rate_rps=50 --sb-duration 30
 
 Every option also reads an environment variable (``STAGEBATCH_MODEL``, ...; see ``--help``).
 Distributed: start the master with ``--master --expect-workers N`` and N processes with
 ``--worker --master-host H``; the master sends the plan to the workers and, for an open loop,
-each worker sends every N-th arrival of the one schedule (one user per worker walks it; a worker
-without a user walks its share anyway).
+each worker sends every N-th arrival of the one schedule (its sender process walks it, with or
+without a user).
 Workers return their raw records to the master, which writes ``--sb-records``. Let ``-t`` exceed
 ``--sb-warmup + --sb-duration`` by a few seconds so the workers can drain and report before Locust
 quits.
 
-Raw latencies (µs, with variant, sequence length, server record and error) are kept per request;
+The requests leave from a sender process per Locust process (:mod:`loadtest.sender`, no gevent);
+raw latencies (µs, with variant, sequence length, server record and error) are kept per request;
 Locust's own ``request`` event is fired too, so its UI, CSV and HTML reports still work (rounded).
 The programmatic API is :func:`loadtest.driver.run_load`.
 """
@@ -43,16 +45,16 @@ from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from loadtest.client import RequestRecord
 from loadtest.driver import LoadPlan, LoadSpec
-from loadtest.session import LoadSession
+from loadtest.session import LoadSession, prewarmed_sender
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.errors import StagebatchError
 
 LOGGER = logging.getLogger("loadtest.locustfile")
 
 # Seconds between the master's test start and the common schedule start: spawn messages must
-# reach every worker first. A LocalRunner needs only a moment.
-DISTRIBUTED_START_DELAY_S = 1.0
-LOCAL_START_DELAY_S = 0.1
+# reach every worker, and each worker's sender process must build its requests and connect.
+DISTRIBUTED_START_DELAY_S = 2.0
+LOCAL_START_DELAY_S = 1.0
 RECORDS_PER_MESSAGE = 2000
 UNBOUNDED_CLOSED_LOOP_S = 86400.0
 
@@ -80,6 +82,8 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--sb-rows", env_var="STAGEBATCH_ROWS", type=int, default=1, help="batch rows per request")
     group.add_argument("--sb-priority", env_var="STAGEBATCH_PRIORITY", type=int, default=0)
     group.add_argument("--sb-timeout-us", env_var="STAGEBATCH_TIMEOUT_US", type=int, default=0)
+    group.add_argument("--sb-protocol", env_var="STAGEBATCH_PROTOCOL", default="", choices=["", "unary", "stream"],
+                       help="gRPC call: 'unary' (ModelInfer) or 'stream' (ModelStreamInfer); default: the variant's")
     group.add_argument("--sb-records", env_var="STAGEBATCH_RECORDS", default="",
                        help="write every request's raw record (JSON lines) to this file")
     # set by the master (or the driver) and forwarded to workers in Locust's spawn message
@@ -92,7 +96,7 @@ def plan_from_options(options: Any, host: str | None) -> LoadPlan:
         return LoadPlan.from_json(options.sb_plan)
     if not host:
         raise StagebatchError("give the server's gRPC address with --host, e.g. --host 127.0.0.1:8001")
-    grpc_url = host.split("://", 1)[-1]
+    grpc_url = host  # one host:port, a comma-separated list, or dns:///host:port (loadtest.client.parse_targets)
     manifest_path = Path(options.sb_manifest)
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -116,7 +120,7 @@ def plan_from_options(options: Any, host: str | None) -> LoadPlan:
         model=options.sb_model, variant=options.sb_variant, arrival=arrival,
         lengths=LengthSpec.parse(options.sb_lengths) if options.sb_lengths else None,
         duration_s=duration_s, warmup_s=options.sb_warmup, seed=options.sb_seed, rows=options.sb_rows,
-        priority=options.sb_priority, timeout_us=options.sb_timeout_us,
+        priority=options.sb_priority, timeout_us=options.sb_timeout_us, protocol=options.sb_protocol,
     )  # fmt: skip
     from loadtest.driver import validate_spec
 
@@ -145,13 +149,12 @@ class RecordCollector:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as out:
-            for record in sorted(self.records, key=lambda r: r["t_send_us"]):
-                out.write(json.dumps(record) + "\n")
+            out.writelines(json.dumps(record) + "\n" for record in sorted(self.records, key=lambda r: r["t_send_us"]))
 
 
 def _fire_request_event(environment: Environment, record: RequestRecord) -> None:
     environment.events.request.fire(
-        request_type="grpc-stream" if record.variant == "reorch" else "grpc",
+        request_type="grpc",
         name=f"{record.model}/{record.variant}",
         response_time=record.latency_us / 1000.0,
         response_length=0,
@@ -191,6 +194,7 @@ def install(event_hooks: Events) -> None:
     def on_init(environment: Environment, runner: Any, **_kwargs: Any) -> None:
         environment.sb_session = None  # type: ignore[attr-defined]
         if isinstance(runner, WorkerRunner):
+            prewarmed_sender()  # this process will send: start its sender now, not at the test start
             return
         if getattr(environment, "sb_plan", None) is None:
             try:
@@ -199,6 +203,8 @@ def install(event_hooks: Events) -> None:
                 # this is the command-line boundary of a `locust -f` run: one line, exit code 1
                 sys.stderr.write(f"error: {error}\n")
                 sys.exit(1)
+        if isinstance(runner, LocalRunner):
+            prewarmed_sender()
         expected = 1
         if isinstance(runner, MasterRunner):
             expected = max(1, int(getattr(environment.parsed_options, "expect_workers", 1) or 1))
@@ -246,8 +252,8 @@ def install(event_hooks: Events) -> None:
 
 
 class TritonUser(User):
-    """Lends its greenlet to the process's :class:`LoadSession` (closed: one request at a time;
-    open: the first user of the process walks the arrival schedule, other users stay idle)."""
+    """One user of the process's :class:`LoadSession` (closed loop: one more request-answer chain in
+    the sender; open loop: the sender walks the schedule by itself, users stay idle)."""
 
     wait_time = constant(0)
 

@@ -156,7 +156,7 @@ class RequestFactory:
         self.pad_to_max = entry.has_sequence and not entry.is_ragged(variant)
         self._rng = np.random.default_rng(seed)
         self._variety = max(1, variety)
-        self._cache: OrderedDict[int | None, tuple[list, int]] = OrderedDict()
+        self._cache: OrderedDict[int | None, tuple[list[tuple[Any, bytes]], int]] = OrderedDict()
         self._cache_size = cache_size
 
     def check_length(self, seq_len: int | None) -> None:
@@ -180,7 +180,14 @@ class RequestFactory:
         return make_inputs(self.entry.inputs, self.rows, padded, rng=self._rng, lengths=[seq_len] * self.rows)
 
     def request_proto(self, seq_len: int | None) -> service_pb2.ModelInferRequest:
-        """A ``ModelInferRequest`` (no id, priority or timeout: the client sets those on a copy)."""
+        """A ``ModelInferRequest`` (no id or parameters: the client appends those)."""
+        return self._next(seq_len)[0]
+
+    def request_bytes(self, seq_len: int | None) -> bytes:
+        """:meth:`request_proto` serialised (once per prepared request, not per call)."""
+        return self._next(seq_len)[1]
+
+    def _next(self, seq_len: int | None) -> tuple[service_pb2.ModelInferRequest, bytes]:
         from tritonclient.grpc import service_pb2
 
         cached = self._cache.get(seq_len)
@@ -194,7 +201,7 @@ class RequestFactory:
                     tensor.datatype = NUMPY_TO_TRITON[array.dtype.name]
                     tensor.shape.extend(array.shape)
                     request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-                sets.append(request)
+                sets.append((request, request.SerializeToString()))
             cached = (sets, 0)
             if len(self._cache) >= self._cache_size:
                 self._cache.popitem(last=False)

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from loadgen_models import ERROR_LENGTH, build_repository
+
 from loadtest.driver import LoadSpec, run_load
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.server import EmbeddedTriton

@@ -1,0 +1,297 @@
+"""perf_analyzer 2.51, Triton's own C++ load generator, as the reference for this project's generator.
+
+The PyPI package ``perf-analyzer`` is a placeholder; the binary ships inside the
+``tritonclient==2.51.0`` wheel (the release of the embedded tritonserver). :func:`ensure_perf_analyzer`
+downloads that wheel once with pip, extracts the binary into a cache
+(``~/.cache/stagebatch/perf_analyzer``, or ``$STAGEBATCH_CACHE/perf_analyzer``) and links the two
+shared libraries it needs and the machine may lack: ``libb64.so.0d`` and ``libcudart.so.12``, taken
+from the ``nvidia-pytriton`` wheel's bundled libraries, or from the system (``apt-get install
+libb64-0d``). Where something cannot be had, it raises :class:`PerfAnalyzerUnavailable` (a
+:class:`~stagebatch.errors.StagebatchError`) saying what is missing and how to get it.
+
+:func:`run_schedule` replays an exact arrival schedule with ``--request-intervals`` (async calls, so
+it stays open loop) and reads the per-request timestamps of ``--profile-export-file``, so both
+generators are summarised over the same requests (the warm-up cut the same way).
+:func:`cross_check` runs one steady point with both generators.
+
+    from loadtest.perf_analyzer import cross_check
+    result = cross_check(server.grpc_url, manifest, spec)   # {"status": "ok"|"skipped", ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.client import DEFAULT_PROTOCOL, RECORD_VARIANTS, REORCH_RECORD_PARAMETER, parse_targets
+from loadtest.driver import LoadPlan, LoadSpec, run_load
+from loadtest.request_factory import RequestFactory, model_entry
+from loadtest.sender import open_loop_schedule
+from loadtest.stats import percentile_us
+from stagebatch.errors import StagebatchError
+
+LOGGER = logging.getLogger(__name__)
+
+PERF_ANALYZER_VERSION = "2.51.0"
+WHEEL_MEMBER = f"tritonclient-{PERF_ANALYZER_VERSION}.data/data/bin/perf_analyzer"
+NEEDED_LIBRARIES = {
+    "libb64.so.0d": ("libb64-*.so.0d", "apt-get install -y libb64-0d (after apt-get update)"),
+    "libcudart.so.12": ("libcudart-*.so.12*", "pip install nvidia-pytriton (its wheel bundles libcudart.so.12)"),
+}
+PYTRITON_LIBS = "nvidia_pytriton.libs"
+SYSTEM_LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+DOWNLOAD_TIMEOUT_S = 300.0
+
+
+class PerfAnalyzerUnavailable(StagebatchError):
+    """perf_analyzer cannot be set up on this machine; the message says what is missing and how to fix it."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("STAGEBATCH_CACHE") or (Path.home() / ".cache" / "stagebatch")
+    return Path(base) / "perf_analyzer"
+
+
+@dataclass
+class PerfAnalyzer:
+    """A runnable perf_analyzer: the binary and the folder of libraries it needs on ``LD_LIBRARY_PATH``."""
+
+    binary: Path
+    lib_dir: Path
+
+    def env(self) -> dict[str, str]:
+        previous = os.environ.get("LD_LIBRARY_PATH", "")
+        return {**os.environ, "LD_LIBRARY_PATH": f"{self.lib_dir}:{previous}" if previous else str(self.lib_dir)}
+
+    def run(self, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.binary), *args], capture_output=True, text=True, env=self.env(),
+                              timeout=timeout_s, check=False)
+
+
+def _download_binary(target: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="stagebatch-pa-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
+                   f"tritonclient=={PERF_ANALYZER_VERSION}"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            done = subprocess.CompletedProcess(command, 1, "", str(error))
+        wheels = sorted(Path(tmp).glob(f"tritonclient-{PERF_ANALYZER_VERSION}-*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no wheel downloaded"]
+            raise PerfAnalyzerUnavailable(
+                f"perf_analyzer: cannot download the tritonclient=={PERF_ANALYZER_VERSION} wheel that carries it "
+                f"({last[0]}). Fix: give this machine access to a Python package index, or download the wheel "
+                f"elsewhere and place its member {WHEEL_MEMBER} at {target}"
+            )
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WHEEL_MEMBER) as member:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_suffix(".partial")
+                with open(partial, "wb") as out:
+                    shutil.copyfileobj(member, out)
+        except (KeyError, zipfile.BadZipFile, OSError) as error:
+            raise PerfAnalyzerUnavailable(
+                f"perf_analyzer: the wheel {wheels[0].name} has no usable {WHEEL_MEMBER} ({error})"
+            ) from None
+        partial.chmod(0o755)
+        partial.replace(target)
+
+
+def _library_candidates(pattern: str, exact: str, search_dirs: list[Path]) -> list[Path]:
+    found: list[Path] = []
+    for directory in search_dirs:
+        found += sorted(directory.glob(pattern)) + ([directory / exact] if (directory / exact).exists() else [])
+    return found
+
+
+def _default_search_dirs() -> list[Path]:
+    site = Path(sysconfig.get_paths()["purelib"])
+    return [site / PYTRITON_LIBS, *(Path(d) for d in SYSTEM_LIBRARY_DIRS)]
+
+
+def ensure_perf_analyzer(cache_dir: Path | None = None, *, search_dirs: list[Path] | None = None,
+                         download: bool = True) -> PerfAnalyzer:
+    """perf_analyzer 2.51, set up in ``cache_dir`` on first use; :class:`PerfAnalyzerUnavailable` if it cannot be.
+
+    ``search_dirs``: where to look for the shared libraries (default: the nvidia-pytriton wheel's
+    bundled libraries, then the system's). ``download=False``: only use what the cache has.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    binary = cache / "perf_analyzer"
+    lib_dir = cache / "lib"
+    if not binary.exists():
+        if not download:
+            raise PerfAnalyzerUnavailable(f"perf_analyzer: {binary} does not exist and downloading is off")
+        _download_binary(binary)
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    dirs = search_dirs if search_dirs is not None else _default_search_dirs()
+    missing = []
+    for name, (pattern, fix) in NEEDED_LIBRARIES.items():
+        link = lib_dir / name
+        if link.exists():
+            continue
+        candidates = _library_candidates(pattern, name, dirs)
+        if not candidates:
+            missing.append(f"{name} (fix: {fix})")
+            continue
+        if link.is_symlink():
+            link.unlink()  # a dangling link from an earlier setup
+        link.symlink_to(candidates[0].resolve())
+    if missing:
+        raise PerfAnalyzerUnavailable(
+            "perf_analyzer: shared libraries not found: " + "; ".join(missing)
+            + f". Searched {', '.join(str(d) for d in dirs)}"
+        )
+    analyzer = PerfAnalyzer(binary, lib_dir)
+    try:
+        probe = analyzer.run(["--version"], timeout_s=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise PerfAnalyzerUnavailable(f"perf_analyzer: {binary} does not run ({error})") from None
+    if "error while loading shared libraries" in probe.stderr:
+        raise PerfAnalyzerUnavailable(f"perf_analyzer: {probe.stderr.strip()} (libraries linked in {lib_dir})")
+    return analyzer
+
+
+@dataclass
+class ScheduleResult:
+    """What perf_analyzer measured over the requests scheduled after the warm-up."""
+
+    p50_ms: float
+    p99_ms: float
+    throughput_rps: float
+    requests: int
+    latencies_us: list[int]
+
+    def to_dict(self) -> dict[str, float]:
+        return {"p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "throughput_rps": self.throughput_rps,
+                "requests": self.requests}
+
+
+def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str, Any]:
+    steps = []
+    for seq_len in lengths:
+        arrays = factory.arrays(seq_len)
+        steps.append({name: {"content": array[0].reshape(-1).tolist() if factory.rows == 1 else array.reshape(-1).tolist(),
+                             "shape": list(array.shape[1:]) if factory.rows == 1 else list(array.shape)}
+                      for name, array in arrays.items()})
+    return {"data": steps}
+
+
+def run_schedule(
+    analyzer: PerfAnalyzer,
+    url: str,
+    plan: LoadPlan,
+    *,
+    timeout_s: float = 600.0,
+) -> ScheduleResult:
+    """Replay ``plan``'s open-loop schedule with perf_analyzer; summarise the measured window."""
+    spec = plan.spec
+    entry = plan.entry()
+    target = parse_targets(url)[0]
+    times_s, lengths = open_loop_schedule(plan)
+    if len(times_s) < 2:
+        raise StagebatchError(f"perf_analyzer: the schedule has {len(times_s)} arrivals; give a longer duration")
+    intervals_us = np.diff(np.concatenate([[0.0], times_s]) * 1e6).round().astype(np.int64).clip(min=1)
+    factory = RequestFactory(entry, spec.variant, rows=spec.rows, seed=[spec.seed, 3, 0])
+    distinct = sorted(set(lengths.tolist())) if lengths is not None else [None]
+    # one data step per distinct length, picked in schedule order (perf_analyzer cycles its steps)
+    step_lengths = lengths.tolist() if lengths is not None and len(distinct) > 1 else distinct
+    protocol = spec.protocol or DEFAULT_PROTOCOL[spec.variant]
+    with tempfile.TemporaryDirectory(prefix="stagebatch-pa-run-") as tmp:
+        work = Path(tmp)
+        (work / "intervals.txt").write_text("\n".join(str(v) for v in intervals_us.tolist()) + "\n")
+        (work / "input.json").write_text(json.dumps(_input_data(factory, step_lengths)))
+        args = [
+            "-m", entry.triton_name(spec.variant), "-u", target.removeprefix("dns:///"), "-i", "grpc", "--async",
+            "-b", str(spec.rows),
+            "--request-intervals", str(work / "intervals.txt"), "--request-count", str(len(times_s)),
+            "--input-data", str(work / "input.json"), "--profile-export-file", str(work / "profile.json"),
+            "--max-threads", "64",
+        ]  # fmt: skip
+        if protocol == "stream":
+            args.append("--streaming")
+        if spec.variant in RECORD_VARIANTS:
+            args += ["--request-parameter", f"{REORCH_RECORD_PARAMETER}:true:bool"]
+        try:
+            done = analyzer.run(args, timeout_s=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from None
+        if done.returncode != 0 or not (work / "profile.json").exists():
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+            raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{tail}")
+        export = json.loads((work / "profile.json").read_text())
+    requests = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])]
+    requests.sort(key=lambda r: r["timestamp"])
+    if not requests:
+        raise StagebatchError("perf_analyzer's profile export holds no requests")
+    first_ns = requests[0]["timestamp"] - int(times_s[0] * 1e9)  # the schedule's time zero
+    warmup_ns = int(spec.warmup_s * 1e9)
+    window = [r for r in requests if r["timestamp"] - first_ns >= warmup_ns and r.get("response_timestamps")]
+    latencies = [(r["response_timestamps"][0] - r["timestamp"]) // 1000 for r in window]
+    if not latencies:
+        raise StagebatchError("perf_analyzer answered no request of the measured window")
+    span_s = (max(r["response_timestamps"][-1] for r in window) - window[0]["timestamp"]) / 1e9
+    return ScheduleResult(
+        p50_ms=percentile_us(latencies, 50) / 1000,
+        p99_ms=percentile_us(latencies, 99) / 1000,
+        throughput_rps=len(latencies) / span_s if span_s > 0 else float("nan"),
+        requests=len(latencies),
+        latencies_us=latencies,
+    )
+
+
+def stagebatch_summary(records: list, duration_s: float) -> dict[str, float]:
+    """The same summary for this project's generator (records of the measured window)."""
+    latencies = [r.latency_us for r in records if r.ok]
+    return {"p50_ms": percentile_us(latencies, 50) / 1000, "p99_ms": percentile_us(latencies, 99) / 1000,
+            "throughput_rps": len(latencies) / duration_s if duration_s else float("nan"), "requests": len(latencies)}
+
+
+def cross_check(
+    url: str,
+    manifest: dict[str, Any],
+    spec: LoadSpec,
+    *,
+    cache_dir: Path | None = None,
+    analyzer: PerfAnalyzer | None = None,
+) -> dict[str, Any]:
+    """Replay one steady open-loop point with perf_analyzer and with this project's generator.
+
+    Returns ``{"status": "ok"|"skipped", "reason", "model", "variant", "rate_rps", "protocol",
+    "perf_analyzer": {"p50_ms", "p99_ms", "throughput_rps", "requests"}, "stagebatch": {...}}``;
+    ``skipped`` (with the reason) where perf_analyzer cannot be set up or run. Never raises for that.
+    """
+    rate = getattr(spec.arrival, "rate_rps", None)
+    result: dict[str, Any] = {
+        "status": "skipped", "reason": None, "model": spec.model, "variant": spec.variant, "rate_rps": rate,
+        "protocol": spec.protocol or DEFAULT_PROTOCOL[spec.variant], "duration_s": spec.duration_s,
+        "arrival": spec.arrival.to_dict(), "perf_analyzer": None, "stagebatch": None,
+    }  # fmt: skip
+    if not spec.arrival.is_open_loop:
+        result["reason"] = "perf_analyzer replays open-loop schedules only; this point is closed loop"
+        return result
+    try:
+        analyzer = analyzer or ensure_perf_analyzer(cache_dir)
+        plan = LoadPlan(url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))
+        model_entry(manifest, spec.model)  # a clear error for an unknown model
+        reference = run_schedule(analyzer, url, plan)
+        ours = run_load(url, manifest, spec)
+    except StagebatchError as error:
+        result["reason"] = str(error)
+        LOGGER.warning("load-generator cross-check skipped: %s", error)
+        return result
+    result.update(status="ok", perf_analyzer=reference.to_dict(), stagebatch=stagebatch_summary(ours.records, ours.duration_s))
+    return result

@@ -1,0 +1,62 @@
+"""perf_analyzer's setup fails with a clear message, never a traceback, where it cannot be had (no server)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+import loadtest.perf_analyzer as pa
+from loadtest.driver import LoadSpec
+from loadtest.workloads import ArrivalSpec
+
+MANIFEST = {
+    "target": "embedded",
+    "models": {"ident": {"max_batch_size": 8, "variants": {"whole": "ident"},
+                         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}], "outputs": []}},
+}  # fmt: skip
+
+
+def _failing_pip(monkeypatch):
+    real_run = subprocess.run
+
+    def run(command, *args, **kwargs):
+        if "download" in command:
+            return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for tritonclient==2.51.0")
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(pa.subprocess, "run", run)
+
+
+def test_perf_analyzer_setup_names_the_wheel_and_the_fix_when_it_cannot_be_downloaded(tmp_path, monkeypatch):
+    _failing_pip(monkeypatch)
+    with pytest.raises(pa.PerfAnalyzerUnavailable, match=r"cannot download the tritonclient==2\.51\.0 wheel .*No matching") as error:
+        pa.ensure_perf_analyzer(tmp_path / "cache")
+    assert "Fix:" in str(error.value)
+
+
+def test_perf_analyzer_setup_names_each_missing_library_and_how_to_get_it(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "perf_analyzer").write_text("#!/bin/sh\n")  # a binary is there, its libraries are not
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(pa.PerfAnalyzerUnavailable) as error:
+        pa.ensure_perf_analyzer(cache, search_dirs=[empty], download=False)
+    message = str(error.value)
+    assert "libb64.so.0d (fix: apt-get install -y libb64-0d" in message
+    assert "libcudart.so.12 (fix: pip install nvidia-pytriton" in message
+
+
+def test_cross_check_is_skipped_with_the_reason_when_perf_analyzer_cannot_be_had(tmp_path, monkeypatch):
+    _failing_pip(monkeypatch)
+    spec = LoadSpec("ident", "whole", ArrivalSpec("poisson", rate_rps=100), None, duration_s=1.0)
+    result = pa.cross_check("127.0.0.1:1", MANIFEST, spec, cache_dir=tmp_path / "cache")
+    assert result["status"] == "skipped" and "cannot download" in result["reason"]
+    assert result["perf_analyzer"] is None and result["rate_rps"] == 100 and result["variant"] == "whole"
+
+
+def test_cross_check_is_skipped_for_a_closed_loop_point():
+    spec = LoadSpec("ident", "whole", ArrivalSpec("closed", users=2), None, 1.0)
+    result = pa.cross_check("127.0.0.1:1", MANIFEST, spec)
+    assert result["status"] == "skipped" and "open-loop" in result["reason"]
