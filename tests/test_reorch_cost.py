@@ -172,3 +172,38 @@ def test_a_failure_inside_a_fused_chain_names_its_stage_and_later_batches_go_on(
         engine.close()
     assert "stage 1 failed: MemoryError" in answers.by_handle["failed"].message
     assert answers.by_handle["later"].kind == SUCCESS
+
+
+def test_run_inline_answers_a_batch_of_cheap_stages_in_order_with_one_invalid(tmp_path):
+    engine, _, reference, metrics = _engine(tmp_path, CHEAP)
+    rng = np.random.default_rng(9)
+    good = [random_sequence_request(rng, 1, n) for n in (3, 9, 4)]
+    bad = {"tokens": np.zeros((1, 40), np.int64), "attention_mask": np.ones((1, 40), np.int64)}
+    try:
+        answers = engine.run_inline([("a", good[0]), ("bad", bad), ("b", good[1]), ("c", good[2])])
+    finally:
+        engine.close()
+    assert [handle for handle, _ in answers] == ["a", "bad", "b", "c"]
+    kinds = [answer.kind for _, answer in answers]
+    assert kinds == [SUCCESS, "invalid", SUCCESS, SUCCESS]
+    for (_, answer), request in zip([answers[0], answers[2], answers[3]], good):
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
+        assert answer.record["ops"] == [{"op": FUSE, "stage": 0}] and answer.record["batch_sizes"] == [3, 3, 3]
+    assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] == 1
+
+
+def test_run_inline_declines_when_boundaries_may_pay(tmp_path):
+    engine, answers, _, _ = _engine(tmp_path, COSTLY, cost_model="off")
+    request = random_sequence_request(np.random.default_rng(0), 1, 5)
+    try:
+        assert engine.run_inline([("x", request)]) is None  # cost model off: the scheduler decides
+    finally:
+        engine.close()
+    engine, answers, _, _ = _engine(tmp_path, COSTLY)
+    try:
+        assert engine.run_inline([("lone", request)])[0][1].record["ops"] == [{"op": WHOLE, "stage": 0}]
+        long, short = random_sequence_request(np.random.default_rng(1), 1, 32), request
+        assert engine.run_inline([("long", long), ("short", short)]) is None  # length diversity: bucketing may pay
+    finally:
+        engine.close()
