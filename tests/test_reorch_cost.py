@@ -207,3 +207,41 @@ def test_run_inline_declines_when_boundaries_may_pay(tmp_path):
         assert engine.run_inline([("long", long), ("short", short)]) is None  # length diversity: bucketing may pay
     finally:
         engine.close()
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.parametrize("provider, mode", [
+    ("cpu", "on"),  # the I/O-binding path with OrtValues in host memory: runs everywhere
+    pytest.param("cuda", "auto", marks=pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")),
+])
+def test_fused_chain_keeps_boundary_tensors_as_device_values(tmp_path, provider, mode):
+    entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
+    for stage, table in zip(entry["stages"], CHEAP):
+        stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
+    spec = StagesSpec.from_manifest_entry("seqm", entry)
+    runners = make_ort_runners(spec, tmp_path, execution_provider=provider)
+    seen: list[str] = []
+    for runner in runners:
+        bound = runner.run_bound
+
+        def spy(feeds, *, keep_on_device, _bound=bound):
+            seen.extend(type(v).__name__ for v in feeds.values())
+            return _bound(feeds, keep_on_device=keep_on_device)
+        runner.run_bound = spy
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, device_boundaries=mode), runners, Answers())
+    rng = np.random.default_rng(2)
+    requests = [random_sequence_request(rng, 1, n) for n in (4, 9)]
+    try:
+        answers = engine.run_inline([(i, r) for i, r in enumerate(requests)])
+    finally:
+        engine.close()
+    assert "OrtValue" in seen  # a later stage was fed an earlier stage's output without a host copy
+    for (_, answer), request in zip(answers, requests):
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(answer.outputs["pooled"], want["pooled"], rtol=1e-4, atol=1e-5)

@@ -106,6 +106,10 @@ class ReorchEngine:
         self._metrics_flush_s = metrics_flush_s
         self._now_us = clock_us
         self._needed_after = [spec.needed_after(i) for i in range(len(spec.stages))]
+        # "auto": on where every stage runs on CUDA; "on" forces the I/O-binding path (tests on CPU).
+        self._device_boundaries = knobs.device_boundaries == "on" or (
+            knobs.device_boundaries == "auto"
+            and all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_bound") for r in runners))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -325,14 +329,20 @@ class ReorchEngine:
         Returns (per-member tensors still needed after ``last``, or None; the error, if a stage raised;
         the index of the last stage run).
         """
-        batched: dict[str, np.ndarray] = {}
+        batched: dict[str, Any] = {}
         index = first
+        # Device data path: in a fused run, boundary tensors stay on the device between stages
+        # (OrtValues through I/O binding); host copies only where the batch is built and split.
+        bound = self._device_boundaries and last > first
         for index in range(first, last + 1):
             stage = self.spec.stages[index]
             started = time.perf_counter()
             try:
                 feeds = build_feeds(self.spec, stage, members, pad_to, batched)
-                outputs = self.runners[index].run(feeds)
+                if bound:
+                    outputs = self.runners[index].run_bound(feeds, keep_on_device=index < last)
+                else:
+                    outputs = self.runners[index].run(feeds)
                 if index == last:
                     return (split_outputs(self.spec, stage, outputs, rows, lengths, batched=batched,
                                           keep=self._needed_after[index]), None, index)
