@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import json
 import random
 import statistics
-import time
-
-import json
 import threading
+import time
 from pathlib import Path
 
 from backends.reorch.engine import ReorchEngine

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import queue
-from functools import partial
 import re
 import time
 import urllib.request
+from functools import partial
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from reorch_models import VOCAB, random_sequence_request, write_mlp_chain, write_sequence_chain, write_slow_chain
+from reorch_models import (
+    VOCAB,
+    random_sequence_request,
+    write_mlp_chain,
+    write_sequence_chain,
+    write_slow_chain,
+)
 
-from stagebatch.reorch_deploy import write_reorch_model
 from backends.reorch.policies import BatchPolicy
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
 from stagebatch.cli import main as cli_main
+from stagebatch.reorch_deploy import write_reorch_model
 from stagebatch.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server

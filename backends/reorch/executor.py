@@ -17,7 +17,7 @@ import numpy as np
 from backends.common.tensors import concat_rows, split_rows
 
 from .errors import StageContractError
-from .spec import StagesSpec, StageSpec
+from .spec import StageSpec, StagesSpec
 
 
 class StageRunner(Protocol):
