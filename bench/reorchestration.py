@@ -14,7 +14,8 @@ Targets (``--targets``; all by default):
   ``longtail`` (Poisson 0.6x, log-normal lengths): average latency -46% or better with the CI
   excluding 0, and goodput at the SLO (completions within ``--slo-ms``, default: the whole model's
   p99 in the same repeat, per second) at least the whole model's;
-- ``p50``: Poisson at 0.1x capacity, one row per request, every model: reorch p50 <= whole p50 + 0.3 ms;
+- ``p50``: Poisson at 0.1x capacity, one row per request, every model, no record asked (as a user
+  calls it): reorch p50 <= whole p50 + 0.3 ms;
 - ``answers``: a closed-loop flood of the first sequence model's reorch variant (tiny lstm in the
   issue): answers/s >= 10,000 from one instance. The same client against the whole model shows the
   client's own ceiling (on 2 shared cores the Python client is often the limit: then it says so).
@@ -281,10 +282,15 @@ class Bench:
             print(f"# {name}: whole-model capacity {self.capacities[name]:.0f} req/s (closed loop)", flush=True)
         return self.capacities[name]
 
-    def compare(self, name: str, label: str, arrivals: np.ndarray, lengths: list) -> list[dict[str, dict]]:
-        """Interleaved repeats of whole vs reorch on the same arrivals and inputs; per repeat {variant: figures}."""
+    def compare(self, name: str, label: str, arrivals: np.ndarray, lengths: list,
+                record: bool = True) -> list[dict[str, dict]]:
+        """Interleaved repeats of whole vs reorch on the same arrivals and inputs; per repeat {variant: figures}.
+
+        ``record``: reorch requests ask for their REORCH_RECORD (as the characterization does).
+        """
         entry = model_entry(self.manifest, name)
-        variants = [("whole", name, None), ("reorch", f"{name}_reorch_{self.policy}", {RECORD_PARAMETER: True})]
+        variants = [("whole", name, None),
+                    ("reorch", f"{name}_reorch_{self.policy}", {RECORD_PARAMETER: True} if record else None)]
         inputs = {v: [_inputs(RequestFactory(entry, v, seed=self.args.seed).arrays(n)) for n in lengths]
                   for v, _, _ in variants}
         repeats = []
@@ -351,7 +357,8 @@ class Bench:
         rng = np.random.default_rng(self.args.seed)
         arrivals = PoissonArrivals(0.1 * self.capacity(name)).arrival_times_s(self.args.p50_duration_s, rng)
         lengths = lengths_for("steady", entry, len(arrivals), rng)
-        repeats = self.compare(name, f"{name} 0.1x batch 1", arrivals, lengths)
+        # as a user calls it: no record asked (the record's JSON is the characterization's cost)
+        repeats = self.compare(name, f"{name} 0.1x batch 1", arrivals, lengths, record=False)
         mean, low, high = mean_ci95([r["reorch"]["p50"] - r["whole"]["p50"] for r in repeats])
         self.judge(f"{name} p50 at 0.1x <= whole + 0.3 ms",
                    f"reorch - whole p50 {mean:+.3f} ms (95% CI {low:+.3f}..{high:+.3f})", mean <= 0.3)
