@@ -91,14 +91,16 @@ class TritonPythonModel:
             for name in self.input_names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
-                    # Copy: the request's buffers are released once execute returns.
-                    tensors[name] = np.array(tensor.as_numpy(), copy=True)
+                    tensors[name] = tensor.as_numpy()
             items.append(([request, wants_record(request.parameters())], tensors))
         answers = self.engine.run_inline(items)
         if answers is not None:  # the cost model ran the batch fused, here: one response message for all
             return [self._response(record_wanted, answer) for (_, record_wanted), answer in answers]
-        for handle, _ in items:
+        for handle, tensors in items:
             handle[0] = handle[0].get_response_sender()  # the request object itself is not kept
+            for name, array in tensors.items():
+                # Copy: the request's buffers are released once execute returns.
+                tensors[name] = np.array(array, copy=True)
         self.engine.submit(items)
         return None
 
