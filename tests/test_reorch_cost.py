@@ -179,18 +179,21 @@ def test_run_inline_answers_a_batch_of_cheap_stages_in_order_with_one_invalid(tm
     rng = np.random.default_rng(9)
     good = [random_sequence_request(rng, 1, n) for n in (3, 9, 4)]
     bad = {"tokens": np.zeros((1, 40), np.int64), "attention_mask": np.ones((1, 40), np.int64)}
+    out_of_range = {"tokens": np.full((1, 3), 50, np.int64), "attention_mask": np.ones((1, 3), np.int64)}
     try:
         answers = engine.run_inline([("a", good[0]), ("bad", bad), ("b", good[1]), ("c", good[2])])
+        refused = engine.run_inline([("range", out_of_range), ("fine", good[0])])
     finally:
         engine.close()
     assert [handle for handle, _ in answers] == ["a", "bad", "b", "c"]
     kinds = [answer.kind for _, answer in answers]
     assert kinds == [SUCCESS, "invalid", SUCCESS, SUCCESS]
+    assert [a.kind for _, a in refused] == ["invalid", SUCCESS] and "values must lie" in refused[0][1].message
     for (_, answer), request in zip([answers[0], answers[2], answers[3]], good):
         want = reference(request["tokens"], request["attention_mask"])
         np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
         assert answer.record["ops"] == [{"op": FUSE, "stage": 0}] and answer.record["batch_sizes"] == [3, 3, 3]
-    assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] == 1
+    assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] == 2
 
 
 def test_run_inline_declines_when_boundaries_may_pay(tmp_path):
