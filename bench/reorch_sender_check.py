@@ -23,7 +23,6 @@ import argparse
 import json
 import queue
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

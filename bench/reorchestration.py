@@ -1,24 +1,34 @@
-"""Side-by-side: the stage reorchestrator (every policy) vs Triton's dynamic batcher and the ensemble.
+"""Issue 12's targets, side by side: the reorchestrator's default policy (dva) vs the whole model.
 
-On the embedded server, one run per model serves ``NAME`` (whole model, dynamic batcher),
-``NAME_ensemble`` (stages chained by Triton) and ``NAME_reorch_<policy>`` for each policy, and
-drives each with the *same* open-loop arrivals and inputs (tritonclient.grpc.aio; one gRPC stream for
-the decoupled reorchestrator, concurrent unary calls for the whole model and the ensemble):
+On the embedded server every model is served as ``NAME`` (whole model, Triton's dynamic batcher)
+and ``NAME_reorch_<policy>``; each run drives one variant with open-loop arrivals over unary gRPC
+(tritonclient.grpc.aio; reorch requests ask for their REORCH_RECORD). Runs of the variants are
+interleaved (the order alternates per repeat) and repeated ``--repeats`` times (>= 3); each target
+is judged on the per-repeat ratio reorch / whole with a 95% confidence interval (Student t).
 
-- ``bursty``: on/off Poisson arrivals (1.6x then 0.1x capacity, 0.5 s on / 1 s off), fixed length;
-- ``longtail``: Poisson at 0.6x capacity, log-normal sequence lengths (sequence models only);
-- ``steady``: Poisson at 0.85x capacity, fixed length (no diversity: reorch must not lose here);
-- ``overload``: Poisson at 1.5x capacity, fixed length (throughput = completions / time).
+Targets (``--targets``; all by default):
 
-Capacity is measured first, per model and scenario, on the whole model (closed loop). Prints avg,
-p50, p99 latency and throughput per variant, ratios to the whole model, and what the reorchestrator
-did (share of requests stretched / split / bucketed, from each response's REORCH_RECORD).
+- ``steady``: Poisson at 0.3x, 0.6x and 0.85x of the whole model's capacity, fixed length, every
+  model: the default policy's average latency <= 1.05x the whole model's (upper CI bound);
+- ``diversity``: bert_base under ``bursty`` (on/off Poisson, 1.6x / 0.1x capacity) and
+  ``longtail`` (Poisson 0.6x, log-normal lengths): average latency -46% or better with the CI
+  excluding 0, and goodput at the SLO (completions within ``--slo-ms``, default: the whole model's
+  p99 in the same repeat, per second) at least the whole model's;
+- ``p50``: Poisson at 0.1x capacity, one row per request, every model, no record asked (as a user
+  calls it): reorch p50 <= whole p50 + 0.3 ms;
+- ``answers``: a closed-loop flood of the first sequence model's reorch variant (tiny lstm in the
+  issue): answers/s >= 10,000 from one instance. The same client against the whole model shows the
+  client's own ceiling (on 2 shared cores the Python client is often the limit: then it says so).
 
-    stagebatch build -m bert_base -m lstm --size small -o model_repository
-    .venv/bin/python bench/reorchestration.py --repository model_repository --models bert_base lstm
+Capacity is measured first per model (closed loop on the whole model). Every unmet target is printed
+plainly at the end (``UNMET``). ``--quick`` fits in about 5 minutes (short runs, 3 repeats, fewer
+loads) so the figures can be re-run on a quiet machine.
 
-Smoke run: ``--duration-s 3 --warmup-s 1 --scenarios steady --policies dva``. This machine has 2
-cores shared by the client and the server: numbers are relative, and the client costs CPU too.
+    stagebatch build -m bert_base -m lstm -m resnet50 --size small -o model_repository
+    .venv/bin/python bench/reorchestration.py --repository model_repository [--quick]
+
+This machine has 2 cores shared by the client and the server: figures are relative, the client
+costs CPU too, and a pipeline of stages cannot add parallelism here.
 """
 
 from __future__ import annotations
@@ -41,14 +51,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stagebatch.reorch_deploy import write_reorch_model  # noqa: E402
-from backends.reorch.errors import StagebatchError  # noqa: E402
 from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
+from backends.reorch.scheduler import OPERATIONS  # noqa: E402
+from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER  # noqa: E402
 from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
+from stagebatch.errors import StagebatchError  # noqa: E402
+from stagebatch.reorch_deploy import write_reorch_model  # noqa: E402
 from stagebatch.server import EmbeddedTriton  # noqa: E402
 
 SCENARIOS = ("bursty", "longtail", "steady", "overload")
+TARGETS = ("steady", "diversity", "p50", "answers")
+# Two-sided 95% Student t quantiles by degrees of freedom (no scipy in the venv).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass
@@ -75,9 +90,9 @@ def _inputs(arrays: dict[str, np.ndarray]):
 
 
 async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warmup_s: float,
-                drain_s: float, streaming: bool) -> Outcome:
-    """Open loop: request i is sent at arrivals_s[i] whatever happened before (one gRPC stream for
-    the decoupled reorchestrator, concurrent unary calls for the others)."""
+                drain_s: float, streaming: bool, parameters: dict | None = None) -> Outcome:
+    """Open loop: request i is sent at arrivals_s[i] whatever happened before (one gRPC stream, or
+    concurrent unary calls)."""
     import tritonclient.grpc.aio as aioclient
 
     client = aioclient.InferenceServerClient(url)
@@ -92,7 +107,7 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
             if delay > 0:
                 await asyncio.sleep(delay)
             sent[index] = time.perf_counter()
-            yield {"model_name": model, "inputs": inputs[index], "request_id": str(index)}
+            yield {"model_name": model, "inputs": inputs[index], "request_id": str(index), "parameters": parameters}
 
     async def receive():
         async for result, error in client.stream_infer(requests()):
@@ -104,12 +119,7 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
             done[index] = now
             if index in sent and sent[index] - start >= warmup_s:
                 outcome.latencies_ms.append((now - sent[index]) * 1e3)
-                try:
-                    record = result.as_numpy("REORCH_RECORD")
-                except Exception:  # noqa: BLE001 (whole/ensemble have no record)
-                    record = None
-                if record is not None:
-                    outcome.records.append(json.loads(record.ravel()[0]))
+                _keep_record(outcome, result)
             if len(done) + len(outcome.errors) >= len(arrivals_s):
                 return
 
@@ -117,18 +127,17 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
         done[index] = now
         if sent[index] - start >= warmup_s:
             outcome.latencies_ms.append((now - sent[index]) * 1e3)
+            _keep_record(outcome, result)
 
     async def one(index: int) -> None:
         try:
-            result = await client.infer(model, inputs[index], request_id=str(index))
+            result = await client.infer(model, inputs[index], request_id=str(index), parameters=parameters)
         except Exception as error:  # noqa: BLE001 (counted and reported)
             outcome.errors.append(str(error))
             return
         record(index, result, time.perf_counter())
 
     async def unary() -> None:
-        # WAR: non-decoupled models get unary calls. Streaming them at several thousand req/s
-        # crashed tritonserver 2.51 (segfault in TRITONSERVER_InferenceRequestDelete).
         tasks = []
         for index, at in enumerate(arrivals_s):
             delay = start + at - time.perf_counter()
@@ -152,6 +161,12 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
         span = max(done[i] for i in finished) - min(sent[i] for i in measured)
         outcome.throughput_rps = len(finished) / span if span > 0 else 0.0
     return outcome
+
+
+def _keep_record(outcome: Outcome, result) -> None:
+    record = result.as_numpy(RECORD_OUTPUT)  # None for the whole model and unasked reorch answers
+    if record is not None:
+        outcome.records.append(json.loads(record.ravel()[0]))
 
 
 async def capacity_rps(url: str, model: str, inputs: list, concurrency: int, duration_s: float) -> float:
@@ -204,12 +219,11 @@ def summarize(outcome: Outcome) -> dict:
 def reorch_summary(records: list[dict]) -> str:
     if not records:
         return ""
-    share = {op: sum(any(o["op"] == op for o in r["ops"]) for r in records) / len(records)
-             for op in ("stretch", "split", "bucket")}
+    share = {op: sum(any(o["op"] == op for o in r["ops"]) for r in records) / len(records) for op in OPERATIONS}
     first = statistics.fmean(r["batch_sizes"][0] for r in records if r["batch_sizes"])
     last = statistics.fmean(r["batch_sizes"][-1] for r in records if r["batch_sizes"])
-    return (f"stretch {share['stretch']:.0%} split {share['split']:.0%} bucket {share['bucket']:.0%}, "
-            f"batch rows stage0 {first:.1f} -> last {last:.1f}")
+    shares = " ".join(f"{op} {value:.0%}" for op, value in share.items() if value)
+    return f"{shares}, batch rows stage0 {first:.1f} -> last {last:.1f}"
 
 
 def overlay_repository(repository: Path, manifest: dict, models: list[str], policies: list[str],
@@ -229,21 +243,170 @@ def overlay_repository(repository: Path, manifest: dict, models: list[str], poli
     return overlay
 
 
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% confidence interval (Student t over the repeats)."""
+    clean = [v for v in values if math.isfinite(v)]
+    if not clean:
+        return math.nan, math.nan, math.nan
+    mean = statistics.fmean(clean)
+    if len(clean) < 2:
+        return mean, math.nan, math.nan
+    half = T95.get(len(clean) - 1, 1.96) * statistics.stdev(clean) / math.sqrt(len(clean))
+    return mean, mean - half, mean + half
+
+
+@dataclass
+class Verdict:
+    target: str
+    figure: str
+    met: bool
+
+
+@dataclass
+class Bench:
+    url: str
+    manifest: dict
+    args: argparse.Namespace
+    policy: str
+    capacities: dict[str, float] = field(default_factory=dict)
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    def capacity(self, name: str) -> float:
+        if name not in self.capacities:
+            entry = model_entry(self.manifest, name)
+            factory = RequestFactory(entry, "whole", seed=self.args.seed)
+            lengths = lengths_for("steady", entry, 64, np.random.default_rng(self.args.seed))
+            inputs = [_inputs(factory.arrays(n)) for n in lengths]
+            self.capacities[name] = asyncio.run(capacity_rps(self.url, name, inputs, 2 * entry.max_batch_size,
+                                                             self.args.capacity_s))
+            print(f"# {name}: whole-model capacity {self.capacities[name]:.0f} req/s (closed loop)", flush=True)
+        return self.capacities[name]
+
+    def compare(self, name: str, label: str, arrivals: np.ndarray, lengths: list,
+                record: bool = True) -> list[dict[str, dict]]:
+        """Interleaved repeats of whole vs reorch on the same arrivals and inputs; per repeat {variant: figures}.
+
+        ``record``: reorch requests ask for their REORCH_RECORD (as the characterization does).
+        """
+        entry = model_entry(self.manifest, name)
+        variants = [("whole", name, None),
+                    ("reorch", f"{name}_reorch_{self.policy}", {RECORD_PARAMETER: True} if record else None)]
+        inputs = {v: [_inputs(RequestFactory(entry, v, seed=self.args.seed).arrays(n)) for n in lengths]
+                  for v, _, _ in variants}
+        repeats = []
+        for repeat in range(self.args.repeats):
+            order = variants if repeat % 2 == 0 else variants[::-1]
+            figures = {}
+            for variant, model, parameters in order:
+                outcome = asyncio.run(drive(self.url, model, arrivals, inputs[variant], self.args.warmup_s,
+                                            self.args.drain_s, streaming=False, parameters=parameters))
+                figures[variant] = {**summarize(outcome), "failed": len(outcome.errors) + outcome.unanswered,
+                                    "latencies": outcome.latencies_ms, "span_s": self._span(outcome),
+                                    "ops": reorch_summary(outcome.records)}
+            repeats.append(figures)
+            w, r = figures["whole"], figures["reorch"]
+            print(f"  {label:<34} repeat {repeat}: whole avg {w['avg']:7.2f} p50 {w['p50']:6.2f} p99 {w['p99']:7.2f} | "
+                  f"reorch avg {r['avg']:7.2f} p50 {r['p50']:6.2f} p99 {r['p99']:7.2f} | failed {w['failed']}/{r['failed']}"
+                  f"  {r['ops']}", flush=True)
+        return repeats
+
+    @staticmethod
+    def _span(outcome: Outcome) -> float:
+        return len(outcome.latencies_ms) / outcome.throughput_rps if outcome.throughput_rps else math.nan
+
+    def judge(self, target: str, figure: str, met: bool) -> None:
+        self.verdicts.append(Verdict(target, figure, met))
+        print(f"  -> {'met  ' if met else 'UNMET'} {target}: {figure}", flush=True)
+
+    # ---- targets --------------------------------------------------------------------------------
+    def steady(self, name: str) -> None:
+        entry = model_entry(self.manifest, name)
+        for multiple in self.args.steady_loads:
+            rng = np.random.default_rng(self.args.seed)
+            arrivals = PoissonArrivals(multiple * self.capacity(name)).arrival_times_s(self.args.duration_s, rng)
+            lengths = lengths_for("steady", entry, len(arrivals), rng)
+            repeats = self.compare(name, f"{name} steady {multiple:.2f}x", arrivals, lengths)
+            mean, low, high = mean_ci95([r["reorch"]["avg"] / r["whole"]["avg"] for r in repeats])
+            self.judge(f"{name} steady {multiple:.2f}x avg <= 1.05x whole",
+                       f"reorch/whole avg {mean:.3f} (95% CI {low:.3f}..{high:.3f})", high <= 1.05)
+
+    def diversity(self, name: str) -> None:
+        entry = model_entry(self.manifest, name)
+        for scenario in ("bursty", "longtail"):
+            if scenario == "longtail" and not entry.has_sequence:
+                continue
+            rng = np.random.default_rng(self.args.seed)
+            arrivals = scenario_plan(scenario, self.capacity(name), self.args.duration_s, rng)
+            lengths = lengths_for(scenario, entry, len(arrivals), rng)
+            repeats = self.compare(name, f"{name} {scenario}", arrivals, lengths)
+            mean, low, high = mean_ci95([r["reorch"]["avg"] / r["whole"]["avg"] - 1 for r in repeats])
+            self.judge(f"{name} {scenario} avg -46% vs whole, CI excluding 0",
+                       f"avg change {mean:+.1%} (95% CI {low:+.1%}..{high:+.1%})", mean <= -0.46 and high < 0)
+            ratios = []
+            for r in repeats:
+                slo_ms = self.args.slo_ms or r["whole"]["p99"]
+                good = {v: sum(x <= slo_ms for x in r[v]["latencies"]) / r[v]["span_s"] for v in ("whole", "reorch")}
+                ratios.append(good["reorch"] / good["whole"] if good["whole"] else math.nan)
+            mean, low, high = mean_ci95(ratios)
+            slo = f"{self.args.slo_ms} ms" if self.args.slo_ms else "whole p99"
+            self.judge(f"{name} {scenario} goodput at SLO ({slo}) >= whole",
+                       f"reorch/whole goodput {mean:.2f} (95% CI {low:.2f}..{high:.2f})", mean >= 1.0)
+
+    def p50(self, name: str) -> None:
+        entry = model_entry(self.manifest, name)
+        rng = np.random.default_rng(self.args.seed)
+        arrivals = PoissonArrivals(0.1 * self.capacity(name)).arrival_times_s(self.args.p50_duration_s, rng)
+        lengths = lengths_for("steady", entry, len(arrivals), rng)
+        # as a user calls it: no record asked (the record's JSON is the characterization's cost)
+        repeats = self.compare(name, f"{name} 0.1x batch 1", arrivals, lengths, record=False)
+        mean, low, high = mean_ci95([r["reorch"]["p50"] - r["whole"]["p50"] for r in repeats])
+        self.judge(f"{name} p50 at 0.1x <= whole + 0.3 ms",
+                   f"reorch - whole p50 {mean:+.3f} ms (95% CI {low:+.3f}..{high:+.3f})", mean <= 0.3)
+
+    def answers(self, name: str) -> None:
+        entry = model_entry(self.manifest, name)
+        length = lengths_for("steady", entry, 1, np.random.default_rng(0))[0]
+        rates = {}
+        for variant, model in (("whole", name), ("reorch", f"{name}_reorch_{self.policy}")):
+            inputs = [_inputs(RequestFactory(entry, variant, seed=s).arrays(length)) for s in range(8)]
+            rates[variant] = [asyncio.run(capacity_rps(self.url, model, inputs, self.args.flood_concurrency,
+                                                       self.args.flood_s)) for _ in range(self.args.repeats)]
+        reorch, low, high = mean_ci95(rates["reorch"])
+        whole = statistics.fmean(rates["whole"])
+        limited = " (limited by the client: the whole model gets no more from it)" if reorch >= 0.9 * whole else ""
+        self.judge(f"{name}_reorch answers/s >= 10,000 (one instance)",
+                   f"{reorch:,.0f} answers/s (95% CI {low:,.0f}..{high:,.0f}); same client on the whole model "
+                   f"{whole:,.0f}/s{limited}", reorch >= 10_000)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--models", nargs="+", default=["bert_base", "lstm"])
-    parser.add_argument("--policies", nargs="+", default=[p.value for p in BatchPolicy])
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    parser.add_argument("--duration-s", type=float, default=20.0)
-    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--models", nargs="+", default=["bert_base", "lstm", "resnet50"])
+    parser.add_argument("--diversity-model", default="bert_base", help="model of the bursty / long-tailed target")
+    parser.add_argument("--answers-model", default="lstm", help="model of the answers/s target")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--policy", default=BatchPolicy.DVA.value, choices=[p.value for p in BatchPolicy])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration-s", type=float, default=15.0)
+    parser.add_argument("--p50-duration-s", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--drain-s", type=float, default=30.0, help="wait this long after the last arrival")
     parser.add_argument("--capacity-s", type=float, default=3.0, help="closed-loop capacity probe length")
-    parser.add_argument("--no-ensemble", action="store_true")
+    parser.add_argument("--steady-loads", nargs="+", type=float, default=[0.3, 0.6, 0.85])
+    parser.add_argument("--flood-s", type=float, default=5.0)
+    parser.add_argument("--flood-concurrency", type=int, default=256)
+    parser.add_argument("--slo-ms", type=float, default=None, help="SLO of the goodput target (default: whole p99)")
+    parser.add_argument("--quick", action="store_true", help="about 5 minutes: short runs, 3 repeats")
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
-                        help="a ReorchKnobs value for every reorch variant (repeatable)")
+                        help="a ReorchKnobs value for the reorch variant (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.quick:
+        args.duration_s, args.p50_duration_s, args.warmup_s, args.capacity_s = 3.0, 2.0, 0.5, 1.5
+        args.flood_s, args.drain_s, args.repeats = 2.0, 10.0, max(3, min(args.repeats, 3))
+    if args.repeats < 3:
+        parser.error("--repeats must be >= 3 (confidence intervals)")
     try:
         knobs = dict(item.split("=", 1) for item in args.knob)
         ReorchKnobs.from_parameters(knobs)
@@ -251,59 +414,37 @@ def main() -> None:
         parser.error(f"--knob: {error}")
 
     manifest = json.loads((args.repository / "manifest.json").read_text())
-    for name in args.models:
+    models = list(dict.fromkeys([*args.models, *(m for t, m in (("diversity", args.diversity_model),
+                                                                ("answers", args.answers_model)) if t in args.targets)]))
+    for name in models:
         if name not in manifest["models"]:
             parser.error(f"model {name!r} is not in {args.repository}/manifest.json; build it first")
-    delay_us = int(manifest["models"][args.models[0]].get("build", {}).get("max_queue_delay_us", 100))
-    overlay = overlay_repository(args.repository, manifest, args.models, args.policies, delay_us,
-                                 knobs)
-    served = []
-    for name in args.models:
-        served += [name] + ([] if args.no_ensemble else [f"{name}_ensemble"])
-        served += [f"{name}_reorch_{p}" for p in args.policies]
-    print(f"# reorchestration bench: models {args.models}, policies {args.policies}, "
-          f"{args.duration_s:.0f} s per run (first {args.warmup_s:.0f} s not measured)")
+    delay_us = int(manifest["models"][models[0]].get("build", {}).get("max_queue_delay_us", 100))
+    overlay = overlay_repository(args.repository, manifest, models, [args.policy], delay_us, knobs)
+    served = [m for name in models for m in (name, f"{name}_reorch_{args.policy}")]
+    print(f"# issue 12 targets: {args.targets}; models {models}; policy {args.policy}; {args.repeats} interleaved "
+          f"repeats of {args.duration_s:.0f} s (first {args.warmup_s:.1f} s not measured); unary gRPC")
+    started = time.perf_counter()
     try:
         with EmbeddedTriton(overlay, models=served) as server:
-            for name in args.models:
-                entry = model_entry(manifest, name)
-                variants = [("whole", name)] + ([] if args.no_ensemble else [("ensemble", f"{name}_ensemble")])
-                variants += [(f"reorch/{p}", f"{name}_reorch_{p}") for p in args.policies]
-                for scenario in args.scenarios:
-                    if scenario == "longtail" and not entry.has_sequence:
-                        continue
-                    run_scenario(server.grpc_url, entry, name, scenario, variants, args)
+            bench = Bench(server.grpc_url, manifest, args, args.policy)
+            if "answers" in args.targets:
+                bench.answers(args.answers_model)
+            if "p50" in args.targets:
+                for name in args.models:
+                    bench.p50(name)
+            if "steady" in args.targets:
+                for name in args.models:
+                    bench.steady(name)
+            if "diversity" in args.targets:
+                bench.diversity(args.diversity_model)
     finally:
         shutil.rmtree(overlay, ignore_errors=True)
-
-
-def run_scenario(url: str, entry, name: str, scenario: str, variants, args) -> None:
-    rng = np.random.default_rng(args.seed)
-    factories = {label: RequestFactory(entry, label.split("/")[0], seed=args.seed) for label, _ in variants}
-    probe_lengths = lengths_for(scenario, entry, 64, np.random.default_rng(args.seed + 1))
-    probe_inputs = [_inputs(factories["whole"].arrays(n)) for n in probe_lengths]
-    capacity = asyncio.run(capacity_rps(url, name, probe_inputs, 2 * entry.max_batch_size, args.capacity_s))
-    arrivals = scenario_plan(scenario, capacity, args.duration_s, rng)
-    lengths = lengths_for(scenario, entry, len(arrivals), rng)
-    print(f"\n## {name} / {scenario}: whole-model capacity {capacity:.0f} req/s, {len(arrivals)} requests "
-          f"(mean {len(arrivals) / args.duration_s:.0f} req/s)"
-          + (f", lengths median {int(np.median(lengths))} max {max(lengths)}" if entry.has_sequence else ""))
-    print(f"{'variant':<18}{'avg ms':>9}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'avg vs whole':>14}"
-          f"{'req/s vs whole':>16}{'errors':>8}  reorch operations")
-    base = None
-    for label, model in variants:
-        inputs = [_inputs(factories[label].arrays(n)) for n in lengths]
-        outcome = asyncio.run(drive(url, model, arrivals, inputs, args.warmup_s, args.drain_s,
-                                    streaming=label.startswith("reorch")))
-        figures = summarize(outcome)
-        base = base or figures
-        avg_ratio = figures["avg"] / base["avg"] - 1 if base["avg"] else math.nan
-        tput_ratio = figures["tput"] / base["tput"] if base["tput"] else math.nan
-        failed = len(outcome.errors) + outcome.unanswered
-        print(f"{label:<18}{figures['avg']:>9.1f}{figures['p50']:>9.1f}{figures['p99']:>9.1f}{figures['tput']:>9.1f}"
-              f"{avg_ratio:>+13.0%} {tput_ratio:>14.2f}x{failed:>8}  {reorch_summary(outcome.records)}", flush=True)
-        if outcome.errors:
-            print(f"    first error: {outcome.errors[0][:200]}")
+    print(f"\n# summary ({time.perf_counter() - started:.0f} s)")
+    for verdict in bench.verdicts:
+        print(f"{'met  ' if verdict.met else 'UNMET'}  {verdict.target}: {verdict.figure}")
+    unmet = [v for v in bench.verdicts if not v.met]
+    print(f"\n{len(unmet)} of {len(bench.verdicts)} targets UNMET" if unmet else "\nevery target met")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""Microbenchmark: the reorchestrator scheduler's own cost per decision (target below 20 us).
+"""Microbenchmark: the reorchestrator's own costs, without Triton.
 
-A decision is one call into the pure core: ``add_requests``, ``schedule`` or ``on_stage_done``.
-Stages are simulated (discrete events, fake clock), so only the scheduler's Python time is timed.
+1. The scheduler's cost per decision (target below 20 us). A decision is one call into the pure
+   core: ``add_requests``, ``schedule`` or ``on_stage_done``. Stages are simulated (discrete events,
+   fake clock), so only the scheduler's Python time is timed.
+2. With ``--repository DIR`` (a built repository holding ``--model``, e.g. the tiny lstm): the
+   engine's answer path in-process (real onnxruntime stages, the engine's threads, a responder that
+   only counts): answers/s and microseconds per answer, with the cost model on (fused chain) and off
+   (stage by stage). This is the engine's ceiling; through Triton each answer also pays the Python
+   backend's response IPC (``bench/reorchestration.py --targets answers`` measures that end to end).
 
     .venv/bin/python bench/scheduler_cost.py [--requests 20000] [--stages 4] [--seed 0]
+    .venv/bin/python bench/scheduler_cost.py --repository model_repository --model lstm --answers 20000
 """
 
 from __future__ import annotations
@@ -11,12 +18,19 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import json
 import random
 import statistics
+import threading
 import time
+from pathlib import Path
 
+from backends.reorch.engine import ReorchEngine
+from backends.reorch.executor import make_ort_runners
 from backends.reorch.policies import BatchPolicy, ReorchKnobs, StageContext, create_policy
 from backends.reorch.scheduler import Request, StageScheduler
+from backends.reorch.spec import StagesSpec
+from loadtest.request_factory import RequestFactory, model_entry
 
 
 def run(policy: str, requests: int, stages: int, seed: int, max_rows: int = 16) -> dict[str, float]:
@@ -63,12 +77,50 @@ def run(policy: str, requests: int, stages: int, seed: int, max_rows: int = 16) 
             "max_us": spent_us[-1], **{f"op_{k}": v for k, v in scheduler.operation_counts.items()}}
 
 
+def engine_answers(repository: Path, model: str, answers: int, cost_model: str, submit_batch: int = 16) -> dict:
+    """Answers/s of the engine in-process: ``answers`` one-row requests, submitted ``submit_batch`` at a time."""
+    manifest = json.loads((repository / "manifest.json").read_text())
+    spec = StagesSpec.from_manifest_entry(model, manifest["models"][model])
+    entry = model_entry(manifest, model)
+    factory = RequestFactory(entry, "reorch", seed=0)
+    length = max(entry.min_length or 1, (entry.max_length or 2) // 2) if entry.has_sequence else None
+    request = factory.arrays(length)
+    done = threading.Semaphore(0)
+
+    def respond(handle, answer) -> None:
+        done.release()
+
+    knobs = ReorchKnobs(max_batch_rows=spec.max_batch_size, cost_model=cost_model)
+    engine = ReorchEngine(spec, "dva", knobs, make_ort_runners(spec, repository), respond)
+    try:
+        started = time.perf_counter()
+        for first in range(0, answers, submit_batch):
+            engine.submit([(i, request) for i in range(first, min(answers, first + submit_batch))])
+        for _ in range(answers):
+            done.acquire()
+        elapsed = time.perf_counter() - started
+        ops = dict(engine.scheduler.operation_counts)
+    finally:
+        engine.close()
+    return {"answers_per_s": answers / elapsed, "us_per_answer": elapsed / answers * 1e6, "ops": ops}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repository", type=Path, default=None, help="built repository: also time the answer path")
+    parser.add_argument("--model", default="lstm")
+    parser.add_argument("--answers", type=int, default=20000)
     args = parser.parse_args()
+    if args.repository is not None:
+        print(f"engine answer path in-process ({args.model}, {args.answers} one-row requests; target >= 10,000/s "
+              "through Triton, so the engine alone must be well above it)")
+        for mode in ("on", "off"):
+            result = engine_answers(args.repository, args.model, args.answers, mode)
+            print(f"  cost model {mode:<3}: {result['answers_per_s']:>9,.0f} answers/s  "
+                  f"{result['us_per_answer']:>6.1f} us/answer  ops {result['ops']}")
     print(f"scheduler cost per decision ({args.requests} requests, {args.stages} stages, target < 20 us)")
     print(f"{'policy':<10}{'decisions':>10}{'launches':>10}{'mean us':>10}{'p50 us':>9}{'p99 us':>9}{'max us':>9}"
           f"  operations")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # The base and the classes code inside Triton raises live in the leaf package ``backends`` (which
 # may import nothing of the host); re-exported here so there is one hierarchy.
-from backends.common.errors import ConfigValidationError, StageContractError, StagebatchError
+from backends.common.errors import ConfigValidationError, StagebatchError, StageContractError
 
 
 class BadParameterError(ConfigValidationError):

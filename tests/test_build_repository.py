@@ -155,7 +155,7 @@ def test_build_user_onnx_file_gets_inferred_specs_and_prints_the_slicer_notes(tm
 def test_build_leaves_reorch_out_and_says_so_when_its_module_is_missing(tmp_path, export_cache, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "backends.reorch.deploy", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "stagebatch.reorch_deploy", None)  # import now raises ImportError
     lines: list[str] = []
     (build,) = build_repository(tmp_path, models=["resnet50"], options=BuildOptions(size="tiny", stages=2),
                                 log=lines.append)

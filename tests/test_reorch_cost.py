@@ -172,3 +172,79 @@ def test_a_failure_inside_a_fused_chain_names_its_stage_and_later_batches_go_on(
         engine.close()
     assert "stage 1 failed: MemoryError" in answers.by_handle["failed"].message
     assert answers.by_handle["later"].kind == SUCCESS
+
+
+def test_run_inline_answers_a_batch_of_cheap_stages_in_order_with_one_invalid(tmp_path):
+    engine, _, reference, metrics = _engine(tmp_path, CHEAP)
+    rng = np.random.default_rng(9)
+    good = [random_sequence_request(rng, 1, n) for n in (3, 9, 4)]
+    bad = {"tokens": np.zeros((1, 40), np.int64), "attention_mask": np.ones((1, 40), np.int64)}
+    out_of_range = {"tokens": np.full((1, 3), 50, np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    try:
+        answers = engine.run_inline([("a", good[0]), ("bad", bad), ("b", good[1]), ("c", good[2])])
+        refused = engine.run_inline([("range", out_of_range), ("fine", good[0])])
+    finally:
+        engine.close()
+    assert [handle for handle, _ in answers] == ["a", "bad", "b", "c"]
+    kinds = [answer.kind for _, answer in answers]
+    assert kinds == [SUCCESS, "invalid", SUCCESS, SUCCESS]
+    assert [a.kind for _, a in refused] == ["invalid", SUCCESS] and "values must lie" in refused[0][1].message
+    for (_, answer), request in zip([answers[0], answers[2], answers[3]], good):
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
+        assert answer.record["ops"] == [{"op": FUSE, "stage": 0}] and answer.record["batch_sizes"] == [3, 3, 3]
+    assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] == 2
+
+
+def test_run_inline_declines_when_boundaries_may_pay(tmp_path):
+    engine, answers, _, _ = _engine(tmp_path, COSTLY, cost_model="off")
+    request = random_sequence_request(np.random.default_rng(0), 1, 5)
+    try:
+        assert engine.run_inline([("x", request)]) is None  # cost model off: the scheduler decides
+    finally:
+        engine.close()
+    engine, answers, _, _ = _engine(tmp_path, COSTLY)
+    try:
+        assert engine.run_inline([("lone", request)])[0][1].record["ops"] == [{"op": WHOLE, "stage": 0}]
+        long, short = random_sequence_request(np.random.default_rng(1), 1, 32), request
+        assert engine.run_inline([("long", long), ("short", short)]) is None  # length diversity: bucketing may pay
+    finally:
+        engine.close()
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.parametrize("provider, mode", [
+    ("cpu", "on"),  # the I/O-binding path with OrtValues in host memory: runs everywhere
+    pytest.param("cuda", "auto", marks=pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")),
+])
+def test_fused_chain_keeps_boundary_tensors_as_device_values(tmp_path, provider, mode):
+    entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
+    for stage, table in zip(entry["stages"], CHEAP):
+        stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
+    spec = StagesSpec.from_manifest_entry("seqm", entry)
+    runners = make_ort_runners(spec, tmp_path, execution_provider=provider)
+    seen: list[str] = []
+    for runner in runners:
+        bound = runner.run_bound
+
+        def spy(feeds, *, keep_on_device, _bound=bound):
+            seen.extend(type(v).__name__ for v in feeds.values())
+            return _bound(feeds, keep_on_device=keep_on_device)
+        runner.run_bound = spy
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, device_boundaries=mode), runners, Answers())
+    rng = np.random.default_rng(2)
+    requests = [random_sequence_request(rng, 1, n) for n in (4, 9)]
+    try:
+        answers = engine.run_inline([(i, r) for i, r in enumerate(requests)])
+    finally:
+        engine.close()
+    assert "OrtValue" in seen  # a later stage was fed an earlier stage's output without a host copy
+    for (_, answer), request in zip(answers, requests):
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(answer.outputs["pooled"], want["pooled"], rtol=1e-4, atol=1e-5)

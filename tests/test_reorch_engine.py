@@ -245,3 +245,21 @@ def test_a_near_empty_stage_keeps_no_favoured_batch_size(tmp_path):
     spec = StagesSpec.from_manifest_entry("seqm", entry)
     assert spec.favoured_batch_sizes[1] == spec.max_batch_size
     assert spec.favoured_batch_sizes[0] == 4
+
+
+@pytest.mark.parametrize("count, responders", [(5000, 1), (5000, 4)])
+def test_5000_concurrent_requests_are_each_answered_exactly_once(tmp_path, count, responders):
+    engine, answers, reference, _ = make_engine(tmp_path, "mlp", "dva", responder_threads=responders)
+    rng = np.random.default_rng(3)
+    requests = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(count)]
+    try:
+        for start in range(0, count, 16):  # dynamic-batcher sized batches, all at once
+            engine.submit([(i, requests[i]) for i in range(start, min(count, start + 16))])
+        answers.wait(count, timeout_s=120)
+    finally:
+        engine.close()
+    assert sorted(answers.by_handle) == list(range(count)) and not answers.twice
+    assert all(answer.kind == SUCCESS for answer in answers.by_handle.values())
+    for index in range(0, count, 997):
+        np.testing.assert_allclose(answers.by_handle[index].outputs["y"], reference(requests[index]["x"])["y"],
+                                   rtol=1e-5, atol=1e-6)

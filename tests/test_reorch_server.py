@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import queue
-from functools import partial
 import re
 import time
 import urllib.request
+from functools import partial
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from reorch_models import VOCAB, random_sequence_request, write_mlp_chain, write_sequence_chain, write_slow_chain
+from reorch_models import (
+    VOCAB,
+    random_sequence_request,
+    write_mlp_chain,
+    write_sequence_chain,
+    write_slow_chain,
+)
 
-from stagebatch.reorch_deploy import write_reorch_model
 from backends.reorch.policies import BatchPolicy
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
 from stagebatch.cli import main as cli_main
+from stagebatch.reorch_deploy import write_reorch_model
 from stagebatch.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
@@ -289,3 +295,23 @@ def test_infer_command_refuses_a_length_outside_the_models_range(served, capsys)
     code = cli_main(["infer", "--url", server.grpc_url, "--model", "seqm", "--variant", "reorch", "--length", "99",
                      "--repository", str(server.repository)])
     assert code == 1 and "outside model 'seqm'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_5000_concurrent_unary_calls_are_each_answered_exactly_once(served):
+    server, reference, _ = served
+    rng = np.random.default_rng(50)
+    requests = [random_sequence_request(rng, 1, int(n)) for n in rng.integers(1, 33, 5000)]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    for index, request in enumerate(requests):
+        client.async_infer("seqm_dva", _inputs(request),
+                           partial(lambda i, result, error: answers.put((i, result, error)), index))
+    received = [answers.get(timeout=300) for _ in requests]
+    assert [str(e) for _, _, e in received if e is not None][:3] == []
+    assert sorted(i for i, _, _ in received) == list(range(len(requests)))
+    for index, result, _ in received[::499]:
+        want = reference(requests[index]["tokens"], requests[index]["attention_mask"])
+        np.testing.assert_allclose(result.as_numpy("hidden"), want["hidden"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(queue.Empty):
+        answers.get(timeout=0.5)  # nothing answered twice

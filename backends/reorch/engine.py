@@ -106,6 +106,10 @@ class ReorchEngine:
         self._metrics_flush_s = metrics_flush_s
         self._now_us = clock_us
         self._needed_after = [spec.needed_after(i) for i in range(len(spec.stages))]
+        # "auto": on where every stage runs on CUDA; "on" forces the I/O-binding path (tests on CPU).
+        self._device_boundaries = knobs.device_boundaries == "on" or (
+            knobs.device_boundaries == "auto"
+            and all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_bound") for r in runners))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -135,8 +139,11 @@ class ReorchEngine:
         self._timer.start()
 
     # ---- requests in ----------------------------------------------------------------------------
-    def validate(self, tensors: Mapping[str, np.ndarray]) -> tuple[int, int | None]:
-        """Rows and sequence length of one request; raises BadRequestError naming what is wrong."""
+    def validate(self, tensors: Mapping[str, np.ndarray], check_values: bool = True) -> tuple[int, int | None]:
+        """Rows and sequence length of one request; raises BadRequestError naming what is wrong.
+
+        ``check_values=False`` leaves out the value-range check (``run_inline`` checks a whole batch at once).
+        """
         rows: int | None = None
         length: int | None = None
         for tensor in self.spec.inputs:
@@ -163,7 +170,7 @@ class ReorchEngine:
                 elif array.shape[tensor.sequence_axis] != length:
                     raise BadRequestError(f"inputs disagree on the sequence length: '{tensor.name}' has "
                                           f"{array.shape[tensor.sequence_axis]}, expected {length}")
-            violation = value_range_violation(array, tensor.value_range)
+            violation = value_range_violation(array, tensor.value_range) if check_values else None
             if violation:
                 raise BadRequestError(f"input '{tensor.name}': {violation}")
         assert rows is not None
@@ -207,6 +214,63 @@ class ReorchEngine:
             answers = self._answers(completions)
         self._deliver(rejected + answers)
         self._pump()
+
+    def run_inline(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]]) -> list[tuple[Any, Answer]] | None:
+        """Answer a whole dynamic-batcher batch here, running the chain fused, when the cost model says
+        stage boundaries cannot pay (``fuse``) or cannot pay now (``whole``: nothing else inside, no
+        load, no diversity). Returns one answer per item, in order; None: use ``submit`` instead.
+
+        The caller (``model.py``) then returns the answers from ``execute``: one response message
+        for the batch, exactly like the whole model, instead of one per request through its sender.
+        """
+        now = self._now_us()
+        # Shapes per request; value ranges once over the batch (a failure is then pinned per request).
+        values_ok = True
+        for spec in self.spec.inputs:
+            arrays = [t[spec.name].ravel() for _, t in items
+                      if spec.name in t and t[spec.name].dtype == spec.dtype]  # a wrong dtype fails validate
+            if spec.value_range is not None and arrays and \
+                    value_range_violation(np.concatenate(arrays), spec.value_range) is not None:
+                values_ok = False
+        checked: list[tuple[Any, dict, tuple[int, int | None] | str]] = []
+        for handle, tensors in items:
+            try:
+                checked.append((handle, dict(tensors), self.validate(tensors, check_values=not values_ok)))
+            except BadRequestError as error:
+                checked.append((handle, dict(tensors), str(error)))
+        valid = [c for c in checked if not isinstance(c[2], str)]
+        with self._lock:
+            if self._closing:
+                return None
+            decision = self.scheduler.inline_decision([c[2][0] for c in valid], [c[2][1] for c in valid], now)
+            if decision is None:
+                return None
+            self._report_operations()
+        rows = [c[2][0] for c in valid]
+        lengths = [c[2][1] for c in valid]
+        pad_to = max((n for n in lengths if n is not None), default=None)
+        per_member, error, failed = (self._run_stages(0, len(self.spec.stages) - 1, [c[1] for c in valid], pad_to,
+                                                      rows, lengths) if valid else ([], None, 0))
+        exit_us = self._now_us()
+        answers: list[tuple[Any, Answer]] = []
+        produced = iter(per_member or [])
+        for handle, _, check in checked:
+            if isinstance(check, str):
+                answer = Answer(INVALID, check, None, Request(-1, 1, now, exit_us=now).record())
+            else:
+                request = Request(-1, check[0], now, seq_len=check[1], stage0_entry_us=now, exit_us=exit_us,
+                                  ops=[{"op": decision, "stage": 0}],
+                                  batch_sizes=[sum(rows)] * len(self.spec.stages))
+                if error is None:
+                    outputs = next(produced)
+                    answer = Answer(SUCCESS, "", {t.name: outputs[t.name] for t in self.spec.outputs},
+                                    request.record())
+                else:
+                    answer = Answer(STAGE_ERROR, f"stage {failed} failed: {error}", None, request.record())
+            self.metrics.outcome({SUCCESS: "success"}.get(answer.kind, "error"))
+            self._write_trace(answer)
+            answers.append((handle, answer))
+        return answers
 
     def close(self, reason: str = "shutting down") -> None:
         """Answer everything pending with SHUTDOWN; later requests get the same answer."""
@@ -269,29 +333,43 @@ class ReorchEngine:
         while job is not None:
             job = self._run_one(*job)
 
-    def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
-                 lengths: list[int | None]) -> tuple | None:
-        error = None
-        per_member: list[dict[str, np.ndarray]] | None = None
-        batched: dict[str, np.ndarray] = {}  # a fused launch keeps the batch's tensors whole between stages
-        last = launch.final_stage
-        for index in range(launch.stage, last + 1):
+    def _run_stages(self, first: int, last: int, members: list[dict[str, np.ndarray]], pad_to: int | None,
+                     rows: list[int], lengths: list[int | None]) -> tuple[list[dict[str, np.ndarray]] | None, str | None, int]:
+        """Run stages first..last on one batch; a fused run keeps the batch's tensors whole between stages.
+
+        Returns (per-member tensors still needed after ``last``, or None; the error, if a stage raised;
+        the index of the last stage run).
+        """
+        batched: dict[str, Any] = {}
+        index = first
+        # Device data path: in a fused run, boundary tensors stay on the device between stages
+        # (OrtValues through I/O binding); host copies only where the batch is built and split.
+        bound = self._device_boundaries and last > first
+        for index in range(first, last + 1):
             stage = self.spec.stages[index]
             started = time.perf_counter()
             try:
-                feeds = build_feeds(self.spec, stage, members, launch.pad_to, batched)
-                outputs = self.runners[index].run(feeds)
-                if index == last:
-                    per_member = split_outputs(self.spec, stage, outputs, rows, lengths,
-                                               batched=batched, keep=self._needed_after[index])
+                feeds = build_feeds(self.spec, stage, members, pad_to, batched)
+                if bound:
+                    outputs = self.runners[index].run_bound(feeds, keep_on_device=index < last)
                 else:
-                    batched.update(outputs)
+                    outputs = self.runners[index].run(feeds)
+                if index == last:
+                    return (split_outputs(self.spec, stage, outputs, rows, lengths, batched=batched,
+                                          keep=self._needed_after[index]), None, index)
+                batched.update(outputs)
             except Exception as exc:  # a stage failure fails exactly this batch; the executors go on
                 error = f"{type(exc).__name__}: {exc}"
-                LOGGER.warning("stage %d failed for a batch of %d rows: %s", index, launch.rows, error)
-            self.metrics.stage_compute(index, int((time.perf_counter() - started) * 1e6))
-            if error is not None:
-                break
+                LOGGER.warning("stage %d failed for a batch of %d rows: %s", index, sum(rows), error)
+                return None, error, index
+            finally:
+                self.metrics.stage_compute(index, int((time.perf_counter() - started) * 1e6))
+        return None, "no stage ran", index
+
+    def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
+                 lengths: list[int | None]) -> tuple | None:
+        last = launch.final_stage
+        per_member, error, index = self._run_stages(launch.stage, last, members, launch.pad_to, rows, lengths)
         cancelled = self._probe_cancelled(launch.request_ids) if error is None else []
         with self._lock:
             if self._closing:
@@ -396,11 +474,7 @@ class ReorchEngine:
     def _send(self, answers: Sequence[tuple[Any, Answer]]) -> None:
         for handle, answer in answers:
             self.metrics.outcome({SUCCESS: "success", CANCELLED: "cancelled"}.get(answer.kind, "error"))
-            if self._trace is not None:
-                line = json.dumps({"outcome": answer.kind, "message": answer.message, **answer.record})
-                with self._trace_lock:
-                    if self._trace is not None:
-                        self._trace.write(line + "\n")
+            self._write_trace(answer)
             try:
                 if self._parallel_sends:
                     self._respond(handle, answer)
@@ -409,6 +483,13 @@ class ReorchEngine:
                         self._respond(handle, answer)
             except Exception as exc:  # the client may be gone; the other answers must still go out
                 LOGGER.warning("could not deliver an answer (%s): %s", answer.kind, exc)
+
+    def _write_trace(self, answer: Answer) -> None:
+        if self._trace is not None:
+            line = json.dumps({"outcome": answer.kind, "message": answer.message, **answer.record})
+            with self._trace_lock:
+                if self._trace is not None:
+                    self._trace.write(line + "\n")
 
     def _report_operations(self) -> None:
         counts = self.scheduler.operation_counts

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backends.common.errors import ConfigValidationError, StageContractError, StagebatchError
+from backends.common.errors import ConfigValidationError, StagebatchError, StageContractError
 
 
 class BadRequestError(ValueError):

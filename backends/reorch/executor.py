@@ -17,7 +17,7 @@ import numpy as np
 from backends.common.tensors import concat_rows, split_rows
 
 from .errors import StageContractError
-from .spec import StagesSpec, StageSpec
+from .spec import StageSpec, StagesSpec
 
 
 class StageRunner(Protocol):
@@ -25,7 +25,13 @@ class StageRunner(Protocol):
 
 
 class OrtStageRunner:
-    """One stage's ONNX graph on onnxruntime (CPU, or CUDA when asked and available)."""
+    """One stage's ONNX graph on onnxruntime (CPU, or CUDA when asked and available).
+
+    ``run_bound`` is the device data path (onnxruntime I/O binding): inputs may be OrtValues
+    already on the device, and outputs stay there as OrtValues (``keep_on_device``), so the stages
+    of a fused chain hand boundary tensors on without a host copy. With the CUDA provider the device
+    is the GPU (``device == "cuda"``); on CPU the same path runs with OrtValues in host memory.
+    """
 
     def __init__(self, onnx_path: Path | str, stage: StageSpec, *, intra_op_threads: int = 1,
                  execution_provider: str = "cpu") -> None:
@@ -33,6 +39,7 @@ class OrtStageRunner:
 
         self.stage = stage
         self.session = make_session(str(onnx_path), intra_op_threads, execution_provider)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.output_names = list(stage.outputs)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         missing = set(stage.inputs) - graph_inputs
@@ -44,6 +51,22 @@ class OrtStageRunner:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
         return dict(zip(self.output_names, results))
+
+    def run_bound(self, feeds: Mapping[str, object], *, keep_on_device: bool) -> dict[str, object]:
+        """Run with I/O binding: numpy feeds are bound from host memory, OrtValues as they are (on the
+        device); outputs are OrtValues on ``self.device`` if ``keep_on_device``, else numpy arrays."""
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = feeds[name]
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device if keep_on_device else "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: value if keep_on_device else value.numpy() for name, value in zip(self.output_names, values)}
 
 
 def make_ort_runners(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
@@ -87,6 +110,8 @@ def split_outputs(spec: StagesSpec, stage: StageSpec, outputs: Mapping[str, np.n
     names = list(stage.outputs) if keep is None else [n for n in sources if n in keep]
     for name in names:
         array = sources[name]
+        if not isinstance(array, np.ndarray):  # an OrtValue left on the device by a fused chain
+            array = array.numpy()
         if array.ndim == 0 or array.shape[0] != total:
             raise StageContractError(f"stage {stage.index} returned '{name}' with shape {array.shape} "
                                      f"for a batch of {total} rows; stage outputs must be batch-first")

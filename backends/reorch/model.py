@@ -1,7 +1,9 @@
 """Triton Python-backend model of the stage reorchestrator (``NAME_reorch``). Glue only.
 
-Not decoupled, yet answered later: ``execute`` hands each request's tensors and response sender to
-the engine and returns ``None`` at once, so Triton gives the instance its next batch while earlier
+Not decoupled. Where the cost model says stage boundaries cannot pay (``fuse``, or ``whole`` when
+nothing else is inside), ``execute`` runs the batch's chain fused and returns its responses, like the
+whole model (one response message per batch). Otherwise it is answered later: ``execute`` hands
+each request's tensors and response sender to the engine and returns ``None`` at once, so Triton gives the instance its next batch while earlier
 requests are still inside (cross-request batching); the engine's threads answer each request
 exactly once through its sender (one response + FINAL flag). Unary gRPC, HTTP and gRPC streaming
 clients all work (measured on tritonserver 2.51: docs/reorch.md). Scheduling is in
@@ -89,10 +91,16 @@ class TritonPythonModel:
             for name in self.input_names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
-                    # Copy: the request's buffers are released once execute returns.
-                    tensors[name] = np.array(tensor.as_numpy(), copy=True)
-            handle = (request.get_response_sender(), wants_record(request.parameters()))
-            items.append((handle, tensors))
+                    tensors[name] = tensor.as_numpy()
+            items.append(([request, wants_record(request.parameters())], tensors))
+        answers = self.engine.run_inline(items)
+        if answers is not None:  # the cost model ran the batch fused, here: one response message for all
+            return [self._response(record_wanted, answer) for (_, record_wanted), answer in answers]
+        for handle, tensors in items:
+            handle[0] = handle[0].get_response_sender()  # the request object itself is not kept
+            for name, array in tensors.items():
+                # Copy: the request's buffers are released once execute returns.
+                tensors[name] = np.array(array, copy=True)
         self.engine.submit(items)
         return None
 
@@ -102,6 +110,9 @@ class TritonPythonModel:
     # ---- engine callbacks (engine threads) ----
     def _respond(self, handle, answer: Answer) -> None:
         sender, record_wanted = handle
+        sender.send(self._response(record_wanted, answer), flags=self.final_flag)
+
+    def _response(self, record_wanted: bool, answer: Answer):
         if answer.ok:
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(array, dtype=self.output_dtypes[name]))
                        for name, array in answer.outputs.items()]
@@ -109,14 +120,12 @@ class TritonPythonModel:
                 rows = next(iter(answer.outputs.values())).shape[0]
                 record = json.dumps(answer.record).encode()
                 tensors.append(pb_utils.Tensor(RECORD_OUTPUT, np.full((rows, 1), record, dtype=np.object_)))
-            response = pb_utils.InferenceResponse(output_tensors=tensors)
-        else:
-            message = answer.message
-            if record_wanted:
-                message = f"{message} ({RECORD_OUTPUT} {json.dumps(answer.record)})"
-            code = self.error_codes.get(answer.kind, pb_utils.TritonError.INTERNAL)
-            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-        sender.send(response, flags=self.final_flag)
+            return pb_utils.InferenceResponse(output_tensors=tensors)
+        message = answer.message
+        if record_wanted:
+            message = f"{message} ({RECORD_OUTPUT} {json.dumps(answer.record)})"
+        code = self.error_codes.get(answer.kind, pb_utils.TritonError.INTERNAL)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     @staticmethod
     def _cancelled(handles):

@@ -86,6 +86,8 @@ class ReorchKnobs:
     """Admission limit: rows inside at once; beyond it answer UNAVAILABLE at once. 0 = sized from memory."""
     responder_threads: int = 1
     """Threads that send answers (more only where parallel sends are safe: docs/reorch.md)."""
+    device_boundaries: str = "auto"
+    """Fused chains keep boundary tensors on the device (I/O binding): auto (= where every stage runs on CUDA), on, off."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -113,6 +115,8 @@ class ReorchKnobs:
         need(self.whole_max_arrivals >= 0, "whole_max_arrivals", "must be >= 0 (0 = never run whole)")
         need(self.max_inflight_rows >= 0, "max_inflight_rows", "must be >= 0 (0 = sized from memory)")
         need(self.responder_threads >= 1, "responder_threads", "must be >= 1")
+        need(self.device_boundaries in COST_MODEL_MODES[:1] + ("on", "off"), "device_boundaries",
+             "must be one of auto, on, off")
 
     @property
     def merged_rows_limit(self) -> int:

@@ -356,6 +356,31 @@ class StageScheduler:
                 self._hold(target, now_us)
         return self._launch(batch, now_us)
 
+    def inline_decision(self, rows: Sequence[int], lengths: Sequence[int | None], now_us: int) -> str | None:
+        """Whether a whole dynamic-batcher batch may run the chain at once, inside the caller (FUSE or
+        WHOLE), instead of entering the scheduler: the cost model says fuse always, or nothing else is
+        inside and the batch gains nothing from boundaries. Notes the arrivals and counts the decision."""
+        for _ in rows:
+            self._note_arrival(now_us)
+        if self.cost is None or self.num_stages < 2 or self.closed_reason is not None:
+            return None
+        decision = None
+        if self._fuse_always:
+            decision = FUSE
+        elif not self.requests:
+            known = [(r, n) for r, n in zip(rows, lengths) if n is not None]
+            diverse = False
+            if len(known) > 1:
+                padded = sum(r for r, _ in known) * max(n for _, n in known)
+                diverse = 1.0 - sum(r * n for r, n in known) / padded >= self.knobs.bucket_min_saving
+            if sum(rows) <= self.knobs.max_batch_rows and self.cost.run_whole(
+                    sum(rows), pipeline_busy=False, waiting_behind=0, diverse=diverse,
+                    arrival_rate_per_us=self.arrival_rate_per_us(now_us)):
+                decision = WHOLE
+        if decision is not None:
+            self.operation_counts[decision] += 1
+        return decision
+
     def _fused_decision(self, group_rows: int, waiting_behind: int, bucketed: bool, now_us: int) -> str | None:
         """FUSE or WHOLE when the cost model says the next batch gains nothing from boundaries, else None."""
         if self.cost is None or self.num_stages < 2:
