@@ -2,7 +2,7 @@
 
 Per model ``NAME`` it writes the whole model (``NAME``, one dynamic batcher), the stages
 (``NAME_stage0..K-1``, each with its own dynamic batcher) and their ensemble (``NAME_ensemble``),
-the stage reorchestrator (``NAME_reorch``) when ``backends.reorch.deploy`` is available, and an
+the stage reorchestrator (``NAME_reorch``, :mod:`stagebatch.reorch_deploy`), and an
 entry in the repository's ``manifest.json``. Everything is checked before it is written: the stage
 chain must reproduce the whole model (``verify_chain``), and each config is validated against
 Triton's schema when rendered.
@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slicing import manifest as manifest_lib
-from slicing.export import export_zoo_model
 from slicing.chain import profile_stages, verify_chain
+from slicing.export import export_zoo_model
+from slicing.inputs import InputSpec, infer_input_specs
 from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from stagebatch.errors import BadParameterError, SliceError
-from stagebatch.model_config import read_model_config, write_model_config
-from stagebatch.repository import TARGETS
+from stagebatch.model_config import write_model_config
+from stagebatch.reorch_deploy import write_reorch_model
+from stagebatch.repository import TARGETS, DynamicBatching, TensorConfig, add_onnx_model
 
 if TYPE_CHECKING:
     import onnx
-
-    from slicing.inputs import InputSpec
 
 DEFAULT_STAGES = 4
 _NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -192,8 +192,6 @@ def _zoo_source(name: str, options: BuildOptions, log: Log) -> _Source:
 def _onnx_source(path: Path, options: BuildOptions) -> _Source:
     import onnx
 
-    from slicing.inputs import infer_input_specs
-
     if not path.is_file():
         raise BadParameterError(f"--onnx {path}: no such file")
     try:
@@ -338,8 +336,6 @@ def _output_tensors(source: _Source, result) -> list[dict[str, Any]]:
 
 
 def _tensor_config(name: str, dtype: str, shape: list[int], sequence_axis: int | None, spec, max_batch: int):
-    from stagebatch.repository import TensorConfig
-
     dims = list(shape[1:]) if max_batch > 0 else list(shape)
     return TensorConfig(name=name, dtype=dtype, dims=[int(d) for d in dims], sequence_axis=sequence_axis,
                         pad_value=_pad_value(spec), value_range=spec.value_range if spec is not None else None)
@@ -347,16 +343,12 @@ def _tensor_config(name: str, dtype: str, shape: list[int], sequence_axis: int |
 
 def _batching(options: BuildOptions, *, stage: bool = False):
     """The dynamic batcher of the whole model and reorch, or (``stage``) of a stage behind the ensemble."""
-    from stagebatch.repository import DynamicBatching
-
     return DynamicBatching(max_queue_delay_us=options.queue_delay_us,
                            max_queue_size=0 if stage else options.max_queue_size,
                            default_timeout_us=options.default_timeout_us)
 
 
 def _add_onnx(out: Path, name: str, model, options: BuildOptions, max_batch: int, inputs, outputs, batching) -> None:
-    from stagebatch.repository import add_onnx_model
-
     add_onnx_model(out, name, model, target=options.target, max_batch_size=max_batch, inputs=inputs,
                    outputs=outputs, dynamic_batching=batching, instance_count=options.instance_count,
                    intra_op_threads=options.intra_op_threads)
@@ -378,29 +370,19 @@ def ensemble_config(name: str, max_batch: int, inputs, outputs, stages, prefix: 
 
 
 def _write_ensemble(out: Path, name: str, max_batch: int, inputs, outputs, stages, prefix: str) -> None:
-    from stagebatch.model_config import write_model_config
-
     model_dir = out / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version directory, even empty
     write_model_config(model_dir, ensemble_config(name, max_batch, inputs, outputs, stages, prefix))
 
 
 def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOptions, max_batch: int) -> str | None:
-    """Write ``NAME_reorch`` when the reorchestrator exists; else return why the variant is left out."""
+    """Write ``NAME_reorch``; or return why the variant is left out (a model served without batching)."""
     if max_batch == 0:
         return "reorch variant left out: the model is served without batching, and the reorchestrator re-forms batches"
-    try:
-        from stagebatch.reorch_deploy import write_reorch_model
-    except ImportError as error:
-        return f"reorch variant left out: backends.reorch.deploy is not available ({error})"
-    model_dir = write_reorch_model(out, name, entry, target=options.target, max_batch_size=max_batch,
-                                   queue_delay_us=options.queue_delay_us, policy="dva",
-                                   knobs={"intra_op_threads": options.intra_op_threads})
-    queue_policy = _batching(options).to_config().get("default_queue_policy")
-    if queue_policy:  # the reorch config is written by its own module: add the queue policy to its batcher
-        config = read_model_config(model_dir / "config.pbtxt")
-        config.setdefault("dynamic_batching", {})["default_queue_policy"] = queue_policy
-        write_model_config(model_dir, config)
+    write_reorch_model(out, name, entry, target=options.target, max_batch_size=max_batch,
+                       queue_delay_us=options.queue_delay_us, policy="dva",
+                       knobs={"intra_op_threads": options.intra_op_threads},
+                       max_queue_size=options.max_queue_size, default_timeout_us=options.default_timeout_us)
     return None
 
 

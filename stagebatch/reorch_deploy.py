@@ -23,16 +23,16 @@ from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
 from backends.reorch.spec import RECORD_OUTPUT, StagesSpec
 from stagebatch.errors import ConfigValidationError
 from stagebatch.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
-from stagebatch.repository import copy_backends_package
+from stagebatch.repository import DynamicBatching, copy_backends_package
 
 TARGETS = ("embedded", "gpu")
 MODEL_GLUE = Path(backends.reorch.__file__).with_name("model.py")
 
 
-def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_size: int, queue_delay_us: int,
-                        policy: str, knobs: ReorchKnobs,
+def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_size: int,
+                        batching: DynamicBatching, policy: str, knobs: ReorchKnobs,
                         extra_parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``config.pbtxt`` of ``name`` as a dict (protobuf-JSON form)."""
+    """The ``config.pbtxt`` of ``name`` as a dict (protobuf-JSON form); ``batching`` is its front batcher."""
     def tensor_config(tensor, ragged: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": tensor.name, "data_type": numpy_to_triton_dtype(tensor.dtype.name),
                                  "dims": list(tensor.shape[1:])}
@@ -48,7 +48,7 @@ def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_s
         "output": [tensor_config(t, ragged=False) for t in spec.outputs]
         + [{"name": RECORD_OUTPUT, "data_type": "TYPE_STRING", "dims": [1]}],
         "model_transaction_policy": {"decoupled": False},  # answered later through the response sender
-        "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
+        "dynamic_batching": batching.to_config(),
         # One instance: it keeps many batches in flight itself (execute returns at once).
         "instance_group": [{"count": 1, "kind": "KIND_CPU" if target == "embedded" else "KIND_GPU"}],
         "parameters": string_parameters({"policy": policy, "stages_file": "stages.json", **knobs.to_parameters(),
@@ -59,20 +59,22 @@ def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_s
 def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mapping[str, Any], *,
                        target: str = "embedded", max_batch_size: int, queue_delay_us: int, policy: str = "dva",
                        knobs: ReorchKnobs | Mapping[str, Any] | None = None,
-                       extra_parameters: Mapping[str, Any] | None = None) -> Path:
+                       extra_parameters: Mapping[str, Any] | None = None,
+                       max_queue_size: int = 0, default_timeout_us: int = 0) -> Path:
     """Write ``<repository>/<NAME>_reorch`` for model ``name``; returns the model directory.
 
     ``manifest_entry`` is the model's entry of ``manifest.json`` (stage ONNX paths relative to the
     repository root). ``knobs`` default to ``ReorchKnobs()`` with ``max_batch_rows=max_batch_size``.
     ``extra_parameters`` are further config parameters of the glue (``cancel_poll_ms``,
-    ``execution_provider``, ``repository_root``; see ``model.py``).
+    ``execution_provider``, ``repository_root``; see ``model.py``). ``max_queue_size`` and
+    ``default_timeout_us`` are Triton's queue policy of the front batcher (0: none).
     """
     if target not in TARGETS:
         raise ConfigValidationError(f"target must be one of {TARGETS}, got {target!r}")
     if max_batch_size < 1:
         raise ConfigValidationError(f"max_batch_size must be >= 1 for the reorchestrator, got {max_batch_size}")
-    if queue_delay_us < 0:
-        raise ConfigValidationError(f"queue_delay_us must be >= 0, got {queue_delay_us}")
+    batching = DynamicBatching(max_queue_delay_us=queue_delay_us, max_queue_size=max_queue_size,
+                               default_timeout_us=default_timeout_us)  # checks the values
     repository = Path(repository)
     spec = StagesSpec.from_manifest_entry(name, dict(manifest_entry))
     spec.max_batch_size = max_batch_size
@@ -101,6 +103,6 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     shutil.copy2(MODEL_GLUE, version_dir / "model.py")
     (version_dir / "stages.json").write_text(spec.to_json())
     write_model_config(model_dir, reorch_model_config(model_name, spec, target=target, max_batch_size=max_batch_size,
-                                                      queue_delay_us=queue_delay_us, policy=policy, knobs=knobs,
+                                                      batching=batching, policy=policy, knobs=knobs,
                                                       extra_parameters=extra_parameters))
     return model_dir

@@ -152,17 +152,6 @@ def test_build_user_onnx_file_gets_inferred_specs_and_prints_the_slicer_notes(tm
     assert len(entry["stages"]) == min(4, max_stages(proto, infer_input_specs(proto)))  # the default K
 
 
-def test_build_leaves_reorch_out_and_says_so_when_its_module_is_missing(tmp_path, export_cache, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "stagebatch.reorch_deploy", None)  # import now raises ImportError
-    lines: list[str] = []
-    (build,) = build_repository(tmp_path, models=["resnet50"], options=BuildOptions(size="tiny", stages=2),
-                                log=lines.append)
-    assert "reorch" not in build.entry["variants"] and not (tmp_path / "resnet50_reorch").exists()
-    assert any("reorch variant left out" in line for line in lines)
-
-
 def test_build_explicit_cut_tensors_choose_the_boundaries(tmp_path, export_cache):
     (first,) = build_repository(tmp_path / "a", models=["lstm"], options=BuildOptions(size="tiny", stages=3))
     cuts = first.entry["build"]["cut_tensors"]

@@ -119,7 +119,7 @@ def test_served_reorch_answers_over_grpc_streaming(served, name):
     server, repository, manifest = served
     entry = manifest["models"][name]
     if "reorch" not in entry["variants"]:
-        pytest.skip("the build left the reorch variant out (backends.reorch.deploy not available)")
+        pytest.skip("the build left the reorch variant out (the model is served without batching)")
     outputs = [o["name"] for o in entry["outputs"]]
     arrays = _request(entry, 2, 5 if entry["sequence"] else None, seed=3)
     expected = _reference(repository, name, arrays, outputs)
