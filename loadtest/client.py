@@ -48,9 +48,9 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 PROTOCOLS = ("unary", "stream")
-# The protocol a variant gets when the run does not say. Once reorch answers unary gRPC (contract 2),
-# switching reorch to "unary" is this one line.
-DEFAULT_PROTOCOL = {"whole": "unary", "ensemble": "unary", "reorch": "stream"}
+# The protocol a variant gets when the run does not say: unary for all, since the reorchestrator
+# answers unary ModelInfer too (it is not decoupled; docs/reorch.md). Streaming stays available.
+DEFAULT_PROTOCOL = {"whole": "unary", "ensemble": "unary", "reorch": "unary"}
 # Variants whose requests ask for the reorchestrator's REORCH_RECORD (contract 1: opt-in per request)
 RECORD_VARIANTS = ("reorch",)
 REORCH_RECORD_PARAMETER = "reorch_record"

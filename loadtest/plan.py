@@ -30,6 +30,7 @@ import yaml
 
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from loadtest import workloads
+from loadtest.client import PROTOCOLS
 from loadtest.workloads import ARRIVAL_KINDS, LENGTH_KINDS
 from slicing.manifest import VARIANTS
 from slicing.slicer import BALANCES
@@ -206,6 +207,7 @@ class Defaults:
     slo_ms: float = 100.0
     seed: int = 0
     repeats: int = 1
+    protocol: str = ""  # unary | stream; "" = the load generator's default for the variant
 
 
 @dataclass
@@ -289,6 +291,7 @@ class Experiment:
     warmup_s: float | None = None
     slo_ms: float | None = None
     repeats: int | None = None
+    protocol: str | None = None
     line: int = 0
     where: dict[str, tuple[str, int]] = field(default_factory=dict)  # axis -> (file, line) for late checks
 
@@ -314,6 +317,7 @@ class Point:
     repeat: int = 0  # 0-based
     repeats: int = 1
     comparison_key: str = ""  # equal for points that differ only by variant/policy and repeat
+    protocol: str = ""  # how requests are sent: unary | stream; "" = the generator's default for the variant
 
     @property
     def relative(self) -> bool:
@@ -353,6 +357,7 @@ class Point:
             "repeat": self.repeat,
             "repeats": self.repeats,
             "comparison_key": self.comparison_key,
+            "protocol": self.protocol,
         }
 
 
@@ -487,6 +492,7 @@ class Plan:
                             repeat=repeat,
                             repeats=repeats,
                             comparison_key=comparison_key,
+                            protocol=experiment.protocol or self.defaults.protocol,
                         )
                     )
         return out
@@ -539,7 +545,7 @@ _REPOSITORY_KEYS = (
     "balance",
     "queue_delay_us",
 )
-_DEFAULTS_KEYS = ("duration_s", "warmup_s", "slo_ms", "seed", "repeats")
+_DEFAULTS_KEYS = ("duration_s", "warmup_s", "slo_ms", "seed", "repeats", "protocol")
 _CAPACITY_KEYS = (
     "enabled",
     "variants",
@@ -565,6 +571,7 @@ _EXPERIMENT_KEYS = (
     "warmup_s",
     "slo_ms",
     "repeats",
+    "protocol",
 )
 _BATCHING_KEYS = (
     "max_batch_size",
@@ -682,6 +689,8 @@ def _parse_defaults(raw: Any, where: _Where) -> Defaults:
         defaults.seed = _int(raw["seed"], at("seed"), minimum=0)
     if "repeats" in raw:
         defaults.repeats = _int(raw["repeats"], at("repeats"), minimum=1)
+    if "protocol" in raw:
+        defaults.protocol = _choice(raw["protocol"], PROTOCOLS, at("protocol"), "protocol")
     return defaults
 
 
@@ -962,6 +971,8 @@ def _parse_experiments(
             experiment.repeats = _int(body["repeats"], at("repeats"), minimum=1)
         if "warmup_s" in body:
             experiment.warmup_s = _number(body["warmup_s"], at("warmup_s"), minimum=0)
+        if "protocol" in body:
+            experiment.protocol = _choice(body["protocol"], PROTOCOLS, at("protocol"), "protocol")
         experiments.append(experiment)
     return experiments
 

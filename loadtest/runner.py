@@ -516,6 +516,7 @@ class Characterization:
             duration_s=point.duration_s,
             warmup_s=point.warmup_s,
             seed=point.seed,
+            protocol=point.protocol,
         )
 
     def _restarts(self, names: list[str]) -> int:

@@ -2,9 +2,10 @@
 
 * ``ident``: FP32 ``x`` [-1, 4] -> ``y = x + 1`` (no sequence axis), variant ``whole``.
 * ``seq``: INT64 ``input_ids`` and ``attention_mask`` [-1, -1] -> FP32 ``y = ids * mask`` [-1, -1],
-  variant ``whole`` (onnx_runner, ragged) and ``reorch``: a decoupled Python model that answers
-  each request on its own response sender with ``y`` and a ``REORCH_RECORD`` (it stands in for the
-  reorchestrator), and answers an error for requests of length :data:`ERROR_LENGTH`.
+  variant ``whole`` (onnx_runner, ragged) and ``reorch``: a Python model that, like the
+  reorchestrator (not decoupled), answers each request on its own response sender with ``y`` and a
+  ``REORCH_RECORD``, so unary and streaming clients both reach it; it answers an error for requests
+  of length :data:`ERROR_LENGTH`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
 
 ERROR_LENGTH = 3
 
-ECHO_DECOUPLED_MODEL = '''
+ECHO_SENDER_MODEL = '''
 import json
 import time
 
@@ -99,14 +100,14 @@ def build_repository(repository: Path, *, max_length: int = 32) -> dict:
 
     reorch_dir = repository / "seq_reorch"
     (reorch_dir / "1").mkdir(parents=True, exist_ok=True)
-    (reorch_dir / "1" / "model.py").write_text(ECHO_DECOUPLED_MODEL)
+    (reorch_dir / "1" / "model.py").write_text(ECHO_SENDER_MODEL)
     write_model_config(reorch_dir, {
         "name": "seq_reorch", "backend": "python", "max_batch_size": 8,
         "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]},
                   {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1]}],
         "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]},
                    {"name": "REORCH_RECORD", "data_type": "TYPE_STRING", "dims": [1]}],
-        "model_transaction_policy": {"decoupled": True},
+        "model_transaction_policy": {"decoupled": False},  # answered through the response sender
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
     })  # fmt: skip
 

@@ -41,7 +41,7 @@ PLAN = textwrap.dedent("""\
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from loadgen_models import build_repository  # the load generator's tiny models and manifest
+    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
 
     root = tmp_path_factory.mktemp("characterize")
     build_repository(root / "repo")
@@ -119,7 +119,7 @@ def test_bad_plan_is_refused_up_front_with_the_wrong_line(tmp_path, capsys):
 
 
 def test_unknown_model_in_repository_is_refused_before_any_point(tmp_path, capsys):
-    from loadgen_models import build_repository
+    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
 
     build_repository(tmp_path / "repo")
     (tmp_path / "plan.yaml").write_text(
@@ -146,7 +146,8 @@ def test_unknown_model_in_repository_is_refused_before_any_point(tmp_path, capsy
 @pytest.mark.server
 def test_runner_against_a_running_server_restores_its_models(tmp_path, triton_server):
     import tritonclient.grpc as grpcclient
-    from loadgen_models import build_repository
+
+    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
 
     build_repository(tmp_path / "repo")
     plan_text = PLAN.replace("defaults: {duration_s: 1.5", "defaults: {duration_s: 1.0").split(

@@ -1,6 +1,6 @@
 """The load driver and the Locust file against the embedded Triton server with tiny models.
 
-One server serves the whole module (tiny models from ``loadgen_models``); each test runs a short
+One server serves the whole module (tiny models from ``loadtest.tiny_models``); each test runs a short
 load through :func:`run_load` (a child process running Locust) or ``locust -f`` itself.
 """
 
@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from loadgen_models import ERROR_LENGTH, build_repository
 
 from loadtest.driver import LoadSpec, run_load
+from loadtest.tiny_models import ERROR_LENGTH, build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from stagebatch.server import EmbeddedTriton
 
@@ -63,7 +63,7 @@ def test_reorch_streaming_matches_responses_and_errors_to_their_requests(served)
     server, manifest, _ = served
     # 8 closed-loop users keep several requests in flight on one stream; length 3 is refused by the model
     spec = LoadSpec("seq", "reorch", ArrivalSpec("closed", users=8), LengthSpec("uniform", min_length=1, max_length=6),
-                    duration_s=1.5, client_timeout_s=10.0, seed=2)
+                    duration_s=1.5, client_timeout_s=10.0, seed=2, protocol="stream")
     result = run_load(server.grpc_url, manifest, spec)
     failed = [r for r in result.records if not r.ok]
     succeeded = [r for r in result.records if r.ok]

@@ -159,3 +159,18 @@ def test_k_larger_than_model_allows_is_refused_before_running():
 def test_missing_plan_names_the_shipped_ones():
     with pytest.raises(ConfigValidationError, match="shipped plans: .*quick"):
         load_plan("no-such-plan")
+
+
+def test_plan_protocol_defaults_to_the_generators_choice_and_experiments_override_it():
+    text = GOOD.replace("defaults: {duration_s: 2,", "defaults: {protocol: stream, duration_s: 2,").replace(
+        "  - name: policies\n", "  - name: policies\n    protocol: unary\n")
+    points = parse_plan(text, "p.yaml").points()
+    assert {p.protocol for p in points if p.experiment == "variants"} == {"stream"}
+    assert {p.protocol for p in points if p.experiment == "policies"} == {"unary"}
+    assert {p.protocol for p in parse_plan(GOOD, "p.yaml").points()} == {""}  # the variant's default
+
+
+def test_plan_refuses_an_unknown_protocol_naming_its_line():
+    text = GOOD.replace("defaults: {duration_s: 2,", "defaults: {protocol: carrier-pigeon, duration_s: 2,")
+    message = _error(text)
+    assert "protocol" in message and "unary" in message and f"p.yaml:{_line_of(text, 'carrier')}" in message

@@ -47,7 +47,7 @@ PLAN = textwrap.dedent("""\
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from loadgen_models import build_repository
+    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
 
     root = tmp_path_factory.mktemp("resume")
     build_repository(root / "repo")

@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
-from loadgen_models import build_repository
 
+from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
 from stagebatch.cli import main
 from stagebatch.server import EmbeddedTriton, find_free_port
 from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy, stub_identity
