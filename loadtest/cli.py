@@ -1,4 +1,4 @@
-"""``stagebatch characterize``, ``capacity`` and ``report``: typer commands (heavy imports inside)."""
+"""``stagebatch characterize``, ``capacity`` and ``report``: typer commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from loadtest.capacity import whole_capacity
+from loadtest.plan import CAPACITY_LABELS, load_plan, resolve_arrival
+from loadtest.report import write_report
+from loadtest.rundir import CAPACITY_FILE
+from loadtest.runner import Characterization, RunOptions, console_logging, resume_plan, run_summary
+from loadtest.runner import characterize as run_characterization
+from stagebatch.errors import BadParameterError, ConfigValidationError
 
 URL_HELP = (
     "gRPC address of a running Triton (default: start the embedded server): host:port, a comma-separated "
@@ -23,9 +31,6 @@ def _default_out(name: str) -> Path:
 
 
 def _read_capacity_arg(path: Path) -> dict:
-    from loadtest.rundir import CAPACITY_FILE
-    from stagebatch.errors import ConfigValidationError
-
     file = path / CAPACITY_FILE if path.is_dir() else path
     if not file.is_file():
         raise ConfigValidationError(f"--capacity {path}: no such file (give a capacity.json or a run directory)")
@@ -36,9 +41,6 @@ def _read_capacity_arg(path: Path) -> dict:
 
 
 def _print_check(parsed, capacity: dict | None) -> None:
-    from loadtest.capacity import whole_capacity
-    from loadtest.plan import resolve_arrival
-
     points = parsed.points()
     total_s = sum(p.duration_s + p.warmup_s for p in points)
     typer.echo(f"{parsed.source}: valid; {len(points)} points, {total_s / 60:.1f} min of load")
@@ -85,10 +87,13 @@ def characterize(
         Optional[Path],
         typer.Option("--resume", help="Continue an interrupted run in this directory (its own plan)."),
     ] = None,
+    crosscheck: Annotated[
+        bool,
+        typer.Option(help="After the points, replay one stable whole-model point with perf_analyzer too "
+                          "(the report's cross-check; skipped with the reason where it cannot be had)."),
+    ] = True,
 ) -> None:
     """Run a characterization plan: every point's raw data, then report.html and report.md."""
-    from loadtest.plan import load_plan
-    from stagebatch.errors import BadParameterError
 
     if workers < 0:
         raise BadParameterError(f"--workers {workers}: must be >= 0")
@@ -96,8 +101,6 @@ def characterize(
         raise BadParameterError("--resume takes the plan from the run's environment.json; drop --plan")
     if resume is None and plan is None:
         raise BadParameterError("give --plan PLAN (or --resume RUN_DIR)")
-    from loadtest.runner import RunOptions, console_logging, resume_plan, run_summary
-    from loadtest.runner import characterize as run
 
     parsed = resume_plan(resume) if resume is not None else load_plan(plan)
     capacity_doc = _read_capacity_arg(capacity) if capacity is not None else None
@@ -116,9 +119,10 @@ def characterize(
         metrics_url=metrics_url,
         resume=resume is not None,
         capacity_file=capacity_file,
+        crosscheck=crosscheck,
     )
     with console_logging():  # warnings and one line per point; the rest goes to the run's log file
-        run_dir = run(parsed, options)
+        run_dir = run_characterization(parsed, options)
     for line in run_summary(run_dir):
         typer.echo(line)
     typer.echo(f"report: {run_dir / 'report.html'} (raw data and report.md beside it)")
@@ -155,10 +159,6 @@ def capacity(
     """Find each model variant's sustained open-loop rate and its rate within the SLO; write capacity.json."""
     import dataclasses
 
-    from loadtest.plan import CAPACITY_LABELS, load_plan
-    from loadtest.rundir import CAPACITY_FILE
-    from loadtest.runner import Characterization, RunOptions, console_logging
-    from stagebatch.errors import BadParameterError
 
     parsed = load_plan(plan)
     if variants is not None:
@@ -198,7 +198,6 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'stagebatch characterize'.")],
 ) -> None:
     """Regenerate report.html and report.md of a run from its raw data."""
-    from loadtest.report import write_report
 
     html_path, md_path = write_report(run_dir)
     typer.echo(f"report: {html_path} and {md_path}")

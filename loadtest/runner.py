@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import capacity as capacity_search
+from loadtest.driver import LoadSpec, run_load
 from loadtest.environment import collect_environment, utc_now
+from loadtest.perf_analyzer import cross_check
 from loadtest.plan import (
     ModelLimits,
     Plan,
@@ -43,9 +45,11 @@ from loadtest.plan import (
     parse_plan,
     resolve_arrival,
 )
+from loadtest.report import write_report
 from loadtest.rundir import (
     CAPACITY_FILE,
     ENVIRONMENT_FILE,
+    LOADGEN_CROSSCHECK_FILE,
     LOG_FILE,
     append_point,
     discard_incomplete,
@@ -57,9 +61,13 @@ from loadtest.rundir import (
     write_json,
     write_points,
 )
+from loadtest.server_stats import diff_reorch_metrics, diff_statistics, scrape_metrics, snapshot_statistics
 from loadtest.stability import LOADGEN_REASONS, arrival_period_s, assess
-from stagebatch.repository import DynamicBatching
+from loadtest.stats import percentile_us, summarize
+from loadtest.workloads import ArrivalSpec, LengthSpec
+from slicing.repository import BuildOptions, build_repository
 from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
+from stagebatch.repository import DynamicBatching
 
 LOGGER = logging.getLogger(__name__)
 # one line per point (and per capacity probe) on the console; everything else INFO goes to the log file
@@ -237,6 +245,9 @@ class RunOptions:
     metrics_url: str | None = None
     resume: bool = False  # continue the run in out_dir: skip its complete points
     capacity_file: Path | None = None  # a capacity.json to take instead of searching
+    # after the points: replay one stable open-loop whole-model point with perf_analyzer too
+    # (loadgen_crosscheck.json; skipped, with the reason, where perf_analyzer cannot be had)
+    crosscheck: bool = False
 
 
 @dataclass
@@ -281,7 +292,6 @@ class Characterization:
         return self.manifest
 
     def _build(self, model: str, stages: int, balance: str) -> None:
-        from slicing.repository import BuildOptions, build_repository  # export, slice, verify, write
 
         spec = self.plan.repository
         LOGGER.info(
@@ -495,8 +505,6 @@ class Characterization:
         return dataclasses.replace(point, arrival=arrival), load
 
     def _load_spec(self, point: Point):
-        from loadtest.driver import LoadSpec
-        from loadtest.workloads import ArrivalSpec, LengthSpec
 
         base_dir = Path(self.plan.source).parent
         arrival = dict(point.arrival)
@@ -519,6 +527,26 @@ class Characterization:
             protocol=point.protocol,
         )
 
+    def _cross_check(self, points: list[Point]) -> None:
+        """Replay the first stable open-loop whole-model point with perf_analyzer and with this
+        generator, side by side (the report's cross-check section); write loadgen_crosscheck.json."""
+        written = {int(record["index"]): record for record in read_points(self.out_dir)}
+        steady = [
+            point
+            for index, point in enumerate(points)
+            if point.variant == "whole"
+            and written.get(index, {}).get("stable")
+            and ArrivalSpec(**self._resolved(point)[0].arrival).is_open_loop
+        ]
+        if not steady:
+            result = {"status": "skipped", "reason": "no stable open-loop point of a whole model in this run"}
+        else:
+            point, _ = self._resolved(steady[0])
+            self._ensure(point)
+            LOGGER.info("cross-checking the load generator with perf_analyzer on %s", point.point_id)
+            result = {**cross_check(self.url, self.manifest, self._load_spec(point)), "point_id": point.point_id}
+        write_json(self.out_dir / LOADGEN_CROSSCHECK_FILE, result)
+
     def _restarts(self, names: list[str]) -> int:
         """Supervisor restarts of ``names`` so far (0 against a server this runner did not start)."""
         supervisor = self.server.supervisor if self.server is not None else None
@@ -526,9 +554,6 @@ class Characterization:
 
     def _run_point(self, index: int, point: Point) -> tuple[dict, list]:
         """Measure one point; return its ``points.jsonl`` record and its request records."""
-        from loadtest.driver import run_load
-        from loadtest.server_stats import diff_reorch_metrics, diff_statistics
-        from loadtest.stats import percentile_us, summarize
 
         started = time.monotonic()
         record: dict[str, Any] = {"index": index, "point": point.to_dict(), "started_utc": utc_now()}
@@ -655,8 +680,6 @@ class Characterization:
 
     def _probe(self, model: str, variant: str, policy: str | None, rate_rps: float) -> capacity_search.Probe:
         """One capacity probe: a short open-loop load at ``rate_rps`` on the configuration as built."""
-        from loadtest.driver import run_load
-        from loadtest.stats import percentile_us
 
         spec = self.plan.capacity
         definition = self.plan.models[model]
@@ -907,6 +930,8 @@ class Characterization:
                                     raise restart_error from error
                         append_point(self.out_dir, record, requests)
                         progress.finish(point, record)
+                if self.options.crosscheck:
+                    self._cross_check(points)
             except KeyboardInterrupt:
                 self.interrupted = True
                 LOGGER.warning("interrupted: the current point is discarded; complete points are kept")
@@ -1060,7 +1085,6 @@ class _Sampler:
         self.final: _Snapshot | None = None
 
     def take(self) -> _Snapshot:
-        from loadtest.server_stats import scrape_metrics, snapshot_statistics
 
         now = time.time()
         metrics = scrape_metrics(self.metrics_url) if self.metrics_url else None
@@ -1176,8 +1200,6 @@ def characterize(plan: Plan, options: RunOptions) -> Path:
     Ctrl-C: the current point is discarded, the report is written from the complete points, the
     resume command is logged, and KeyboardInterrupt is raised again.
     """
-    from loadtest.report import write_report
-
     run = Characterization(plan, options)
     run_dir = run.run()
     if read_points(run_dir):

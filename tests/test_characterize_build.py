@@ -52,7 +52,10 @@ def test_runner_builds_and_rebuilds_sliced_models(tmp_path):
             assert stage["executions"] > 0 and sum(stage["batch_histogram"].values()) == stage["executions"]
     reorch = points["variants/bert_base/reorch/poisson"]["server"]
     assert reorch["reorch"]["requests"].get("success", 0) > 0
-    assert reorch["reorch"]["operations"].get("new", 0) > 0
+    # the reorchestrator's counters reach the point: tiny stages are too cheap for the per-stage
+    # overhead, so its cost model runs each batch as one fused chain (counted as "fuse")
+    operations = reorch["reorch"]["operations"]
+    assert operations.get("new", 0) + operations.get("fuse", 0) > 0, operations
     assert len(reorch["stages"]) == 2
     manifest = json.loads((run_dir / "repository" / "manifest.json").read_text())
     assert manifest["models"]["bert_base"]["build"]["stages"] == 3
