@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stagebatch.model_config import triton_wire_dtype
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -79,7 +81,6 @@ class Outcome:
 def _inputs(arrays: dict[str, np.ndarray]):
     import tritonclient.grpc as grpcclient
 
-    from stagebatch.model_config import triton_wire_dtype
 
     items = []
     for name, array in arrays.items():

@@ -20,6 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.common.ort import make_session
+from slicing.export import export_zoo_model
+from slicing.inputs import infer_input_specs, make_inputs
+from slicing.zoo import build_zoo_model
+from stagebatch.model_config import triton_wire_dtype
+from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
+from stagebatch.server import EmbeddedTriton
+
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
@@ -44,7 +52,6 @@ def measure_served(url: str, model: str, feeds: dict[str, np.ndarray], seconds: 
     """(p50 latency ms, samples/s) with ``callers`` concurrent synchronous gRPC callers."""
     import tritonclient.grpc as grpcclient
 
-    from stagebatch.model_config import triton_wire_dtype
 
     batch = next(iter(feeds.values())).shape[0]
     latencies: list[float] = []
@@ -90,19 +97,12 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=3, help="concurrent gRPC callers for the saturation run")
     args = parser.parse_args()
 
-    from backends.common.ort import make_session
-    from slicing.inputs import infer_input_specs, make_inputs
-    from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
-    from stagebatch.server import EmbeddedTriton
 
     import onnx
 
     if args.onnx:
         onnx_path, label = args.onnx, args.onnx.name
     else:
-        from slicing.export import export_zoo_model
-        from slicing.zoo import build_zoo_model
-
         onnx_path = export_zoo_model(build_zoo_model(args.model, args.size)).path
         label = f"{args.model} ({args.size})"
     model = onnx.load(str(onnx_path))

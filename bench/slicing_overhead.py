@@ -20,6 +20,13 @@ import time
 
 import numpy as np
 
+from slicing.chain import StageChain, verify_chain
+from slicing.export import export_zoo_model
+from slicing.inputs import make_inputs
+from slicing.slicer import slice_model
+from slicing.zoo import build_zoo_model
+from stagebatch.errors import StagebatchError
+
 
 def interleaved(first, second, reps: int, warmup: int = 2) -> tuple[list[float], list[float]]:
     """Times (ms) of two callables run alternately, the order flipping every rep."""
@@ -48,12 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every session")
     args = parser.parse_args(argv)
 
-    from slicing.export import export_zoo_model
-    from slicing.inputs import make_inputs
-    from slicing.chain import StageChain, verify_chain
-    from slicing.slicer import slice_model
-    from slicing.zoo import build_zoo_model
-    from stagebatch.errors import StagebatchError
 
     print(f"slicing overhead: size {args.size}, balance {args.balance}, {args.threads} intra-op threads, "
           f"{args.reps} interleaved reps per row")

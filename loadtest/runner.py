@@ -66,8 +66,11 @@ from loadtest.stability import LOADGEN_REASONS, arrival_period_s, assess
 from loadtest.stats import percentile_us, summarize
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from slicing.repository import BuildOptions, build_repository
+from slicing.slicer import max_stages
 from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
+from stagebatch.model_config import read_model_config
 from stagebatch.repository import DynamicBatching
+from stagebatch.server import ADMIN_HEADER, GRPC_HEADER_PREFIX, EmbeddedTriton
 
 LOGGER = logging.getLogger(__name__)
 # one line per point (and per capacity probe) on the console; everything else INFO goes to the log file
@@ -292,7 +295,6 @@ class Characterization:
         return self.manifest
 
     def _build(self, model: str, stages: int, balance: str) -> None:
-
         spec = self.plan.repository
         LOGGER.info(
             "building %s (size %s, K=%d, balance %s) into %s",
@@ -360,10 +362,6 @@ class Characterization:
         return limits
 
     def _max_stages(self, name: str, entry: dict) -> int | None:
-        try:
-            from slicing.slicer import max_stages
-        except ImportError:
-            return None
         whole = self.repository / entry["variants"].get("whole", name) / "1" / "model.onnx"
         if not whole.is_file():
             return None
@@ -380,14 +378,10 @@ class Characterization:
             url = self.options.url
             headers = self.options.admin_headers
             if headers is None and os.environ.get(ADMIN_KEY_ENV):
-                from stagebatch.server import ADMIN_HEADER, GRPC_HEADER_PREFIX
-
                 headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: os.environ[ADMIN_KEY_ENV]}
             self.admin_headers = headers or {}
             self.metrics_url = self.options.metrics_url
         else:
-            from stagebatch.server import EmbeddedTriton
-
             self._server_starts += 1
             log_name = "tritonserver.log" if self._server_starts == 1 else f"tritonserver.{self._server_starts}.log"
             # Supervised: a model whose stub dies is reloaded (with the config it was serving) within
@@ -445,8 +439,6 @@ class Characterization:
         if name not in self.state.base_configs:
             path = self.repository / name / "config.pbtxt"
             if path.is_file():
-                from stagebatch.model_config import read_model_config
-
                 config = read_model_config(path)
             else:  # a remote server's repository: take the config it serves
                 self._load(name, None)
@@ -505,7 +497,6 @@ class Characterization:
         return dataclasses.replace(point, arrival=arrival), load
 
     def _load_spec(self, point: Point):
-
         base_dir = Path(self.plan.source).parent
         arrival = dict(point.arrival)
         if arrival.get("trace_path") and not Path(arrival["trace_path"]).is_absolute():
@@ -1085,7 +1076,6 @@ class _Sampler:
         self.final: _Snapshot | None = None
 
     def take(self) -> _Snapshot:
-
         now = time.time()
         metrics = scrape_metrics(self.metrics_url) if self.metrics_url else None
         return _Snapshot(now, snapshot_statistics(self.client, self.names), metrics)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from slicing.repository import BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES, SIZES
 
 
@@ -43,7 +44,6 @@ def build(
     from rich.console import Console
     from rich.table import Table
 
-    from slicing.repository import BuildOptions, build_repository
 
     console = Console(stderr=True)
     options = BuildOptions(size=size, stages=stages, target=target, max_batch=max_batch,

@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from stagebatch.errors import BadParameterError
+from loadtest.runner import ADMIN_KEY_ENV
+from stagebatch.errors import BadParameterError, StagebatchError
+from stagebatch.server import (
+    ADMIN_HEADER,
+    TRITON_VERSION,
+    EmbeddedTriton,
+    TritonDistribution,
+    admin_grpc_headers,
+)
+from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy
 
 
 def serve(
@@ -42,7 +51,6 @@ def serve(
     """Run the embedded Triton server on REPOSITORY until Ctrl-C or SIGTERM."""
     from rich.console import Console
 
-    from stagebatch.server import ADMIN_HEADER, EmbeddedTriton
 
     console = Console(stderr=True)
     keys = {} if admin_key_file is None else {"admin_key": read_admin_key(admin_key_file)}
@@ -111,10 +119,6 @@ def supervise(
     import logging
     import os
 
-    from loadtest.runner import ADMIN_KEY_ENV
-    from stagebatch.errors import BadParameterError
-    from stagebatch.server import admin_grpc_headers
-    from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy
 
     if key_file is not None:
         if not key_file.is_file():
@@ -171,8 +175,6 @@ def doctor() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from stagebatch.errors import StagebatchError
-    from stagebatch.server import TRITON_VERSION, TritonDistribution
 
     console = Console()
     table = Table("check", "status", "details", title="stagebatch doctor")

@@ -8,13 +8,22 @@ from typing import Annotated
 
 import typer
 
+from loadtest.workloads import ArrivalSpec, LengthSpec
+from slicing.repository import BuildOptions, build_repository
+from stagebatch.errors import BadParameterError
+from tuning.batcher import BatcherSettings
+from tuning.replay import calibrated_settings, replay_run
+from tuning.search import OBJECTIVES
+from tuning.simulate import SimSettings, VariantConfig, Workload
+from tuning.simulate import simulate as run_simulation
+from tuning.tune import TuneOptions, load_built
+from tuning.tune import tune as run_tune
+
 ARRIVAL_HELP = "Arrival spec as in plans, e.g. poisson:rate_rps=100 (closed:users=N for closed loop)."
 LENGTHS_HELP = "Length spec as in plans, e.g. fixed:length=64 or uniform:min_length=8,max_length=128."
 
 
 def _settings(launch_overhead_ms: float, row_device_ms: float, request_overhead_ms: float, device_slots: int):
-    from tuning.simulate import SimSettings
-
     return SimSettings(launch_overhead_ms=launch_overhead_ms, row_device_ms=row_device_ms,
                        request_overhead_ms=request_overhead_ms, device_slots=device_slots)
 
@@ -51,13 +60,6 @@ def simulate(
     from rich.console import Console
     from rich.table import Table
 
-    from loadtest.workloads import ArrivalSpec, LengthSpec
-    from stagebatch.errors import BadParameterError
-    from tuning.batcher import BatcherSettings
-    from tuning.replay import calibrated_settings, replay_run
-    from tuning.simulate import VariantConfig, Workload
-    from tuning.simulate import simulate as run_simulation
-    from tuning.tune import load_built
 
     console = Console(width=160)
     settings = (calibrated_settings(calibration) if calibration is not None
@@ -140,14 +142,6 @@ def tune(
     """Find the best configuration under an SLO: simulate the joint space, confirm the best on the server."""
     import datetime as dt
 
-    from loadtest.workloads import ArrivalSpec, LengthSpec
-    from slicing.repository import BuildOptions, build_repository
-    from stagebatch.errors import BadParameterError
-    from tuning.replay import calibrated_settings
-    from tuning.search import OBJECTIVES
-    from tuning.simulate import Workload
-    from tuning.tune import TuneOptions, load_built
-    from tuning.tune import tune as run_tune
 
     if objective not in OBJECTIVES:
         raise BadParameterError(f"--objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -188,8 +182,6 @@ def tune(
 
 
 def _knob(text: str) -> tuple[str, str]:
-    from stagebatch.errors import BadParameterError
-
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise BadParameterError(f"--knob {text!r}: write NAME=VALUE (a field of backends.reorch.policies.ReorchKnobs)")

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from backends.common.ort import make_session
 from backends.common.tensors import concat_rows, split_rows
 
 from .errors import StageContractError
@@ -35,8 +36,6 @@ class OrtStageRunner:
 
     def __init__(self, onnx_path: Path | str, stage: StageSpec, *, intra_op_threads: int = 1,
                  execution_provider: str = "cpu") -> None:
-        from backends.common.ort import make_session
-
         self.stage = stage
         self.session = make_session(str(onnx_path), intra_op_threads, execution_provider)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
