@@ -138,11 +138,19 @@ def admin_grpc_headers(admin_key: str) -> dict[str, str]:
     return {GRPC_HEADER_PREFIX + ADMIN_HEADER: admin_key}
 
 
+def find_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago on ``host`` (all held open while chosen,
+    so the operating system cannot hand out the same one twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return find_free_ports(1, host)[0]
 
 
 def _die_with_parent() -> None:
@@ -269,9 +277,10 @@ class EmbeddedTriton:
         self._workspace = tempfile.TemporaryDirectory(prefix="stagebatch-triton-")
         workspace = Path(self._workspace.name)
         backend_directory = distribution.prepare_backend_directory(workspace / "backends")
-        self.grpc_port = self.grpc_port or find_free_port(self.host or "127.0.0.1")
-        self.http_port = self.http_port or find_free_port(self.host or "127.0.0.1")
-        self.metrics_port = self.metrics_port or find_free_port(self.host or "127.0.0.1")
+        spare = iter(find_free_ports(3, self.host or "127.0.0.1"))
+        self.grpc_port = self.grpc_port or next(spare)
+        self.http_port = self.http_port or next(spare)
+        self.metrics_port = self.metrics_port or next(spare)
         self.log_path = Path(self.log_path) if self.log_path else workspace / "tritonserver.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)

@@ -31,7 +31,7 @@ def small_gpu_plan(repository: Path, path: Path) -> Path:
     plan["models"] = {"lstm": {"lengths": {"kind": "uniform", "min_length": 2, "max_length": 16}, "slo_ms": 500}}
     plan["loads"] = {"poisson": {"arrival": {"kind": "poisson", "rate_rps": 20}}}
     by_name = {experiment["name"]: experiment for experiment in plan["experiments"]}
-    variants = dict(by_name["variants"], models=["lstm"], variants=["whole", "reorch"], loads=["poisson"])
+    variants = dict(by_name["variants"], models=["lstm"], variants=["whole", "reorch"], loads=["poisson"], repeats=1)
     batching = dict(by_name["request_batching"], models=["lstm"], variants=["whole"], loads=["poisson"],
                     batching={"max_queue_delay_us": [2000]})
     plan["experiments"] = [variants, batching]

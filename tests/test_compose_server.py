@@ -85,7 +85,7 @@ def start_compose_triton(repository: Path, workdir: Path) -> Iterator[dict[str, 
     workdir.mkdir(parents=True, exist_ok=True)
     distribution = embedded.TritonDistribution.find()
     backends = distribution.prepare_backend_directory(workdir / "backends")
-    ports = {name: embedded.find_free_port() for name in ("http", "grpc", "metrics")}
+    ports = dict(zip(("http", "grpc", "metrics"), embedded.find_free_ports(3)))
     command = compose_triton_command(repository, ports, backends)
     log_path = workdir / "tritonserver.log"
     with open(log_path, "wb") as log:

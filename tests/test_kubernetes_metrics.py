@@ -72,7 +72,7 @@ def cpu_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     repository = build_tiny_lstm_repository(workdir / "repository")
     metadata, triton = triton_pod()
     assert triton["command"][:2] == ["stagebatch", "serve"]
-    ports = {name: embedded.find_free_port() for name in ("http", "grpc", "metrics")}
+    ports = dict(zip(("http", "grpc", "metrics"), embedded.find_free_ports(3)))
     command = local_command(triton["command"], repository, workdir, ports)
     assert "--host=127.0.0.1" in command and f"--http-port={ports['http']}" in command
     (workdir / "admin-key").write_text(secrets.token_hex(16) + "\n")  # the mounted Secret's file
