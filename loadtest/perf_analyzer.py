@@ -195,10 +195,15 @@ def run_schedule(
     url: str,
     plan: LoadPlan,
     *,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = None,
 ) -> ScheduleResult:
-    """Replay ``plan``'s open-loop schedule with perf_analyzer; summarise the measured window."""
+    """Replay ``plan``'s open-loop schedule with perf_analyzer; summarise the measured window.
+
+    ``timeout_s`` (default: the schedule's duration plus a minute) bounds the replay: perf_analyzer
+    2.51 with ``--streaming`` was seen waiting for ever on the (non-decoupled) reorchestrator.
+    """
     spec = plan.spec
+    timeout_s = timeout_s if timeout_s is not None else spec.duration_s + 60.0
     entry = plan.entry()
     target = parse_targets(url)[0]
     times_s, lengths = open_loop_schedule(plan)

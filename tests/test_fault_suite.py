@@ -248,10 +248,8 @@ def test_kill_whole_model_stub_under_load_answers_every_request_and_serves_again
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, victim", [
     ("whole", "bert_base"), ("ensemble", "bert_base_stage0"), ("ensemble", "bert_base_stage1"),
-    pytest.param("reorch", "bert_base_reorch", marks=pytest.mark.xfail(reason=(
-        "Triton 2.51 never answers the requests a decoupled stub had already accepted when it died (measured: "
-        "0-66 of ~1,900, depending on timing); they end at the client's deadline. Server-side containment "
-        "belongs to the reorch backend (issue 11 part 2)."), strict=False)),
+    # the reorchestrator is no longer decoupled: Triton fails the requests its dead stub held, as for the others
+    ("reorch", "bert_base_reorch"),
 ])
 def test_kill_any_stub_under_2000_in_flight_meets_the_done_when(server, manifest, variant, victim):
     report = kill_under_load(server, manifest, variant, victim, requests=2000)

@@ -42,7 +42,8 @@ class RunSection(Section):
         content = Content(self.title)
         content.paragraphs.append(
             f"Plan {plan.get('name', '?')} ({env.get('plan_source', '')}), {len(run.points)} points, started "
-            f"{env.get('started_utc', '?')}, finished {env.get('finished_utc', '?')}, server {env.get('server', '?')}."
+            f"{env.get('started_utc', '?')}, finished {env.get('finished_utc', '?')}, server {env.get('server', '?')}"
+            f" ({env.get('replicas', 1)} Triton replica{'s' if env.get('replicas', 1) != 1 else ''})."
         )
         facts = {**(env.get("hardware") or {}), **(env.get("software") or {})}
         content.tables.append(Table(["what", "value"], [Row([k, str(v)]) for k, v in facts.items()]))
