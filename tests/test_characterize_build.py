@@ -7,7 +7,9 @@ import textwrap
 
 import pytest
 
+from loadtest import report as report_lib
 from loadtest import rundir, runner
+from loadtest.report.attribution import attribute
 from loadtest.plan import load_plan
 
 BUILD_PLAN = textwrap.dedent("""\
@@ -57,5 +59,11 @@ def test_runner_builds_and_rebuilds_sliced_models(tmp_path):
     operations = reorch["reorch"]["operations"]
     assert operations.get("new", 0) + operations.get("fuse", 0) > 0, operations
     assert len(reorch["stages"]) == 2
+    # every reorch request's record times its stages, so the latency attribution adds up
+    run = report_lib.load_run(run_dir)
+    reorch_point = next(p for p in run.points if p.point["point_id"] == "variants/bert_base/reorch/poisson")
+    attribution = attribute(reorch_point)
+    assert any(part.name == "stage 0 compute" for part in attribution.parts), attribution.notes
+    assert attribution.adds_up, (attribution.coverage, attribution.notes)
     manifest = json.loads((run_dir / "repository" / "manifest.json").read_text())
     assert manifest["models"]["bert_base"]["build"]["stages"] == 3

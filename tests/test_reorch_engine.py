@@ -89,6 +89,10 @@ def test_every_policy_returns_the_whole_models_outputs_for_sequence_model(tmp_pa
         record = answer.record
         assert record["arrival_us"] <= record["stage0_entry_us"] <= record["exit_us"]
         assert len(record["batch_sizes"]) == 3
+        # one [wait, compute] per stage, inside the request's time from stage 0 entry to exit
+        times = record["stage_times_us"]
+        assert len(times) == 3 and all(wait >= 0 and compute > 0 for wait, compute in times)
+        assert sum(map(sum, times)) <= record["exit_us"] - record["stage0_entry_us"] + 1000  # perf_counter vs clock
     assert metrics.counters[(REQUESTS_TOTAL, "success")] == len(requests)
 
 

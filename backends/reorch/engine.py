@@ -249,8 +249,9 @@ class ReorchEngine:
         rows = [c[2][0] for c in valid]
         lengths = [c[2][1] for c in valid]
         pad_to = max((n for n in lengths if n is not None), default=None)
+        compute_us: list[int] = []
         per_member, error, failed = (self._run_stages(0, len(self.spec.stages) - 1, [c[1] for c in valid], pad_to,
-                                                      rows, lengths) if valid else ([], None, 0))
+                                                      rows, lengths, compute_us) if valid else ([], None, 0))
         exit_us = self._now_us()
         answers: list[tuple[Any, Answer]] = []
         produced = iter(per_member or [])
@@ -260,7 +261,8 @@ class ReorchEngine:
             else:
                 request = Request(-1, check[0], now, seq_len=check[1], stage0_entry_us=now, exit_us=exit_us,
                                   ops=[{"op": decision, "stage": 0}],
-                                  batch_sizes=[sum(rows)] * len(self.spec.stages))
+                                  batch_sizes=[sum(rows)] * len(self.spec.stages),
+                                  stage_times_us=[[0, c] for c in compute_us])
                 if error is None:
                     outputs = next(produced)
                     answer = Answer(SUCCESS, "", {t.name: outputs[t.name] for t in self.spec.outputs},
@@ -334,11 +336,12 @@ class ReorchEngine:
             job = self._run_one(*job)
 
     def _run_stages(self, first: int, last: int, members: list[dict[str, np.ndarray]], pad_to: int | None,
-                     rows: list[int], lengths: list[int | None]) -> tuple[list[dict[str, np.ndarray]] | None, str | None, int]:
+                     rows: list[int], lengths: list[int | None], compute_us: list[int]
+                     ) -> tuple[list[dict[str, np.ndarray]] | None, str | None, int]:
         """Run stages first..last on one batch; a fused run keeps the batch's tensors whole between stages.
 
         Returns (per-member tensors still needed after ``last``, or None; the error, if a stage raised;
-        the index of the last stage run).
+        the index of the last stage run). Appends each stage's compute time (µs) to ``compute_us``.
         """
         batched: dict[str, Any] = {}
         index = first
@@ -363,13 +366,16 @@ class ReorchEngine:
                 LOGGER.warning("stage %d failed for a batch of %d rows: %s", index, sum(rows), error)
                 return None, error, index
             finally:
-                self.metrics.stage_compute(index, int((time.perf_counter() - started) * 1e6))
+                compute_us.append(int((time.perf_counter() - started) * 1e6))
+                self.metrics.stage_compute(index, compute_us[-1])
         return None, "no stage ran", index
 
     def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
                  lengths: list[int | None]) -> tuple | None:
         last = launch.final_stage
-        per_member, error, index = self._run_stages(launch.stage, last, members, launch.pad_to, rows, lengths)
+        compute_us: list[int] = []
+        per_member, error, index = self._run_stages(launch.stage, last, members, launch.pad_to, rows, lengths,
+                                                    compute_us)
         cancelled = self._probe_cancelled(launch.request_ids) if error is None else []
         with self._lock:
             if self._closing:
@@ -386,7 +392,8 @@ class ReorchEngine:
                     for name in [n for n in tensors if n not in keep]:
                         del tensors[name]  # free what no later stage reads
             completions += self.scheduler.on_stage_done(launch.launch_id, now, error,
-                                                        failed_stage=index if error is not None else None)
+                                                        failed_stage=index if error is not None else None,
+                                                        compute_us=compute_us)
             answers = self._answers(completions)
         self._deliver(answers)
         return self._pump(after=launch)

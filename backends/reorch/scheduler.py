@@ -65,13 +65,18 @@ class Request:
     exit_us: int | None = None
     ops: list[dict] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)  # rows of its batch at each stage it ran
+    # [wait_us, compute_us] at each stage it ran: waited since it was ready for the stage (stage 0
+    # entry, or the end of the stage before), then computed (stages after the first of a fused run wait 0)
+    stage_times_us: list[list[int]] = field(default_factory=list)
+    ready_us: int | None = None  # when it became ready for its next stage
+    launched_us: int | None = None  # when its current launch started
     cancelled: bool = False
 
     def record(self) -> dict:
         """The per-request record (docs/architecture.md, output REORCH_RECORD)."""
         return {"arrival_us": self.arrival_us, "stage0_entry_us": self.stage0_entry_us,
                 "exit_us": self.exit_us, "ops": list(self.ops), "bucket": self.bucket,
-                "batch_sizes": list(self.batch_sizes)}
+                "batch_sizes": list(self.batch_sizes), "stage_times_us": [list(t) for t in self.stage_times_us]}
 
 
 class BatchState(enum.Enum):
@@ -232,14 +237,21 @@ class StageScheduler:
         return launches
 
     def on_stage_done(self, launch_id: int, now_us: int, error: str | None = None,
-                      failed_stage: int | None = None) -> list[Completion]:
+                      failed_stage: int | None = None, compute_us: Sequence[int] = ()) -> list[Completion]:
         """A launch finished (``error``: it raised, in ``failed_stage`` of a fused launch); returns the
-        requests that are now answered."""
+        requests that are now answered. ``compute_us``: the compute time of each stage it ran."""
         if launch_id not in self.launches:  # finished after shutdown: already answered
             return []
         batch = self.batches[self.launches.pop(launch_id)]
         stage = batch.stage
         self.running[stage] -= 1
+        for r in batch.request_ids:
+            request = self.requests.get(r)
+            if request is None:
+                continue
+            wait = max(0, (request.launched_us or now_us) - (request.ready_us or request.launched_us or now_us))
+            request.stage_times_us.extend([wait if i == 0 else 0, int(c)] for i, c in enumerate(compute_us))
+            request.ready_us = now_us
         if error is not None:
             self._dissolve_merge(batch, now_us)
             del self.batches[batch.batch_id]
@@ -314,6 +326,7 @@ class StageScheduler:
         stages = self.num_stages - batch.stage if batch.fused else 1
         for r in batch.request_ids:
             self.requests[r].batch_sizes.extend([batch.rows] * stages)
+            self.requests[r].launched_us = now_us
         return StageLaunch(launch_id, batch.stage, tuple(batch.request_ids), batch.rows, batch.pad_to,
                            max(0, now_us - batch.queued_since_us),
                            last_stage=self.num_stages - 1 if batch.fused else -1)
@@ -333,6 +346,7 @@ class StageScheduler:
         batch = self._new_batch(ids, 0, now_us, bucket=group[0].bucket if bucketed else None)
         for request in group:
             request.stage0_entry_us = now_us
+            request.ready_us = now_us
             if not bucketed:
                 request.bucket = None
         if bucketed:
