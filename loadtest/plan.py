@@ -502,17 +502,21 @@ class Plan:
         return _plain(self.raw)
 
 
+# The short names of knobs in point ids and report labels (one table for both).
+KNOB_SHORT_NAMES = {
+    "max_batch_size": "mbs",
+    "max_queue_delay_us": "qd",
+    "preferred_batch_sizes": "pref",
+    "instance_count": "inst",
+    "max_queue_size": "mqs",
+    "default_timeout_us": "qto",
+    "stages": "k",
+    "balance": "",
+}
+
+
 def _short(key: str) -> str:
-    return {
-        "max_batch_size": "mbs",
-        "max_queue_delay_us": "qd",
-        "preferred_batch_sizes": "pref",
-        "instance_count": "inst",
-        "max_queue_size": "mqs",
-        "default_timeout_us": "qto",
-        "stages": "k",
-        "balance": "",
-    }.get(key, key)
+    return KNOB_SHORT_NAMES.get(key, key)
 
 
 def _fmt(value: Any) -> str:

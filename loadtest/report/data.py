@@ -20,6 +20,7 @@ import numpy as np
 
 from loadtest import rundir
 from loadtest.capacity import variant_label
+from loadtest.plan import KNOB_SHORT_NAMES
 from loadtest.stability import LOADGEN_REASONS
 from loadtest.stats import LatencySummary, achieved_rps, summarize
 from stagebatch.errors import ConfigValidationError
@@ -35,17 +36,6 @@ SATURATED = "saturated"  # the server did not keep up: the queue grew over the w
 GENERATOR_LIMITED = "generator-limited"  # the load generator did not keep its schedule
 UNKNOWN = "unknown"  # an older run that did not record stability
 
-# The short names of knobs in labels; the same as the plan's point ids (``plan._short``).
-_SHORT_KEYS = {
-    "max_batch_size": "mbs",
-    "max_queue_delay_us": "qd",
-    "preferred_batch_sizes": "pref",
-    "instance_count": "inst",
-    "max_queue_size": "mqs",
-    "default_timeout_us": "qto",
-    "stages": "k",
-    "balance": "",
-}
 
 
 def point_label(point: dict) -> str:
@@ -62,7 +52,7 @@ def point_label(point: dict) -> str:
         label += f" {key}={value}"
     for key, value in {**(point.get("batching") or {}), **(point.get("slicing") or {})}.items():
         text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
-        label += f" {_SHORT_KEYS.get(key, key)}{text}"
+        label += f" {KNOB_SHORT_NAMES.get(key, key)}{text}"
     return label
 
 
