@@ -29,9 +29,9 @@ import gevent.subprocess
 
 from loadtest.client import RequestRecord, finish_record
 from loadtest.driver import LoadPlan
-from loadtest.sender import open_loop_schedule, read_frame, write_frame
+from loadtest.sender import read_frame, write_frame
 
-__all__ = ["LoadSession", "SenderProcess", "open_loop_schedule", "prewarmed_sender"]
+__all__ = ["LoadSession", "SenderProcess", "prewarmed_sender"]
 
 LOGGER = logging.getLogger(__name__)
 SENDER_READY_TIMEOUT_S = 60.0

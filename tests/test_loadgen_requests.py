@@ -125,7 +125,7 @@ def test_load_plan_round_trips_through_json():
 
 
 def test_open_loop_schedule_is_the_same_in_every_process_and_partitions_exactly():
-    from loadtest.session import open_loop_schedule
+    from loadtest.sender import open_loop_schedule
 
     spec = LoadSpec("bert", "whole", ArrivalSpec("poisson", rate_rps=300), LengthSpec("uniform", min_length=1, max_length=64),
                     duration_s=4, warmup_s=1, seed=3)
