@@ -51,7 +51,7 @@ from loadtest.perf_analyzer import (
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from stagebatch.server import EmbeddedTriton
+from core.server import EmbeddedTriton
 
 MODEL = "bert_base"
 SEQ_LEN = 16

@@ -31,8 +31,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from stagebatch.model_config import write_model_config
-from stagebatch.server import EmbeddedTriton
+from core.model_config import write_model_config
+from core.server import EmbeddedTriton
 
 MODEL_PY = '''
 import json, queue, threading, time

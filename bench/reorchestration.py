@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stagebatch.model_config import triton_wire_dtype
+from core.model_config import triton_wire_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,9 +58,9 @@ from backends.reorch.scheduler import OPERATIONS  # noqa: E402
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER  # noqa: E402
 from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
-from stagebatch.errors import StagebatchError  # noqa: E402
-from stagebatch.reorch_deploy import write_reorch_model  # noqa: E402
-from stagebatch.server import EmbeddedTriton  # noqa: E402
+from core.errors import StagebatchError  # noqa: E402
+from core.reorch_deploy import write_reorch_model  # noqa: E402
+from core.server import EmbeddedTriton  # noqa: E402
 
 SCENARIOS = ("bursty", "longtail", "steady", "overload")
 TARGETS = ("steady", "diversity", "p50", "answers")

@@ -24,9 +24,9 @@ from backends.common.ort import make_session
 from slicing.export import export_zoo_model
 from slicing.inputs import infer_input_specs, make_inputs
 from slicing.zoo import build_zoo_model
-from stagebatch.model_config import triton_wire_dtype
-from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
-from stagebatch.server import EmbeddedTriton
+from core.model_config import triton_wire_dtype
+from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.server import EmbeddedTriton
 
 
 def _percentile(values: list[float], q: float) -> float:

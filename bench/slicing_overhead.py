@@ -25,7 +25,7 @@ from slicing.export import export_zoo_model
 from slicing.inputs import make_inputs
 from slicing.slicer import slice_model
 from slicing.zoo import build_zoo_model
-from stagebatch.errors import StagebatchError
+from core.errors import StagebatchError
 
 
 def interleaved(first, second, reps: int, warmup: int = 2) -> tuple[list[float], list[float]]:

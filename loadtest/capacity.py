@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 DEFAULT_START_RPS = 50.0
 DEFAULT_GROWTH = 3.0

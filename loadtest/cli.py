@@ -14,7 +14,7 @@ from loadtest.report import write_report
 from loadtest.rundir import CAPACITY_FILE
 from loadtest.runner import Characterization, RunOptions, console_logging, resume_plan, run_summary
 from loadtest.runner import characterize as run_characterization
-from stagebatch.errors import BadParameterError, ConfigValidationError
+from core.errors import BadParameterError, ConfigValidationError
 
 URL_HELP = (
     "gRPC address of a running Triton (default: start the embedded server): host:port, a comma-separated "

@@ -40,7 +40,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from loadtest.request_factory import REORCH_RECORD_OUTPUT
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 if TYPE_CHECKING:
     from loadtest.request_factory import RequestFactory

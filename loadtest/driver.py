@@ -39,7 +39,7 @@ from typing import Any
 from loadtest.client import PROTOCOLS, RequestRecord, parse_targets
 from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
-from stagebatch.errors import ConfigValidationError, StagebatchError
+from core.errors import ConfigValidationError, StagebatchError
 
 __all__ = ["ArrivalSpec", "LengthSpec", "LoadPlan", "LoadResult", "LoadSpec", "RequestRecord", "run_load"]
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from loadtest.plan import Plan
-from stagebatch.server import TRITON_VERSION
+from core.server import TRITON_VERSION
 
 
 def _package_versions() -> dict[str, str]:

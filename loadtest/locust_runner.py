@@ -24,7 +24,7 @@ from locust.event import Events
 
 from loadtest import locustfile
 from loadtest.driver import LoadPlan
-from stagebatch.errors import StagebatchError
+from core.errors import StagebatchError
 
 LOGGER = logging.getLogger("loadtest.locust_runner")
 LOCUSTFILE = Path(locustfile.__file__).resolve()

@@ -47,7 +47,7 @@ from loadtest.client import RequestRecord
 from loadtest.driver import LoadPlan, LoadSpec
 from loadtest.session import LoadSession, prewarmed_sender
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from stagebatch.errors import StagebatchError
+from core.errors import StagebatchError
 
 LOGGER = logging.getLogger("loadtest.locustfile")
 

@@ -7,7 +7,7 @@ downloads that wheel once with pip, extracts the binary into a cache
 shared libraries it needs and the machine may lack: ``libb64.so.0d`` and ``libcudart.so.12``, taken
 from the ``nvidia-pytriton`` wheel's bundled libraries, or from the system (``apt-get install
 libb64-0d``). Where something cannot be had, it raises :class:`PerfAnalyzerUnavailable` (a
-:class:`~stagebatch.errors.StagebatchError`) saying what is missing and how to get it.
+:class:`~core.errors.StagebatchError`) saying what is missing and how to get it.
 
 :func:`run_schedule` replays an exact arrival schedule with ``--request-intervals`` (async calls, so
 it stays open loop) and reads the per-request timestamps of ``--profile-export-file``, so both
@@ -40,7 +40,7 @@ from loadtest.driver import LoadPlan, LoadSpec, run_load
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.sender import open_loop_schedule
 from loadtest.stats import percentile_us
-from stagebatch.errors import StagebatchError
+from core.errors import StagebatchError
 
 LOGGER = logging.getLogger(__name__)
 

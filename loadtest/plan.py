@@ -3,7 +3,7 @@
 A plan lists models, the variants to compare, sweeps over request batching, slicing and
 reorchestration knobs, and named loads. ``load_plan(path)`` parses and checks everything that can
 be checked without a server (keys, types, ranges, known models/variants/policies/knobs, arrival
-and length specs) and raises :class:`~stagebatch.errors.ConfigValidationError` naming the file,
+and length specs) and raises :class:`~core.errors.ConfigValidationError` naming the file,
 the line and the key. ``check_against_models`` checks what needs the built models (K larger than
 a model allows, max batch size above what was built) before any load runs. ``Plan.points()``
 expands the sweeps into the ordered list of measurement points. The format is documented in
@@ -36,8 +36,8 @@ from slicing.manifest import VARIANTS
 from slicing.slicer import BALANCES
 from slicing.zoo import MODEL_NAMES as ZOO_MODELS
 from slicing.zoo import SIZES
-from stagebatch.errors import ConfigValidationError
-from stagebatch.repository import TARGETS
+from core.errors import ConfigValidationError
+from core.repository import TARGETS
 
 # Every vocabulary is its owner's: the reorchestrator's policies, the manifest's variants, the zoo's
 # models and sizes, the slicer's balances, the repository writer's targets, the workloads' kinds.

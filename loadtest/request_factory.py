@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slicing.inputs import ROLES, InputSpec, make_inputs
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 if TYPE_CHECKING:
     from tritonclient.grpc import service_pb2

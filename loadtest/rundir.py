@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 ENVIRONMENT_FILE = "environment.json"  # hardware, software versions, plan, times
 POINTS_FILE = "points.jsonl"  # one JSON line per complete point

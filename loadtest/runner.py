@@ -67,10 +67,10 @@ from loadtest.stats import percentile_us, summarize
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from slicing.repository import BuildOptions, build_repository
 from slicing.slicer import max_stages
-from stagebatch.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
-from stagebatch.model_config import read_model_config
-from stagebatch.repository import DynamicBatching
-from stagebatch.server import ADMIN_HEADER, GRPC_HEADER_PREFIX, EmbeddedTriton
+from core.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
+from core.model_config import read_model_config
+from core.repository import DynamicBatching
+from core.server import ADMIN_HEADER, GRPC_HEADER_PREFIX, EmbeddedTriton
 
 LOGGER = logging.getLogger(__name__)
 # one line per point (and per capacity probe) on the console; everything else INFO goes to the log file

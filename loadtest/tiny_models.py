@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stagebatch.model_config import write_model_config
-from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.model_config import write_model_config
+from core.repository import DynamicBatching, TensorConfig, add_onnx_model
 
 ERROR_LENGTH = 3
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stagebatch.errors import BadParameterError, ConfigValidationError
+from core.errors import BadParameterError, ConfigValidationError
 
 TRACE_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6}  # unit -> ticks per second
 

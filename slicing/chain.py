@@ -17,7 +17,7 @@ from slicing.cost import make_session, median_ms
 from slicing.inputs import make_inputs
 from slicing.normalize import relative_error
 from slicing.slicer import SliceResult
-from stagebatch.errors import BadParameterError, SliceError
+from core.errors import BadParameterError, SliceError
 
 DEFAULT_VERIFY_SEQ_LENS = (7, 16)
 

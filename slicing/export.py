@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stagebatch.errors import SliceError
+from core.errors import SliceError
 
 if TYPE_CHECKING:
     import onnx

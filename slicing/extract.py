@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slicing.graph import GraphAnalysis, ProbeShapes, _sliced_pieces, dim_pieces, shape_rebuild_nodes
-from stagebatch.errors import SliceError
+from core.errors import SliceError
 
 if TYPE_CHECKING:
     import onnx

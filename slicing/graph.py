@@ -24,7 +24,7 @@ import numpy as np
 
 from slicing.cost import make_session
 from slicing.inputs import InputSpec, make_inputs
-from stagebatch.errors import SliceError
+from core.errors import SliceError
 
 if TYPE_CHECKING:
     import onnx

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 
 if TYPE_CHECKING:
     import onnx

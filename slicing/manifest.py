@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from slicing.zoo import ZOO
-from stagebatch.errors import BadParameterError, ConfigValidationError
-from stagebatch.model_config import triton_wire_dtype
+from core.errors import BadParameterError, ConfigValidationError
+from core.model_config import triton_wire_dtype
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -17,7 +17,7 @@ import numpy as np
 from slicing.cost import make_session
 from slicing.graph import GraphAnalysis, ProbeShapes, probe_shapes, rebuild_activation_shapes
 from slicing.inputs import InputSpec, infer_input_specs, make_inputs
-from stagebatch.errors import BadParameterError, SliceError
+from core.errors import BadParameterError, SliceError
 
 if TYPE_CHECKING:
     import onnx

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from stagebatch.errors import SliceError
+from core.errors import SliceError
 
 
 @dataclass(frozen=True)

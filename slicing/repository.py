@@ -2,7 +2,7 @@
 
 Per model ``NAME`` it writes the whole model (``NAME``, one dynamic batcher), the stages
 (``NAME_stage0..K-1``, each with its own dynamic batcher) and their ensemble (``NAME_ensemble``),
-the stage reorchestrator (``NAME_reorch``, :mod:`stagebatch.reorch_deploy`), and an
+the stage reorchestrator (``NAME_reorch``, :mod:`core.reorch_deploy`), and an
 entry in the repository's ``manifest.json``. Everything is checked before it is written: the stage
 chain must reproduce the whole model (``verify_chain``), and each config is validated against
 Triton's schema when rendered.
@@ -24,10 +24,10 @@ from slicing.export import export_zoo_model
 from slicing.inputs import InputSpec, infer_input_specs
 from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
-from stagebatch.errors import BadParameterError, SliceError
-from stagebatch.model_config import write_model_config
-from stagebatch.reorch_deploy import write_reorch_model
-from stagebatch.repository import TARGETS, DynamicBatching, TensorConfig, add_onnx_model
+from core.errors import BadParameterError, SliceError
+from core.model_config import write_model_config
+from core.reorch_deploy import write_reorch_model
+from core.repository import TARGETS, DynamicBatching, TensorConfig, add_onnx_model
 
 if TYPE_CHECKING:
     import onnx

@@ -31,7 +31,7 @@ from slicing.inputs import InputSpec, make_inputs
 from slicing.node_cost import node_flops, profiled_node_costs_us
 from slicing.normalize import PreparedModel, prepare
 from slicing.partition import partition_units
-from stagebatch.errors import BadParameterError, SliceError
+from core.errors import BadParameterError, SliceError
 
 if TYPE_CHECKING:
     import onnx

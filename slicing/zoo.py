@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slicing.inputs import InputSpec, make_inputs
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 
 if TYPE_CHECKING:
     import torch

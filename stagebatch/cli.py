@@ -3,7 +3,7 @@
 Each command lives in its own package (``tuning.cli``, ``loadtest.cli``, ``slicing.cli``,
 ``stagebatch.commands``) and imports heavy third-party libraries inside the function, so
 ``stagebatch --help`` stays fast. This module is
-the only place where a :class:`~stagebatch.errors.StagebatchError` becomes a one-line message and
+the only place where a :class:`~core.errors.StagebatchError` becomes a one-line message and
 an exit code.
 """
 
@@ -17,7 +17,7 @@ from loadtest import cli as loadtest_cli
 from loadtest import compare
 from slicing import cli as slicing_cli
 from stagebatch import commands, infer
-from stagebatch.errors import StagebatchError
+from core.errors import StagebatchError
 from tuning import cli as tuning_cli
 
 app = typer.Typer(

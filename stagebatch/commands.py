@@ -10,15 +10,15 @@ from typing import Annotated, Optional
 import typer
 
 from loadtest.runner import ADMIN_KEY_ENV
-from stagebatch.errors import BadParameterError, StagebatchError
-from stagebatch.server import (
+from core.errors import BadParameterError, StagebatchError
+from core.server import (
     ADMIN_HEADER,
     TRITON_VERSION,
     EmbeddedTriton,
     TritonDistribution,
     admin_grpc_headers,
 )
-from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy
+from core.supervisor import ModelSupervisor, SupervisorPolicy
 
 
 def serve(

@@ -20,9 +20,9 @@ import typer
 
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
 from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
-from stagebatch.errors import BadParameterError
-from stagebatch.model_config import triton_wire_dtype
-from stagebatch.repository import read_manifest
+from core.errors import BadParameterError
+from core.model_config import triton_wire_dtype
+from core.repository import read_manifest
 
 INFER_TIMEOUT_S = 60.0
 

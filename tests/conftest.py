@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stagebatch.server import EmbeddedTriton
+from core.server import EmbeddedTriton
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from stagebatch.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.repository import DynamicBatching, TensorConfig, add_onnx_model
 
 
 def matmul_model(in_features: int = 4, out_features: int = 3, seed: int = 0) -> tuple[ModelProto, np.ndarray]:
@@ -91,7 +91,7 @@ class TritonPythonModel:
 
 
 def add_decoupled_echo(repository: Path, name: str = "echo") -> None:
-    from stagebatch.model_config import write_model_config
+    from core.model_config import write_model_config
 
     version = repository / name / "1"
     version.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,9 @@ import pytest
 from slicing import manifest as manifest_lib
 from slicing.inputs import InputSpec
 from slicing.repository import BuildOptions, ensemble_config
-from stagebatch.errors import BadParameterError, ConfigValidationError
-from stagebatch.model_config import render_model_config
-from stagebatch.repository import TensorConfig
+from core.errors import BadParameterError, ConfigValidationError
+from core.model_config import render_model_config
+from core.repository import TensorConfig
 
 
 def _entry(name: str, stages: int = 2) -> dict:

@@ -12,8 +12,8 @@ from slicing.manifest import check_model_entry
 from slicing.repository import BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES
 from stagebatch.cli import main
-from stagebatch.errors import SliceError
-from stagebatch.model_config import read_model_config, render_model_config
+from core.errors import SliceError
+from core.model_config import read_model_config, render_model_config
 
 
 @pytest.fixture(scope="module")

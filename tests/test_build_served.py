@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from slicing.inputs import InputSpec, make_inputs
 from slicing.repository import BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES
-from stagebatch.server import EmbeddedTriton
+from core.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
 

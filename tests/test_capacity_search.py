@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loadtest import capacity
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 
 def _fake(capacity_rps: float, *, generator_limit: float | None = None, service_ms: float = 5.0):

@@ -55,7 +55,7 @@ PLAN = textwrap.dedent("""\
 
 def build_sleeper_repository(repository):
     """The sleeper model and its manifest entry."""
-    from stagebatch.model_config import write_model_config
+    from core.model_config import write_model_config
 
     (repository / "sleeper" / "1").mkdir(parents=True, exist_ok=True)
     (repository / "sleeper" / "1" / "model.py").write_text(SLEEPER_MODEL)

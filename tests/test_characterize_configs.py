@@ -14,7 +14,7 @@ from loadtest.runner import (
     variant_models,
 )
 from loadtest.server_stats import ReorchDelta
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 ENTRY = {
     "variants": {"whole": "m", "ensemble": "m_ensemble", "reorch": "m_reorch"},

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagebatch import server as embedded
+from core import server as embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

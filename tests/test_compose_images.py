@@ -14,7 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from stagebatch import server as embedded
+from core import server as embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stagebatch.server import find_free_port
+from core.server import find_free_port
 from test_compose_config import load_compose
 from test_compose_server import build_tiny_lstm_repository, start_compose_triton
 

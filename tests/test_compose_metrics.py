@@ -65,7 +65,7 @@ def parse_exposition(text: str) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def served_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
-    from stagebatch.server import EmbeddedTriton
+    from core.server import EmbeddedTriton
 
     repository = tmp_path_factory.mktemp("metrics-repository")
     build = subprocess.run(

@@ -26,7 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from stagebatch.server import find_free_port
+from core.server import find_free_port
 from test_compose_metrics import TRITON_GPU_METRICS, dashboard_queries
 from test_compose_server import start_compose_triton
 

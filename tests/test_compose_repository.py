@@ -181,7 +181,7 @@ def _modules_outside_the_loadtest_image() -> list[str]:
 
     lines = [line.split("#")[0].strip() for line in (ROOT / "docker" / "loadtest-requirements.txt").read_text().splitlines()]
     allowed = _distribution_closure([line for line in lines if line])
-    project_packages = {"stagebatch", "loadtest", "slicing", "backends"}
+    project_packages = {"core", "stagebatch", "loadtest", "slicing", "backends"}
     return sorted(
         module
         for module, distributions in metadata.packages_distributions().items()

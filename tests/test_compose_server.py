@@ -25,7 +25,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from helpers import add_matmul
-from stagebatch import server as embedded
+from core import server as embedded
 from test_compose_config import load_compose
 
 pytestmark = pytest.mark.server

@@ -31,10 +31,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from loadtest.request_factory import RequestFactory, model_entry
 from slicing.repository import BuildOptions, build_repository
-from stagebatch.errors import BadParameterError
-from stagebatch.model_config import read_model_config
-from stagebatch.server import EmbeddedTriton
-from stagebatch.supervisor import stub_identity
+from core.errors import BadParameterError
+from core.model_config import read_model_config
+from core.server import EmbeddedTriton
+from core.supervisor import stub_identity
 
 pytestmark = pytest.mark.server
 

@@ -26,7 +26,7 @@ import typer
 import yaml
 from test_compose_config import load_compose
 
-from stagebatch import server as embedded
+from core import server as embedded
 from stagebatch.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

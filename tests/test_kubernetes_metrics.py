@@ -33,7 +33,7 @@ from test_compose_metrics import parse_exposition
 from test_compose_server import build_tiny_lstm_repository, http
 from test_kubernetes_manifests import container, find, needs_kubectl, render
 
-from stagebatch import server as embedded
+from core import server as embedded
 
 pytestmark = [pytest.mark.server, needs_kubectl]
 

@@ -16,7 +16,7 @@ from loadtest.client import (
     parse_targets,
 )
 from loadtest.request_factory import RequestFactory, model_entry
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 MANIFEST = {
     "target": "embedded",

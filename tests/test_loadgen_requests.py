@@ -10,7 +10,7 @@ import pytest
 from loadtest.driver import LoadPlan, LoadSpec, validate_spec
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 MANIFEST = {
     "schema_version": 1,

@@ -16,7 +16,7 @@ import pytest
 from loadtest.driver import LoadSpec, run_load
 from loadtest.tiny_models import ERROR_LENGTH, build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from stagebatch.server import EmbeddedTriton
+from core.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
 
@@ -132,7 +132,7 @@ def test_driver_parses_the_real_reorchestrators_records(tmp_path):
     """Against backends/reorch (helper R's reorchestrator) rather than the stand-in echo model."""
     from reorch_models import write_sequence_chain
 
-    from stagebatch.reorch_deploy import write_reorch_model
+    from core.reorch_deploy import write_reorch_model
 
     entry, _ = write_sequence_chain(tmp_path, "seqm")
     write_reorch_model(tmp_path, "seqm", entry, max_batch_size=8, queue_delay_us=1000, policy="dva")

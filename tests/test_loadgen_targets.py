@@ -9,7 +9,7 @@ from loadtest.driver import LoadSpec, run_load
 from loadtest.server_stats import snapshot_statistics
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec
-from stagebatch.server import EmbeddedTriton
+from core.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
 

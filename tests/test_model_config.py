@@ -7,9 +7,9 @@ import pytest
 
 from backends.common.tensors import concat_rows, split_rows
 from backends.onnx_runner.runner import BatchRunner, TensorInfo
-from stagebatch.errors import ConfigValidationError
-from stagebatch.model_config import read_model_config, render_model_config, write_model_config
-from stagebatch.repository import DynamicBatching, TensorConfig, onnx_model_config
+from core.errors import ConfigValidationError
+from core.model_config import read_model_config, render_model_config, write_model_config
+from core.repository import DynamicBatching, TensorConfig, onnx_model_config
 
 
 def test_render_refuses_a_misspelled_field_naming_it():

@@ -8,7 +8,7 @@ import pytest
 
 from loadtest import runner
 from loadtest.plan import parse_plan, parse_rate, resolve_arrival
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 PLAN = textwrap.dedent("""\
     name: rel

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from loadtest.plan import ModelLimits, check_against_models, load_plan, parse_plan
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 GOOD = textwrap.dedent("""\
     name: t

@@ -17,7 +17,7 @@ from backends.reorch.executor import make_ort_runners
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from backends.reorch.spec import StagesSpec
 from slicing.repository import BuildOptions, build_repository
-from stagebatch.server import EmbeddedTriton
+from core.server import EmbeddedTriton
 
 POLICIES = [p.value for p in BatchPolicy]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from reorch_models import write_sequence_chain
 
-from stagebatch.reorch_deploy import write_reorch_model
+from core.reorch_deploy import write_reorch_model
 from backends.reorch.spec import StagesSpec
-from stagebatch.errors import ConfigValidationError
-from stagebatch.model_config import read_model_config
+from core.errors import ConfigValidationError
+from core.model_config import read_model_config
 
 
 def test_layout_config_and_stages_json(tmp_path):

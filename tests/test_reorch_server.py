@@ -24,8 +24,8 @@ from reorch_models import (
 from backends.reorch.policies import BatchPolicy
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
 from stagebatch.cli import main as cli_main
-from stagebatch.reorch_deploy import write_reorch_model
-from stagebatch.server import EmbeddedTriton
+from core.reorch_deploy import write_reorch_model
+from core.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
 POLICIES = [p.value for p in BatchPolicy]

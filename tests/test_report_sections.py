@@ -14,7 +14,7 @@ from loadtest.report.data import SATURATED, STABLE, UNKNOWN
 from loadtest.report.render import markdown_cell
 from loadtest.report.sections import CrossCheckSection, SimulationSection
 from loadtest.stats import summarize
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 from tests.report_runs import DURATION_S, SLO_MS, Spec, write_run
 
 CONFIGS = (("whole", None, 20.0), ("ensemble", None, 15.0), ("reorch", "dva", 10.0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stagebatch.commands import read_admin_key
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 
 
 def test_read_admin_key_takes_the_files_single_word(tmp_path):

@@ -18,8 +18,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from helpers import add_decoupled_echo, add_matmul, add_tokens, matmul_model, token_model
-from stagebatch.errors import ServerStartError
-from stagebatch.server import EmbeddedTriton, model_load_errors
+from core.errors import ServerStartError
+from core.server import EmbeddedTriton, model_load_errors
 
 pytestmark = pytest.mark.server
 

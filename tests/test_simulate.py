@@ -8,7 +8,7 @@ import pytest
 
 from loadtest.rundir import append_point, start_run_files, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
 from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 import slicing_models as toy
 from slicing.chain import profile_stages, verify_chain
 from slicing.slicer import max_stages, slice_model
-from stagebatch.errors import BadParameterError, SliceError
+from core.errors import BadParameterError, SliceError
 
 SPECS = {"cnn": toy.CNN_SPECS, "bert": toy.BERT_SPECS, "lstm": toy.LSTM_SPECS, "inception": toy.INCEPTION_SPECS}
 

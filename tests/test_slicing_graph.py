@@ -15,7 +15,7 @@ from slicing.graph import CONST, HEAVY, LIGHT, GraphAnalysis, ProbeShapes, topol
 from slicing.inputs import InputSpec, infer_input_specs, make_inputs
 from slicing.partition import partition_units
 from slicing.chain import favoured_batch_size, profile_batch_sizes
-from stagebatch.errors import BadParameterError, SliceError
+from core.errors import BadParameterError, SliceError
 
 
 def _weight(name: str, shape=(4, 4)) -> onnx.TensorProto:

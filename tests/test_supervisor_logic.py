@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stagebatch.errors import BadParameterError
-from stagebatch.supervisor import (
+from core.errors import BadParameterError
+from core.supervisor import (
     GiveUp,
     ModelObservation,
     Restart,

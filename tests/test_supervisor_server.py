@@ -16,8 +16,8 @@ import tritonclient.grpc as grpcclient
 
 from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
 from stagebatch.cli import main
-from stagebatch.server import EmbeddedTriton, find_free_port
-from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy, stub_identity
+from core.server import EmbeddedTriton, find_free_port
+from core.supervisor import ModelSupervisor, SupervisorPolicy, stub_identity
 
 pytestmark = pytest.mark.server
 

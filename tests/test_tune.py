@@ -10,8 +10,8 @@ import pytest
 from loadtest.capacity import CapacityResult, Probe
 from loadtest.workloads import ArrivalSpec
 from stagebatch.cli import main
-from stagebatch.errors import BadParameterError
-from stagebatch.model_config import write_model_config
+from core.errors import BadParameterError
+from core.model_config import write_model_config
 from tuning import tune as tune_module
 from tuning.batcher import BatcherSettings
 from tuning.confirm import mean_ci95

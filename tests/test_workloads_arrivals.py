@@ -19,7 +19,7 @@ from loadtest.workloads import (
     SpikeArrivals,
     make_arrival_process,
 )
-from stagebatch.errors import BadParameterError, ConfigValidationError
+from core.errors import BadParameterError, ConfigValidationError
 
 Z = 4.0
 

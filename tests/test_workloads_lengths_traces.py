@@ -15,7 +15,7 @@ from loadtest.workloads import (
     make_length_distribution,
     read_trace,
 )
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 Z = 4.0
 

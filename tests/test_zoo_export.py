@@ -11,7 +11,7 @@ import torch
 from slicing.export import export_key, export_zoo_model
 from slicing.inputs import make_inputs
 from slicing.zoo import MODEL_NAMES, build_zoo_model
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 
 
 @dataclass(frozen=True)

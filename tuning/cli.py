@@ -10,7 +10,7 @@ import typer
 
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from slicing.repository import BuildOptions, build_repository
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 from tuning.batcher import BatcherSettings
 from tuning.replay import calibrated_settings, replay_run
 from tuning.search import OBJECTIVES

@@ -28,9 +28,9 @@ from loadtest.stability import assess
 from loadtest.stats import percentile_us
 from loadtest.workloads import ArrivalSpec
 from slicing.manifest import write_manifest
-from stagebatch.errors import ServerStartError, StagebatchError
-from stagebatch.model_config import read_model_config, write_model_config
-from stagebatch.server import EmbeddedTriton
+from core.errors import ServerStartError, StagebatchError
+from core.model_config import read_model_config, write_model_config
+from core.server import EmbeddedTriton
 from tuning.simulate import VariantConfig, Workload
 
 # Two-sided 95% Student-t quantiles by degrees of freedom (1..10); beyond that the normal 1.96 is close.

@@ -18,7 +18,7 @@ from typing import Any
 
 from loadtest.rundir import SIMULATION_FILE, read_environment, read_points, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 from tuning.batcher import BatcherSettings
 from tuning.simulate import LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 

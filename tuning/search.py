@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from loadtest.capacity import CapacityResult, Probe, SearchSettings, search_capacity
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 from tuning.batcher import BatcherSettings
 from tuning.simulate import (
     ModelProfile,

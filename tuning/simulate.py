@@ -44,7 +44,7 @@ from loadtest.stability import assess
 from loadtest.stats import LatencySummary, summarize
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from slicing.zoo import ZOO
-from stagebatch.errors import BadParameterError, ConfigValidationError
+from core.errors import BadParameterError, ConfigValidationError
 from tuning.batcher import BatcherSettings, DynamicBatcher
 
 VARIANTS = ("whole", "ensemble", "reorch")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.rundir import write_json
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 from tuning.batcher import BatcherSettings
 from tuning.confirm import Confirmer, mean_ci95, write_ready_repository
 from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search, why

@@ -1,6 +1,6 @@
 """The error base of code that runs inside Triton (``backends/``): standard library only.
 
-``stagebatch.errors`` re-exports these classes and adds the host-only ones, so a host caller that
+``core.errors`` re-exports these classes and adds the host-only ones, so a host caller that
 catches ``StagebatchError`` catches what the backends raise too, and the hierarchy is the same
 inside a server image that has only the copied ``backends`` package.
 """

@@ -8,7 +8,7 @@ requests are still inside (cross-request batching); the engine's threads answer 
 exactly once through its sender (one response + FINAL flag). Unary gRPC, HTTP and gRPC streaming
 clients all work (measured on tritonserver 2.51: docs/reorch.md). Scheduling is in
 ``backends.reorch.scheduler``, the data path in ``backends.reorch.engine``.
-``stagebatch.reorch_deploy`` copies this file, with the ``backends`` package and ``stages.json``
+``core.reorch_deploy`` copies this file, with the ``backends`` package and ``stages.json``
 beside it, into the model's version directory.
 
 Config parameters (string values): ``policy`` (pipeline | load | operator | input | dva), every

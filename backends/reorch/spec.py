@@ -1,4 +1,4 @@
-"""``stages.json``: what the reorchestrator knows about its model (written by ``stagebatch.reorch_deploy``).
+"""``stages.json``: what the reorchestrator knows about its model (written by ``core.reorch_deploy``).
 
 It is the manifest entry of the model (docs/architecture.md) reduced to what serving needs:
 model inputs/outputs, every stage's ONNX path (relative to the repository root), input and output

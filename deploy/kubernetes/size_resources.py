@@ -27,9 +27,9 @@ import math
 import sys
 from pathlib import Path
 
-from stagebatch.errors import StagebatchError
-from stagebatch.model_config import read_model_config
-from stagebatch.repository import read_manifest
+from core.errors import StagebatchError
+from core.model_config import read_model_config
+from core.repository import read_manifest
 
 MIB = 2**20
 SERVER_MIB = 256

@@ -23,7 +23,7 @@ from loadtest.capacity import variant_label
 from loadtest.plan import KNOB_SHORT_NAMES
 from loadtest.stability import LOADGEN_REASONS
 from loadtest.stats import LatencySummary, achieved_rps, summarize
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 # A point whose completions inside the window fell this share or more behind its arrivals did not keep
 # up (issue 9's first stability rule); used only for runs that did not record ``stable``.

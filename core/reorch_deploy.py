@@ -21,9 +21,9 @@ from typing import Any
 import backends.reorch
 from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
 from backends.reorch.spec import RECORD_OUTPUT, StagesSpec
-from stagebatch.errors import ConfigValidationError
-from stagebatch.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
-from stagebatch.repository import DynamicBatching, copy_backends_package
+from core.errors import ConfigValidationError
+from core.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
+from core.repository import DynamicBatching, copy_backends_package
 
 TARGETS = ("embedded", "gpu")
 MODEL_GLUE = Path(backends.reorch.__file__).with_name("model.py")

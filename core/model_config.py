@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
-from stagebatch.errors import ConfigValidationError
+from core.errors import ConfigValidationError
 
 def triton_wire_dtype(dtype: str) -> str:
     """``"float32"`` -> ``"FP32"``, ``"object"`` -> ``"BYTES"``: the datatype names of the inference protocol.

@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from stagebatch.errors import BadParameterError
+from core.errors import BadParameterError
 
 LOGGER = logging.getLogger(__name__)
 

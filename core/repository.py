@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stagebatch.errors import ConfigValidationError
-from stagebatch.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
+from core.errors import ConfigValidationError
+from core.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
 
 if TYPE_CHECKING:
     import onnx

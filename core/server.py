@@ -37,8 +37,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stagebatch.errors import ServerStartError
-from stagebatch.supervisor import ModelSupervisor, SupervisorPolicy
+from core.errors import ServerStartError
+from core.supervisor import ModelSupervisor, SupervisorPolicy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class EmbeddedTriton:
         log_path: server log file; default: a file in a fresh temporary directory.
         startup_timeout_s: how long to wait for the server and all models to be ready.
         extra_args: more ``tritonserver`` arguments.
-        supervise: run a :class:`~stagebatch.supervisor.ModelSupervisor` in a thread while the server
+        supervise: run a :class:`~core.supervisor.ModelSupervisor` in a thread while the server
             runs: a model whose stub dies (or that fails its health probe) is reloaded.
         supervisor_policy: its timing and crash-loop limit (default: ``SupervisorPolicy()``).
         supervisor_metrics_port: its ``stagebatch_model_restarts_total`` endpoint (0: a free port;
