@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES, SIZES
 
 

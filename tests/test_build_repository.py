@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from slicing.manifest import check_model_entry
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES
 from stagebatch.cli import main
 from core.errors import SliceError

@@ -30,7 +30,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from loadtest.request_factory import RequestFactory, model_entry
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from core.errors import BadParameterError
 from core.model_config import read_model_config
 from core.server import EmbeddedTriton

@@ -8,8 +8,14 @@ import pytest
 from backends.common.tensors import concat_rows, split_rows
 from backends.onnx_runner.runner import BatchRunner, TensorInfo
 from core.errors import ConfigValidationError
-from core.model_config import read_model_config, render_model_config, write_model_config
-from core.repository import DynamicBatching, TensorConfig, onnx_model_config
+from core.model_config import (
+    DynamicBatching,
+    TensorConfig,
+    onnx_model_config,
+    read_model_config,
+    render_model_config,
+    write_model_config,
+)
 
 
 def test_render_refuses_a_misspelled_field_naming_it():

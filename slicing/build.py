@@ -25,9 +25,9 @@ from slicing.inputs import InputSpec, infer_input_specs
 from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from core.errors import BadParameterError, SliceError
-from core.model_config import write_model_config
+from core.model_config import TARGETS, DynamicBatching, EnsembleStep, TensorConfig, ensemble_config, write_model_config
 from core.reorch_deploy import write_reorch_model
-from core.repository import TARGETS, DynamicBatching, TensorConfig, add_onnx_model
+from core.repository import add_onnx_model
 
 if TYPE_CHECKING:
     import onnx
@@ -264,7 +264,7 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
 
     stage_entries = []
     for stage, profile in zip(result.stages, profiles):
-        model_name = f"{source.name}_stage{stage.index}"
+        model_name = _stage_name(source.name, stage.index)
         metas = {name: stage.tensors[name] for name in [*stage.inputs, *stage.outputs]}
         stage_inputs = [_tensor_config(n, metas[n].dtype, metas[n].shape, metas[n].sequence_axis, specs.get(n),
                                        max_batch) for n in stage.inputs]
@@ -315,6 +315,10 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
                       build_s=time.perf_counter() - started)
 
 
+def _stage_name(model: str, index: int) -> str:
+    return f"{model}_stage{index}"
+
+
 def _stage_tensor_entry(name: str, meta, spec) -> dict[str, Any]:
     entry = manifest_lib.tensor_entry(name, meta.dtype, meta.shape, sequence_axis=meta.sequence_axis,
                                       pad_value=_pad_value(spec))
@@ -354,25 +358,11 @@ def _add_onnx(out: Path, name: str, model, options: BuildOptions, max_batch: int
                    intra_op_threads=options.intra_op_threads)
 
 
-def ensemble_config(name: str, max_batch: int, inputs, outputs, stages, prefix: str) -> dict[str, Any]:
-    """The ensemble of the stages: every tensor maps by its own name (the chain contract)."""
-    steps = []
-    for stage in stages:
-        steps.append({
-            "model_name": f"{prefix}_stage{stage.index}", "model_version": -1,
-            "input_map": {n: n for n in stage.inputs}, "output_map": {n: n for n in stage.outputs},
-        })
-    return {
-        "name": name, "platform": "ensemble", "max_batch_size": max_batch,
-        "input": [t.to_config() for t in inputs], "output": [t.to_config() for t in outputs],
-        "ensemble_scheduling": {"step": steps},
-    }
-
-
 def _write_ensemble(out: Path, name: str, max_batch: int, inputs, outputs, stages, prefix: str) -> None:
     model_dir = out / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version directory, even empty
-    write_model_config(model_dir, ensemble_config(name, max_batch, inputs, outputs, stages, prefix))
+    steps = [EnsembleStep(_stage_name(prefix, stage.index), stage.inputs, stage.outputs) for stage in stages]
+    write_model_config(model_dir, ensemble_config(name, max_batch, inputs, outputs, steps))
 
 
 def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOptions, max_batch: int) -> str | None:
