@@ -33,7 +33,7 @@ import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
 from backends.reorch.policies import ReorchKnobs
-from backends.reorch.spec import RECORD_OUTPUT
+from backends.reorch.spec import RECORD_OUTPUT, TensorSpec
 from core.errors import ConfigValidationError
 
 CONFIG_FILE = "config.pbtxt"
@@ -92,14 +92,14 @@ class TensorConfig:
         return entry
 
     def runner_meta(self) -> dict[str, Any]:
-        """What ``backends/onnx_runner`` must know beyond the config entry (padding, valid values)."""
-        meta: dict[str, Any] = {}
-        if self.sequence_axis is not None:
-            meta["sequence_axis"] = self.sequence_axis
-            meta["pad_value"] = self.pad_value
-        if self.value_range is not None:
-            meta["value_range"] = list(self.value_range)
-        return meta
+        """What ``backends/onnx_runner`` must know beyond the config entry (padding, valid values).
+
+        The backends' own tensor description (``TensorSpec.to_dict``) without the datatype and shape,
+        which the config entry already gives.
+        """
+        spec = TensorSpec(self.name, np.dtype(self.dtype), tuple(self.dims), sequence_axis=self.sequence_axis,
+                          pad_value=self.pad_value, value_range=self.value_range)
+        return {key: value for key, value in spec.to_dict().items() if key not in ("datatype", "shape")}
 
 
 @dataclass

@@ -61,32 +61,32 @@ class BuildOptions:
     default_timeout_us: int = 0
 
     def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise BadParameterError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
-        if self.stages is not None and self.stages < 1:
-            raise BadParameterError(f"--stages {self.stages}: must be >= 1")
-        if self.target not in TARGETS:
-            raise BadParameterError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
-        if self.max_batch < 1:
-            raise BadParameterError(f"--max-batch {self.max_batch}: must be >= 1")
-        if self.queue_delay_us < 0:
-            raise BadParameterError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
-        if self.balance not in BALANCES:
-            raise BadParameterError(f"--balance {self.balance!r}: choose one of {', '.join(BALANCES)}")
+        for name, option, choices in _CHOICES:
+            if getattr(self, name) not in choices:
+                raise BadParameterError(f"{option} {getattr(self, name)!r}: choose one of {', '.join(choices)}")
+        for name, option, minimum, meaning in _MINIMUMS:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise BadParameterError(f"{option} {value}: must be >= {minimum}{meaning}")
         if self.cut_tensors and self.stages is not None and self.stages != len(self.cut_tensors) + 1:
             raise BadParameterError(
                 f"--stages {self.stages} disagrees with {len(self.cut_tensors)} --cut tensors "
                 f"(K cuts give K+1 stages); drop --stages or one of them")
-        if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise BadParameterError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
-        if self.instance_count < 1:
-            raise BadParameterError(f"--instances {self.instance_count}: must be >= 1")
-        if self.intra_op_threads < 0:
-            raise BadParameterError(f"--intra-op-threads {self.intra_op_threads}: must be >= 0 (0: all cores)")
-        if self.max_queue_size < 0:
-            raise BadParameterError(f"--max-queue-size {self.max_queue_size}: must be >= 0 (0: unbounded)")
-        if self.default_timeout_us < 0:
-            raise BadParameterError(f"--default-timeout-us {self.default_timeout_us}: must be >= 0 (0: no timeout)")
+
+
+# BuildOptions fields checked against a vocabulary: (field, CLI option, the valid values)
+_CHOICES = (("size", "--size", SIZES), ("target", "--target", TARGETS), ("balance", "--balance", BALANCES))
+# BuildOptions fields with a lower bound (None: unset): (field, CLI option, smallest value, what it means)
+_MINIMUMS = (
+    ("stages", "--stages", 1, ""),
+    ("max_batch", "--max-batch", 1, ""),
+    ("queue_delay_us", "--queue-delay-us", 0, ""),
+    ("max_seq_len", "--max-seq-len", 1, ""),
+    ("instance_count", "--instances", 1, ""),
+    ("intra_op_threads", "--intra-op-threads", 0, " (0: all cores)"),
+    ("max_queue_size", "--max-queue-size", 0, " (0: unbounded)"),
+    ("default_timeout_us", "--default-timeout-us", 0, " (0: no timeout)"),
+)
 
 
 @dataclass
