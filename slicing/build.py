@@ -5,7 +5,8 @@ Per model ``NAME`` it writes the whole model (``NAME``, one dynamic batcher), th
 the stage reorchestrator (``NAME_reorch``, :mod:`core.reorch_deploy`), and an
 entry in the repository's ``manifest.json``. Everything is checked before it is written: the stage
 chain must reproduce the whole model (``verify_chain``), and each config is validated against
-Triton's schema when rendered.
+Triton's schema when rendered. The builder decides what to write (tensors, batchers, stage names);
+the config content comes from :mod:`core.model_config`, the folders from :mod:`core.repository`.
 """
 
 from __future__ import annotations
