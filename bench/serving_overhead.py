@@ -24,7 +24,8 @@ from backends.common.ort import make_session
 from slicing.export import export_zoo_model
 from slicing.inputs import infer_input_specs, make_inputs
 from slicing.zoo import build_zoo_model
-from core.model_config import DynamicBatching, TensorConfig, triton_wire_dtype
+from core.model_config import triton_wire_dtype
+from core.model_config import DynamicBatching, TensorConfig
 from core.repository import add_onnx_model
 from core.server import EmbeddedTriton
 

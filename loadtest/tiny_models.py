@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backends.reorch.spec import RECORD_OUTPUT
-from core.model_config import DynamicBatching, TensorConfig, python_model_config, write_model_config
+from core.model_config import DynamicBatching, TensorConfig, write_model_config
 from core.repository import add_onnx_model
 
 ERROR_LENGTH = 3
@@ -102,12 +101,15 @@ def build_repository(repository: Path, *, max_length: int = 32) -> dict:
     reorch_dir = repository / "seq_reorch"
     (reorch_dir / "1").mkdir(parents=True, exist_ok=True)
     (reorch_dir / "1" / "model.py").write_text(ECHO_SENDER_MODEL)
-    write_model_config(reorch_dir, python_model_config(
-        "seq_reorch", max_batch_size=8,
-        inputs=[TensorConfig("input_ids", "int64", [-1]), TensorConfig("attention_mask", "int64", [-1])],
-        outputs=[TensorConfig("y", "float32", [-1]), TensorConfig(RECORD_OUTPUT, "object", [1])],
-        decoupled=False,  # answered through the response sender
-    ))  # fmt: skip
+    write_model_config(reorch_dir, {
+        "name": "seq_reorch", "backend": "python", "max_batch_size": 8,
+        "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]},
+                  {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]},
+                   {"name": "REORCH_RECORD", "data_type": "TYPE_STRING", "dims": [1]}],
+        "model_transaction_policy": {"decoupled": False},  # answered through the response sender
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    })  # fmt: skip
 
     manifest = {
         "schema_version": 1,

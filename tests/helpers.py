@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from core.model_config import DynamicBatching, TensorConfig, python_model_config, write_model_config
+from core.model_config import DynamicBatching, TensorConfig
 from core.repository import add_onnx_model
 
 
@@ -92,9 +92,20 @@ class TritonPythonModel:
 
 
 def add_decoupled_echo(repository: Path, name: str = "echo") -> None:
+    from core.model_config import write_model_config
+
     version = repository / name / "1"
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.py").write_text(DECOUPLED_ECHO)
-    write_model_config(repository / name, python_model_config(
-        name, max_batch_size=8, inputs=[TensorConfig("x", "float32", [4])],
-        outputs=[TensorConfig("y", "float32", [4])], decoupled=True))
+    write_model_config(
+        repository / name,
+        {
+            "name": name,
+            "backend": "python",
+            "max_batch_size": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+            "model_transaction_policy": {"decoupled": True},
+            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+        },
+    )
