@@ -37,6 +37,14 @@ DEFAULT_STAGES = 4
 _NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
+# `stagebatch build`'s default queue timeout (µs). A crashed Python stub's queued requests are
+# otherwise failed one batch per second by tritonserver 2.51; with it they are refused within about
+# this long, so the supervisor's restart costs seconds (docs/gpu.md, "Supervision"). It turns off the
+# batcher's prefetch of batches ahead of a busy instance, so characterization plans keep Triton's stock
+# batcher (no queue policy) unless they ask for one.
+SERVING_QUEUE_TIMEOUT_US = 2_000_000
+
+
 @dataclass
 class BuildOptions:
     """How to build: the values of ``stagebatch build``'s options."""
@@ -59,7 +67,7 @@ class BuildOptions:
     # max_queue_size only to the whole model and reorch: on 24.10 a full stage queue behind an
     # ensemble leaves the ensemble's requests stuck (fixed upstream in core#466).
     max_queue_size: int = 0
-    default_timeout_us: int = 0
+    default_timeout_us: int = 0  # library default: Triton's stock batcher; `stagebatch build` passes SERVING_QUEUE_TIMEOUT_US
 
     def __post_init__(self) -> None:
         for name, option, choices in _CHOICES:
