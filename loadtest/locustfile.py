@@ -44,7 +44,7 @@ from locust.exception import StopUser
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from loadtest.client import RequestRecord
-from loadtest.driver import LoadPlan, LoadSpec
+from loadtest.driver import LoadPlan, LoadSpec, validate_spec
 from loadtest.session import LoadSession, prewarmed_sender
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import StagebatchError
@@ -122,8 +122,6 @@ def plan_from_options(options: Any, host: str | None) -> LoadPlan:
         duration_s=duration_s, warmup_s=options.sb_warmup, seed=options.sb_seed, rows=options.sb_rows,
         priority=options.sb_priority, timeout_us=options.sb_timeout_us, protocol=options.sb_protocol,
     )  # fmt: skip
-    from loadtest.driver import validate_spec
-
     validate_spec(manifest, spec)
     return LoadPlan(grpc_url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))
 
