@@ -20,7 +20,7 @@ Examples of use::
 
     spec = LoadSpec(model="bert_base", variant="whole", arrival=ArrivalSpec("poisson", rate_rps=50),
                     lengths=LengthSpec("uniform", min_length=8, max_length=64), duration_s=30, warmup_s=5)
-    result = run_load(server.grpc_url, read_manifest(repo), spec)
+    result = run_load(server.grpc_url, read_manifest(repo).raw, spec)
     p50_us = statistics.median(r.latency_us for r in result.records if r.ok)
 """
 

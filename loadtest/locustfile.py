@@ -48,6 +48,7 @@ from loadtest.driver import LoadPlan, LoadSpec, validate_spec
 from loadtest.session import LoadSession, prewarmed_sender
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import StagebatchError
+from core.manifest import read_manifest_path
 
 LOGGER = logging.getLogger("loadtest.locustfile")
 
@@ -99,8 +100,8 @@ def plan_from_options(options: Any, host: str | None) -> LoadPlan:
     grpc_url = host  # one host:port, a comma-separated list, or dns:///host:port (loadtest.client.parse_targets)
     manifest_path = Path(options.sb_manifest)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        manifest = read_manifest_path(manifest_path).raw
+    except StagebatchError as error:
         raise StagebatchError(f"--sb-manifest {manifest_path}: cannot read a manifest ({error})") from None
     if not options.sb_model:
         raise StagebatchError(f"give --sb-model; the manifest has: {', '.join(sorted(manifest.get('models', {})))}")
