@@ -20,7 +20,8 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -78,8 +79,50 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigValidationError(message)
 
 
+_Spec = TypeVar("_Spec", bound="_KindSpec")
+
+
+class _KindSpec:
+    """A dataclass spec of one ``kind`` from a registry, written compactly as ``kind:field=value,...``.
+
+    Subclasses name what they are (``what``) and their registry; each registered class checks the
+    fields of its own kind (``check(spec)``).
+    """
+
+    kind: str
+    what: ClassVar[str]
+
+    @staticmethod
+    def registry() -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        kinds = self.registry()
+        _require(self.kind in kinds, f"{self.what} kind {self.kind!r} is unknown; choose one of {', '.join(kinds)}")
+        kinds[self.kind].check(self)
+
+    @classmethod
+    def parse(cls: type[_Spec], text: str) -> _Spec:
+        """Parse ``"poisson:rate_rps=50"``, ``"closed:users=8"``, ``"fixed:length=64"``, ..."""
+        kind, raw = _parse_compact(text, f"{cls.what} spec")
+        return cls(kind=kind, **_coerce_fields(cls, raw, f"{cls.what} spec {text!r}"))  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict:
+        """Only the fields that differ from the defaults, plus the kind."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "kind" or value != f.default:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[_Spec], data: dict) -> _Spec:
+        return cls(**data)
+
+
 @dataclass
-class ArrivalSpec:
+class ArrivalSpec(_KindSpec):
     """How requests arrive.
 
     kinds and their fields:
@@ -111,33 +154,20 @@ class ArrivalSpec:
     trace_unit: str = "s"
     speed: float = 1.0
 
-    def __post_init__(self) -> None:
-        _require(self.kind in ARRIVALS,
-                 f"arrival kind {self.kind!r} is unknown; choose one of {', '.join(ARRIVAL_KINDS)}")
-        ARRIVALS[self.kind].check(self)
+    what: ClassVar[str] = "arrival"
+
+    @staticmethod
+    def registry() -> dict[str, type[ArrivalProcess]]:
+        return ARRIVALS
 
     @property
     def is_open_loop(self) -> bool:
         """True for every kind but ``closed``: arrivals never wait for earlier responses."""
         return ARRIVALS[self.kind].open_loop
 
-    @classmethod
-    def parse(cls, text: str) -> ArrivalSpec:
-        """Parse ``"poisson:rate_rps=50"``, ``"closed:users=8"``, ``"trace:trace_path=t.csv,speed=2"``."""
-        kind, raw = _parse_compact(text, "arrival spec")
-        return cls(kind=kind, **_coerce_fields(cls, raw, f"arrival spec {text!r}"))  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict:
-        """Only the fields that differ from the defaults, plus the kind."""
-        return _non_default_fields(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ArrivalSpec:
-        return cls(**data)
-
 
 @dataclass
-class LengthSpec:
+class LengthSpec(_KindSpec):
     """Sequence lengths (tokens / time steps) of requests to a sequence model.
 
     kinds and their fields:
@@ -157,32 +187,11 @@ class LengthSpec:
     sigma: float = 0.0
     path: str = ""
 
-    def __post_init__(self) -> None:
-        _require(self.kind in LENGTHS,
-                 f"length kind {self.kind!r} is unknown; choose one of {', '.join(LENGTH_KINDS)}")
-        LENGTHS[self.kind].check(self)
+    what: ClassVar[str] = "length"
 
-    @classmethod
-    def parse(cls, text: str) -> LengthSpec:
-        """Parse ``"fixed:length=64"``, ``"uniform:min_length=8,max_length=128"``, ..."""
-        kind, raw = _parse_compact(text, "length spec")
-        return cls(kind=kind, **_coerce_fields(cls, raw, f"length spec {text!r}"))  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict:
-        return _non_default_fields(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LengthSpec:
-        return cls(**data)
-
-
-def _non_default_fields(spec: object) -> dict:
-    out = {}
-    for f in dataclasses.fields(spec):  # type: ignore[arg-type]
-        value = getattr(spec, f.name)
-        if f.name == "kind" or value != f.default:
-            out[f.name] = value
-    return out
+    @staticmethod
+    def registry() -> dict[str, type[LengthDistribution]]:
+        return LENGTHS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,10 +293,10 @@ class ClosedLoop(ArrivalProcess):
         raise ConfigValidationError("closed-loop users pace themselves: there is no offered rate")
 
 
-@register_arrival
 @dataclass
-class PoissonArrivals(ArrivalProcess):
-    kind: ClassVar[str] = "poisson"
+class _OneRate(ArrivalProcess):
+    """An open-loop kind at one ``rate_rps`` for the whole run."""
+
     rate_rps: float
 
     @classmethod
@@ -297,33 +306,25 @@ class PoissonArrivals(ArrivalProcess):
     @classmethod
     def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
         return cls(spec.rate_rps)
+
+    def mean_rate_rps(self, duration_s: float) -> float:
+        return self.rate_rps
+
+
+@register_arrival
+class PoissonArrivals(_OneRate):
+    kind: ClassVar[str] = "poisson"
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return _poisson_in_segments([RateSegment(0.0, duration_s, self.rate_rps)], rng)
 
-    def mean_rate_rps(self, duration_s: float) -> float:
-        return self.rate_rps
-
 
 @register_arrival
-@dataclass
-class ConstantArrivals(ArrivalProcess):
+class ConstantArrivals(_OneRate):
     kind: ClassVar[str] = "constant"
-    rate_rps: float
-
-    @classmethod
-    def check(cls, spec: ArrivalSpec) -> None:
-        _check_rate(spec)
-
-    @classmethod
-    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
-        return cls(spec.rate_rps)
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return np.arange(0.0, duration_s, 1.0 / self.rate_rps)
-
-    def mean_rate_rps(self, duration_s: float) -> float:
-        return self.rate_rps
 
 
 @register_arrival

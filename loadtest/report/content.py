@@ -57,9 +57,18 @@ class Content:
 
 
 class Section(ABC):
-    """A report section: ``title`` and ``build``."""
+    """A report section: ``title``, an optional ``intro`` paragraph, and ``build``."""
 
     title: ClassVar[str]
+    intro: ClassVar[str] = ""  # the section's first paragraph: what it shows and how it was measured
+
+    def start(self) -> Content:
+        """The section's content so far: its title and its intro."""
+        return Content(self.title, paragraphs=[self.intro] if self.intro else [])
+
+    def only(self, paragraph: str) -> Content:
+        """The section's content when all it can say is one paragraph (data missing, step skipped)."""
+        return Content(self.title, paragraphs=[paragraph])
 
     @abstractmethod
     def build(self, run: RunData) -> Content:

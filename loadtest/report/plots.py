@@ -31,15 +31,15 @@ def _minor_log_label(value: float, _position) -> str:
 
 class ThroughputLatencySection(Section):
     title = "Throughput-latency curves"
+    intro = (
+        "p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where "
+        "latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow "
+        "squares points the load generator sent off schedule, crosses of unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
+        "rate from the capacity search."
+    )
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where "
-            "latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow "
-            "squares points the load generator sent off schedule, crosses of unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
-            "rate from the capacity search."
-        )
+        content = self.start()
         from matplotlib.ticker import FuncFormatter
 
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
@@ -83,10 +83,10 @@ class ThroughputLatencySection(Section):
 
 class CdfSection(Section):
     title = "Latency CDFs"
+    intro = "Saturated points are drawn dotted: their tails are queue growth."
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append("Saturated points are drawn dotted: their tails are queue growth.")
+        content = self.start()
         for (experiment, model, load), points in group(
             run.measured_points(), "experiment", "model", "load"
         ).items():
@@ -118,15 +118,15 @@ class CdfSection(Section):
 
 class BatchSizeSection(Section):
     title = "Batch sizes per stage"
+    intro = (
+        "Executions per batch size from Triton's statistics API (batch_stats, before/after deltas) for "
+        "whole and stage models; for the reorchestrator, estimated from the batch sizes its per-request "
+        "records report (a batch of b rows is seen by b requests). Each configuration at its heaviest "
+        "stable load."
+    )
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Executions per batch size from Triton's statistics API (batch_stats, before/after deltas) for "
-            "whole and stage models; for the reorchestrator, estimated from the batch sizes its per-request "
-            "records report (a batch of b rows is seen by b requests). Each configuration at its heaviest "
-            "stable load."
-        )
+        content = self.start()
         from matplotlib.ticker import MaxNLocator
 
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
@@ -162,18 +162,18 @@ class BatchSizeSection(Section):
 
 class AttributionSection(Section):
     title = "Latency attribution"
+    intro = (
+        "Where the mean client latency went, per configuration at its heaviest stable load. Whole and "
+        "ensemble: Triton's queue and compute (input, infer, output) per request of each model from the "
+        "statistics API; client + network is the rest of the client mean. Reorch: the per-request "
+        "REORCH_RECORD gives client + network (client latency minus arrival to exit), the front wait "
+        "(arrival to stage 0) and, with stage_times_us, each stage's wait and compute and the response "
+        "path; otherwise stage wait and compute come from the reorchestrator's metrics. Coverage is the "
+        "parts' sum over the measured mean; it should be within 10% of 100%."
+    )
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Where the mean client latency went, per configuration at its heaviest stable load. Whole and "
-            "ensemble: Triton's queue and compute (input, infer, output) per request of each model from the "
-            "statistics API; client + network is the rest of the client mean. Reorch: the per-request "
-            "REORCH_RECORD gives client + network (client latency minus arrival to exit), the front wait "
-            "(arrival to stage 0) and, with stage_times_us, each stage's wait and compute and the response "
-            "path; otherwise stage wait and compute come from the reorchestrator's metrics. Coverage is the "
-            "parts' sum over the measured mean; it should be within 10% of 100%."
-        )
+        content = self.start()
         summary_rows, part_rows = [], []
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
             bars = []
@@ -303,13 +303,13 @@ class AttributionSection(Section):
 
 class ComparisonSection(Section):
     title = "Variant and policy comparison"
+    intro = (
+        "Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats). "
+        "Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded."
+    )
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats). "
-            "Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded."
-        )
+        content = self.start()
         for (experiment, model, load), points in group(
             run.measured_points(), "experiment", "model", "load"
         ).items():
