@@ -8,7 +8,6 @@ backend with GPU instances, as in the NGC image. Python models are self-containe
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,11 +184,3 @@ def add_onnx_model(
         shutil.copy2(BACKENDS_PACKAGE / "onnx_runner" / "model.py", version_dir / "model.py")
     write_model_config(model_dir, config)
     return model_dir
-
-
-def read_manifest(repository: Path) -> dict[str, Any]:
-    """The repository's ``manifest.json`` (see docs/architecture.md)."""
-    path = Path(repository) / "manifest.json"
-    if not path.exists():
-        raise ConfigValidationError(f"{path} not found: build the repository first with `stagebatch build`")
-    return json.loads(path.read_text())

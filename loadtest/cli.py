@@ -111,16 +111,8 @@ def characterize(
     capacity_file = None
     if capacity is not None:
         capacity_file = capacity / "capacity.json" if capacity.is_dir() else capacity
-    options = RunOptions(
-        out_dir=out,
-        url=url,
-        workers=workers,
-        progress=progress,
-        metrics_url=metrics_url,
-        resume=resume is not None,
-        capacity_file=capacity_file,
-        crosscheck=crosscheck,
-    )
+    options = RunOptions(out_dir=out, url=url, workers=workers, progress=progress, metrics_url=metrics_url,
+                         resume=resume is not None, capacity_file=capacity_file, crosscheck=crosscheck)  # fmt: skip
     with console_logging():  # warnings and one line per point; the rest goes to the run's log file
         run_dir = run_characterization(parsed, options)
     for line in run_summary(run_dir):

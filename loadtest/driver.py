@@ -70,9 +70,11 @@ class LoadSpec:
     duration_s: float
     warmup_s: float = 0.0
     seed: int = 0
+    """Seeds the arrival schedule, the lengths and the input values."""
     priority: int = 0
     timeout_us: int = 0
     rows: int = 1
+    """Rows (dim 0) of every request."""
     client_timeout_s: float = 60.0
     late_tolerance_us: int = 2000
     protocol: str = ""  # unary | stream; "" = the variant's default (loadtest.client.DEFAULT_PROTOCOL)

@@ -16,6 +16,7 @@ ragged on ``gpu``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from slicing.inputs import ROLES, InputSpec, make_inputs
 from core.errors import ConfigValidationError
+from core.model_config import triton_wire_dtype
 
 if TYPE_CHECKING:
     from tritonclient.grpc import service_pb2
@@ -67,6 +69,16 @@ class ModelEntry:
     def is_ragged(self, variant: str) -> bool:
         return variant in self.ragged_variants
 
+
+
+def infer_inputs(client_module: Any, arrays: Mapping[str, np.ndarray]) -> list:
+    """``client_module.InferInput`` objects holding ``arrays`` (``tritonclient.grpc`` or ``.http``)."""
+    inputs = []
+    for name, array in arrays.items():
+        item = client_module.InferInput(name, list(array.shape), triton_wire_dtype(array.dtype.name))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
 
 def model_entry(manifest: dict[str, Any], model: str) -> ModelEntry:
     """Parse and check one model entry of a manifest; errors name the field and the fix."""

@@ -177,15 +177,8 @@ def assess(
     tail_arrivals = sum(s.arrivals for s in subs[1:])
     tail_completions = sum(s.completions for s in subs[1:])
     keep_up = tail_completions / tail_arrivals if tail_arrivals else None
-    result = Stability(
-        offered_rps=offered,
-        achieved_rps=achieved,
-        subwindows=subs,
-        backlog_growth_per_s=growth_per_s,
-        keep_up_ratio=keep_up,
-        late_share=late_share,
-        rate_kept=rate_kept,
-    )
+    result = Stability(offered_rps=offered, achieved_rps=achieved, subwindows=subs, backlog_growth_per_s=growth_per_s,
+                       keep_up_ratio=keep_up, late_share=late_share, rate_kept=rate_kept)  # fmt: skip
     reason = None
     if arrivals == 0:
         reason = f"{REASON_NO_REQUESTS}: no arrivals in the measured window"

@@ -142,14 +142,18 @@ class ArrivalSpec(_KindSpec):
 
     kind: str
     users: int = 0
+    """closed: concurrent users."""
     rate_rps: float = 0.0
+    """Every open-loop kind but trace: mean arrivals per second (bursty: while "on")."""
     off_rate_rps: float = 0.0
     on_s: float = 0.0
     off_s: float = 0.0
     markov: bool = False
+    """bursty: the off rate, the on/off period lengths and whether they are exponential."""
     spike_rate_rps: float = 0.0
     spike_start_s: float = 0.0
     spike_duration_s: float = 0.0
+    """spike: the rate during the spike, when it starts and how long it lasts."""
     trace_path: str = ""
     trace_unit: str = "s"
     speed: float = 1.0

@@ -18,9 +18,8 @@ import numpy as np
 import typer
 
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
-from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
+from loadtest.request_factory import VARIANTS, RequestFactory, infer_inputs, model_entry
 from core.errors import BadParameterError
-from core.model_config import triton_wire_dtype
 from core.manifest import read_manifest, read_manifest_path
 
 INFER_TIMEOUT_S = 60.0
@@ -56,11 +55,7 @@ def _send(url: str, model_name: str, arrays: dict[str, np.ndarray], parameters: 
         import tritonclient.grpc as client_module
 
         client = client_module.InferenceServerClient(url)
-    inputs = []
-    for name, array in arrays.items():
-        item = client_module.InferInput(name, list(array.shape), triton_wire_dtype(array.dtype.name))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
+    inputs = infer_inputs(client_module, arrays)
     if not stream:
         for _ in range(2):
             started = time.perf_counter()

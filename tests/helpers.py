@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from loadtest.tiny_models import add_python_model, sender_model_source
 from core.repository import DynamicBatching, TensorConfig, add_onnx_model
 
 
@@ -69,42 +70,23 @@ def add_tokens(repository: Path, name: str = "tokens", vocab: int = 50, max_batc
     return table
 
 
-DECOUPLED_ECHO = '''
-import json
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    """Answers each request with its input doubled, as `repeat` responses, then a final flag."""
-
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
-            repeat = int(json.loads(request.parameters() or "{}").get("repeat", 1))
-            for _ in range(repeat):
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
-'''
+DECOUPLED_ECHO = sender_model_source(
+    "Answers each request with its input doubled, as `repeat` responses, then a final flag.",
+    """
+    x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+    repeat = int(json.loads(request.parameters() or "{}").get("repeat", 1))
+    for _ in range(repeat):
+        sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
+    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    """,
+)
 
 
 def add_decoupled_echo(repository: Path, name: str = "echo") -> None:
-    from core.model_config import write_model_config
-
-    version = repository / name / "1"
-    version.mkdir(parents=True, exist_ok=True)
-    (version / "model.py").write_text(DECOUPLED_ECHO)
-    write_model_config(
-        repository / name,
-        {
-            "name": name,
-            "backend": "python",
-            "max_batch_size": 8,
-            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
-            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
-            "model_transaction_policy": {"decoupled": True},
-            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        },
-    )
+    add_python_model(repository, name, DECOUPLED_ECHO, {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+        "model_transaction_policy": {"decoupled": True},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    })  # fmt: skip
