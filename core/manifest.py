@@ -23,13 +23,21 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from core.errors import ConfigValidationError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 DEFAULT_TARGET = "embedded"
+_Value = TypeVar("_Value")
+
+
+def pick(table: Mapping[str, _Value], key: str, problem: str, fix: str = "pick one of those") -> _Value:
+    """``table[key]``, or a ConfigValidationError saying ``problem``, what the table has, and ``fix``."""
+    if key not in table:
+        raise ConfigValidationError(f"{problem} (it has {', '.join(table) or 'none'}); {fix}")
+    return table[key]
 
 
 def manifest_path(repository: Path | str) -> Path:
@@ -145,12 +153,7 @@ class ModelEntry:
 
     def triton_name(self, variant: str) -> str:
         """The Triton model serving ``variant``; raises when the repository was built without it."""
-        if variant not in self.variants:
-            raise ConfigValidationError(
-                f"model {self.name!r} has no variant {variant!r} in the manifest (it has "
-                f"{', '.join(self.variants) or 'none'}); rebuild with that variant or pick another"
-            )
-        return self.variants[variant]
+        return pick(self.variants, variant, f"model {self.name!r} has no variant {variant!r} in the manifest")
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,8 @@ class Manifest:
 
     def model(self, name: str) -> ModelEntry:
         """The entry of ``name``; raises naming the models the repository has."""
-        if name not in self.models:
-            raise ConfigValidationError(
-                f"{self.path} has no model {name!r} (it has {', '.join(self.models) or 'none'}); "
-                f"build it with `stagebatch build --model {name}` into {self.path.parent}"
-            )
-        return self.models[name]
+        build = f"build it with `stagebatch build --model {name}` into {self.path.parent}"
+        return pick(self.models, name, f"{self.path} has no model {name!r}", build)
 
 
 def parse_manifest(document: Mapping[str, Any], path: Path | str = MANIFEST_NAME) -> Manifest:

@@ -24,6 +24,7 @@ import numpy as np
 
 from slicing.inputs import ROLES, InputSpec, make_inputs
 from core.errors import ConfigValidationError
+from core.manifest import pick
 from core.model_config import triton_wire_dtype
 
 if TYPE_CHECKING:
@@ -59,12 +60,7 @@ class ModelEntry:
         return self.max_length is not None
 
     def triton_name(self, variant: str) -> str:
-        if variant not in self.variants:
-            raise ConfigValidationError(
-                f"model {self.name!r} has no variant {variant!r} in the manifest; "
-                f"it has: {', '.join(self.variants) or 'none'}"
-            )
-        return self.variants[variant]
+        return pick(self.variants, variant, f"model {self.name!r} has no variant {variant!r} in the manifest")
 
     def is_ragged(self, variant: str) -> bool:
         return variant in self.ragged_variants

@@ -31,12 +31,12 @@ def _minor_log_label(value: float, _position) -> str:
 
 class ThroughputLatencySection(Section):
     title = "Throughput-latency curves"
-    intro = (
-        "p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where "
-        "latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow "
-        "squares points the load generator sent off schedule, crosses of unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
-        "rate from the capacity search."
-    )
+    intro = """
+        p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where
+        latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow squares
+        points the load generator sent off schedule, crosses of unknown stability; lines join the means over
+        repeats. The dotted vertical line is the sustained rate from the capacity search.
+    """
 
     def build(self, run: RunData) -> Content:
         content = self.start()
@@ -75,9 +75,9 @@ class ThroughputLatencySection(Section):
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
                 ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
-                ax.set_xlabel("achieved throughput (completions in the window / s)")
-                ax.set_ylabel("latency (ms, log): p99 solid, p50 dashed")
-                ax.set_title(f"{model}: throughput vs latency ({experiment})")
+                ax.set(xlabel="achieved throughput (completions in the window / s)",
+                       ylabel="latency (ms, log): p99 solid, p50 dashed",
+                       title=f"{model}: throughput vs latency ({experiment})")  # fmt: skip
         return content
 
 
@@ -109,21 +109,18 @@ class CdfSection(Section):
                             linestyle=":" if p.saturated else "-",
                             label=f"{p.label}{repeat} (p99 {p.summary.p99_ms:.1f} ms{suffix})",
                         )
-                ax.set_xscale("log")
-                ax.set_xlabel("latency (ms, log scale)")
-                ax.set_ylabel("fraction of requests")
-                ax.set_title(f"{model} under {load} ({experiment})")
+                ax.set(xscale="log", xlabel="latency (ms, log scale)", ylabel="fraction of requests",
+                       title=f"{model} under {load} ({experiment})")  # fmt: skip
         return content
 
 
 class BatchSizeSection(Section):
     title = "Batch sizes per stage"
-    intro = (
-        "Executions per batch size from Triton's statistics API (batch_stats, before/after deltas) for "
-        "whole and stage models; for the reorchestrator, estimated from the batch sizes its per-request "
-        "records report (a batch of b rows is seen by b requests). Each configuration at its heaviest "
-        "stable load."
-    )
+    intro = """
+        Executions per batch size from Triton's statistics API (batch_stats, before/after deltas) for whole
+        and stage models; for the reorchestrator, estimated from the batch sizes its per-request records
+        report (a batch of b rows is seen by b requests). Each configuration at its heaviest stable load.
+    """
 
     def build(self, run: RunData) -> Content:
         content = self.start()
@@ -162,15 +159,15 @@ class BatchSizeSection(Section):
 
 class AttributionSection(Section):
     title = "Latency attribution"
-    intro = (
-        "Where the mean client latency went, per configuration at its heaviest stable load. Whole and "
-        "ensemble: Triton's queue and compute (input, infer, output) per request of each model from the "
-        "statistics API; client + network is the rest of the client mean. Reorch: the per-request "
-        "REORCH_RECORD gives client + network (client latency minus arrival to exit), the front wait "
-        "(arrival to stage 0) and, with stage_times_us, each stage's wait and compute and the response "
-        "path; otherwise stage wait and compute come from the reorchestrator's metrics. Coverage is the "
-        "parts' sum over the measured mean; it should be within 10% of 100%."
-    )
+    intro = """
+        Where the mean client latency went, per configuration at its heaviest stable load. Whole and
+        ensemble: Triton's queue and compute (input, infer, output) per request of each model from the
+        statistics API; client + network is the rest of the client mean. Reorch: the per-request
+        REORCH_RECORD gives client + network (client latency minus arrival to exit), the front wait (arrival
+        to stage 0) and, with stage_times_us, each stage's wait and compute and the response path; otherwise
+        stage wait and compute come from the reorchestrator's metrics. Coverage is the parts' sum over the
+        measured mean; it should be within 10% of 100%.
+    """
 
     def build(self, run: RunData) -> Content:
         content = self.start()
@@ -303,10 +300,10 @@ class AttributionSection(Section):
 
 class ComparisonSection(Section):
     title = "Variant and policy comparison"
-    intro = (
-        "Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats). "
-        "Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded."
-    )
+    intro = """
+        Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats).
+        Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded.
+    """
 
     def build(self, run: RunData) -> Content:
         content = self.start()
