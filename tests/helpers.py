@@ -7,8 +7,17 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from loadtest.tiny_models import add_python_model, sender_model_source
+from loadtest.tiny_models import add_python_model, build_repository, sender_model_source
 from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+
+
+# Statistical checks allow Z standard errors (a seeded draw fails with probability ~6e-5 when right).
+Z = 4.0
+
+
+def within(value: float, expected: float, standard_error: float) -> bool:
+    """Whether ``value`` lies within ``Z`` standard errors of ``expected``."""
+    return abs(value - expected) <= Z * standard_error
 
 
 def matmul_model(in_features: int = 4, out_features: int = 3, seed: int = 0) -> tuple[ModelProto, np.ndarray]:
@@ -90,3 +99,11 @@ def add_decoupled_echo(repository: Path, name: str = "echo") -> None:
         "model_transaction_policy": {"decoupled": True},
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
     })  # fmt: skip
+
+
+def tiny_plan_folder(root: Path, plan_text: str) -> Path:
+    """``root/repo`` with the load generator's tiny models and manifest, and ``root/plan.yaml``; returns the plan."""
+    build_repository(root / "repo")
+    plan = root / "plan.yaml"
+    plan.write_text(plan_text)
+    return plan
