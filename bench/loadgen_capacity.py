@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.driver import SATURATION_CPU_PERCENT, LoadPlan, LoadResult, LoadSpec, run_load
+from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob as LoadPlan, LoadResult, LoadSpec, run_load  # noqa: E501
 from loadtest.perf_analyzer import (
     PerfAnalyzerUnavailable,
     ensure_perf_analyzer,

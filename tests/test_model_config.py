@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backends.common.tensors import concat_rows, split_rows
-from backends.onnx_runner.runner import BatchRunner, TensorInfo
+from backends.onnx_runner.batch import BatchRunner, TensorInfo
 from core.errors import ConfigValidationError
 from core.model_config import read_model_config, render_model_config, write_model_config
 from core.repository import DynamicBatching, TensorConfig, onnx_model_config
