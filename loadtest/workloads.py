@@ -237,6 +237,8 @@ class ArrivalProcess(ABC):
 
     kind: ClassVar[str]
     open_loop: ClassVar[bool] = True
+    # the ArrivalSpec fields in requests per second (plans may give them as multiples of capacity)
+    rate_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -259,6 +261,11 @@ class ArrivalProcess(ABC):
     @abstractmethod
     def mean_rate_rps(self, duration_s: float) -> float:
         """Expected arrivals per second over a run of ``duration_s``."""
+
+    @classmethod
+    def period_s(cls, fields: Mapping[str, Any]) -> float | None:
+        """The period of a periodic arrival given by its spec ``fields`` (stability windows align to it)."""
+        return None
 
 
 ARRIVALS: dict[str, type[ArrivalProcess]] = {}
@@ -301,6 +308,7 @@ class ClosedLoop(ArrivalProcess):
 class _OneRate(ArrivalProcess):
     """An open-loop kind at one ``rate_rps`` for the whole run."""
 
+    rate_fields: ClassVar[tuple[str, ...]] = ("rate_rps",)
     rate_rps: float
 
     @classmethod
@@ -341,6 +349,7 @@ class OnOffArrivals(ArrivalProcess):
     """
 
     kind: ClassVar[str] = "bursty"
+    rate_fields: ClassVar[tuple[str, ...]] = ("rate_rps", "off_rate_rps")
     on_rate_rps: float
     off_rate_rps: float
     on_s: float
@@ -375,6 +384,13 @@ class OnOffArrivals(ArrivalProcess):
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return _poisson_in_segments(self.segments(duration_s, rng), rng)
 
+    @classmethod
+    def period_s(cls, fields: Mapping[str, Any]) -> float | None:
+        """on_s + off_s of the square wave; a Markov-modulated process has no period."""
+        if fields.get("markov"):
+            return None
+        return float(fields.get("on_s") or 0) + float(fields.get("off_s") or 0) or None
+
     def mean_rate_rps(self, duration_s: float) -> float:
         # long-run mean (exact for the square wave over whole periods, and for the MMPP in the limit)
         total_s = self.on_s + self.off_s
@@ -385,6 +401,7 @@ class OnOffArrivals(ArrivalProcess):
 @dataclass
 class SpikeArrivals(ArrivalProcess):
     kind: ClassVar[str] = "spike"
+    rate_fields: ClassVar[tuple[str, ...]] = ("rate_rps", "spike_rate_rps")
     base_rate_rps: float
     spike_rate_rps: float
     spike_start_s: float
@@ -541,6 +558,8 @@ def read_trace(path: str | Path, unit: str = "s") -> Trace:
 
 
 ARRIVAL_KINDS = tuple(ARRIVALS)
+# every ArrivalSpec field some kind reads as requests per second
+ARRIVAL_RATE_FIELDS = tuple(dict.fromkeys(name for cls in ARRIVALS.values() for name in cls.rate_fields))
 
 
 def make_arrival_process(spec: ArrivalSpec, *, base_dir: Path | None = None) -> ArrivalProcess:

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from backends.reorch.scheduler import OPERATIONS
 from loadtest.report.attribution import KINDS, attribute
 from loadtest.report.content import Content, Row, Section, Table, fmt, heaviest, row_flag
 from loadtest.report.data import PointData, RunData, by_label, group, load_curve
@@ -347,12 +348,11 @@ class ComparisonSection(Section):
                     ax.set_xticks(x)
                     ax.set_xticklabels(list(configs), rotation=30, ha="right", fontsize=7)
                 ax1.figure.suptitle(f"{model} under {load} ({experiment})", fontsize=9)
-        rows, operations = [], []
-        for p in run.measured_points():
-            reorch = p.server().get("reorch")
-            if reorch:
-                rows.append((p, reorch.get("operations") or {}))
-                operations += [op for op in reorch.get("operations") or {} if op not in operations]
+        reorch_points = [(p, p.server().get("reorch")) for p in run.measured_points()]
+        rows = [(p, reorch.get("operations") or {}) for p, reorch in reorch_points if reorch]
+        # the scheduler's list of operations, in its order; any other name a run recorded after them
+        seen = {op for _, ops in rows for op in ops}
+        operations = [op for op in OPERATIONS if op in seen] + sorted(seen - set(OPERATIONS))
         if rows:
             content.tables.append(
                 Table(
