@@ -12,8 +12,8 @@ from loadtest.capacity import whole_capacity
 from loadtest.plan import CAPACITY_LABELS, load_plan, resolve_arrival
 from loadtest.report import write_report
 from loadtest.rundir import CAPACITY_FILE
-from loadtest.runner import Characterization, RunOptions, console_logging, resume_plan, run_summary
-from loadtest.runner import characterize as run_characterization
+from loadtest.characterization import Characterization, RunOptions, console_logging, resume_plan, run_summary
+from loadtest.characterization import characterize as run_characterization
 from core.errors import BadParameterError, ConfigValidationError
 
 URL_HELP = (

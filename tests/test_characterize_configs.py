@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loadtest.plan import Point
-from loadtest.runner import (
+from loadtest.characterization import (
     apply_batching,
     apply_reorch,
     loadgen_bottleneck,

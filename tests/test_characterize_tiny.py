@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from loadtest import report as report_lib
-from loadtest import rundir, runner
+from loadtest import characterization as runner
+from loadtest import rundir
 from loadtest.plan import load_plan
 from loadtest.stats import summarize
 from stagebatch.cli import main

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import parse_plan
 from loadtest.rundir import POINTS_FILE, REQUESTS_FILE, read_environment, read_points, read_requests
 from stagebatch.cli import main
