@@ -9,12 +9,10 @@ it (Python models are self-contained; the wheel's Triton has no onnxruntime back
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from core.errors import ConfigValidationError
 from core.model_config import TARGETS  # noqa: F401 - loadtest.plan imports the targets from here
 from core.model_config import (
     ONNX_FILE,
@@ -77,11 +75,3 @@ def add_onnx_model(
         shutil.copy2(BACKENDS_PACKAGE / "onnx_runner" / "model.py", version_dir / "model.py")
     write_model_config(model_dir, config)
     return model_dir
-
-
-def read_manifest(repository: Path) -> dict[str, Any]:
-    """The repository's ``manifest.json`` (see docs/architecture.md)."""
-    path = Path(repository) / "manifest.json"
-    if not path.exists():
-        raise ConfigValidationError(f"{path} not found: build the repository first with `stagebatch build`")
-    return json.loads(path.read_text())

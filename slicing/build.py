@@ -26,6 +26,7 @@ from slicing.inputs import InputSpec, infer_input_specs
 from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from core.errors import BadParameterError, SliceError
+from core.manifest import find_manifest
 from core.model_config import TARGETS, DynamicBatching, EnsembleStep, TensorConfig, ensemble_config, write_model_config
 from core.reorch_deploy import write_reorch_model
 from core.repository import add_onnx_model
@@ -147,7 +148,8 @@ def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: P
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadParameterError(f"--out {out}: exists and is not a directory")
-    existing = manifest_lib.read_manifest_file(out) if out.is_dir() else None
+    found = find_manifest(out) if out.is_dir() else None
+    existing = found.raw if found is not None else None
     if existing is not None and existing.get("target") != options.target:
         manifest_lib.merge_manifest(existing, options.target, {})  # raises the target mismatch error
     names: list[str] = []

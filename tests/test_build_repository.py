@@ -57,7 +57,7 @@ def test_build_writes_every_variant_with_valid_configs(built):
                 assert config["backend"] == "python"
                 assert config["dynamic_batching"].get("max_queue_delay_microseconds") == "250"
                 assert (repository / model_name / "1" / "model.py").is_file()
-                assert (repository / model_name / "1" / "backends" / "onnx_runner" / "runner.py").is_file()
+                assert (repository / model_name / "1" / "backends" / "onnx_runner" / "batch.py").is_file()
         for stage in entry["stages"]:
             onnx.checker.check_model(str(repository / stage["onnx"]))
             assert 1 <= stage["favoured_batch_size"] <= 8

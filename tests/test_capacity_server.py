@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import parse_plan
 from loadtest.rundir import read_capacity, read_points
 from core.model_config import DynamicBatching, TensorConfig, python_model_config, write_model_config

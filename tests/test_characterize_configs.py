@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loadtest.plan import Point
-from loadtest.runner import loadgen_bottleneck, point_configs, stage_rows_from_reorch
+from loadtest.characterization import loadgen_bottleneck, point_configs, stage_rows_from_reorch
 from loadtest.server_stats import ReorchDelta
 from core.errors import ConfigValidationError
 from core.model_config import BatchingOverlay, ReorchOverlay, apply_batching, apply_reorch, variant_models

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backends.common.tensors import concat_rows, split_rows
-from backends.onnx_runner.runner import BatchRunner, TensorInfo
+from backends.onnx_runner.batch import BatchRunner, TensorInfo
 from core.errors import ConfigValidationError
 from backends.reorch.policies import ReorchKnobs
 from core.model_config import (

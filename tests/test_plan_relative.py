@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import parse_plan, parse_rate, resolve_arrival
 from core.errors import ConfigValidationError
 from core.model_config import BatchingOverlay, apply_batching

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import load_plan
 from slicing.build import BuildOptions, build_repository
 from stagebatch.cli import main

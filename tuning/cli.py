@@ -11,6 +11,7 @@ import typer
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from slicing.build import BuildOptions, build_repository
 from core.errors import BadParameterError
+from core.manifest import find_manifest, manifest_path
 from tuning.batcher import BatcherSettings
 from tuning.replay import calibrated_settings, replay_run
 from tuning.search import OBJECTIVES
@@ -153,8 +154,8 @@ def tune(
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out = Path("results") / f"tune-{model}-{stamp}"
     started = dt.datetime.now(dt.timezone.utc)
-    manifest_path = repository / "manifest.json"
-    entry = json.loads(manifest_path.read_text()).get("models", {}).get(model) if manifest_path.is_file() else None
+    found = find_manifest(repository)
+    entry = found.raw.get("models", {}).get(model) if found is not None else None
     if entry is None or entry.get("size") not in (None, size):
         typer.echo(f"building {model} ({size}) into {repository} ...", err=True)
         build_repository(repository, models=[model], options=BuildOptions(size=size))
@@ -163,7 +164,7 @@ def tune(
         if k == builds[0].profile.num_stages:
             continue
         target = out / "builds" / f"k{k}"
-        if not (target / "manifest.json").is_file():
+        if not manifest_path(target).is_file():
             typer.echo(f"building {model} with K={k} into {target} ...", err=True)
             build_repository(target, models=[model], options=BuildOptions(size=size, stages=k))
         builds.append(load_built(target, model))

@@ -277,14 +277,8 @@ def load_run(run_dir: str | Path) -> RunData:
         latencies = np.array([r["latency_us"] for r in rows], dtype=np.int64)
         ok = np.array([r["ok"] for r in rows], dtype=bool)
         sent = np.array([r["t_send_us"] for r in rows], dtype=np.int64)
-        point = PointData(
-            index=index,
-            record=record,
-            latencies_us=latencies,
-            ok=ok,
-            t_send_us=sent,
-            batch_sizes_seen=[r["batch_sizes"] for r in rows if r.get("batch_sizes")],
-        )
+        point = PointData(index=index, record=record, latencies_us=latencies, ok=ok, t_send_us=sent,
+                          batch_sizes_seen=[r["batch_sizes"] for r in rows if r.get("batch_sizes")])  # fmt: skip
         for row in rows:
             server = _server_record(row.get("server"))
             if row["ok"] and server is not None:

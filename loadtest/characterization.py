@@ -66,6 +66,7 @@ from loadtest.workloads import ArrivalSpec, LengthSpec
 from slicing.build import BuildOptions, build_repository
 from slicing.slicer import max_stages
 from core.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
+from core.manifest import find_manifest, read_manifest
 from core.model_config import (
     BatchingOverlay,
     ReorchOverlay,
@@ -79,7 +80,6 @@ LOGGER = logging.getLogger(__name__)
 # one line per point (and per capacity probe) on the console; everything else INFO goes to the log file
 PROGRESS = logging.getLogger("loadtest.progress")
 
-MANIFEST_FILE = "manifest.json"
 # A load generator busier than this (percent of one core) may be what limits a point.
 LOADGEN_BUSY_PERCENT = 85.0
 # Share of arrivals sent late above which the open-loop schedule was not kept (a few late ones are
@@ -216,12 +216,7 @@ class Characterization:
 
     # ---- repository ----
     def _read_manifest(self) -> dict:
-        path = self.repository / MANIFEST_FILE
-        if not path.is_file():
-            raise ConfigValidationError(
-                f"{path}: missing; build the models first (stagebatch build ...) or set repository.build: true"
-            )
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_manifest(self.repository).raw
         return self.manifest
 
     def _build(self, model: str, stages: int, balance: str) -> None:
@@ -252,10 +247,8 @@ class Characterization:
     def _prepare_repository(self) -> None:
         spec = self.plan.repository
         if spec.build:
-            manifest_path = self.repository / MANIFEST_FILE
-            existing = (
-                json.loads(manifest_path.read_text()).get("models", {}) if manifest_path.is_file() else {}
-            )
+            found = find_manifest(self.repository)
+            existing = found.raw.get("models", {}) if found is not None else {}
             for model in self.plan.models:
                 entry = existing.get(model)
                 build = (entry or {}).get("build", {})
