@@ -27,9 +27,10 @@ import json
 import re
 import sys
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import (
@@ -79,8 +80,9 @@ def _did_you_mean(value: Any, choices: Iterable[Any]) -> str:
 
 
 def _rule(text: str, at: Any = ()) -> PydanticCustomError:
-    """A broken rule, raised by a validator; ``at`` (a key or a tuple of keys) extends the error's location."""
-    return PydanticCustomError("plan_rule", "{rule}", {"rule": text, "at": at if isinstance(at, tuple) else (at,)})
+    """A broken rule, raised by a validator; ``at`` (a key or a tuple of keys) extends the error's place."""
+    where = at if isinstance(at, tuple) else (at,)
+    return PydanticCustomError("plan_rule", "{rule}", {"rule": text, "at": where})
 
 
 def _check_choice(value: Any, choices: tuple, what: str, at: Any = ()) -> Any:
@@ -102,7 +104,6 @@ _RULES = {  # pydantic's error types in the plan's words; the error's context an
     "string_too_short": "expected a non-empty string, got {value!r}",
     "list_type": "expected a list (e.g. [4, 8]), got {value!r}",
     "dict_type": "expected a mapping (key: value lines), got {kind} {value!r}",
-    "model_type": "expected a mapping (key: value lines), got {kind} {value!r}",
     "too_short": "must not be empty: give at least {min_length}",
     "too_long": "takes at most {max_length}, got {count}: {listed}",
 }
@@ -119,9 +120,11 @@ def _rule_text(error: dict) -> str:
         return ctx["rule"]
     if kind == "missing":
         return f"missing required key '{error['loc'][-1]}'"
+    kind = "dict_type" if kind == "model_type" else kind
     if kind not in _RULES:
         return f"{error['msg']}, got {error.get('input')!r}"
-    value, bounds = error.get("input"), {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+    value = error.get("input")
+    bounds = {key: int(v) if isinstance(v, float) and v.is_integer() else v for key, v in ctx.items()}
     many = isinstance(value, (dict, list))
     count, listed = (len(value), ", ".join(map(str, value))) if many else (None, "")
     return _RULES[kind].format(value=value, kind=type(value).__name__, count=count, listed=listed, **bounds)
@@ -145,8 +148,8 @@ def _yaml_lines(node: yaml.Node, path: tuple = (), lines: dict | None = None) ->
     else:
         return lines
     for key, mark_node, value in children:
-        lines[path + (key,)] = mark_node.start_mark.line + 1
-        _yaml_lines(value, path + (key,), lines)
+        lines[(*path, key)] = mark_node.start_mark.line + 1
+        _yaml_lines(value, (*path, key), lines)
     return lines
 
 
@@ -155,14 +158,11 @@ def _yaml_lines(node: yaml.Node, path: tuple = (), lines: dict | None = None) ->
 T = TypeVar("T")
 
 
-def Choice(what: str, choices: Iterable[str]) -> Any:  # noqa: N802 - a type factory
+def Choice(what: str, choices: Iterable[str]) -> Any:  # a type factory, named like the types it makes
     """A string of a vocabulary; an unknown one is refused naming the closest valid one."""
     valid = tuple(choices)
-    return Annotated[
-        str,
-        AfterValidator(lambda value: _check_choice(value, valid, what)),
-        WithJsonSchema({"type": "string", "enum": list(valid)}),
-    ]
+    check = AfterValidator(lambda value: _check_choice(value, valid, what))
+    return Annotated[str, check, WithJsonSchema({"type": "string", "enum": list(valid)})]
 
 
 class _OneOrMany:
@@ -174,7 +174,8 @@ class _OneOrMany:
 
 
 # a sweep: one value, or a non-empty list of values (one point each)
-Sweep = Annotated[list[T], BeforeValidator(lambda v: v if isinstance(v, list) else [v]), Field(min_length=1), _OneOrMany()]
+Sweep = Annotated[list[T], BeforeValidator(lambda v: v if isinstance(v, list) else [v]), Field(min_length=1),
+                  _OneOrMany()]
 Count = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
@@ -200,14 +201,11 @@ def parse_rate(value: Any) -> tuple[float | None, float | None]:
         return float(value), None
     match = _RELATIVE.match(value) if isinstance(value, str) else None
     if not match:
-        raise ConfigValidationError(
-            f"{value!r} is not a rate: give req/s (e.g. 120) or a multiple of the whole model's measured "
-            "capacity (e.g. 0.85x)"
-        )
+        raise ConfigValidationError(f"{value!r} is not a rate: give req/s (e.g. 120) or a multiple of the "
+                                    "whole model's measured capacity (e.g. 0.85x)")
     if not float(match.group(1)) > 0:
-        raise ConfigValidationError(
-            f"{value!r}: a multiple of the measured capacity must be > 0 (e.g. 0.85x); for no load in a phase give 0"
-        )
+        raise ConfigValidationError(f"{value!r}: a multiple of the measured capacity must be > 0 (e.g. "
+                                    "0.85x); for no load in a phase give 0")
     return None, float(match.group(1))
 
 
@@ -217,7 +215,7 @@ def is_relative(value: Any) -> bool:
 
 
 def _owner_rule(check: Any, *args: Any, at: Any = ()) -> Any:
-    """``check(*args)``; an error of the owner's (the load generator, the reorchestrator) becomes a plan rule."""
+    """``check(*args)``; an error of the owner's (load generator, reorchestrator) becomes a plan rule."""
     try:
         return check(*args)
     except (ConfigValidationError, ValueError, TypeError) as error:
@@ -229,15 +227,12 @@ def _rate(value: Any) -> Any:
     return value
 
 
-Rate = Annotated[
-    Any,
-    PlainValidator(_rate),
-    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "pattern": _RELATIVE.pattern}]}),
-]
+_RATE_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": _RELATIVE.pattern}]}
+Rate = Annotated[Any, PlainValidator(_rate), WithJsonSchema(_RATE_SCHEMA)]
 
 
 class _Section(BaseModel):
-    """A mapping of the plan: strict types, unknown keys refused naming the closest valid one, null = empty."""
+    """A mapping of the plan: strict types; unknown keys refused naming the closest one; null = empty."""
 
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
@@ -259,11 +254,8 @@ def _owner_spec(owner: type, what: str, kinds: tuple[str, ...]) -> type[_Section
     Rate fields also take multiples of the capacity (``0.85x``), checked with a stand-in capacity.
     """
     hints = typing.get_type_hints(owner)
-    fields: dict[str, Any] = {
-        knob.name: (Rate if knob.name in RATE_FIELDS else hints[knob.name], knob.default)
-        for knob in dataclasses.fields(owner)
-        if knob.name != "kind"
-    }
+    fields = {f.name: (Rate if f.name in RATE_FIELDS else hints[f.name], f.default)
+              for f in dataclasses.fields(owner) if f.name != "kind"}
 
     def owner_rules(spec: BaseModel) -> BaseModel:
         values = {key: getattr(spec, key) for key in spec.model_fields_set}
@@ -279,15 +271,10 @@ def _owner_spec(owner: type, what: str, kinds: tuple[str, ...]) -> type[_Section
         return data
 
     kind = Annotated[Choice(f"{what} kind", kinds), Field(description=f"one of {', '.join(kinds)}")]
-    return create_model(  # type: ignore[call-overload]
-        owner.__name__,
-        __base__=_Section,
-        __doc__=owner.__doc__,
-        __validators__={"need_kind": model_validator(mode="before")(need_kind),
-                        "owner_rules": model_validator(mode="after")(owner_rules)},
-        kind=(kind, ...),
-        **fields,
-    )
+    validators = {"need_kind": model_validator(mode="before")(need_kind),
+                  "owner_rules": model_validator(mode="after")(owner_rules)}
+    return create_model(owner.__name__, __base__=_Section, __doc__=owner.__doc__, __validators__=validators,
+                        kind=(kind, ...), **fields)
 
 
 def _as_written(value: Any, handler: Any) -> Any:
@@ -301,6 +288,11 @@ Arrival = Annotated[ArrivalFields, WrapValidator(_as_written)]
 Lengths = Annotated[_owner_spec(LengthSpec, "length", LENGTH_KINDS), WrapValidator(_as_written)]
 
 
+def _settings(value: Any) -> Any:
+    """Preferred batch sizes: one list of sizes is one setting; a list of lists sweeps settings."""
+    return value if isinstance(value, list) and value and all(isinstance(s, list) for s in value) else [value]
+
+
 def _batch_sizes(sizes: list[int]) -> list[int]:
     if sizes != sorted(set(sizes)):
         raise _rule(f"batch sizes must be distinct and increasing, got {sizes}")
@@ -308,13 +300,13 @@ def _batch_sizes(sizes: list[int]) -> list[int]:
 
 
 def _knob_value(value: Any) -> Any:
-    numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if numbers or (isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+    def plain(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if plain(value) or isinstance(value, str) or (isinstance(value, list) and all(map(plain, value))):
         return value
-    raise _rule(
-        f"expected a number, a string or a list of numbers as knob value, got {value!r} "
-        "(quote on/off/yes/no: YAML reads them as true/false)"
-    )
+    raise _rule(f"expected a number, a string or a list of numbers as knob value, got {value!r} "
+                "(quote on/off/yes/no: YAML reads them as true/false)")
 
 
 KnobValue = Annotated[Any, PlainValidator(_knob_value)]
@@ -326,17 +318,17 @@ KnobValue = Annotated[Any, PlainValidator(_knob_value)]
 class RepositorySpec(_Section):
     """How to get the model repository: reuse ``path`` or build the plan's models into it."""
 
-    path: Text = None  # type: ignore[assignment]
+    path: Text = None
     """Default <out>/repository; relative to the working directory or the plan file."""
     build: bool = True
     """Build the plan's zoo models; false: the repository (and its manifest.json) must exist already."""
-    size: Size = "small"  # type: ignore[valid-type]
-    target: Target = "embedded"  # type: ignore[valid-type]
+    size: Size = "small"
+    target: Target = "embedded"
     max_batch_size: Count = 16
     """max_batch_size of every batcher as built."""
     stages: Count = 4
     """K as built (slicing sweeps rebuild with other values)."""
-    balance: Balance = "measured"  # type: ignore[valid-type]
+    balance: Balance = "measured"
     queue_delay_us: NonNegativeInt = 100
     """Max queue delay of every batcher as built."""
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
@@ -357,7 +349,7 @@ class Defaults(_Section):
     seed: NonNegativeInt = 0
     """Repeat r uses seed + r."""
     repeats: Count = 1
-    protocol: Protocol = ""  # type: ignore[valid-type]
+    protocol: Protocol = ""
     """unary | stream; default: the load generator's choice for the variant."""
 
 
@@ -369,8 +361,8 @@ class CapacitySpec(_Section):
     """
 
     enabled: bool = True
-    variants: Sweep[Variant] = ["whole"]  # type: ignore[valid-type]
-    arrival: CapacityArrival = "constant"  # type: ignore[valid-type]
+    variants: Sweep[Variant] = ["whole"]
+    arrival: CapacityArrival = "constant"
     duration_s: Positive = 3.0
     warmup_s: NonNegative = 1.0
     start_rps: Positive = 50.0
@@ -383,18 +375,18 @@ class CapacitySpec(_Section):
 class ModelDef(_Section):
     """A model of the plan: its sequence-length distribution (sequence models) and latency SLO."""
 
-    lengths: Lengths = None  # type: ignore[assignment]
-    slo_ms: Positive = None  # type: ignore[assignment]
+    lengths: Lengths = None
+    slo_ms: Positive = None
     """Overrides defaults.slo_ms for this model."""
 
 
 class Load(_Section):
-    """A named load: an arrival process (loadtest.workloads.ArrivalSpec fields), optionally swept over one field."""
+    """A named load: an arrival process (loadtest.workloads.ArrivalSpec), optionally swept over one field."""
 
     arrival: Arrival
-    lengths: Lengths = None  # type: ignore[assignment]
+    lengths: Lengths = None
     """Overrides the model's lengths."""
-    sweep: Annotated[dict[str, Annotated[list[Any], Field(min_length=1)]], Field(min_length=1, max_length=1)] = {}
+    sweep: Annotated[dict[str, Annotated[list, Field(min_length=1)]], Field(min_length=1, max_length=1)] = {}
     """One arrival field and its values: one point each (a load curve)."""
 
     @model_validator(mode="after")
@@ -413,28 +405,24 @@ class Load(_Section):
         if not self.sweep:
             return [(name, dict(self.arrival))]
         ((key, values),) = self.sweep.items()
-        return [
-            (f"{name}@{key}={value:g}" if isinstance(value, (int, float)) else f"{name}@{key}={value}",
-             {**self.arrival, key: value})
-            for value in values
-        ]
+        return [(f"{name}@{key}={value:g}" if isinstance(value, (int, float)) else f"{name}@{key}={value}",
+                 {**self.arrival, key: value}) for value in values]
 
 
 class Batching(_Section):
     """Request batching, for every variant (unset: the value as built). Order = point-id order."""
 
-    max_batch_size: Sweep[Count] = None  # type: ignore[assignment]
-    max_queue_delay_us: Sweep[NonNegativeInt] = None  # type: ignore[assignment]
+    max_batch_size: Sweep[Count] = None
+    max_queue_delay_us: Sweep[NonNegativeInt] = None
     preferred_batch_sizes: Annotated[
-        list[Annotated[list[Count], AfterValidator(_batch_sizes)]],
-        BeforeValidator(lambda v: v if isinstance(v, list) and v and all(isinstance(s, list) for s in v) else [v]),
-        _OneOrMany(),
-    ] = None  # type: ignore[assignment]
+        list[Annotated[list[Count], AfterValidator(_batch_sizes)]], _OneOrMany(),
+        BeforeValidator(_settings),
+    ] = None
     """One list of sizes is one setting ([] = none); a list of lists sweeps."""
-    instance_count: Sweep[Count] = None  # type: ignore[assignment]
-    max_queue_size: Sweep[NonNegativeInt] = None  # type: ignore[assignment]
+    instance_count: Sweep[Count] = None
+    max_queue_size: Sweep[NonNegativeInt] = None
     """Triton's default queue policy (0 = unbounded)."""
-    default_timeout_us: Sweep[NonNegativeInt] = None  # type: ignore[assignment]
+    default_timeout_us: Sweep[NonNegativeInt] = None
     """Queue timeout; timed-out requests are rejected."""
 
     @model_validator(mode="after")
@@ -442,23 +430,23 @@ class Batching(_Section):
         for index, sizes in enumerate(self.preferred_batch_sizes or []):
             for mbs in self.max_batch_size or []:
                 if sizes and sizes[-1] > mbs:
-                    raise _rule(f"preferred batch size {sizes[-1]} exceeds max_batch_size {mbs}; Triton refuses it",
-                                ("preferred_batch_sizes", index))
+                    raise _rule(f"preferred batch size {sizes[-1]} exceeds max_batch_size {mbs}; Triton "
+                                "refuses it", ("preferred_batch_sizes", index))
         return self
 
 
 class Slicing(_Section):
     """Slicing (ensemble and reorch only); each value rebuilds the model."""
 
-    stages: Sweep[Count] = None  # type: ignore[assignment]
-    balance: Sweep[Balance] = None  # type: ignore[assignment,valid-type]
+    stages: Sweep[Count] = None
+    balance: Sweep[Balance] = None
 
 
 class Reorch(_Section):
     """Reorchestration (reorch only): policies and backends.reorch.policies.ReorchKnobs fields."""
 
-    policy: Sweep[Policy] = None  # type: ignore[assignment,valid-type]
-    knobs: dict[KnobName, Sweep[KnobValue]] = {}  # type: ignore[valid-type]
+    policy: Sweep[Policy] = None
+    knobs: dict[KnobName, Sweep[KnobValue]] = {}
     """A list sweeps a knob; list-valued knobs as "a,b,c" strings or lists of lists."""
 
     @field_validator("knobs")
@@ -476,17 +464,17 @@ class Experiment(_Section):
     name: Text
     """Unique; part of point ids."""
     models: Sweep[str]
-    variants: Sweep[Variant]  # type: ignore[valid-type]
+    variants: Sweep[Variant]
     loads: Sweep[str]
     batching: Batching = Batching()
     slicing: Slicing = Slicing()
     reorch: Reorch = Reorch()
-    duration_s: Positive = None  # type: ignore[assignment]
-    warmup_s: NonNegative = None  # type: ignore[assignment]
-    slo_ms: Positive = None  # type: ignore[assignment]
-    repeats: Count = None  # type: ignore[assignment]
+    duration_s: Positive = None
+    warmup_s: NonNegative = None
+    slo_ms: Positive = None
+    repeats: Count = None
     """Run every point this many times, interleaved (A B C, C B A, ...)."""
-    protocol: Protocol = None  # type: ignore[assignment,valid-type]
+    protocol: Protocol = None
 
     @property
     def policy(self) -> list[str | None]:
@@ -501,8 +489,8 @@ class Experiment(_Section):
             raise _rule("slicing knobs need the 'ensemble' or 'reorch' variant; this experiment has "
                         f"{', '.join(self.variants)}", "slicing")
         if "reorch" in self.model_fields_set and "reorch" not in self.variants:
-            raise _rule(f"reorch knobs need the 'reorch' variant; this experiment has {', '.join(self.variants)}",
-                        "reorch")
+            raise _rule("reorch knobs need the 'reorch' variant; this experiment has "
+                        f"{', '.join(self.variants)}", "reorch")
         return self
 
 
@@ -524,7 +512,7 @@ class PlanFile(_Section):
 
     @model_validator(mode="after")
     def _references(self) -> PlanFile:
-        if self.repository.build:  # with build: false the repository's manifest is checked before the first point
+        if self.repository.build:  # else the repository's manifest is checked before the first point
             for name in self.models:
                 _check_choice(name, tuple(ZOO), "model", ("models", name))
         names: set[str] = set()
@@ -578,7 +566,8 @@ class Point:
 
     def config_key(self) -> tuple:
         """Points with equal keys share one loaded configuration (no reload between them)."""
-        return (self.build_key(), self.variant, repr(sorted(self.batching.items())), repr(sorted(self.reorch.items())))
+        settings = (repr(sorted(self.batching.items())), repr(sorted(self.reorch.items())))
+        return (self.build_key(), self.variant, *settings)
 
     def to_dict(self) -> dict:
         """JSON-ready description of the point."""
@@ -586,16 +575,9 @@ class Point:
 
 
 # The short names of knobs in point ids and report labels (one table for both).
-KNOB_SHORT_NAMES = {
-    "max_batch_size": "mbs",
-    "max_queue_delay_us": "qd",
-    "preferred_batch_sizes": "pref",
-    "instance_count": "inst",
-    "max_queue_size": "mqs",
-    "default_timeout_us": "qto",
-    "stages": "k",
-    "balance": "",
-}
+KNOB_SHORT_NAMES = {"max_batch_size": "mbs", "max_queue_delay_us": "qd", "preferred_batch_sizes": "pref",
+                    "instance_count": "inst", "max_queue_size": "mqs", "default_timeout_us": "qto",
+                    "stages": "k", "balance": ""}
 
 
 def _fmt(value: Any) -> str:
@@ -604,14 +586,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, list):
         return "-".join(str(v) for v in value)
     return str(value)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 class Plan(PlanFile):
@@ -632,7 +606,8 @@ class Plan(PlanFile):
         seen: set[str] = set()
         for experiment in self.experiments:
             repeats = experiment.repeats or self.defaults.repeats
-            for repeat, model, variant in itertools.product(range(repeats), experiment.models, experiment.variants):
+            for repeat, model, variant in itertools.product(range(repeats), experiment.models,
+                                                            experiment.variants):
                 points.extend(self._points_for(experiment, model, variant, seen, repeat, repeats))
         order = {key: i for i, key in enumerate(dict.fromkeys(p.build_key() for p in points))}
         config_order = {key: i for i, key in enumerate(dict.fromkeys(p.config_key() for p in points))}
@@ -644,19 +619,18 @@ class Plan(PlanFile):
         # stable sort: builds grouped, then repeats, then configurations grouped, plan order otherwise
         return sorted(points, key=position)
 
-    def _points_for(
-        self, experiment: Experiment, model_name: str, variant: str, seen: set[str], repeat: int, repeats: int
-    ) -> list[Point]:
-        model = self.models[model_name]
+    def _points_for(self, experiment: Experiment, model_name: str, variant: str, seen: set[str], repeat: int,
+                    repeats: int) -> list[Point]:
+        model, defaults = self.models[model_name], self.defaults
         sliced = variant in ("ensemble", "reorch")
-        axes = {key: getattr(experiment.batching, key) or [None] for key in Batching.model_fields}
-        axes |= {key: (getattr(experiment.slicing, key) if sliced else None) or [None] for key in Slicing.model_fields}
+        axes = {key: getattr(experiment.batching, key) for key in Batching.model_fields}
+        axes |= {key: getattr(experiment.slicing, key) if sliced else None for key in Slicing.model_fields}
+        axes = {key: values or [None] for key, values in axes.items()}
         policies = experiment.policy if variant == "reorch" else [None]
         knobs = experiment.reorch.knobs if variant == "reorch" else {}
         out = []
-        for *values, policy, knob_combo in itertools.product(
-            *axes.values(), policies, itertools.product(*knobs.values())
-        ):
+        for *values, policy, knob_combo in itertools.product(*axes.values(), policies,
+                                                             itertools.product(*knobs.values())):
             settings = {key: value for key, value in zip(axes, values) if value is not None}
             batching = {key: value for key, value in settings.items() if key in Batching.model_fields}
             reorch: dict[str, Any] = {} if policy is None else {"policy": policy}
@@ -667,38 +641,27 @@ class Plan(PlanFile):
                 for label, arrival in load.expand(load_name):
                     settings_id = [f"{KNOB_SHORT_NAMES.get(k, k)}{_fmt(v)}" for k, v in settings.items()]
                     batching_id = settings_id[: len(batching)]
-                    parts = [experiment.name, model_name, variant, *settings_id, *map(_fmt, reorch.values()), label]
+                    parts = [experiment.name, model_name, variant, *settings_id, *map(_fmt, reorch.values())]
                     knobs_id = [_fmt(reorch["knobs"])] if reorch.get("knobs") else []
                     comparison_key = "/".join([experiment.name, model_name, *batching_id, *knobs_id, label])
-                    point_id = "/".join(parts + ([f"r{repeat}"] if repeats > 1 else []))
+                    point_id = "/".join([*parts, label, *([f"r{repeat}"] if repeats > 1 else [])])
                     if point_id in seen:
                         continue
                     seen.add(point_id)
                     out.append(Point(
-                        point_id=point_id,
-                        experiment=experiment.name,
-                        model=model_name,
-                        variant=variant,
-                        load=label,
-                        arrival=arrival,
-                        lengths=load.lengths if load.lengths is not None else model.lengths,
-                        batching=batching,
-                        slicing={key: value for key, value in settings.items() if key in Slicing.model_fields},
-                        reorch=reorch,
-                        duration_s=experiment.duration_s or self.defaults.duration_s,
-                        warmup_s=self.defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
-                        slo_ms=experiment.slo_ms or model.slo_ms or self.defaults.slo_ms,
-                        seed=self.defaults.seed + repeat,
-                        repeat=repeat,
-                        repeats=repeats,
-                        comparison_key=comparison_key,
-                        protocol=experiment.protocol or self.defaults.protocol,
-                    ))
+                        point_id, experiment.name, model_name, variant, label, arrival,
+                        lengths=model.lengths if load.lengths is None else load.lengths, batching=batching,
+                        slicing={key: v for key, v in settings.items() if key in Slicing.model_fields},
+                        reorch=reorch, duration_s=experiment.duration_s or defaults.duration_s,
+                        warmup_s=defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
+                        slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
+                        seed=defaults.seed + repeat, repeat=repeat, repeats=repeats,
+                        comparison_key=comparison_key, protocol=experiment.protocol or defaults.protocol))
         return out
 
     def to_dict(self) -> dict:
         """The plan as written (plain dicts), for environment.json."""
-        return _plain(self.raw)
+        return json.loads(json.dumps(self.raw, default=str))
 
     def error(self, loc: tuple, rule: str) -> ConfigValidationError:
         """An error about the key at ``loc`` (a path of keys and indices), naming its file:line."""
@@ -717,10 +680,9 @@ def resolve_plan_path(plan: str | Path) -> Path:
     shipped = PLANS_DIR / f"{plan}.yaml"
     if shipped.is_file():
         return shipped
-    names = sorted(p.stem for p in PLANS_DIR.glob("*.yaml"))
-    raise ConfigValidationError(
-        f"plan {str(plan)!r}: no such file and no shipped plan of that name; shipped plans: {', '.join(names)}"
-    )
+    names = ", ".join(sorted(p.stem for p in PLANS_DIR.glob("*.yaml")))
+    raise ConfigValidationError(f"plan {str(plan)!r}: no such file and no shipped plan of that name; shipped "
+                                f"plans: {names}")
 
 
 def load_plan(plan: str | Path) -> Plan:
@@ -741,7 +703,8 @@ def parse_plan(text: str, source: str = "<plan>") -> Plan:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark else 0
-        raise ConfigValidationError(f"{source}:{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", error)
+        raise ConfigValidationError(f"{source}:{line}: not valid YAML: {problem}") from None
     finally:
         loader.dispose()
     lines = _yaml_lines(node) if node else {}
@@ -780,24 +743,20 @@ def resolve_arrival(arrival: dict, capacity_rps: float | None, *, model: str = "
         if multiple is not None:
             if capacity_rps is None or not capacity_rps > 0:
                 raise ConfigValidationError(
-                    f"{key}: {arrival[key]} is relative to {model or 'the model'}'s measured capacity, but no "
-                    "capacity was measured (the capacity search is disabled, failed, or cannot reach the "
-                    "server); enable 'capacity:' in the plan, pass --capacity FILE, or give rates in req/s"
-                )
+                    f"{key}: {arrival[key]} is relative to {model or 'the model'}'s measured capacity, but "
+                    "no capacity was measured (the capacity search is disabled, failed, or cannot reach the "
+                    "server); enable 'capacity:' in the plan, pass --capacity FILE, or give rates in req/s")
             absolute = multiple * capacity_rps
             if key == "rate_rps":
                 multiple_main = multiple
         resolved[key] = round(absolute, 3)
-    load = {
-        "rate_rps": resolved.get("rate_rps"),
-        "multiple": multiple_main,
-        "capacity_rps": None if capacity_rps is None else round(float(capacity_rps), 3),
-    }
-    return resolved, load
+    capacity = None if capacity_rps is None else round(float(capacity_rps), 3)
+    return resolved, {"rate_rps": resolved.get("rate_rps"), "multiple": multiple_main,
+                      "capacity_rps": capacity}
 
 
 def knob_parameters(knobs: dict[str, Any]) -> dict[str, str]:
-    """A point's reorch knobs as the reorch model's config.pbtxt string parameters (``ReorchKnobs``' format)."""
+    """A point's reorch knobs as config.pbtxt string parameters, written by ``ReorchKnobs.to_parameters``."""
     parameters = ReorchKnobs.from_parameters(knobs).to_parameters()
     return {name: parameters[name] for name in knobs}
 
@@ -838,7 +797,8 @@ def check_against_models(plan: Plan, limits: dict[str, ModelLimits]) -> None:
             limit = limits.get(model)
             if limit is None:
                 available = ", ".join(sorted(limits)) or "none"
-                raise plan.error(("models", model), f"model {model!r} is not in the repository; available: {available}")
+                raise plan.error(("models", model), f"model {model!r} is not in the repository; available: "
+                                 f"{available}")
             for variant in experiment.variants:
                 if variant not in limit.variants:
                     raise plan.error((*at, "variants"), f"model {model!r} has no {variant!r} variant in the "
@@ -848,12 +808,13 @@ def check_against_models(plan: Plan, limits: dict[str, ModelLimits]) -> None:
                 stages = [plan.repository.stages]
             for k in stages if limit.max_stages is not None else []:
                 if k > limit.max_stages:
-                    raise plan.error((*at, "slicing", "stages"),
-                                     f"K={k} is larger than {model} allows (at most {limit.max_stages} stages)")
+                    raise plan.error((*at, "slicing", "stages"), f"K={k} is larger than {model} allows (at "
+                                     f"most {limit.max_stages} stages)")
             for mbs in (experiment.batching.max_batch_size or []) if limit.max_batch_size is not None else []:
                 if mbs > limit.max_batch_size:
                     raise plan.error((*at, "batching", "max_batch_size"), f"{mbs} exceeds the "
-                                     f"{limit.max_batch_size} {model} was built with; raise repository.max_batch_size")
+                                     f"{limit.max_batch_size} {model} was built with; raise "
+                                     "repository.max_batch_size")
 
 
 # ---------------------------------------------------------------- the JSON Schema, for editors
