@@ -210,22 +210,23 @@ BLOCK = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.parametrize(
-    "old,new,needle,where",
-    [
-        ("- 10\n", "- -10\n", "- -10", "loads.curve.sweep.rate_rps[1]"),
-        ("- reorch\n", "- reorhc\n", "reorhc", "experiments[0].variants[1]"),
-        ("max_length: 16\n", "max_length: 2\n", "lengths:", "models.bert_base.lengths"),
-        ("min_length: 4\n", "min_lenght: 4\n", "min_lenght", "models.bert_base.lengths.min_lenght"),
-        ("- [4, 8]\n", "- [8, 4]\n", "[8, 4]", "reorch.knobs.bucket_bounds[1]"),
-        ("models: bert_base\n", "models: bert\n", "models: bert", "experiments[0].models"),
-        ("size: tiny\n", "size: 3\n", "size: 3", "repository.size"),
-    ],
-)
-def test_errors_name_the_line_of_the_key_or_item_when_the_plan_is_written_in_block_style(old, new, needle, where):
+# (old, new, the line the error names, where in the plan it says the error is), in a block-style plan
+BLOCK_ERRORS = {
+    "sweep item": ("- 10\n", "- -10\n", "- -10", "loads.curve.sweep.rate_rps[1]"),
+    "list item": ("- reorch\n", "- reorhc\n", "reorhc", "experiments[0].variants[1]"),
+    "owner's rule": ("max_length: 16\n", "max_length: 2\n", "lengths:", "models.bert_base.lengths"),
+    "nested key": ("min_length: 4\n", "min_lenght: 4\n", "min_lenght", "models.bert_base.lengths.min_lenght"),
+    "list in list": ("- [4, 8]\n", "- [8, 4]\n", "[8, 4]", "reorch.knobs.bucket_bounds[1]"),
+    "scalar sweep": ("models: bert_base\n", "models: bert\n", "models: bert", "experiments[0].models"),
+    "type": ("size: tiny\n", "size: 3\n", "size: 3", "repository.size"),
+}
+
+
+@pytest.mark.parametrize("case", BLOCK_ERRORS)
+def test_errors_name_the_line_of_the_key_or_item_when_the_plan_is_written_in_block_style(case):
+    old, new, needle, where = BLOCK_ERRORS[case]
     parse_plan(BLOCK, "b.yaml")
     text = BLOCK.replace(old, new, 1)
-    assert text != BLOCK
     message = _error_in(text, "b.yaml")
     assert message.startswith(f"b.yaml:{_line_of(text, needle)}: "), message
     assert where in message.split(": ")[1], message
