@@ -17,9 +17,8 @@ PLANS = sorted((ROOT / "loadtest" / "plans").glob("*.yaml")) + sorted((ROOT / "d
 
 def test_committed_plan_schema_is_current_when_the_model_changes():
     committed = json.loads(SCHEMA_PATH.read_text())
-    assert committed == plan_json_schema(), (
-        f"{SCHEMA_PATH.relative_to(ROOT)} is stale: regenerate it with `python -m loadtest.plan` and commit it"
-    )
+    stale = f"{SCHEMA_PATH.relative_to(ROOT)} is stale: rewrite it with `python -m loadtest.plan` and commit it"
+    assert committed == plan_json_schema(), stale
 
 
 @pytest.mark.parametrize("path", PLANS, ids=lambda p: p.name)
@@ -40,7 +39,8 @@ def test_plan_schema_flags_a_typo_and_a_bad_rate_for_editors():
 
 
 def test_knob_parameters_are_written_by_the_reorch_knobs_themselves():
-    knobs = {"bucket_bounds": [8, 16], "stretch_max_wait_us": 0, "bucket_min_saving": 0.25, "cost_model": "off"}
+    knobs = {"bucket_bounds": [8, 16], "stretch_max_wait_us": 0, "bucket_min_saving": 0.25,
+             "cost_model": "off"}
     parameters = knob_parameters(knobs)
     assert parameters == {"bucket_bounds": "8,16", "stretch_max_wait_us": "0", "bucket_min_saving": "0.25",
                           "cost_model": "off"}
