@@ -25,7 +25,8 @@ from slicing.export import export_zoo_model
 from slicing.inputs import infer_input_specs, make_inputs
 from slicing.zoo import build_zoo_model
 from core.model_config import triton_wire_dtype
-from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.model_config import DynamicBatching, TensorConfig
+from core.repository import add_onnx_model
 from core.server import EmbeddedTriton
 
 

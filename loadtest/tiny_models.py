@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.model_config import write_model_config
-from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.model_config import DynamicBatching, TensorConfig, write_model_config
+from core.repository import add_onnx_model
 
 ERROR_LENGTH = 3
 

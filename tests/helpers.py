@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.model_config import DynamicBatching, TensorConfig
+from core.repository import add_onnx_model
 
 
 def matmul_model(in_features: int = 4, out_features: int = 3, seed: int = 0) -> tuple[ModelProto, np.ndarray]:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
 from slicing import manifest as manifest_lib
 from slicing.inputs import InputSpec
-from slicing.repository import BuildOptions, ensemble_config
+from slicing.build import BuildOptions
 from core.errors import BadParameterError, ConfigValidationError
-from core.model_config import render_model_config
-from core.repository import TensorConfig
+from core.model_config import EnsembleStep, TensorConfig, ensemble_config, render_model_config
 
 
 def _entry(name: str, stages: int = 2) -> dict:
@@ -68,12 +66,12 @@ def test_build_manifest_refuses_another_target_and_broken_entries(tmp_path):
 
 
 def test_build_ensemble_config_maps_tensors_by_name_and_renders():
-    stages = [SimpleNamespace(index=0, inputs=["input_ids", "attention_mask"], outputs=["stage0_out0"]),
-              SimpleNamespace(index=1, inputs=["stage0_out0", "attention_mask"], outputs=["last_hidden_state"])]
+    steps = [EnsembleStep("bert_base_stage0", ["input_ids", "attention_mask"], ["stage0_out0"]),
+             EnsembleStep("bert_base_stage1", ["stage0_out0", "attention_mask"], ["last_hidden_state"])]
     inputs = [TensorConfig("input_ids", "int64", [-1], sequence_axis=1),
               TensorConfig("attention_mask", "int64", [-1], sequence_axis=1)]
     outputs = [TensorConfig("last_hidden_state", "float32", [-1, 32], sequence_axis=1)]
-    config = ensemble_config("bert_base_ensemble", 8, inputs, outputs, stages, "bert_base")
+    config = ensemble_config("bert_base_ensemble", 8, inputs, outputs, steps)
     text = render_model_config(config)
     assert 'platform: "ensemble"' in text and "max_batch_size: 8" in text
     steps = config["ensemble_scheduling"]["step"]

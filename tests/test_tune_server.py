@@ -9,7 +9,7 @@ import pytest
 
 from loadtest import runner
 from loadtest.plan import load_plan
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from stagebatch.cli import main
 from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
 

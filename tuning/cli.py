@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from core.errors import BadParameterError
 from tuning.batcher import BatcherSettings
 from tuning.replay import calibrated_settings, replay_run
