@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.reorch.policies import ReorchKnobs
-from loadtest.plan import SCHEMA_PATH, knob_parameter, knob_parameters, plan_json_schema
+from loadtest.plan import SCHEMA_PATH, plan_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = sorted((ROOT / "loadtest" / "plans").glob("*.yaml")) + sorted((ROOT / "docker").glob("*.yaml"))
@@ -37,13 +36,3 @@ def test_plan_schema_flags_a_typo_and_a_bad_rate_for_editors():
     messages = " ".join(error.message for error in validator.iter_errors(plan))
     assert "max_queue_dealy_us" in messages and "'fast'" in messages
 
-
-def test_knob_parameters_are_written_by_the_reorch_knobs_themselves():
-    knobs = {"bucket_bounds": [8, 16], "stretch_max_wait_us": 0, "bucket_min_saving": 0.25,
-             "cost_model": "off"}
-    parameters = knob_parameters(knobs)
-    assert parameters == {"bucket_bounds": "8,16", "stretch_max_wait_us": "0", "bucket_min_saving": "0.25",
-                          "cost_model": "off"}
-    assert ReorchKnobs.from_parameters(parameters) == ReorchKnobs.from_parameters(knobs)
-    assert knob_parameter([8, 16]) == "8,16" and knob_parameter(500) == "500"
-    assert knob_parameter("16,32", "bucket_bounds") == "16,32"

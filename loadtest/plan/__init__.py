@@ -27,7 +27,6 @@ from typing import Any
 
 from pydantic import Field
 
-from backends.reorch.policies import ReorchKnobs
 from core.errors import ConfigValidationError
 from loadtest.plan.located import locate, read_yaml, validate
 from loadtest.plan.schema import (
@@ -46,7 +45,7 @@ from slicing.manifest import VARIANTS
 PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "plan.schema.json"
 __all__ = ["CAPACITY_LABELS", "KNOB_SHORT_NAMES", "ModelLimits", "Plan", "Point", "check_against_models",
-           "is_relative", "knob_parameter", "knob_parameters", "load_plan", "parse_plan", "parse_rate",
+           "is_relative", "load_plan", "parse_plan", "parse_rate",
            "plan_json_schema", "resolve_arrival", "resolve_plan_path", "write_json_schema"]
 
 
@@ -222,7 +221,7 @@ def parse_plan(text: str, source: str = "<plan>") -> Plan:
     return plan
 
 
-# ---------------------------------------------------------------- relative rates and knobs at run time
+# ---------------------------------------------------------------- relative rates at run time
 
 
 def resolve_arrival(arrival: dict, capacity_rps: float | None, *, model: str = "") -> tuple[dict, dict]:
@@ -253,25 +252,6 @@ def resolve_arrival(arrival: dict, capacity_rps: float | None, *, model: str = "
     capacity = None if capacity_rps is None else round(float(capacity_rps), 3)
     return resolved, {"rate_rps": resolved.get("rate_rps"), "multiple": multiple_main,
                       "capacity_rps": capacity}
-
-
-def knob_parameters(knobs: dict[str, Any]) -> dict[str, str]:
-    """A point's reorch knobs as config.pbtxt string parameters, written by ``ReorchKnobs.to_parameters``."""
-    parameters = ReorchKnobs.from_parameters(knobs).to_parameters()
-    return {name: parameters[name] for name in knobs}
-
-
-def knob_parameter(value: Any, name: str | None = None) -> str:
-    """One knob value as its config.pbtxt string parameter, as ``ReorchKnobs.to_parameters`` writes it.
-
-    Without ``name`` the knob is the one whose type takes the value: a list is ``bucket_bounds`` (the one
-    list-valued knob), a scalar is written as every scalar knob is, ``str(value)``.
-    """
-    if name is None:  # the runner's call: a list can only be bucket_bounds
-        if not isinstance(value, (list, tuple)):
-            return str(value)
-        name = "bucket_bounds"
-    return knob_parameters({name: value})[name]
 
 
 # ---------------------------------------------------------------- checks against built models

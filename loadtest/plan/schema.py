@@ -31,7 +31,7 @@ from pydantic.json_schema import WithJsonSchema
 
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from core.errors import ConfigValidationError
-from core.repository import TARGETS
+from core.model_config import TARGETS
 from loadtest.client import PROTOCOLS
 from loadtest.plan.located import (
     Choice,
