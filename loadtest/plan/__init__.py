@@ -45,8 +45,8 @@ from slicing.manifest import VARIANTS
 PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "plan.schema.json"
 __all__ = ["CAPACITY_LABELS", "KNOB_SHORT_NAMES", "ModelLimits", "Plan", "Point", "check_against_models",
-           "is_relative", "load_plan", "parse_plan", "parse_rate",
-           "plan_json_schema", "resolve_arrival", "resolve_plan_path", "write_json_schema"]
+           "is_relative", "load_plan", "parse_plan", "parse_rate", "plan_json_schema", "resolve_arrival",
+           "resolve_plan_path", "write_json_schema"]
 
 
 @dataclass

@@ -37,7 +37,7 @@ def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
 def rule(text: str, at: Any = ()) -> PydanticCustomError:
     """A broken rule, raised by a validator; ``at`` (a key or a tuple of keys) extends the error's place."""
     where = at if isinstance(at, tuple) else (at,)
-    return PydanticCustomError("plan_rule", "{rule}", {"rule": text, "at": where})
+    return PydanticCustomError("rule", "{rule}", {"rule": text, "at": where})
 
 
 def check_choice(value: Any, choices: tuple, what: str, at: Any = ()) -> Any:
@@ -71,7 +71,7 @@ def location(error: dict) -> tuple:
 def rule_text(error: dict) -> str:
     """What an error says: the rule broken and the value given (and the valid ones, for a typo)."""
     ctx, kind = error.get("ctx") or {}, error["type"]
-    if kind == "plan_rule":
+    if kind == "rule":
         return ctx["rule"]
     if kind == "missing":
         return f"missing required key '{error['loc'][-1]}'"

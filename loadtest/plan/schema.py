@@ -96,7 +96,7 @@ def is_relative(value: Any) -> bool:
     return isinstance(value, str) and bool(_RELATIVE.match(value))
 
 
-def _ownerrule(check: Any, *args: Any, at: Any = ()) -> Any:
+def _owner_rule(check: Any, *args: Any, at: Any = ()) -> Any:
     """``check(*args)``; an error of the owner's (load generator, reorchestrator) becomes a plan rule."""
     try:
         return check(*args)
@@ -105,7 +105,7 @@ def _ownerrule(check: Any, *args: Any, at: Any = ()) -> Any:
 
 
 def _rate(value: Any) -> Any:
-    _ownerrule(parse_rate, value)
+    _owner_rule(parse_rate, value)
     return value
 
 
@@ -127,7 +127,7 @@ def _owner_spec(owner: type, what: str, kinds: tuple[str, ...]) -> type[Section]
         for key in set(values) & set(RATE_FIELDS):
             _, multiple = parse_rate(values[key])
             values[key] = values[key] if multiple is None else multiple * _PLACEHOLDER_CAPACITY_RPS
-        _ownerrule(lambda: owner(**values))
+        _owner_rule(lambda: owner(**values))
         return spec
 
     def need_kind(data: Any) -> Any:
@@ -171,7 +171,7 @@ def _knob_value(value: Any) -> Any:
     if plain(value) or isinstance(value, str) or (isinstance(value, list) and all(map(plain, value))):
         return value
     raise rule(f"expected a number, a string or a list of numbers as knob value, got {value!r} "
-                "(quote on/off/yes/no: YAML reads them as true/false)")
+               "(quote on/off/yes/no: YAML reads them as true/false)")
 
 
 KnobValue = Annotated[Any, PlainValidator(_knob_value)]
@@ -293,7 +293,7 @@ class Batching(Section):
             for mbs in self.max_batch_size or []:
                 if sizes and sizes[-1] > mbs:
                     raise rule(f"preferred batch size {sizes[-1]} exceeds max_batch_size {mbs}; Triton "
-                                "refuses it", ("preferred_batch_sizes", index))
+                               "refuses it", ("preferred_batch_sizes", index))
         return self
 
 
@@ -316,7 +316,7 @@ class Reorch(Section):
     def _knob_rules(cls, knobs: dict[str, list]) -> dict[str, list]:
         for name, values in knobs.items():
             for index, value in enumerate(values):
-                _ownerrule(ReorchKnobs.from_parameters, {name: value}, at=(name, index))
+                _owner_rule(ReorchKnobs.from_parameters, {name: value}, at=(name, index))
         return knobs
 
 
@@ -349,10 +349,10 @@ class Experiment(Section):
             raise rule(f"{self.name!r} must not contain '/' (it is part of point ids)", "name")
         if "slicing" in self.model_fields_set and not set(self.variants) & {"ensemble", "reorch"}:
             raise rule("slicing knobs need the 'ensemble' or 'reorch' variant; this experiment has "
-                        f"{', '.join(self.variants)}", "slicing")
+                       f"{', '.join(self.variants)}", "slicing")
         if "reorch" in self.model_fields_set and "reorch" not in self.variants:
             raise rule("reorch knobs need the 'reorch' variant; this experiment has "
-                        f"{', '.join(self.variants)}", "reorch")
+                       f"{', '.join(self.variants)}", "reorch")
         return self
 
 
