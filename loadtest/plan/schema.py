@@ -174,7 +174,14 @@ def _knob_value(value: Any) -> Any:
                "(quote on/off/yes/no: YAML reads them as true/false)")
 
 
-KnobValue = Annotated[Any, PlainValidator(_knob_value)]
+_NUMBER = {"type": "number"}
+KnobValue = Annotated[Any, PlainValidator(_knob_value),
+                      WithJsonSchema({"anyOf": [_NUMBER, {"type": "string"}, {"type": "array", "items": _NUMBER}]})]
+
+
+def _knob_properties(schema: dict) -> None:
+    """Every knob as a property of the JSON Schema, so that editors complete knob names."""
+    schema["properties"] = {name: schema["additionalProperties"] for name in KNOB_NAMES}
 
 
 class RepositorySpec(Section):
@@ -308,7 +315,7 @@ class Reorch(Section):
     """Reorchestration (reorch only): policies and backends.reorch.policies.ReorchKnobs fields."""
 
     policy: Sweep[Policy] = None
-    knobs: dict[KnobName, Sweep[KnobValue]] = {}
+    knobs: Annotated[dict[KnobName, Sweep[KnobValue]], Field(json_schema_extra=_knob_properties)] = {}
     """A list sweeps a knob; list-valued knobs as "a,b,c" strings or lists of lists."""
 
     @field_validator("knobs")
