@@ -149,16 +149,13 @@ def capacity(
     workers: Annotated[int, typer.Option(help="Locust worker processes (0: one local process).")] = 0,
 ) -> None:
     """Find each model variant's sustained open-loop rate and its rate within the SLO; write capacity.json."""
-    import dataclasses
-
-
     parsed = load_plan(plan)
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
         bad = [v for v in chosen if v not in CAPACITY_LABELS]
         if bad or not chosen:
             raise BadParameterError(f"--variants {variants}: each must be one of {', '.join(CAPACITY_LABELS)}")
-        parsed.capacity = dataclasses.replace(parsed.capacity, variants=chosen)
+        parsed.capacity = parsed.capacity.model_copy(update={"variants": chosen})
     out = out or _default_out("capacity")
     search = Characterization(parsed, RunOptions(out_dir=out, url=url, workers=workers, progress=False))
     with console_logging():
