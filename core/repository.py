@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.model_config import TARGETS  # noqa: F401 - loadtest.plan imports the targets from here
 from core.model_config import (
     ONNX_FILE,
     DynamicBatching,
