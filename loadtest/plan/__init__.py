@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from core.errors import ConfigValidationError
 from loadtest.plan.located import locate, read_yaml, validate
@@ -40,6 +40,7 @@ from loadtest.plan.schema import (
     parse_rate,
     plan_json_schema,
 )
+from loadtest.tuned import TUNED_VARIANT, TunedConfig, read_tuned
 from slicing.manifest import VARIANTS
 
 PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
@@ -71,6 +72,7 @@ class Point:
     repeats: int = 1
     comparison_key: str = ""  # equal for points that differ only by variant/policy and repeat
     protocol: str = ""  # how requests are sent: unary | stream; "" = the generator's default for the variant
+    tuned: str = ""  # the tune.json configuration key this point runs (plan variant `tuned`); "" otherwise
 
     @property
     def relative(self) -> bool:
@@ -111,6 +113,7 @@ class Plan(PlanFile):
     source: str = "<plan>"
     raw: dict = Field(default_factory=dict, repr=False)
     lines: dict = Field(default_factory=dict, repr=False)  # key path -> line, for errors found after parsing
+    _tuned: dict = PrivateAttr(default_factory=dict)  # model -> TunedConfig, read on first use
 
     def points(self) -> list[Point]:
         """All measurement points, ordered so that rebuilds and reloads are fewest.
@@ -125,7 +128,10 @@ class Plan(PlanFile):
             repeats = experiment.repeats or self.defaults.repeats
             for repeat, model, variant in itertools.product(range(repeats), experiment.models,
                                                             experiment.variants):
-                points.extend(self._points_for(experiment, model, variant, seen, repeat, repeats))
+                if variant == TUNED_VARIANT:
+                    points.extend(self._tuned_points(experiment, model, seen, repeat, repeats))
+                else:
+                    points.extend(self._points_for(experiment, model, variant, seen, repeat, repeats))
         order = {key: i for i, key in enumerate(dict.fromkeys(p.build_key() for p in points))}
         config_order = {key: i for i, key in enumerate(dict.fromkeys(p.config_key() for p in points))}
 
@@ -174,6 +180,47 @@ class Plan(PlanFile):
                         slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
                         seed=defaults.seed + repeat, repeat=repeat, repeats=repeats,
                         comparison_key=comparison_key, protocol=experiment.protocol or defaults.protocol))
+        return out
+
+    def tuned_config(self, model: str) -> TunedConfig:
+        """The best configuration of the model's ``tuned`` result (read once per plan)."""
+        if model not in self._tuned:
+            try:
+                self._tuned[model] = read_tuned(self.models[model].tuned, model)
+            except ConfigValidationError as error:
+                raise self.error(("models", model, "tuned"), str(error)) from None
+        return self._tuned[model]
+
+    def _tuned_points(self, experiment: Experiment, model_name: str, seen: set[str], repeat: int,
+                      repeats: int) -> list[Point]:
+        """The ``tuned`` variant: the tuned configuration at each of the experiment's loads.
+
+        Its comparison key leaves the configuration out, so the report compares it with the other
+        variants of the experiment at the same load (the default whole model among them).
+        """
+        tuned, model, defaults = self.tuned_config(model_name), self.models[model_name], self.defaults
+        if tuned.stages is not None and not self.repository.build:
+            raise self.error(("models", model_name, "tuned"), f"the tuned {tuned.variant} has {tuned.stages} stages; "
+                             "running it rebuilds the model: set repository.build: true")
+        out = []
+        for load_name in experiment.loads:
+            load = self.loads[load_name]
+            for label, arrival in load.expand(load_name):
+                point_id = "/".join([experiment.name, model_name, TUNED_VARIANT, label,
+                                     *([f"r{repeat}"] if repeats > 1 else [])])
+                if point_id in seen:
+                    continue
+                seen.add(point_id)
+                out.append(Point(
+                    point_id, experiment.name, model_name, tuned.variant, label, arrival,
+                    lengths=model.lengths if load.lengths is None else load.lengths, batching=dict(tuned.batching),
+                    slicing={} if tuned.stages is None else {"stages": tuned.stages}, reorch=dict(tuned.reorch),
+                    duration_s=experiment.duration_s or defaults.duration_s,
+                    warmup_s=defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
+                    slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
+                    seed=defaults.seed + repeat, repeat=repeat, repeats=repeats,
+                    comparison_key="/".join([experiment.name, model_name, label]),
+                    protocol=experiment.protocol or defaults.protocol, tuned=tuned.key))
         return out
 
     def to_dict(self) -> dict:
@@ -280,6 +327,8 @@ def check_against_models(plan: Plan, limits: dict[str, ModelLimits]) -> None:
                 raise plan.error(("models", model), f"model {model!r} is not in the repository; available: "
                                  f"{available}")
             for variant in experiment.variants:
+                if variant == TUNED_VARIANT:
+                    variant = plan.tuned_config(model).variant
                 if variant not in limit.variants:
                     raise plan.error((*at, "variants"), f"model {model!r} has no {variant!r} variant in the "
                                      f"repository (it has {', '.join(limit.variants)})")

@@ -48,6 +48,7 @@ from loadtest.plan.located import (
     rule,
     rule_text,
 )
+from loadtest.tuned import TUNED_VARIANT
 from loadtest.workloads import ARRIVAL_KINDS, LENGTH_KINDS, ArrivalSpec, LengthSpec
 from slicing.manifest import VARIANTS
 from slicing.slicer import BALANCES
@@ -64,6 +65,7 @@ _RELATIVE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*[xX]\
 _PLACEHOLDER_CAPACITY_RPS = 100.0
 
 Variant = Choice("variant", VARIANTS)
+PlanVariant = Choice("variant", (*VARIANTS, TUNED_VARIANT))  # tuned: the best `stagebatch tune` result
 Balance = Choice("balance", BALANCES)
 Protocol = Choice("protocol", PROTOCOLS)
 Size = Choice("size", SIZES)
@@ -247,6 +249,8 @@ class ModelDef(Section):
     lengths: Lengths = None
     slo_ms: Positive = None
     """Overrides defaults.slo_ms for this model."""
+    tuned: Annotated[str, Field(min_length=1)] | None = None
+    """A `stagebatch tune --out` folder (or its tune.json): the configuration the `tuned` variant runs."""
 
 
 class Load(Section):
@@ -333,7 +337,9 @@ class Experiment(Section):
     name: Text
     """Unique; part of point ids."""
     models: Sweep[str]
-    variants: Sweep[Variant]
+    variants: Sweep[PlanVariant]
+    """whole, ensemble, reorch, or tuned (the model's `tuned` result, with its own batching, K and reorch
+    settings; the experiment's batching, slicing and reorch sweeps do not apply to it)."""
     loads: Sweep[str]
     batching: Batching = Batching()
     slicing: Slicing = Slicing()
@@ -393,6 +399,12 @@ class PlanFile(Section):
             for axis, valid in (("models", tuple(self.models)), ("loads", tuple(self.loads))):
                 for item, value in enumerate(getattr(experiment, axis)):
                     check_choice(value, valid, axis[:-1], (*at, axis, item))
+            if TUNED_VARIANT in experiment.variants:
+                for item, model in enumerate(experiment.models):
+                    if self.models[model].tuned is None:
+                        raise rule(f"the {TUNED_VARIANT!r} variant needs models.{model}.tuned: a `stagebatch tune "
+                                   f"--model {model} --out DIR` folder", (*at, "variants",
+                                                                          experiment.variants.index(TUNED_VARIANT)))
             if (experiment.slicing.stages or experiment.slicing.balance) and not self.repository.build:
                 raise rule("slicing sweeps rebuild the model; set repository.build: true", (*at, "slicing"))
         return self

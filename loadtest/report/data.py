@@ -41,10 +41,10 @@ UNKNOWN = "unknown"  # an older run that did not record stability
 def point_label(point: dict) -> str:
     """The configuration of a point without model, experiment, load and repeat.
 
-    ``variant[policy] knob=value mbs8 qd2000 k4`` (only what the point sets): what differs within a
-    comparison. The one label of the report, its tables, plots, findings and ``stagebatch compare``.
+    ``variant[policy] knob=value mbs8 qd2000 k4`` (only what the point sets; ``tuned:`` first for the
+    plan's tuned variant): what differs within a comparison. The one label of the report, its tables, plots, findings and ``stagebatch compare``.
     """
-    label = point["variant"]
+    label = ("tuned:" if point.get("tuned") else "") + point["variant"]
     reorch = point.get("reorch") or {}
     if reorch.get("policy"):
         label += f"[{reorch['policy']}]"
