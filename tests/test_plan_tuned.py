@@ -8,9 +8,12 @@ import textwrap
 import pytest
 
 from core.errors import ConfigValidationError
-from loadtest.plan import parse_plan
+from loadtest import characterization as runner
+from loadtest import rundir
+from loadtest.plan import load_plan, parse_plan
 from loadtest.report.data import point_label
 from loadtest.tuned import TUNE_FILE, read_tuned
+from tests.helpers import tiny_plan_folder
 
 PLAN = textwrap.dedent("""\
     name: tuned
@@ -94,3 +97,38 @@ def test_read_tuned_accepts_the_file_itself_and_whole_configs_have_no_stages(tmp
     folder = write_tune(tmp_path / "t", results=[RESULTS[0], RESULTS[2]])
     tuned = read_tuned(folder / TUNE_FILE, "bert_base")
     assert (tuned.variant, tuned.stages, tuned.batching) == ("whole", None, {"max_batch_size": 8})
+
+
+E2E_PLAN = textwrap.dedent("""\
+    name: tuned_e2e
+    repository: {path: repo, build: false}
+    defaults: {duration_s: 1.5, warmup_s: 0.3, slo_ms: 50}
+    models:
+      seq:
+        lengths: {kind: fixed, length: 8}
+        tuned: TUNE_DIR
+    loads:
+      poisson:
+        arrival: {kind: poisson, rate_rps: 30}
+    experiments:
+      - name: versus
+        models: [seq]
+        variants: [whole, tuned]
+        loads: [poisson]
+    """)
+
+
+@pytest.mark.server
+def test_characterization_runs_the_tuned_configuration_beside_the_default(tmp_path):
+    tune = write_tune(tmp_path / "tune", model="seq", results=[
+        {"key": "baseline", "variant": "whole", "batching": {}, "measured_slo_rps": 30.0},
+        {"key": "whole-mbs4-qd2000", "stages": 2, "variant": "whole",
+         "batching": {"max_batch_size": 4, "max_queue_delay_us": 2000}, "measured_slo_rps": 40.0}])
+    plan = load_plan(tiny_plan_folder(tmp_path, E2E_PLAN.replace("TUNE_DIR", str(tune))))
+    run_dir = runner.characterize(plan, runner.RunOptions(out_dir=tmp_path / "run", progress=False))
+    points = [json.loads(line) for line in (run_dir / rundir.POINTS_FILE).read_text().splitlines()]
+    assert [p["status"] for p in points] == ["ok", "ok"], [p.get("error") for p in points]
+    tuned = next(p for p in points if p["point"]["tuned"])
+    assert tuned["point"]["batching"] == {"max_batch_size": 4, "max_queue_delay_us": 2000}
+    assert tuned["comparison_key"] == next(p for p in points if not p["point"]["tuned"])["comparison_key"]
+    assert "tuned:whole mbs4 qd2000" in (run_dir / "report.md").read_text()
