@@ -49,7 +49,7 @@ from loadtest.plan.located import (
     rule_text,
 )
 from loadtest.tuned import TUNED_VARIANT
-from loadtest.workloads import ARRIVAL_KINDS, LENGTH_KINDS, ArrivalSpec, LengthSpec
+from loadtest.workloads import ARRIVAL_KINDS, ARRIVAL_RATE_FIELDS, LENGTH_KINDS, ArrivalSpec, LengthSpec
 from slicing.manifest import VARIANTS
 from slicing.slicer import BALANCES
 from slicing.zoo import SIZES, ZOO
@@ -59,7 +59,7 @@ KNOB_NAMES = tuple(knob.name for knob in dataclasses.fields(ReorchKnobs))
 CAPACITY_LABELS = VARIANTS
 CAPACITY_ARRIVALS = ("constant", "poisson")  # the capacity search probes open loops with even or Poisson gaps
 # arrival fields that are rates: each takes req/s (120) or a multiple of the measured capacity (0.85x)
-RATE_FIELDS = ("rate_rps", "off_rate_rps", "spike_rate_rps")
+RATE_FIELDS = ARRIVAL_RATE_FIELDS
 _RELATIVE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*[xX]\s*$")
 # a stand-in capacity for checking relative arrivals with the load generator's own rules
 _PLACEHOLDER_CAPACITY_RPS = 100.0
