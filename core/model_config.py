@@ -316,6 +316,11 @@ class BatchingOverlay:
         return cls(**{key: (tuple(int(v) for v in value) if key == "preferred_batch_sizes" else int(value))
                       for key, value in values.items() if value is not None})
 
+    def to_mapping(self) -> dict[str, Any]:
+        """The knobs it sets, in field order (a point's ``batching`` in points.jsonl)."""
+        return {f.name: list(value) if isinstance(value, tuple) else value for f in dataclasses.fields(self)
+                if (value := getattr(self, f.name)) is not None}
+
 
 @dataclass(frozen=True)
 class ReorchOverlay:
@@ -328,6 +333,10 @@ class ReorchOverlay:
     def from_mapping(cls, values: Mapping[str, Any]) -> ReorchOverlay:
         """From a plan point's ``reorch`` dict (``policy``, ``knobs``)."""
         return cls(policy=values.get("policy") or None, knobs=dict(values.get("knobs") or {}))
+
+    def to_mapping(self) -> dict[str, Any]:
+        """What it sets: ``policy`` and ``knobs`` when given (a point's ``reorch`` in points.jsonl)."""
+        return {**({"policy": self.policy} if self.policy else {}), **({"knobs": dict(self.knobs)} if self.knobs else {})}
 
 
 def reorch_knobs(values: Mapping[str, Any]) -> ReorchKnobs:

@@ -68,8 +68,6 @@ from slicing.slicer import max_stages
 from core.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
 from core.manifest import find_manifest, read_manifest
 from core.model_config import (
-    BatchingOverlay,
-    ReorchOverlay,
     read_model_config,
     variant_configs,
     variant_models,
@@ -93,8 +91,7 @@ ADMIN_KEY_ENV = "STAGEBATCH_ADMIN_KEY"
 
 def point_configs(point: Point, entry: dict, base_configs: dict[str, dict]) -> dict[str, dict]:
     """The config every model of the point's variant must be loaded with (model name -> config)."""
-    return variant_configs(entry, point.variant, base_configs, BatchingOverlay.from_mapping(point.batching),
-                           ReorchOverlay.from_mapping(point.reorch))
+    return variant_configs(entry, point.variant, base_configs, point.batching, point.reorch)
 
 
 # ---------------------------------------------------------------- per-stage rows (pure)

@@ -264,6 +264,6 @@ def test_gpu_plan_runs_against_a_remote_triton_on_the_builders_repository(gpu_re
             size = next(a.split("=")[1] for a in builder["command"] if a.startswith("--size="))
             limit = ZOO[point.model].architectures[size]["default_seq_len"]
             assert point.lengths["max_length"] <= limit, f"{point.point_id}: lengths beyond {limit}"
-        for knob, value in point.batching.items():
+        for knob, value in point.batching.to_mapping().items():
             if knob == "max_batch_size":
                 assert value <= max_batch, f"{point.point_id}: max_batch_size {value} > the built {max_batch}"

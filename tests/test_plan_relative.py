@@ -99,8 +99,8 @@ def test_repeats_interleave_variants_and_share_a_comparison_key():
 def test_queue_policy_knobs_reach_the_config_through_dynamic_batching():
     points = parse_plan(PLAN, "rel.yaml").points()
     burst = next(p for p in points if p.experiment == "bursts")
-    assert burst.batching == {"max_queue_size": 16, "default_timeout_us": 50000}
-    config = apply_batching({"max_batch_size": 8, "dynamic_batching": {}}, BatchingOverlay.from_mapping(burst.batching))
+    assert burst.batching == BatchingOverlay(max_queue_size=16, default_timeout_us=50000)
+    config = apply_batching({"max_batch_size": 8, "dynamic_batching": {}}, burst.batching)
     policy = config["dynamic_batching"]["default_queue_policy"]
     assert policy["max_queue_size"] == 16 and policy["default_timeout_microseconds"] == 50000
     assert policy["timeout_action"] == "REJECT"

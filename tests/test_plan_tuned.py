@@ -60,8 +60,8 @@ def test_tuned_points_run_the_best_confirmed_configuration_and_compare_with_whol
                                                  for rate in ("0.5", "0.85") for repeat in (0, 1)]
     first = tuned[0]
     assert (first.variant, first.tuned, first.slicing) == ("reorch", "reorch-k3-dva-mbs16", {"stages": 3})
-    assert first.batching["max_batch_size"] == 16
-    assert first.reorch == {"policy": "dva", "knobs": {"stretch_max_wait_us": 1000}}
+    assert first.batching.max_batch_size == 16
+    assert first.reorch.to_mapping() == {"policy": "dva", "knobs": {"stretch_max_wait_us": 1000}}
     whole = {p.comparison_key for p in points if p.variant == "whole" and not p.tuned}
     assert {p.comparison_key for p in tuned} == whole  # the report compares them load by load
     assert point_label(first.to_dict()).startswith("tuned:reorch[dva]")

@@ -8,6 +8,7 @@ import pytest
 
 from loadtest.plan import ModelLimits, check_against_models, load_plan, parse_plan
 from core.errors import ConfigValidationError
+from core.model_config import ReorchOverlay
 
 GOOD = textwrap.dedent("""\
     name: t
@@ -59,10 +60,10 @@ def test_plan_expands_every_sweep_into_ordered_points():
     assert len(set(ids)) == len(ids)
     assert "variants/bert_base/whole/qd1000/curve@rate_rps=5" in ids
     policy_point = next(p for p in points if p.variant == "reorch")
-    assert policy_point.reorch["policy"] in ("dva", "input")
+    assert policy_point.reorch.policy in ("dva", "input")
     assert policy_point.slicing["stages"] in (2, 3)
     whole = next(p for p in points if p.variant == "whole")
-    assert whole.slicing == {} and whole.reorch == {}
+    assert whole.slicing == {} and whole.reorch == ReorchOverlay()
     assert whole.lengths == {"kind": "uniform", "min_length": 4, "max_length": 16}
     # points sharing a build are adjacent: each build key appears in one run
     keys = [p.build_key() for p in points]

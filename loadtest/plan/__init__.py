@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import Field, PrivateAttr
 
 from core.errors import ConfigValidationError
+from core.model_config import BatchingOverlay, ReorchOverlay
 from loadtest.plan.located import locate, read_yaml, validate
 from loadtest.plan.schema import (
     CAPACITY_LABELS,
@@ -61,9 +62,9 @@ class Point:
     load: str
     arrival: dict
     lengths: dict | None
-    batching: dict[str, Any]  # only the knobs this point sets: max_batch_size, max_queue_delay_us, ...
+    batching: BatchingOverlay  # only the knobs this point sets (a mapping is converted)
     slicing: dict[str, Any]  # stages, balance (ensemble/reorch only)
-    reorch: dict[str, Any]  # policy, knobs (reorch only)
+    reorch: ReorchOverlay  # policy, knobs (reorch only; a mapping is converted)
     duration_s: float
     warmup_s: float
     slo_ms: float
@@ -73,6 +74,12 @@ class Point:
     comparison_key: str = ""  # equal for points that differ only by variant/policy and repeat
     protocol: str = ""  # how requests are sent: unary | stream; "" = the generator's default for the variant
     tuned: str = ""  # the tune.json configuration key this point runs (plan variant `tuned`); "" otherwise
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batching, BatchingOverlay):
+            self.batching = BatchingOverlay.from_mapping(self.batching or {})
+        if not isinstance(self.reorch, ReorchOverlay):
+            self.reorch = ReorchOverlay.from_mapping(self.reorch or {})
 
     @property
     def relative(self) -> bool:
@@ -85,12 +92,12 @@ class Point:
 
     def config_key(self) -> tuple:
         """Points with equal keys share one loaded configuration (no reload between them)."""
-        settings = (repr(sorted(self.batching.items())), repr(sorted(self.reorch.items())))
+        settings = (repr(sorted(self.batching.to_mapping().items())), repr(sorted(self.reorch.to_mapping().items())))
         return (self.build_key(), self.variant, *settings)
 
     def to_dict(self) -> dict:
-        """JSON-ready description of the point."""
-        return dataclasses.asdict(self)
+        """JSON-ready description of the point (batching and reorch as the knobs they set)."""
+        return {**dataclasses.asdict(self), "batching": self.batching.to_mapping(), "reorch": self.reorch.to_mapping()}
 
 
 # The short names of knobs in point ids and report labels (one table for both).
@@ -213,8 +220,8 @@ class Plan(PlanFile):
                 seen.add(point_id)
                 out.append(Point(
                     point_id, experiment.name, model_name, tuned.variant, label, arrival,
-                    lengths=model.lengths if load.lengths is None else load.lengths, batching=dict(tuned.batching),
-                    slicing={} if tuned.stages is None else {"stages": tuned.stages}, reorch=dict(tuned.reorch),
+                    lengths=model.lengths if load.lengths is None else load.lengths, batching=tuned.batching,
+                    slicing={} if tuned.stages is None else {"stages": tuned.stages}, reorch=tuned.reorch,
                     duration_s=experiment.duration_s or defaults.duration_s,
                     warmup_s=defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
                     slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
