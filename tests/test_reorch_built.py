@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from test_reorch_engine import Answers
 
 from backends.reorch.engine import SUCCESS, ReorchEngine
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from backends.reorch.spec import StagesSpec
 from slicing.repository import BuildOptions, build_repository
@@ -50,7 +50,7 @@ def test_reorch_engine_equals_the_whole_model_on_built_stages(built, model, poli
     spec = StagesSpec.from_manifest_entry(model, entry)
     answers = Answers()
     engine = ReorchEngine(spec, policy, ReorchKnobs(max_batch_rows=16, stretch_max_wait_us=3000),
-                          make_ort_runners(spec, out), answers)
+                          make_ort_executors(spec, out), answers)
     whole = ort.InferenceSession(str(out / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(4)
     requests = [random_request(rng, entry, int(rng.integers(1, 3)), int(n)) for n in rng.integers(1, 17, 30)]

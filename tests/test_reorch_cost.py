@@ -10,7 +10,7 @@ from test_reorch_engine import Answers
 
 from backends.reorch.cost import FUSE, WHOLE, CostModel, interpolate_ms
 from backends.reorch.engine import OVERLOADED, SUCCESS, ReorchEngine, default_inflight_rows
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors
 from backends.reorch.metrics import OPERATIONS_TOTAL, CountingMetrics
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.scheduler import OPERATIONS, make_requests
@@ -96,7 +96,7 @@ def _engine(tmp_path, tables, **knob_values):
         stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
     spec = StagesSpec.from_manifest_entry("seqm", entry)
     answers, metrics = Answers(), CountingMetrics()
-    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, **knob_values), make_ort_runners(spec, tmp_path),
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, **knob_values), make_ort_executors(spec, tmp_path),
                           answers, metrics=metrics)
     return engine, answers, reference, metrics
 
@@ -144,7 +144,7 @@ def test_default_admission_limit_is_sized_from_memory(tmp_path):
 
 
 class FailOnDemand:
-    """Wraps a stage runner; raises MemoryError (as onnxruntime does on a too-big batch) while armed."""
+    """Wraps a stage executor; raises MemoryError (as onnxruntime does on a too-big batch) while armed."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -158,8 +158,8 @@ class FailOnDemand:
 
 def test_a_failure_inside_a_fused_chain_names_its_stage_and_later_batches_go_on(tmp_path):
     engine, answers, _, _ = _engine(tmp_path, CHEAP)
-    failing = FailOnDemand(engine.runners[1])
-    engine.runners[1] = failing
+    failing = FailOnDemand(engine.executors[1])
+    engine.executors[1] = failing
     request = random_sequence_request(np.random.default_rng(1), 1, 6)
     try:
         failing.armed = True
@@ -227,16 +227,16 @@ def test_fused_chain_keeps_boundary_tensors_as_device_values(tmp_path, provider,
     for stage, table in zip(entry["stages"], CHEAP):
         stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
     spec = StagesSpec.from_manifest_entry("seqm", entry)
-    runners = make_ort_runners(spec, tmp_path, execution_provider=provider)
+    executors = make_ort_executors(spec, tmp_path, execution_provider=provider)
     seen: list[str] = []
-    for runner in runners:
-        bound = runner.run_bound
+    for executor in executors:
+        bound = executor.run_bound
 
         def spy(feeds, *, keep_on_device, _bound=bound):
             seen.extend(type(v).__name__ for v in feeds.values())
             return _bound(feeds, keep_on_device=keep_on_device)
-        runner.run_bound = spy
-    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, device_boundaries=mode), runners, Answers())
+        executor.run_bound = spy
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, device_boundaries=mode), executors, Answers())
     rng = np.random.default_rng(2)
     requests = [random_sequence_request(rng, 1, n) for n in (4, 9)]
     try:

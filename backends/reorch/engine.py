@@ -1,4 +1,4 @@
-"""The reorchestrator engine: the pure scheduler, the stage runners and the tensors, joined by threads.
+"""The reorchestrator engine: the pure scheduler, the stage executors and the tensors, joined by threads.
 
 No Triton import: ``model.py`` hands requests in as ``(handle, {name: array})`` and gets every
 answer back through ``respond(handle, answer)``, exactly once per request, from whichever thread
@@ -29,7 +29,7 @@ import numpy as np
 from backends.common.tensors import value_range_violation
 
 from .errors import BadRequestError
-from .executor import StageRunner, build_feeds, split_outputs
+from .executor import StageExecutor, build_feeds, split_outputs
 from .metrics import CountingMetrics
 from .policies import ReorchKnobs, StageContext, create_policy
 from .scheduler import Completion, Request, StageLaunch, StageScheduler
@@ -85,20 +85,20 @@ def default_inflight_rows(spec: StagesSpec, memory_bytes: int | None) -> int:
 class ReorchEngine:
     """Serve requests through the stages of ``spec`` under ``policy``; answers through ``respond``."""
 
-    def __init__(self, spec: StagesSpec, policy: str, knobs: ReorchKnobs, runners: Sequence[StageRunner],
+    def __init__(self, spec: StagesSpec, policy: str, knobs: ReorchKnobs, executors: Sequence[StageExecutor],
                  respond: Callable[[Any, Answer], None], *, metrics: CountingMetrics | None = None,
                  cancel_probe: Callable[[Sequence[Any]], Sequence[bool]] | None = None,
                  cancel_poll_s: float = 0.2, metrics_flush_s: float = 1.0,
                  clock_us: Callable[[], int] = wall_clock_us) -> None:
-        if len(runners) != len(spec.stages):
-            raise ValueError(f"{len(runners)} stage runners for {len(spec.stages)} stages")
+        if len(executors) != len(spec.stages):
+            raise ValueError(f"{len(executors)} stage executors for {len(spec.stages)} stages")
         context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
                                max_sequence_length=(spec.max_length or 1 << 30) if spec.is_sequence else None,
                                latency_tables_ms=tuple(spec.latency_tables_ms))
         self.spec = spec
         self.knobs = knobs
         self.scheduler = StageScheduler(create_policy(policy, knobs, context))
-        self.runners = list(runners)
+        self.executors = list(executors)
         self.metrics = metrics if metrics is not None else CountingMetrics()
         self._respond = respond
         self._cancel_probe = cancel_probe
@@ -109,7 +109,7 @@ class ReorchEngine:
         # "auto": on where every stage runs on CUDA; "on" forces the I/O-binding path (tests on CPU).
         self._device_boundaries = knobs.device_boundaries == "on" or (
             knobs.device_boundaries == "auto"
-            and all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_bound") for r in runners))
+            and all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_bound") for r in executors))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -354,9 +354,9 @@ class ReorchEngine:
             try:
                 feeds = build_feeds(self.spec, stage, members, pad_to, batched)
                 if bound:
-                    outputs = self.runners[index].run_bound(feeds, keep_on_device=index < last)
+                    outputs = self.executors[index].run_bound(feeds, keep_on_device=index < last)
                 else:
-                    outputs = self.runners[index].run(feeds)
+                    outputs = self.executors[index].run(feeds)
                 if index == last:
                     return (split_outputs(self.spec, stage, outputs, rows, lengths, batched=batched,
                                           keep=self._needed_after[index]), None, index)

@@ -1,6 +1,6 @@
-"""Stage runners and the per-launch data path (numpy; no Triton).
+"""Stage executors and the per-launch data path (numpy; no Triton).
 
-A stage runner maps ``{input name: batched array}`` to ``{output name: batched array}``. The
+A stage executor maps ``{input name: batched array}`` to ``{output name: batched array}``. The
 default runs the stage's ONNX graph with onnxruntime in-process (one session per stage; ORT
 releases the GIL while it computes, so stage threads overlap). ``build_feeds`` and ``split_outputs``
 turn per-request tensors into a launch's batch and back (padding and cutting sequence tensors).
@@ -21,11 +21,11 @@ from .errors import StageContractError
 from .spec import StageSpec, StagesSpec
 
 
-class StageRunner(Protocol):
+class StageExecutor(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-class OrtStageRunner:
+class OrtStageExecutor:
     """One stage's ONNX graph on onnxruntime (CPU, or CUDA when asked and available).
 
     ``run_bound`` is the device data path (onnxruntime I/O binding): inputs may be OrtValues
@@ -68,11 +68,11 @@ class OrtStageRunner:
         return {name: value if keep_on_device else value.numpy() for name, value in zip(self.output_names, values)}
 
 
-def make_ort_runners(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
-                     execution_provider: str = "cpu") -> list[OrtStageRunner]:
+def make_ort_executors(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
+                       execution_provider: str = "cpu") -> list[OrtStageExecutor]:
     root = Path(repository_root)
-    return [OrtStageRunner(root / stage.onnx, stage, intra_op_threads=intra_op_threads,
-                           execution_provider=execution_provider) for stage in spec.stages]
+    return [OrtStageExecutor(root / stage.onnx, stage, intra_op_threads=intra_op_threads,
+                             execution_provider=execution_provider) for stage in spec.stages]
 
 
 def build_feeds(spec: StagesSpec, stage: StageSpec, members: Sequence[Mapping[str, np.ndarray]],

@@ -31,7 +31,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.reorch.engine import CANCELLED, INVALID, OVERLOADED, SHUTDOWN, Answer, ReorchEngine
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors
 from backends.reorch.metrics import TritonMetrics
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER, StagesSpec
@@ -65,7 +65,7 @@ class TritonPythonModel:
         root = parameters.get("repository_root") or os.path.dirname(os.path.abspath(model_dir))
         knobs = ReorchKnobs.from_parameters(parameters)
         provider = "cuda" if args.get("model_instance_kind") == "GPU" else parameters.get("execution_provider", "cpu")
-        runners = make_ort_runners(spec, root, intra_op_threads=knobs.intra_op_threads, execution_provider=provider)
+        executors = make_ort_executors(spec, root, intra_op_threads=knobs.intra_op_threads, execution_provider=provider)
         self.output_dtypes = {
             output["name"]: pb_utils.triton_string_to_numpy(output["data_type"]) for output in config["output"]
         }
@@ -77,7 +77,7 @@ class TritonPythonModel:
             spec,
             parameters.get("policy", "dva"),
             knobs,
-            runners,
+            executors,
             self._respond,
             metrics=TritonMetrics(pb_utils, args["model_name"], len(spec.stages)),
             cancel_probe=self._cancelled if cancel_poll_ms > 0 else None,
