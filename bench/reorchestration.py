@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from core.model_config import triton_wire_dtype
 
@@ -162,6 +163,21 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
         span = max(done[i] for i in finished) - min(sent[i] for i in measured)
         outcome.throughput_rps = len(finished) / span if span > 0 else 0.0
     return outcome
+
+
+def server_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by the server and its Python stubs (children of this process).
+
+    Less sensitive to other load on the machine than latency: per request it shows where the cost goes.
+    """
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _keep_record(outcome: Outcome, result) -> None:
@@ -299,16 +315,19 @@ class Bench:
             order = variants if repeat % 2 == 0 else variants[::-1]
             figures = {}
             for variant, model, parameters in order:
+                cpu_before = server_cpu_s()
                 outcome = asyncio.run(drive(self.url, model, arrivals, inputs[variant], self.args.warmup_s,
                                             self.args.drain_s, streaming=False, parameters=parameters))
+                cpu_ms = (server_cpu_s() - cpu_before) * 1e3 / max(1, len(arrivals))
                 figures[variant] = {**summarize(outcome), "failed": len(outcome.errors) + outcome.unanswered,
+                                    "cpu_ms": cpu_ms,
                                     "latencies": outcome.latencies_ms, "span_s": self._span(outcome),
                                     "ops": reorch_summary(outcome.records)}
             repeats.append(figures)
             w, r = figures["whole"], figures["reorch"]
-            print(f"  {label:<34} repeat {repeat}: whole avg {w['avg']:7.2f} p50 {w['p50']:6.2f} p99 {w['p99']:7.2f} | "
-                  f"reorch avg {r['avg']:7.2f} p50 {r['p50']:6.2f} p99 {r['p99']:7.2f} | failed {w['failed']}/{r['failed']}"
-                  f"  {r['ops']}", flush=True)
+            print(f"  {label:<34} repeat {repeat}: whole avg {w['avg']:7.2f} p50 {w['p50']:6.2f} p99 {w['p99']:7.2f} "
+                  f"cpu/req {w['cpu_ms']:5.2f} | reorch avg {r['avg']:7.2f} p50 {r['p50']:6.2f} p99 {r['p99']:7.2f} "
+                  f"cpu/req {r['cpu_ms']:5.2f} | failed {w['failed']}/{r['failed']}  {r['ops']}", flush=True)
         return repeats
 
     @staticmethod
