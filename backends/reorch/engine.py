@@ -89,7 +89,7 @@ class ReorchEngine:
                  respond: Callable[[Any, Answer], None], *, metrics: CountingMetrics | None = None,
                  cancel_probe: Callable[[Sequence[Any]], Sequence[bool]] | None = None,
                  cancel_poll_s: float = 0.2, metrics_flush_s: float = 1.0,
-                 clock_us: Callable[[], int] = wall_clock_us) -> None:
+                 clock_us: Callable[[], int] = wall_clock_us, whole: StageExecutor | None = None) -> None:
         if len(executors) != len(spec.stages):
             raise ValueError(f"{len(executors)} stage executors for {len(spec.stages)} stages")
         context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
@@ -99,6 +99,9 @@ class ReorchEngine:
         self.knobs = knobs
         self.scheduler = StageScheduler(create_policy(policy, knobs, context))
         self.executors = list(executors)
+        # A fused run of the whole chain executes the whole model's graph where there is one: the same
+        # work as the whole model (the K stage graphs cost 10-15% more on CPU: docs/reorch.md).
+        self.whole = whole
         self.metrics = metrics if metrics is not None else CountingMetrics()
         self._respond = respond
         self._cancel_probe = cancel_probe
@@ -343,6 +346,8 @@ class ReorchEngine:
         Returns (per-member tensors still needed after ``last``, or None; the error, if a stage raised;
         the index of the last stage run). Appends each stage's compute time (µs) to ``compute_us``.
         """
+        if self.whole is not None and first == 0 and last == len(self.spec.stages) - 1:
+            return self._run_whole(members, pad_to, rows, lengths, compute_us)
         batched: dict[str, Any] = {}
         index = first
         # Device data path: in a fused run, boundary tensors stay on the device between stages
@@ -369,6 +374,27 @@ class ReorchEngine:
                 compute_us.append(int((time.perf_counter() - started) * 1e6))
                 self.metrics.stage_compute(index, compute_us[-1])
         return None, "no stage ran", index
+
+    def _run_whole(self, members: list[dict[str, np.ndarray]], pad_to: int | None, rows: list[int],
+                   lengths: list[int | None], compute_us: list[int]
+                   ) -> tuple[list[dict[str, np.ndarray]] | None, str | None, int]:
+        """``_run_stages`` of the whole chain on the whole model's graph. Its compute time is booked on
+        stage 0 (the other stages get 0), so a request's stage times still add up; a failure is
+        reported as stage 0's, naming the whole graph."""
+        assert self.whole is not None
+        last = len(self.spec.stages) - 1
+        started = time.perf_counter()
+        try:
+            outputs = self.whole.run(build_feeds(self.spec, self.whole.stage, members, pad_to))
+            return split_outputs(self.spec, self.whole.stage, outputs, rows, lengths), None, last
+        except Exception as exc:  # fails exactly this batch, like a stage
+            error = f"the whole-model graph of the fused chain: {type(exc).__name__}: {exc}"
+            LOGGER.warning("fused chain failed for a batch of %d rows: %s", sum(rows), error)
+            return None, error, 0
+        finally:
+            elapsed_us = int((time.perf_counter() - started) * 1e6)
+            compute_us.extend([elapsed_us] + [0] * last)
+            self.metrics.stage_compute(0, elapsed_us)
 
     def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
                  lengths: list[int | None]) -> tuple | None:

@@ -31,7 +31,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.reorch.engine import CANCELLED, INVALID, OVERLOADED, SHUTDOWN, Answer, ReorchEngine
-from backends.reorch.executor import make_ort_executors
+from backends.reorch.executor import make_ort_executors, make_whole_executor
 from backends.reorch.metrics import TritonMetrics
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER, StagesSpec
@@ -66,6 +66,8 @@ class TritonPythonModel:
         knobs = ReorchKnobs.from_parameters(parameters)
         provider = "cuda" if args.get("model_instance_kind") == "GPU" else parameters.get("execution_provider", "cpu")
         executors = make_ort_executors(spec, root, intra_op_threads=knobs.intra_op_threads, execution_provider=provider)
+        whole = make_whole_executor(spec, root, intra_op_threads=knobs.intra_op_threads,
+                                    execution_provider=provider) if knobs.fused_graph == "whole" else None
         self.output_dtypes = {
             output["name"]: pb_utils.triton_string_to_numpy(output["data_type"]) for output in config["output"]
         }
@@ -82,6 +84,7 @@ class TritonPythonModel:
             metrics=TritonMetrics(pb_utils, args["model_name"], len(spec.stages)),
             cancel_probe=self._cancelled if cancel_poll_ms > 0 else None,
             cancel_poll_s=cancel_poll_ms / 1000,
+            whole=whole,
         )
 
     def execute(self, requests):
