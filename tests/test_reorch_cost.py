@@ -8,7 +8,7 @@ from reorch_models import random_sequence_request, write_sequence_chain
 from reorch_sim import Simulation, make_scheduler
 from test_reorch_engine import Answers
 
-from backends.reorch.cost import FUSE, WHOLE, CostModel, interpolate_ms
+from backends.reorch.cost import FUSE, WHOLE, ArrivalMeter, CostModel, interpolate_ms
 from backends.reorch.engine import OVERLOADED, SUCCESS, ReorchEngine, default_inflight_rows
 from backends.reorch.executor import make_ort_executors
 from backends.reorch.metrics import OPERATIONS_TOTAL, CountingMetrics
@@ -34,17 +34,61 @@ def test_fuse_always_when_stages_are_too_cheap_for_the_boundary_overhead():
     assert not CostModel.from_tables([{}, {}, {}]).fuse_always()  # no tables: no decision
 
 
-@pytest.mark.parametrize("busy, waiting, diverse, rate, want", [
-    (False, 0, False, 0.0, True),  # idle, one batch, no diversity: the whole model
-    (True, 0, False, 0.0, False),  # another batch is in the pipeline: stretch may pay
-    (False, 3, False, 0.0, False),  # requests wait behind this batch
-    (False, 0, True, 0.0, False),  # length diversity the policy uses (bucketing)
-    (False, 0, False, 1 / 1000, False),  # ~6 arrivals expected during the 6 ms chain
+@pytest.mark.parametrize("busy, waiting, diverse, rate, steady, want", [
+    (False, 0, False, 0.0, False, True),  # idle, one batch, no diversity: the whole model
+    (True, 0, False, 0.0, False, False),  # another batch is in the pipeline during a burst: stretch may pay
+    (False, 3, False, 0.0, False, False),  # requests wait behind this batch during a burst
+    (False, 0, True, 0.0, False, False),  # length diversity the policy uses (bucketing)
+    (False, 0, False, 1 / 1000, False, False),  # a burst: ~6 arrivals expected during the 6 ms chain
+    (True, 3, False, 1 / 1000, True, True),  # the same load, steady: nothing to gain from boundaries
+    (False, 0, True, 1 / 1000, True, False),  # steady, but lengths differ: bucketing may pay
 ])
-def test_run_whole_only_without_load_or_diversity(busy, waiting, diverse, rate, want):
+def test_run_whole_only_without_load_or_length_diversity(busy, waiting, diverse, rate, steady, want):
     model = CostModel.from_tables(COSTLY)
     assert model.run_whole(1, pipeline_busy=busy, waiting_behind=waiting, diverse=diverse,
-                           arrival_rate_per_us=rate) is want
+                           arrival_rate_per_us=rate, steady=steady) is want
+
+
+def poisson_batches(rng, rate_per_us: float, until_us: int, start_us: int = 0):
+    """(time, count) of Poisson arrivals, grouped as a dynamic batcher with a 1 ms window would."""
+    now, batches = start_us, []
+    while now < until_us:
+        now += int(rng.exponential(1 / rate_per_us))
+        if batches and now - batches[-1][0] < 1000:
+            batches[-1] = (batches[-1][0], batches[-1][1] + 1)
+        else:
+            batches.append((now, 1))
+    return batches
+
+
+def test_arrival_meter_calls_steady_poisson_load_steady_and_an_on_off_source_bursty():
+    rng = np.random.default_rng(0)
+    steady = ArrivalMeter(short_us=200_000, ratio=2.0)
+    verdicts = []
+    for at, count in poisson_batches(rng, 100 / 1e6, 10_000_000):  # 100 req/s for 10 s
+        steady.note(count, at)
+        verdicts.append(steady.bursty(at))
+    assert sum(verdicts) / len(verdicts) < 0.01
+    bursty = ArrivalMeter(short_us=200_000, ratio=2.0)
+    for at, count in poisson_batches(rng, 10 / 1e6, 3_000_000):  # 10 req/s, then 200 req/s
+        bursty.note(count, at)
+    assert not bursty.bursty(3_000_000)
+    on = poisson_batches(rng, 200 / 1e6, 3_300_000, start_us=3_000_000)
+    for at, count in on:
+        bursty.note(count, at)
+    assert bursty.bursty(on[-1][0])
+    assert not ArrivalMeter(short_us=200_000, ratio=0.0).bursty(0)  # ratio 0: never bursty
+
+
+def test_inline_decision_runs_steady_fixed_length_load_whole_even_with_requests_inside():
+    scheduler = make_scheduler("dva", latency_tables_ms=COSTLY)  # a 6 ms chain: boundaries could pay
+    rng = np.random.default_rng(1)
+    decisions = [scheduler.inline_decision([1] * count, [None] * count, at)
+                 for at, count in poisson_batches(rng, 1 / 1000, 3_000_000)]  # ~6 arrivals per chain
+    assert decisions.count(WHOLE) / len(decisions) > 0.95
+    assert scheduler.operation_counts[WHOLE] == decisions.count(WHOLE)
+    scheduler.add_requests(make_requests([1], 3_000_000, first_id=0), 3_000_000)  # a batch is inside
+    assert scheduler.inline_decision([1], [None], 3_001_000) == WHOLE
 
 
 def test_operations_tuple_names_the_new_decisions():
