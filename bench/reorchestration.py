@@ -20,6 +20,11 @@ Targets (``--targets``; all by default):
   issue): answers/s >= 10,000 from one instance. The same client against the whole model shows the
   client's own ceiling (on 2 shared cores the Python client is often the limit: then it says so).
 
+Each run also prints the server's CPU time per request (tritonserver and its Python stubs, which
+other load on the machine disturbs less than latency) and, from Triton's statistics, the front
+batcher's average batch (``batch``: requests per ``execute``) and queue time per request
+(``queue``, ms): where the extra time goes.
+
 Capacity is measured first per model (closed loop on the whole model). Every unmet target is printed
 plainly at the end (``UNMET``). ``--quick`` fits in about 5 minutes (short runs, 3 repeats, fewer
 loads) so the figures can be re-run on a quiet machine.
@@ -180,6 +185,20 @@ def server_cpu_s() -> float:
     return total
 
 
+def triton_batching(url: str, model: str) -> tuple[int, int, int]:
+    """(requests, executions, queue ns) so far from Triton's statistics of ``model``: a run's deltas
+    give the front batcher's average batch and the time requests waited in it."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    return (int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)),
+            int(stats["inference_stats"].get("queue", {}).get("ns", 0)))
+
+
 def _keep_record(outcome: Outcome, result) -> None:
     record = result.as_numpy(RECORD_OUTPUT)  # None for the whole model and unasked reorch answers
     if record is not None:
@@ -315,19 +334,23 @@ class Bench:
             order = variants if repeat % 2 == 0 else variants[::-1]
             figures = {}
             for variant, model, parameters in order:
-                cpu_before = server_cpu_s()
+                cpu_before, batching_before = server_cpu_s(), triton_batching(self.url, model)
                 outcome = asyncio.run(drive(self.url, model, arrivals, inputs[variant], self.args.warmup_s,
                                             self.args.drain_s, streaming=False, parameters=parameters))
                 cpu_ms = (server_cpu_s() - cpu_before) * 1e3 / max(1, len(arrivals))
+                served, executions, queue_ns = (after - before for after, before in
+                                                zip(triton_batching(self.url, model), batching_before))
                 figures[variant] = {**summarize(outcome), "failed": len(outcome.errors) + outcome.unanswered,
-                                    "cpu_ms": cpu_ms,
+                                    "cpu_ms": cpu_ms, "front_batch": served / max(1, executions),
+                                    "front_queue_ms": queue_ns / 1e6 / max(1, served),
                                     "latencies": outcome.latencies_ms, "span_s": self._span(outcome),
                                     "ops": reorch_summary(outcome.records)}
             repeats.append(figures)
             w, r = figures["whole"], figures["reorch"]
-            print(f"  {label:<34} repeat {repeat}: whole avg {w['avg']:7.2f} p50 {w['p50']:6.2f} p99 {w['p99']:7.2f} "
-                  f"cpu/req {w['cpu_ms']:5.2f} | reorch avg {r['avg']:7.2f} p50 {r['p50']:6.2f} p99 {r['p99']:7.2f} "
-                  f"cpu/req {r['cpu_ms']:5.2f} | failed {w['failed']}/{r['failed']}  {r['ops']}", flush=True)
+            print(f"  {label:<24} repeat {repeat}: " + " | ".join(
+                f"{v} avg {f['avg']:7.2f} p50 {f['p50']:6.2f} p99 {f['p99']:7.2f} cpu/req {f['cpu_ms']:5.2f} "
+                f"batch {f['front_batch']:4.1f} queue {f['front_queue_ms']:6.2f}" for v, f in (("whole", w), ("reorch", r)))
+                + f" | failed {w['failed']}/{r['failed']}  {r['ops']}", flush=True)
         return repeats
 
     @staticmethod
