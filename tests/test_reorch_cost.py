@@ -78,6 +78,11 @@ def test_arrival_meter_calls_steady_poisson_load_steady_and_an_on_off_source_bur
         bursty.note(count, at)
     assert bursty.bursty(on[-1][0])
     assert not ArrivalMeter(short_us=200_000, ratio=0.0).bursty(0)  # ratio 0: never bursty
+    resumed = 60_000_000  # the same 200 req/s after a minute of silence: steady from its start
+    later = [(at, count) for at, count in poisson_batches(rng, 200 / 1e6, resumed + 500_000, start_us=resumed)]
+    for at, count in later:
+        bursty.note(count, at)
+    assert not bursty.bursty(later[-1][0])
 
 
 def test_inline_decision_runs_steady_fixed_length_load_whole_even_with_requests_inside():

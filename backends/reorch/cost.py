@@ -91,7 +91,8 @@ class ArrivalMeter:
     and ``10 x short_us``; each divided by its time constant is a rate. The load counts as bursty
     while the short-term rate exceeds ``ratio`` x the long-term one. Poisson arrivals at a steady
     rate stay below 2x (with at least a handful of requests per short window); an on/off source
-    goes far above it when it switches on. ``ratio`` 0: no load is ever bursty.
+    goes far above it when it switches on (from its low "off" rate; load resuming after a silence longer
+than the long window starts the meter afresh). ``ratio`` 0: no load is ever bursty.
     """
 
     LONG_OVER_SHORT = 10
@@ -105,7 +106,10 @@ class ArrivalMeter:
         self._first_us: int | None = None
 
     def note(self, count: int, now_us: int) -> None:
-        """``count`` requests arrived at ``now_us`` (one dynamic-batcher batch)."""
+        """``count`` requests arrived at ``now_us`` (one dynamic-batcher batch). After a silence longer
+        than the long window the meter starts afresh: load resuming from idle is judged on its own."""
+        if self._at_us is not None and now_us - self._at_us > self.long_us:
+            self._at_us = self._first_us = None
         self._short, self._long = self._decayed(now_us)
         self._short += count
         self._long += count
