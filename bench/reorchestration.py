@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from core.model_config import triton_wire_dtype
+from core.model_config import read_model_config, triton_wire_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -264,18 +264,28 @@ def reorch_summary(records: list[dict]) -> str:
 
 def overlay_repository(repository: Path, manifest: dict, models: list[str], policies: list[str],
                        queue_delay_us: int, knobs: dict[str, str]) -> Path:
-    """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy."""
+    """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy.
+
+    The reorch variants get the whole model's onnxruntime thread count (``intra_op_threads`` of its
+    config) unless ``knobs`` set one: with a different count the comparison measures threading, not
+    reorchestration (the knob's default, 1, against a build's 0 = all cores made reorch look slower
+    and cheaper in CPU).
+    """
     overlay = Path(tempfile.mkdtemp(prefix="stagebatch-reorch-bench-"))
     for child in repository.iterdir():
         if child.is_dir():
             os.symlink(child.resolve(), overlay / child.name)
     for name in models:
         entry = manifest["models"][name]
+        whole = entry.get("variants", {}).get("whole", name)
+        threads = read_model_config(repository / whole / "config.pbtxt").get("parameters", {}).get(
+            "intra_op_threads", {}).get("string_value")
+        same_threads = {"intra_op_threads": threads} if threads is not None else {}
         for policy in policies:
             write_reorch_model(overlay, name, {**entry, "variants": {"reorch": f"{name}_reorch_{policy}"}},
                                target="embedded", max_batch_size=int(entry["max_batch_size"]),
                                queue_delay_us=queue_delay_us, policy=policy,
-                               knobs={"max_batch_rows": int(entry["max_batch_size"]), **knobs})
+                               knobs={"max_batch_rows": int(entry["max_batch_size"]), **same_threads, **knobs})
     return overlay
 
 
