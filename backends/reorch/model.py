@@ -1,8 +1,9 @@
 """Triton Python-backend model of the stage reorchestrator (``NAME_reorch``). Glue only.
 
-Not decoupled. Where the cost model says stage boundaries cannot pay (``fuse``, or ``whole`` when
-nothing else is inside), ``execute`` runs the batch's chain fused and returns its responses, like the
-whole model (one response message per batch). Otherwise it is answered later: ``execute`` hands
+Not decoupled. Where the cost model says stage boundaries cannot pay (``fuse``, or ``whole``: steady
+load and no length diversity, or no load), ``execute`` runs the batch's chain fused, on the whole
+model's graph where the repository has it, and returns its responses, like the whole model (one
+response message per batch). Otherwise it is answered later: ``execute`` hands
 each request's tensors and response sender to the engine and returns ``None`` at once, so Triton gives the instance its next batch while earlier
 requests are still inside (cross-request batching); the engine's threads answer each request
 exactly once through its sender (one response + FINAL flag). Unary gRPC, HTTP and gRPC streaming
