@@ -20,6 +20,11 @@ Targets (``--targets``; all by default):
   issue): answers/s >= 10,000 from one instance. The same client against the whole model shows the
   client's own ceiling (on 2 shared cores the Python client is often the limit: then it says so).
 
+Each run also prints the server's CPU time per request (tritonserver and its Python stubs, which
+other load on the machine disturbs less than latency) and, from Triton's statistics, the front
+batcher's average batch (``batch``: requests per ``execute``) and queue time per request
+(``queue``, ms): where the extra time goes.
+
 Capacity is measured first per model (closed loop on the whole model). Every unmet target is printed
 plainly at the end (``UNMET``). ``--quick`` fits in about 5 minutes (short runs, 3 repeats, fewer
 loads) so the figures can be re-run on a quiet machine.
@@ -47,8 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
-from core.model_config import triton_wire_dtype
+from core.model_config import read_model_config, triton_wire_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -165,6 +171,35 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
     return outcome
 
 
+def server_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by the server and its Python stubs (children of this process).
+
+    Less sensitive to other load on the machine than latency: per request it shows where the cost goes.
+    """
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        total += times.user + times.system
+    return total
+
+
+def triton_batching(url: str, model: str) -> tuple[int, int, int]:
+    """(requests, executions, queue ns) so far from Triton's statistics of ``model``: a run's deltas
+    give the front batcher's average batch and the time requests waited in it."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    return (int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)),
+            int(stats["inference_stats"].get("queue", {}).get("ns", 0)))
+
+
 def _keep_record(outcome: Outcome, result) -> None:
     record = result.as_numpy(RECORD_OUTPUT)  # None for the whole model and unasked reorch answers
     if record is not None:
@@ -230,18 +265,28 @@ def reorch_summary(records: list[dict]) -> str:
 
 def overlay_repository(repository: Path, manifest: dict, models: list[str], policies: list[str],
                        queue_delay_us: int, knobs: dict[str, str]) -> Path:
-    """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy."""
+    """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy.
+
+    The reorch variants get the whole model's onnxruntime thread count (``intra_op_threads`` of its
+    config) unless ``knobs`` set one: with a different count the comparison measures threading, not
+    reorchestration (the knob's default, 1, against a build's 0 = all cores made reorch look slower
+    and cheaper in CPU).
+    """
     overlay = Path(tempfile.mkdtemp(prefix="stagebatch-reorch-bench-"))
     for child in repository.iterdir():
         if child.is_dir():
             os.symlink(child.resolve(), overlay / child.name)
     for name in models:
         entry = manifest["models"][name]
+        whole = entry.get("variants", {}).get("whole", name)
+        threads = read_model_config(repository / whole / "config.pbtxt").get("parameters", {}).get(
+            "intra_op_threads", {}).get("string_value")
+        same_threads = {"intra_op_threads": threads} if threads is not None else {}
         for policy in policies:
             write_reorch_model(overlay, name, {**entry, "variants": {"reorch": f"{name}_reorch_{policy}"}},
                                target="embedded", max_batch_size=int(entry["max_batch_size"]),
                                queue_delay_us=queue_delay_us, policy=policy,
-                               knobs={"max_batch_rows": int(entry["max_batch_size"]), **knobs})
+                               knobs={"max_batch_rows": int(entry["max_batch_size"]), **same_threads, **knobs})
     return overlay
 
 
@@ -300,16 +345,23 @@ class Bench:
             order = variants if repeat % 2 == 0 else variants[::-1]
             figures = {}
             for variant, model, parameters in order:
+                cpu_before, batching_before = server_cpu_s(), triton_batching(self.url, model)
                 outcome = asyncio.run(drive(self.url, model, arrivals, inputs[variant], self.args.warmup_s,
                                             self.args.drain_s, streaming=False, parameters=parameters))
+                cpu_ms = (server_cpu_s() - cpu_before) * 1e3 / max(1, len(arrivals))
+                served, executions, queue_ns = (after - before for after, before in
+                                                zip(triton_batching(self.url, model), batching_before))
                 figures[variant] = {**summarize(outcome), "failed": len(outcome.errors) + outcome.unanswered,
+                                    "cpu_ms": cpu_ms, "front_batch": served / max(1, executions),
+                                    "front_queue_ms": queue_ns / 1e6 / max(1, served),
                                     "latencies": outcome.latencies_ms, "span_s": self._span(outcome),
                                     "ops": reorch_summary(outcome.records)}
             repeats.append(figures)
             w, r = figures["whole"], figures["reorch"]
-            print(f"  {label:<34} repeat {repeat}: whole avg {w['avg']:7.2f} p50 {w['p50']:6.2f} p99 {w['p99']:7.2f} | "
-                  f"reorch avg {r['avg']:7.2f} p50 {r['p50']:6.2f} p99 {r['p99']:7.2f} | failed {w['failed']}/{r['failed']}"
-                  f"  {r['ops']}", flush=True)
+            print(f"  {label:<24} repeat {repeat}: " + " | ".join(
+                f"{v} avg {f['avg']:7.2f} p50 {f['p50']:6.2f} p99 {f['p99']:7.2f} cpu/req {f['cpu_ms']:5.2f} "
+                f"batch {f['front_batch']:4.1f} queue {f['front_queue_ms']:6.2f}" for v, f in (("whole", w), ("reorch", r)))
+                + f" | failed {w['failed']}/{r['failed']}  {r['ops']}", flush=True)
         return repeats
 
     @staticmethod

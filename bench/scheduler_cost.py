@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from backends.reorch.engine import ReorchEngine
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors
 from backends.reorch.policies import BatchPolicy, ReorchKnobs, StageContext, create_policy
 from backends.reorch.scheduler import Request, StageScheduler
 from backends.reorch.spec import StagesSpec
@@ -91,7 +91,7 @@ def engine_answers(repository: Path, model: str, answers: int, cost_model: str, 
         done.release()
 
     knobs = ReorchKnobs(max_batch_rows=spec.max_batch_size, cost_model=cost_model)
-    engine = ReorchEngine(spec, "dva", knobs, make_ort_runners(spec, repository), respond)
+    engine = ReorchEngine(spec, "dva", knobs, make_ort_executors(spec, repository), respond)
     try:
         started = time.perf_counter()
         for first in range(0, answers, submit_batch):

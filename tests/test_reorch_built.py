@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from test_reorch_engine import Answers
 
 from backends.reorch.engine import SUCCESS, ReorchEngine
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors, make_whole_executor
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from backends.reorch.spec import StagesSpec
 from slicing.build import BuildOptions, build_repository
@@ -50,7 +50,7 @@ def test_reorch_engine_equals_the_whole_model_on_built_stages(built, model, poli
     spec = StagesSpec.from_manifest_entry(model, entry)
     answers = Answers()
     engine = ReorchEngine(spec, policy, ReorchKnobs(max_batch_rows=16, stretch_max_wait_us=3000),
-                          make_ort_runners(spec, out), answers)
+                          make_ort_executors(spec, out), answers)
     whole = ort.InferenceSession(str(out / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(4)
     requests = [random_request(rng, entry, int(rng.integers(1, 3)), int(n)) for n in rng.integers(1, 17, 30)]
@@ -98,3 +98,40 @@ def test_built_reorch_model_serves_the_whole_models_outputs(built):
         index = int(result.get_response().id)
         for name in ("last_hidden_state", "pooler_output"):
             np.testing.assert_allclose(result.as_numpy(name), expected[index].as_numpy(name), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_runs_execute_the_whole_models_graph_and_book_it_on_stage_0(built):
+    out, manifest = built
+    entry = manifest["models"]["lstm"]
+    spec = StagesSpec.from_manifest_entry("lstm", entry)
+    assert spec.whole_onnx == "lstm/1/model.onnx"
+    assert StagesSpec.from_json(spec.to_json()).whole_onnx == spec.whole_onnx
+    whole = make_whole_executor(spec, out)
+    calls = []
+    run = whole.run
+    whole.run = lambda feeds: calls.append(len(feeds)) or run(feeds)
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=16, fuse_max_overhead_share=0.0, stage_overhead_us=1e6),
+                          make_ort_executors(spec, out), Answers(), whole=whole)
+    reference = ort.InferenceSession(str(out / "lstm" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    requests = [random_request(rng, entry, 1, 8) for _ in range(4)]
+    try:
+        answers = engine.run_inline(list(enumerate(requests)))  # the stages are "too cheap": fuse, inline
+    finally:
+        engine.close()
+    assert answers is not None and calls == [1]
+    for (index, answer), request in zip(answers, requests):
+        assert answer.kind == SUCCESS, answer.message
+        assert answer.record["ops"] == [{"op": "fuse", "stage": 0}]
+        times = answer.record["stage_times_us"]
+        assert len(times) == len(spec.stages) and times[0][1] > 0 and all(t[1] == 0 for t in times[1:])
+        want = reference.run(["logits"], request)[0]
+        np.testing.assert_allclose(answer.outputs["logits"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_no_whole_executor_where_the_repository_lacks_the_whole_graph(built, tmp_path):
+    out, manifest = built
+    spec = StagesSpec.from_manifest_entry("lstm", manifest["models"]["lstm"])
+    assert make_whole_executor(spec, tmp_path) is None  # fused runs then chain the stage graphs
+    spec.whole_onnx = ""
+    assert make_whole_executor(spec, out) is None

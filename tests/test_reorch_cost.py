@@ -8,9 +8,9 @@ from reorch_models import random_sequence_request, write_sequence_chain
 from reorch_sim import Simulation, make_scheduler
 from test_reorch_engine import Answers
 
-from backends.reorch.cost import FUSE, WHOLE, CostModel, interpolate_ms
+from backends.reorch.cost import FUSE, WHOLE, ArrivalMeter, CostModel, interpolate_ms
 from backends.reorch.engine import OVERLOADED, SUCCESS, ReorchEngine, default_inflight_rows
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors
 from backends.reorch.metrics import OPERATIONS_TOTAL, CountingMetrics
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.scheduler import OPERATIONS, make_requests
@@ -34,17 +34,66 @@ def test_fuse_always_when_stages_are_too_cheap_for_the_boundary_overhead():
     assert not CostModel.from_tables([{}, {}, {}]).fuse_always()  # no tables: no decision
 
 
-@pytest.mark.parametrize("busy, waiting, diverse, rate, want", [
-    (False, 0, False, 0.0, True),  # idle, one batch, no diversity: the whole model
-    (True, 0, False, 0.0, False),  # another batch is in the pipeline: stretch may pay
-    (False, 3, False, 0.0, False),  # requests wait behind this batch
-    (False, 0, True, 0.0, False),  # length diversity the policy uses (bucketing)
-    (False, 0, False, 1 / 1000, False),  # ~6 arrivals expected during the 6 ms chain
+@pytest.mark.parametrize("busy, waiting, diverse, rate, steady, want", [
+    (False, 0, False, 0.0, False, True),  # idle, one batch, no diversity: the whole model
+    (True, 0, False, 0.0, False, False),  # another batch is in the pipeline during a burst: stretch may pay
+    (False, 3, False, 0.0, False, False),  # requests wait behind this batch during a burst
+    (False, 0, True, 0.0, False, False),  # length diversity the policy uses (bucketing)
+    (False, 0, False, 1 / 1000, False, False),  # a burst: ~6 arrivals expected during the 6 ms chain
+    (True, 3, False, 1 / 1000, True, True),  # the same load, steady: nothing to gain from boundaries
+    (False, 0, True, 1 / 1000, True, False),  # steady, but lengths differ: bucketing may pay
 ])
-def test_run_whole_only_without_load_or_diversity(busy, waiting, diverse, rate, want):
+def test_run_whole_only_without_load_or_length_diversity(busy, waiting, diverse, rate, steady, want):
     model = CostModel.from_tables(COSTLY)
     assert model.run_whole(1, pipeline_busy=busy, waiting_behind=waiting, diverse=diverse,
-                           arrival_rate_per_us=rate) is want
+                           arrival_rate_per_us=rate, steady=steady) is want
+
+
+def poisson_batches(rng, rate_per_us: float, until_us: int, start_us: int = 0):
+    """(time, count) of Poisson arrivals, grouped as a dynamic batcher with a 1 ms window would."""
+    now, batches = start_us, []
+    while now < until_us:
+        now += int(rng.exponential(1 / rate_per_us))
+        if batches and now - batches[-1][0] < 1000:
+            batches[-1] = (batches[-1][0], batches[-1][1] + 1)
+        else:
+            batches.append((now, 1))
+    return batches
+
+
+def test_arrival_meter_calls_steady_poisson_load_steady_and_an_on_off_source_bursty():
+    rng = np.random.default_rng(0)
+    steady = ArrivalMeter(short_us=200_000, ratio=2.0)
+    verdicts = []
+    for at, count in poisson_batches(rng, 100 / 1e6, 10_000_000):  # 100 req/s for 10 s
+        steady.note(count, at)
+        verdicts.append(steady.bursty(at))
+    assert sum(verdicts) / len(verdicts) < 0.01
+    bursty = ArrivalMeter(short_us=200_000, ratio=2.0)
+    for at, count in poisson_batches(rng, 10 / 1e6, 3_000_000):  # 10 req/s, then 200 req/s
+        bursty.note(count, at)
+    assert not bursty.bursty(3_000_000)
+    on = poisson_batches(rng, 200 / 1e6, 3_300_000, start_us=3_000_000)
+    for at, count in on:
+        bursty.note(count, at)
+    assert bursty.bursty(on[-1][0])
+    assert not ArrivalMeter(short_us=200_000, ratio=0.0).bursty(0)  # ratio 0: never bursty
+    resumed = 60_000_000  # the same 200 req/s after a minute of silence: steady from its start
+    later = [(at, count) for at, count in poisson_batches(rng, 200 / 1e6, resumed + 500_000, start_us=resumed)]
+    for at, count in later:
+        bursty.note(count, at)
+    assert not bursty.bursty(later[-1][0])
+
+
+def test_inline_decision_runs_steady_fixed_length_load_whole_even_with_requests_inside():
+    scheduler = make_scheduler("dva", latency_tables_ms=COSTLY)  # a 6 ms chain: boundaries could pay
+    rng = np.random.default_rng(1)
+    decisions = [scheduler.inline_decision([1] * count, [None] * count, at)
+                 for at, count in poisson_batches(rng, 1 / 1000, 3_000_000)]  # ~6 arrivals per chain
+    assert decisions.count(WHOLE) / len(decisions) > 0.95
+    assert scheduler.operation_counts[WHOLE] == decisions.count(WHOLE)
+    scheduler.add_requests(make_requests([1], 3_000_000, first_id=0), 3_000_000)  # a batch is inside
+    assert scheduler.inline_decision([1], [None], 3_001_000) == WHOLE
 
 
 def test_operations_tuple_names_the_new_decisions():
@@ -96,7 +145,7 @@ def _engine(tmp_path, tables, **knob_values):
         stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
     spec = StagesSpec.from_manifest_entry("seqm", entry)
     answers, metrics = Answers(), CountingMetrics()
-    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, **knob_values), make_ort_runners(spec, tmp_path),
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, **knob_values), make_ort_executors(spec, tmp_path),
                           answers, metrics=metrics)
     return engine, answers, reference, metrics
 
@@ -144,7 +193,7 @@ def test_default_admission_limit_is_sized_from_memory(tmp_path):
 
 
 class FailOnDemand:
-    """Wraps a stage runner; raises MemoryError (as onnxruntime does on a too-big batch) while armed."""
+    """Wraps a stage executor; raises MemoryError (as onnxruntime does on a too-big batch) while armed."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -158,8 +207,8 @@ class FailOnDemand:
 
 def test_a_failure_inside_a_fused_chain_names_its_stage_and_later_batches_go_on(tmp_path):
     engine, answers, _, _ = _engine(tmp_path, CHEAP)
-    failing = FailOnDemand(engine.runners[1])
-    engine.runners[1] = failing
+    failing = FailOnDemand(engine.executors[1])
+    engine.executors[1] = failing
     request = random_sequence_request(np.random.default_rng(1), 1, 6)
     try:
         failing.armed = True
@@ -227,16 +276,16 @@ def test_fused_chain_keeps_boundary_tensors_as_device_values(tmp_path, provider,
     for stage, table in zip(entry["stages"], CHEAP):
         stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
     spec = StagesSpec.from_manifest_entry("seqm", entry)
-    runners = make_ort_runners(spec, tmp_path, execution_provider=provider)
+    executors = make_ort_executors(spec, tmp_path, execution_provider=provider)
     seen: list[str] = []
-    for runner in runners:
-        bound = runner.run_bound
+    for executor in executors:
+        bound = executor.run_bound
 
         def spy(feeds, *, keep_on_device, _bound=bound):
             seen.extend(type(v).__name__ for v in feeds.values())
             return _bound(feeds, keep_on_device=keep_on_device)
-        runner.run_bound = spy
-    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, device_boundaries=mode), runners, Answers())
+        executor.run_bound = spy
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, device_boundaries=mode), executors, Answers())
     rng = np.random.default_rng(2)
     requests = [random_sequence_request(rng, 1, n) for n in (4, 9)]
     try:

@@ -11,7 +11,7 @@ import pytest
 from reorch_models import random_sequence_request, write_mlp_chain, write_sequence_chain
 
 from backends.reorch.engine import CANCELLED, INVALID, SHUTDOWN, STAGE_ERROR, SUCCESS, ReorchEngine
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors
 from backends.reorch.metrics import REQUESTS_TOTAL, CountingMetrics
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from backends.reorch.spec import StagesSpec
@@ -42,7 +42,7 @@ class Answers:
         assert not self.twice
 
 
-def make_engine(tmp_path, kind="sequence", policy="dva", runners=None, probe=None, **knob_values):
+def make_engine(tmp_path, kind="sequence", policy="dva", executors=None, probe=None, **knob_values):
     if kind == "sequence":
         entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
         name = "seqm"
@@ -55,7 +55,7 @@ def make_engine(tmp_path, kind="sequence", policy="dva", runners=None, probe=Non
     knobs = ReorchKnobs(**knob_values)
     answers = Answers()
     metrics = CountingMetrics()
-    engine = ReorchEngine(spec, policy, knobs, runners or make_ort_runners(spec, tmp_path), answers,
+    engine = ReorchEngine(spec, policy, knobs, executors or make_ort_executors(spec, tmp_path), answers,
                           metrics=metrics, cancel_probe=probe)
     return engine, answers, reference, metrics
 
@@ -130,8 +130,8 @@ def test_bucketing_shows_up_in_records_and_metrics(tmp_path, policy, want_bucket
                if family == "stagebatch_reorch_stage_samples_total") == 3 * len(requests)
 
 
-class PoisonRunner:
-    """Wraps a runner; raises when the batch carries NaN (the poison request's x)."""
+class PoisonExecutor:
+    """Wraps an executor; raises when the batch carries NaN (the poison request's x)."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -145,9 +145,9 @@ class PoisonRunner:
 def test_a_stage_that_raises_fails_only_its_batch_and_the_engine_goes_on(tmp_path):
     entry, reference = write_mlp_chain(tmp_path)
     spec = StagesSpec.from_manifest_entry("mlp", entry)
-    runners = make_ort_runners(spec, tmp_path)
+    executors = make_ort_executors(spec, tmp_path)
     engine, answers, reference, metrics = make_engine(
-        tmp_path, "mlp", "pipeline", runners=[runners[0], PoisonRunner(runners[1])])
+        tmp_path, "mlp", "pipeline", executors=[executors[0], PoisonExecutor(executors[1])])
     poison = {"x": np.full((1, 4), np.nan, np.float32)}
     good = {"x": np.ones((1, 4), np.float32)}
     try:
@@ -185,7 +185,7 @@ def test_bad_requests_are_answered_at_once_with_invalid(tmp_path, bad, message):
     assert answers.by_handle["good"].kind == SUCCESS
 
 
-class SlowRunner:
+class SlowExecutor:
     def __init__(self, inner, delay_s: float) -> None:
         self.inner, self.delay_s = inner, delay_s
 
@@ -197,10 +197,10 @@ class SlowRunner:
 def test_cancelled_requests_are_dropped_at_the_next_boundary(tmp_path):
     entry, _ = write_mlp_chain(tmp_path)
     spec = StagesSpec.from_manifest_entry("mlp", entry)
-    runners = [SlowRunner(r, 0.05) for r in make_ort_runners(spec, tmp_path)]
+    executors = [SlowExecutor(r, 0.05) for r in make_ort_executors(spec, tmp_path)]
     cancelled = {"c1", "c2"}
     engine, answers, _, _ = make_engine(
-        tmp_path, "mlp", "pipeline", runners=runners,
+        tmp_path, "mlp", "pipeline", executors=executors,
         probe=lambda handles: [h in cancelled for h in handles])
     x = {"x": np.ones((1, 4), np.float32)}
     try:
@@ -217,8 +217,8 @@ def test_cancelled_requests_are_dropped_at_the_next_boundary(tmp_path):
 def test_close_answers_everything_pending_and_later_requests(tmp_path):
     entry, _ = write_mlp_chain(tmp_path)
     spec = StagesSpec.from_manifest_entry("mlp", entry)
-    runners = [SlowRunner(r, 0.2) for r in make_ort_runners(spec, tmp_path)]
-    engine, answers, _, _ = make_engine(tmp_path, "mlp", "dva", runners=runners)
+    executors = [SlowExecutor(r, 0.2) for r in make_ort_executors(spec, tmp_path)]
+    engine, answers, _, _ = make_engine(tmp_path, "mlp", "dva", executors=executors)
     x = {"x": np.ones((1, 4), np.float32)}
     engine.submit([(i, x) for i in range(5)])
     engine.close()

@@ -8,11 +8,13 @@ passes in, and makes two decisions, each counted as an operation:
   one feed build and one split per stage, plus scheduling under the lock). If ``K`` stage launches
   would add more than ``fuse_max_overhead_share`` of the chain's own batch-1 latency, every batch
   runs the whole chain as one fused stage (no boundary, no re-forming);
-- **whole** (per batch): nothing can join or leave the batch on its way, so the stage boundaries
-  only cost: no other batch is in the pipeline, nothing is waiting behind this batch, its rows have
-  no length diversity the policy would use (no bucketing), and fewer than ``whole_max_arrivals``
-  requests are expected to arrive while the chain runs (arrival rate x chain latency). Then the
-  batch runs the chain fused, exactly like the whole model would.
+- **whole** (per batch): the stage boundaries can only cost, because there is neither length nor
+  load diversity: the batch's rows have no length spread the policy would use (no bucketing) and
+  either the load is steady (no burst: ``ArrivalMeter``), or no other batch is in the pipeline,
+  nothing waits behind this batch and fewer than ``whole_max_arrivals`` requests are expected while
+  the chain runs (arrival rate x chain latency). Then the batch runs the chain fused, exactly like
+  the whole model would. Under steady load with fixed lengths every batch does: re-forming batches
+  pays only where lengths differ or bursts arrive (DVABatch's cases).
 
 Without latency tables (hand-written test models) the model makes no decisions.
 """
@@ -20,6 +22,7 @@ Without latency tables (hand-written test models) the model makes no decisions.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -67,8 +70,68 @@ class CostModel:
         return overhead_us > self.fuse_max_overhead_share * self.chain_us(1)
 
     def run_whole(self, rows: int, *, pipeline_busy: bool, waiting_behind: int, diverse: bool,
-                  arrival_rate_per_us: float) -> bool:
-        """Per batch: would this batch gain nothing from stage boundaries right now?"""
-        if not self.has_tables or pipeline_busy or waiting_behind > 0 or diverse:
+                  arrival_rate_per_us: float, steady: bool = False) -> bool:
+        """Per batch: would this batch gain nothing from stage boundaries right now?
+
+        ``steady``: the load has no bursts (``ArrivalMeter.bursty`` is False).
+        """
+        if not self.has_tables or diverse:
+            return False
+        if steady:
+            return True
+        if pipeline_busy or waiting_behind > 0:
             return False
         return arrival_rate_per_us * self.chain_us(rows) < self.whole_max_arrivals
+
+
+class ArrivalMeter:
+    """Load diversity: is the arrival rate bursting above its recent level?
+
+    Two exponentially weighted request counts in continuous time, with time constants ``short_us``
+    and ``10 x short_us``; each divided by its time constant is a rate. The load counts as bursty
+    while the short-term rate exceeds ``ratio`` x the long-term one. Poisson arrivals at a steady
+    rate stay below 2x (with at least a handful of requests per short window); an on/off source
+    goes far above it when it switches on (from its low "off" rate; load resuming after a silence longer
+than the long window starts the meter afresh). ``ratio`` 0: no load is ever bursty.
+    """
+
+    LONG_OVER_SHORT = 10
+
+    def __init__(self, short_us: float, ratio: float) -> None:
+        self.short_us = max(1.0, float(short_us))
+        self.long_us = self.short_us * self.LONG_OVER_SHORT
+        self.ratio = ratio
+        self._short = self._long = 0.0
+        self._at_us: int | None = None
+        self._first_us: int | None = None
+
+    def note(self, count: int, now_us: int) -> None:
+        """``count`` requests arrived at ``now_us`` (one dynamic-batcher batch). After a silence longer
+        than the long window the meter starts afresh: load resuming from idle is judged on its own."""
+        if self._at_us is not None and now_us - self._at_us > self.long_us:
+            self._at_us = self._first_us = None
+        self._short, self._long = self._decayed(now_us)
+        self._short += count
+        self._long += count
+        self._at_us = now_us
+        if self._first_us is None:
+            self._first_us = now_us
+
+    def rates_per_us(self, now_us: int) -> tuple[float, float]:
+        """(short-term, long-term) arrival rates. The long-term one is bias-corrected over the time
+        since the first arrival, so a steady load is not taken for a burst while the meter warms up."""
+        short, long = self._decayed(now_us)
+        seen_us = max(1.0, now_us - (self._first_us if self._first_us is not None else now_us))
+        return short / self.short_us, long / (self.long_us * -math.expm1(-seen_us / self.long_us))
+
+    def bursty(self, now_us: int) -> bool:
+        if self.ratio <= 0 or self._at_us is None:
+            return False
+        short, long = self.rates_per_us(now_us)
+        return short > self.ratio * long
+
+    def _decayed(self, now_us: int) -> tuple[float, float]:
+        if self._at_us is None:
+            return 0.0, 0.0
+        elapsed = max(0, now_us - self._at_us)
+        return self._short * math.exp(-elapsed / self.short_us), self._long * math.exp(-elapsed / self.long_us)

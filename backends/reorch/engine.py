@@ -1,4 +1,4 @@
-"""The reorchestrator engine: the pure scheduler, the stage runners and the tensors, joined by threads.
+"""The reorchestrator engine: the pure scheduler, the stage executors and the tensors, joined by threads.
 
 No Triton import: ``model.py`` hands requests in as ``(handle, {name: array})`` and gets every
 answer back through ``respond(handle, answer)``, exactly once per request, from whichever thread
@@ -29,7 +29,7 @@ import numpy as np
 from backends.common.tensors import value_range_violation
 
 from .errors import BadRequestError
-from .executor import StageRunner, build_feeds, split_outputs
+from .executor import StageExecutor, build_feeds, split_outputs
 from .metrics import CountingMetrics
 from .policies import ReorchKnobs, StageContext, create_policy
 from .scheduler import Completion, Request, StageLaunch, StageScheduler
@@ -85,20 +85,23 @@ def default_inflight_rows(spec: StagesSpec, memory_bytes: int | None) -> int:
 class ReorchEngine:
     """Serve requests through the stages of ``spec`` under ``policy``; answers through ``respond``."""
 
-    def __init__(self, spec: StagesSpec, policy: str, knobs: ReorchKnobs, runners: Sequence[StageRunner],
+    def __init__(self, spec: StagesSpec, policy: str, knobs: ReorchKnobs, executors: Sequence[StageExecutor],
                  respond: Callable[[Any, Answer], None], *, metrics: CountingMetrics | None = None,
                  cancel_probe: Callable[[Sequence[Any]], Sequence[bool]] | None = None,
                  cancel_poll_s: float = 0.2, metrics_flush_s: float = 1.0,
-                 clock_us: Callable[[], int] = wall_clock_us) -> None:
-        if len(runners) != len(spec.stages):
-            raise ValueError(f"{len(runners)} stage runners for {len(spec.stages)} stages")
+                 clock_us: Callable[[], int] = wall_clock_us, whole: StageExecutor | None = None) -> None:
+        if len(executors) != len(spec.stages):
+            raise ValueError(f"{len(executors)} stage executors for {len(spec.stages)} stages")
         context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
                                max_sequence_length=(spec.max_length or 1 << 30) if spec.is_sequence else None,
                                latency_tables_ms=tuple(spec.latency_tables_ms))
         self.spec = spec
         self.knobs = knobs
         self.scheduler = StageScheduler(create_policy(policy, knobs, context))
-        self.runners = list(runners)
+        self.executors = list(executors)
+        # A fused run of the whole chain executes the whole model's graph where there is one: the same
+        # work as the whole model (the K stage graphs cost 10-15% more on CPU: docs/reorch.md).
+        self.whole = whole
         self.metrics = metrics if metrics is not None else CountingMetrics()
         self._respond = respond
         self._cancel_probe = cancel_probe
@@ -109,7 +112,7 @@ class ReorchEngine:
         # "auto": on where every stage runs on CUDA; "on" forces the I/O-binding path (tests on CPU).
         self._device_boundaries = knobs.device_boundaries == "on" or (
             knobs.device_boundaries == "auto"
-            and all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_bound") for r in runners))
+            and all(getattr(r, "device", "cpu") == "cuda" and hasattr(r, "run_bound") for r in executors))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -343,6 +346,8 @@ class ReorchEngine:
         Returns (per-member tensors still needed after ``last``, or None; the error, if a stage raised;
         the index of the last stage run). Appends each stage's compute time (µs) to ``compute_us``.
         """
+        if self.whole is not None and first == 0 and last == len(self.spec.stages) - 1:
+            return self._run_whole(members, pad_to, rows, lengths, compute_us)
         batched: dict[str, Any] = {}
         index = first
         # Device data path: in a fused run, boundary tensors stay on the device between stages
@@ -354,9 +359,9 @@ class ReorchEngine:
             try:
                 feeds = build_feeds(self.spec, stage, members, pad_to, batched)
                 if bound:
-                    outputs = self.runners[index].run_bound(feeds, keep_on_device=index < last)
+                    outputs = self.executors[index].run_bound(feeds, keep_on_device=index < last)
                 else:
-                    outputs = self.runners[index].run(feeds)
+                    outputs = self.executors[index].run(feeds)
                 if index == last:
                     return (split_outputs(self.spec, stage, outputs, rows, lengths, batched=batched,
                                           keep=self._needed_after[index]), None, index)
@@ -369,6 +374,27 @@ class ReorchEngine:
                 compute_us.append(int((time.perf_counter() - started) * 1e6))
                 self.metrics.stage_compute(index, compute_us[-1])
         return None, "no stage ran", index
+
+    def _run_whole(self, members: list[dict[str, np.ndarray]], pad_to: int | None, rows: list[int],
+                   lengths: list[int | None], compute_us: list[int]
+                   ) -> tuple[list[dict[str, np.ndarray]] | None, str | None, int]:
+        """``_run_stages`` of the whole chain on the whole model's graph. Its compute time is booked on
+        stage 0 (the other stages get 0), so a request's stage times still add up; a failure is
+        reported as stage 0's, naming the whole graph."""
+        assert self.whole is not None
+        last = len(self.spec.stages) - 1
+        started = time.perf_counter()
+        try:
+            outputs = self.whole.run(build_feeds(self.spec, self.whole.stage, members, pad_to))
+            return split_outputs(self.spec, self.whole.stage, outputs, rows, lengths), None, last
+        except Exception as exc:  # fails exactly this batch, like a stage
+            error = f"the whole-model graph of the fused chain: {type(exc).__name__}: {exc}"
+            LOGGER.warning("fused chain failed for a batch of %d rows: %s", sum(rows), error)
+            return None, error, 0
+        finally:
+            elapsed_us = int((time.perf_counter() - started) * 1e6)
+            compute_us.extend([elapsed_us] + [0] * last)
+            self.metrics.stage_compute(0, elapsed_us)
 
     def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
                  lengths: list[int | None]) -> tuple | None:

@@ -1,6 +1,6 @@
-"""Stage runners and the per-launch data path (numpy; no Triton).
+"""Stage executors and the per-launch data path (numpy; no Triton).
 
-A stage runner maps ``{input name: batched array}`` to ``{output name: batched array}``. The
+A stage executor maps ``{input name: batched array}`` to ``{output name: batched array}``. The
 default runs the stage's ONNX graph with onnxruntime in-process (one session per stage; ORT
 releases the GIL while it computes, so stage threads overlap). ``build_feeds`` and ``split_outputs``
 turn per-request tensors into a launch's batch and back (padding and cutting sequence tensors).
@@ -8,6 +8,7 @@ turn per-request tensors into a launch's batch and back (padding and cutting seq
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -20,12 +21,18 @@ from backends.common.tensors import concat_rows, split_rows
 from .errors import StageContractError
 from .spec import StageSpec, StagesSpec
 
+LOGGER = logging.getLogger(__name__)
+# The index a whole-model executor carries (it is no stage of the chain).
+WHOLE_GRAPH = -1
 
-class StageRunner(Protocol):
+
+class StageExecutor(Protocol):
+    stage: StageSpec  # the graph's contract: input and output names
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-class OrtStageRunner:
+class OrtStageExecutor:
     """One stage's ONNX graph on onnxruntime (CPU, or CUDA when asked and available).
 
     ``run_bound`` is the device data path (onnxruntime I/O binding): inputs may be OrtValues
@@ -46,6 +53,9 @@ class OrtStageRunner:
             raise StageContractError(f"stage {stage.index} ({onnx_path}) has no graph inputs named "
                                      f"{sorted(missing)}; it has {sorted(graph_inputs)}")
         self.input_names = [name for name in stage.inputs]
+        missing = set(stage.outputs) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise StageContractError(f"graph {onnx_path} has no outputs named {sorted(missing)}")
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
@@ -68,11 +78,31 @@ class OrtStageRunner:
         return {name: value if keep_on_device else value.numpy() for name, value in zip(self.output_names, values)}
 
 
-def make_ort_runners(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
-                     execution_provider: str = "cpu") -> list[OrtStageRunner]:
+def make_ort_executors(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
+                       execution_provider: str = "cpu") -> list[OrtStageExecutor]:
     root = Path(repository_root)
-    return [OrtStageRunner(root / stage.onnx, stage, intra_op_threads=intra_op_threads,
-                           execution_provider=execution_provider) for stage in spec.stages]
+    return [OrtStageExecutor(root / stage.onnx, stage, intra_op_threads=intra_op_threads,
+                             execution_provider=execution_provider) for stage in spec.stages]
+
+
+def make_whole_executor(spec: StagesSpec, repository_root: Path | str, *, intra_op_threads: int = 1,
+                        execution_provider: str = "cpu") -> OrtStageExecutor | None:
+    """The whole model's graph (``spec.whole_onnx``) as one executor for fused runs, or None where the
+    repository has no such graph or it does not take the model's inputs and give its outputs (fused
+    runs then chain the stage graphs)."""
+    if not spec.whole_onnx:
+        return None
+    path = Path(repository_root) / spec.whole_onnx
+    if not path.is_file():
+        LOGGER.warning("no whole-model graph at %s: fused runs chain the %d stage graphs", path, len(spec.stages))
+        return None
+    whole = StageSpec(WHOLE_GRAPH, spec.whole_onnx, tuple(t.name for t in spec.inputs),
+                      tuple(t.name for t in spec.outputs), spec.max_batch_size)
+    try:
+        return OrtStageExecutor(path, whole, intra_op_threads=intra_op_threads, execution_provider=execution_provider)
+    except StageContractError as error:
+        LOGGER.warning("the whole-model graph does not fit the chain (%s): fused runs chain the stage graphs", error)
+        return None
 
 
 def build_feeds(spec: StagesSpec, stage: StageSpec, members: Sequence[Mapping[str, np.ndarray]],

@@ -1,8 +1,9 @@
 """Triton Python-backend model of the stage reorchestrator (``NAME_reorch``). Glue only.
 
-Not decoupled. Where the cost model says stage boundaries cannot pay (``fuse``, or ``whole`` when
-nothing else is inside), ``execute`` runs the batch's chain fused and returns its responses, like the
-whole model (one response message per batch). Otherwise it is answered later: ``execute`` hands
+Not decoupled. Where the cost model says stage boundaries cannot pay (``fuse``, or ``whole``: steady
+load and no length diversity, or no load), ``execute`` runs the batch's chain fused, on the whole
+model's graph where the repository has it, and returns its responses, like the whole model (one
+response message per batch). Otherwise it is answered later: ``execute`` hands
 each request's tensors and response sender to the engine and returns ``None`` at once, so Triton gives the instance its next batch while earlier
 requests are still inside (cross-request batching); the engine's threads answer each request
 exactly once through its sender (one response + FINAL flag). Unary gRPC, HTTP and gRPC streaming
@@ -31,7 +32,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.reorch.engine import CANCELLED, INVALID, OVERLOADED, SHUTDOWN, Answer, ReorchEngine
-from backends.reorch.executor import make_ort_runners
+from backends.reorch.executor import make_ort_executors, make_whole_executor
 from backends.reorch.metrics import TritonMetrics
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER, StagesSpec
@@ -65,7 +66,9 @@ class TritonPythonModel:
         root = parameters.get("repository_root") or os.path.dirname(os.path.abspath(model_dir))
         knobs = ReorchKnobs.from_parameters(parameters)
         provider = "cuda" if args.get("model_instance_kind") == "GPU" else parameters.get("execution_provider", "cpu")
-        runners = make_ort_runners(spec, root, intra_op_threads=knobs.intra_op_threads, execution_provider=provider)
+        executors = make_ort_executors(spec, root, intra_op_threads=knobs.intra_op_threads, execution_provider=provider)
+        whole = make_whole_executor(spec, root, intra_op_threads=knobs.intra_op_threads,
+                                    execution_provider=provider) if knobs.fused_graph == "whole" else None
         self.output_dtypes = {
             output["name"]: pb_utils.triton_string_to_numpy(output["data_type"]) for output in config["output"]
         }
@@ -77,11 +80,12 @@ class TritonPythonModel:
             spec,
             parameters.get("policy", "dva"),
             knobs,
-            runners,
+            executors,
             self._respond,
             metrics=TritonMetrics(pb_utils, args["model_name"], len(spec.stages)),
             cancel_probe=self._cancelled if cancel_poll_ms > 0 else None,
             cancel_poll_s=cancel_poll_ms / 1000,
+            whole=whole,
         )
 
     def execute(self, requests):

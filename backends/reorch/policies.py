@@ -42,6 +42,7 @@ class BatchPolicy(str, enum.Enum):
 
 
 COST_MODEL_MODES = ("auto", "on", "off")
+FUSED_GRAPHS = ("whole", "stages")
 
 
 @dataclass
@@ -82,12 +83,19 @@ class ReorchKnobs:
     """Cost model: fuse every batch when K boundaries would add more than this share of the chain at batch 1."""
     whole_max_arrivals: float = 0.5
     """Cost model: run a batch as the whole chain when fewer requests are expected during it (and no diversity)."""
+    burst_rate_ratio: float = 2.0
+    """Cost model: the load is bursty while the arrival rate over ``burst_window_ms`` exceeds this x the rate over
+    ten times that window; steady load with no length diversity runs like the whole model. 0 = never bursty."""
+    burst_window_ms: float = 200.0
+    """Cost model: the short window of the burst test (the long one is ten times longer)."""
     max_inflight_rows: int = 0
     """Admission limit: rows inside at once; beyond it answer UNAVAILABLE at once. 0 = sized from memory."""
     responder_threads: int = 1
     """Threads that send answers (more only where parallel sends are safe: docs/reorch.md)."""
     device_boundaries: str = "auto"
     """Fused chains keep boundary tensors on the device (I/O binding): auto (= where every stage runs on CUDA), on, off."""
+    fused_graph: str = "whole"
+    """What a fused run of the whole chain executes: whole (the whole model's graph, where the repository has it) or stages."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -112,11 +120,14 @@ class ReorchKnobs:
         need(self.cost_model in COST_MODEL_MODES, "cost_model", f"must be one of {', '.join(COST_MODEL_MODES)}")
         need(self.stage_overhead_us >= 0, "stage_overhead_us", "must be >= 0")
         need(self.fuse_max_overhead_share >= 0, "fuse_max_overhead_share", "must be >= 0")
-        need(self.whole_max_arrivals >= 0, "whole_max_arrivals", "must be >= 0 (0 = never run whole)")
+        need(self.whole_max_arrivals >= 0, "whole_max_arrivals", "must be >= 0 (0 = only under steady load)")
+        need(self.burst_rate_ratio >= 0, "burst_rate_ratio", "must be >= 0 (0 = never bursty)")
+        need(self.burst_window_ms > 0, "burst_window_ms", "must be > 0")
         need(self.max_inflight_rows >= 0, "max_inflight_rows", "must be >= 0 (0 = sized from memory)")
         need(self.responder_threads >= 1, "responder_threads", "must be >= 1")
         need(self.device_boundaries in COST_MODEL_MODES[:1] + ("on", "off"), "device_boundaries",
              "must be one of auto, on, off")
+        need(self.fused_graph in FUSED_GRAPHS, "fused_graph", f"must be one of {', '.join(FUSED_GRAPHS)}")
 
     @property
     def merged_rows_limit(self) -> int:

@@ -30,8 +30,8 @@ operations above:
 
 - **fuse**: the stages are too cheap for the per-stage overhead: every batch runs the whole chain
   as one launch (a *fused* batch: no boundary, no re-forming);
-- **whole**: this batch can gain nothing from boundaries now (no load, no diversity): it runs the
-  chain fused, like the whole model.
+- **whole**: this batch can gain nothing from boundaries now (no length diversity, and steady
+  load or no load): it runs the chain fused, like the whole model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .cost import FUSE, WHOLE
+from .cost import FUSE, WHOLE, ArrivalMeter
 from .policies import Policy, bucket_of, default_bucket_bounds
 
 # Every operation name, in the order reports show them (metrics label ``operation``; the one list).
@@ -165,12 +165,15 @@ class StageScheduler:
         self._fuse_always = self.cost is not None and self.cost.fuse_always()
         self._last_arrival_us: int | None = None
         self._arrival_gap_us: float | None = None  # EWMA of the gap between arrivals
+        self.arrivals = ArrivalMeter(self.knobs.burst_window_ms * 1000, self.knobs.burst_rate_ratio)
         self._ids = itertools.count()
 
     # ---- inputs ---------------------------------------------------------------------------------
     def add_requests(self, requests: Iterable[Request], now_us: int) -> list[Completion]:
         """Queue requests at the entry (one call per dynamic-batcher batch); answers them if closed."""
         completions = []
+        requests = list(requests)
+        self.arrivals.note(len(requests), now_us)
         for request in requests:
             if request.request_id in self.requests:
                 raise ValueError(f"request id {request.request_id} is already in the scheduler")
@@ -373,23 +376,27 @@ class StageScheduler:
     def inline_decision(self, rows: Sequence[int], lengths: Sequence[int | None], now_us: int) -> str | None:
         """Whether a whole dynamic-batcher batch may run the chain at once, inside the caller (FUSE or
         WHOLE), instead of entering the scheduler: the cost model says fuse always, or nothing else is
-        inside and the batch gains nothing from boundaries. Notes the arrivals and counts the decision."""
+        inside and the batch gains nothing from boundaries, or the load is steady and the batch has no
+        length diversity (batches already inside go on meanwhile). Notes the arrivals and counts the
+        decision."""
         for _ in rows:
             self._note_arrival(now_us)
+        self.arrivals.note(len(rows), now_us)
         if self.cost is None or self.num_stages < 2 or self.closed_reason is not None:
             return None
         decision = None
         if self._fuse_always:
             decision = FUSE
-        elif not self.requests:
+        else:
             known = [(r, n) for r, n in zip(rows, lengths) if n is not None]
             diverse = False
             if len(known) > 1:
                 padded = sum(r for r, _ in known) * max(n for _, n in known)
                 diverse = 1.0 - sum(r * n for r, n in known) / padded >= self.knobs.bucket_min_saving
             if sum(rows) <= self.knobs.max_batch_rows and self.cost.run_whole(
-                    sum(rows), pipeline_busy=False, waiting_behind=0, diverse=diverse,
-                    arrival_rate_per_us=self.arrival_rate_per_us(now_us)):
+                    sum(rows), pipeline_busy=bool(self.requests), waiting_behind=0, diverse=diverse,
+                    arrival_rate_per_us=self.arrival_rate_per_us(now_us),
+                    steady=not self.arrivals.bursty(now_us)):
                 decision = WHOLE
         if decision is not None:
             self.operation_counts[decision] += 1
@@ -402,7 +409,8 @@ class StageScheduler:
         if self._fuse_always:
             return FUSE
         if self.cost.run_whole(group_rows, pipeline_busy=bool(self.batches), waiting_behind=waiting_behind,
-                               diverse=bucketed, arrival_rate_per_us=self.arrival_rate_per_us(now_us)):
+                               diverse=bucketed, arrival_rate_per_us=self.arrival_rate_per_us(now_us),
+                               steady=not self.arrivals.bursty(now_us)):
             return WHOLE
         return None
 

@@ -3,7 +3,9 @@
 It is the manifest entry of the model (docs/architecture.md) reduced to what serving needs:
 model inputs/outputs, every stage's ONNX path (relative to the repository root), input and output
 names, favoured batch size, measured latency per batch size (``latency_ms``, the cost model's table)
-and the metadata of every tensor (dtype, shape, sequence axis, padding).
+and the metadata of every tensor (dtype, shape, sequence axis, padding). ``whole_onnx`` is the whole
+model's graph (relative to the repository root, may be empty): a fused run executes it instead of
+the K stage graphs, so it costs what the whole model costs.
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ class TensorSpec:
         return out
 
 
+def whole_onnx_path(entry: dict[str, Any]) -> str:
+    """The whole model's graph of a manifest entry, relative to the repository root ("" if unknown).
+
+    The entry's own ``onnx`` where it has one; else the whole-model variant laid out as the stages
+    are (a stage's ``onnx`` is ``<its model_name>/...``: the same path under the whole model's name).
+    """
+    if entry.get("onnx"):
+        return str(entry["onnx"])
+    whole = (entry.get("variants") or {}).get("whole")
+    stages = entry.get("stages") or []
+    first = stages[0] if stages else {}
+    prefix = f"{first.get('model_name', '')}/"
+    if not whole or prefix == "/" or not str(first.get("onnx", "")).startswith(prefix):
+        return ""
+    return f"{whole}/{first['onnx'][len(prefix):]}"
+
+
 @dataclass(frozen=True)
 class StageSpec:
     index: int
@@ -93,6 +112,7 @@ class StagesSpec:
     tensors: dict[str, TensorSpec] = field(default_factory=dict)  # every tensor by name (inputs, boundaries, outputs)
     max_length: int | None = None  # sequence models: longest accepted sequence
     min_length: int = 1
+    whole_onnx: str = ""  # the whole model's graph, relative to the repository root ("" = unknown)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -169,7 +189,8 @@ class StagesSpec:
             raise ConfigValidationError(f"manifest entry of {model!r} lacks {error} (see the manifest.json "
                                         "schema in docs/architecture.md)") from None
         return cls(model, max_batch, inputs, outputs, stages, tensors,
-                   max_length=sequence.get("max_length"), min_length=int(sequence.get("min_length", 1)))
+                   max_length=sequence.get("max_length"), min_length=int(sequence.get("min_length", 1)),
+                   whole_onnx=whole_onnx_path(entry))
 
     def to_json(self) -> str:
         return json.dumps({
@@ -182,6 +203,7 @@ class StagesSpec:
             "tensors": {name: t.to_dict() for name, t in self.tensors.items()},
             "sequence": None if self.max_length is None else {"max_length": self.max_length,
                                                               "min_length": self.min_length},
+            "whole_onnx": self.whole_onnx,
         }, indent=1)
 
     @classmethod
@@ -194,7 +216,8 @@ class StagesSpec:
                    [TensorSpec.from_dict(t["name"], t) for t in data["outputs"]],
                    [StageSpec(s["index"], s["onnx"], tuple(s["inputs"]), tuple(s["outputs"]),
                               int(s["favoured_batch_size"]), _latency_table(s)) for s in data["stages"]],
-                   tensors, max_length=sequence.get("max_length"), min_length=int(sequence.get("min_length", 1)))
+                   tensors, max_length=sequence.get("max_length"), min_length=int(sequence.get("min_length", 1)),
+                   whole_onnx=data.get("whole_onnx", ""))
 
     @classmethod
     def load(cls, path: Path | str) -> StagesSpec:
