@@ -14,6 +14,7 @@ from loadtest.client import (
     TritonLoadClient,
     finish_record,
     parse_targets,
+    sender_environment,
 )
 from loadtest.request_factory import RequestFactory, model_entry
 from core.errors import ConfigValidationError
@@ -145,3 +146,12 @@ def test_parse_targets_accepts_one_a_list_or_a_dns_name_and_rejects_the_rest():
 def test_client_rejects_an_unknown_protocol():
     with pytest.raises(ConfigValidationError, match="protocol 'rest' is unknown"):
         _client("whole", "rest", [FakeChannel()], [])
+
+
+def test_sender_environment_turns_the_event_engine_client_off_but_keeps_the_callers_choices():
+    env = sender_environment({"PATH": "/bin", "GRPC_EXPERIMENTS": "event_engine_client,other"})
+    assert env["PATH"] == "/bin"
+    experiments = env["GRPC_EXPERIMENTS"].split(",")
+    assert experiments[:2] == ["event_engine_client", "other"]  # the caller asked for it: kept on
+    assert "-event_engine_client" not in experiments and "-event_engine_callback_cq" in experiments
+    assert "-event_engine_client" in sender_environment({})["GRPC_EXPERIMENTS"].split(",")
