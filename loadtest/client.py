@@ -182,6 +182,13 @@ class _Pending:
         self.t_send_us = 0
         self.late_us = 0
 
+    def wait_until_due(self) -> None:
+        """Sleep until the scheduled time (the scheduler hands open-loop arrivals over a little ahead)."""
+        if self.scheduled_ns is not None:
+            delay_ns = self.scheduled_ns - time.perf_counter_ns()
+            if delay_ns > 0:
+                time.sleep(delay_ns / 1e9)
+
     def stamp(self) -> None:
         """Take the send time now (just before the request goes to gRPC)."""
         self.start_ns = start = time.perf_counter_ns()
@@ -229,6 +236,7 @@ class _ResponseStream:
             pending = requests.get()
             if pending is self._CLOSE:
                 return
+            pending.wait_until_due()
             pending.stamp()
             yield pending.payload
 
@@ -415,7 +423,12 @@ class TritonLoadClient:
 
     def send(self, seq_len: int | None, *, scheduled_ns: int | None = None,
              then: Callable[[], None] | None = None) -> None:
-        """Send one request now; its record goes to ``on_record``, then ``then()`` runs (closed loop)."""
+        """Send one request now, or at ``scheduled_ns`` (``perf_counter_ns``) if that is later.
+
+        Its record goes to ``on_record``, then ``then()`` runs (closed loop). The thread that makes
+        the call waits for the scheduled time itself, so an open-loop scheduler may hand arrivals
+        over a little early and wake once for several of them.
+        """
         with self._lock:  # the factory's cache is shared by the scheduler and the closed-loop callbacks
             self._sent += 1
             request_id = self._prefix + str(next(self._ids))
@@ -428,6 +441,7 @@ class TritonLoadClient:
         self._workers.submit(self._unary[turn], pending)
 
     def _call_unary(self, method: Any, pending: _Pending) -> None:
+        pending.wait_until_due()
         pending.stamp()  # on the thread that makes the call, just before it
         try:
             response = method(pending.payload, timeout=self.client_timeout_s)
