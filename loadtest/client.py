@@ -5,8 +5,9 @@ sending from gevent greenlets made every response hop from gRPC's threads to the
 its timestamp was taken, which added 0.6-1 ms to every latency (issue 10). Here:
 
 * **unary** (``ModelInfer``): the scheduler thread hands each request to a pool of threads that
-  make one blocking call each (the pool grows when no thread is idle); the send time is taken on
-  that thread just before the call, the end time as soon as the call returns;
+  make one blocking call each (the pool grows when no thread is idle); an open-loop request may be
+  handed over early, and its thread waits for the scheduled time; the send time is taken on that
+  thread just before the call, the end time as soon as the call returns;
 * **stream** (``ModelStreamInfer``, the decoupled ``reorch`` variant): one bidirectional stream per
   target; the send time is taken when gRPC pulls the request off the queue to write it, the end
   time by the reader thread as soon as the response arrives; responses are matched by request id.
