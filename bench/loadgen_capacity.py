@@ -18,7 +18,9 @@ the script and gives rough figures):
    median and range of the per-repeat ratios, and the ratio of the percentiles of all repeats'
    requests pooled (thousands of samples: a p99 at 100 req/s rests on 1% of them) with its 95%
    bootstrap interval. The verdict takes the pooled ratio: p50 within 1.00 +- 0.05, p99 within
-   1.00 +- 0.10 (``[sure]`` when the whole interval lies inside the band).
+   1.00 +- 0.10 (``[sure]`` when the whole interval lies inside the band). The interval covers
+   sampling noise only; the spread of the per-repeat ratios shows how much the machine drifted
+   between runs (on a shared machine, far more than the generators differ).
 3. **Generator capacity**: open-loop constant rate against a trivial model (``ident``, y = x + 1)
    from one sending process at ``--loadgen-rate`` (3,000 req/s): late arrivals (sent > 2 ms behind
    schedule), lateness p50/p99, the sender's CPU and its CPU cost per request.
