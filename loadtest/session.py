@@ -19,6 +19,7 @@ delay the first arrivals.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ import gevent
 import gevent.event
 import gevent.subprocess
 
-from loadtest.client import RequestRecord, finish_record
+from loadtest.client import RequestRecord, finish_record, sender_environment
 from loadtest.driver import LoadJob
 from loadtest.sender import read_frame, write_frame
 
@@ -43,7 +44,8 @@ class SenderProcess:
 
     def __init__(self) -> None:
         self.proc = gevent.subprocess.Popen(
-            [sys.executable, "-m", "loadtest.sender"], stdin=gevent.subprocess.PIPE, stdout=gevent.subprocess.PIPE
+            [sys.executable, "-m", "loadtest.sender"], stdin=gevent.subprocess.PIPE, stdout=gevent.subprocess.PIPE,
+            env=sender_environment(os.environ),
         )
         self._ready = gevent.spawn(read_frame, self.proc.stdout)
 

@@ -14,6 +14,7 @@ from loadtest.client import (
     TritonLoadClient,
     finish_record,
     parse_targets,
+    sender_environment,
 )
 from loadtest.request_factory import RequestFactory, model_entry
 from core.errors import ConfigValidationError
@@ -145,3 +146,27 @@ def test_parse_targets_accepts_one_a_list_or_a_dns_name_and_rejects_the_rest():
 def test_client_rejects_an_unknown_protocol():
     with pytest.raises(ConfigValidationError, match="protocol 'rest' is unknown"):
         _client("whole", "rest", [FakeChannel()], [])
+
+
+def test_sender_environment_turns_the_event_engine_client_off_but_keeps_the_callers_choices():
+    env = sender_environment({"PATH": "/bin", "GRPC_EXPERIMENTS": "event_engine_client,other"})
+    assert env["PATH"] == "/bin"
+    experiments = env["GRPC_EXPERIMENTS"].split(",")
+    assert experiments[:2] == ["event_engine_client", "other"]  # the caller asked for it: kept on
+    assert "-event_engine_client" not in experiments and "-event_engine_callback_cq" in experiments
+    assert "-event_engine_client" in sender_environment({})["GRPC_EXPERIMENTS"].split(",")
+
+
+@pytest.mark.parametrize("protocol", ["unary", "stream"])
+def test_client_sends_a_request_handed_over_early_not_before_its_scheduled_time(protocol):
+    channel = FakeChannel(b"{}")
+    records: list[RequestRecord] = []
+    client = _client("reorch", protocol, [channel], records)
+    due_ns = [time.perf_counter_ns() + delay_ms * 1_000_000 for delay_ms in (30, 40)]
+    for scheduled_ns in due_ns:
+        client.send(5, scheduled_ns=scheduled_ns)
+    assert client.wait_idle(10.0)
+    client.close()
+    assert [r.ok for r in records] == [True, True]
+    entered = sorted(entered_ns for _, entered_ns, _ in channel.held)
+    assert all(entered_ns >= scheduled_ns for entered_ns, scheduled_ns in zip(entered, due_ns))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
+import numpy as np
 import pytest
 
 import loadtest.perf_analyzer as pa
-from loadtest.driver import LoadSpec
+from loadtest.driver import LoadJob, LoadSpec
 from loadtest.workloads import ArrivalSpec
 
 MANIFEST = {
@@ -60,3 +62,41 @@ def test_cross_check_is_skipped_for_a_closed_loop_point():
     spec = LoadSpec("ident", "whole", ArrivalSpec("closed", users=2), None, 1.0)
     result = pa.cross_check("127.0.0.1:1", MANIFEST, spec)
     assert result["status"] == "skipped" and "open-loop" in result["reason"]
+
+
+class FakeAnalyzer(pa.PerfAnalyzer):
+    """Writes a profile export like perf_analyzer 2.51's: every scheduled request answered after 1 ms,
+    then ``extra`` more requests past --request-count answered after 50 ms."""
+
+    def __init__(self, extra: int) -> None:
+        super().__init__(pa.Path("perf_analyzer"), pa.Path("."))
+        self.extra = extra
+
+    def run(self, args, timeout_s):
+        count = int(args[args.index("--request-count") + 1])
+        gaps_us = [int(v) for v in open(args[args.index("--request-intervals") + 1]).read().split()]
+        sent_ns, requests = 10**12, []
+        for index in range(count + self.extra):
+            sent_ns += gaps_us[index % len(gaps_us)] * 1000
+            latency_ns = 1_000_000 if index < count else 50_000_000
+            requests.append({"timestamp": sent_ns, "response_timestamps": [sent_ns + latency_ns]})
+        profile = args[args.index("--profile-export-file") + 1]
+        pa.Path(profile).write_text(json.dumps({"experiments": [{"requests": requests[::-1]}]}))
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+
+def test_run_schedule_measures_the_scheduled_requests_after_the_warmup_only_when_perf_analyzer_sends_more():
+    spec = LoadSpec("ident", "whole", ArrivalSpec("constant", rate_rps=100), None, duration_s=1.0, warmup_s=0.5)
+    plan = LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["ident"])
+    result = pa.run_schedule(FakeAnalyzer(extra=5), "127.0.0.1:1", plan)
+    assert result.requests == 100  # the 150 scheduled arrivals less the 50 of the warm-up; not the 5 extra
+    assert result.p99_ms == pytest.approx(1.0)
+
+
+def test_percentile_ratio_is_one_for_the_same_samples_and_finds_a_scaled_tail():
+    rng = np.random.default_rng(1)
+    reference = rng.lognormal(7.5, 0.5, 3000)
+    ratio, low, high = pa.percentile_ratio(reference, reference, 99)
+    assert ratio == 1.0 and low < 1.0 < high
+    ratio, low, high = pa.percentile_ratio(reference * 1.3, reference, 99)
+    assert ratio == pytest.approx(1.3) and low < 1.3 < high and low > 1.0
