@@ -172,7 +172,7 @@ def simulated_capacity(profile: ModelProfile, config: VariantConfig, workload: W
 def check_slo(profile: ModelProfile, slo_ms: float, settings: SimSettings) -> float:
     """Refuse an SLO no configuration can meet; return the batch-1 latency (ms)."""
     floor_ms = batch1_latency_ms(profile, settings)
-    settings = settings.for_variant("whole")
+    settings = settings.for_variant("whole", profile.name)
     if slo_ms <= floor_ms:
         raise BadParameterError(
             f"--slo-ms {slo_ms:g} is below {profile.name}'s batch-1 latency ({floor_ms:.2f} ms: every stage at batch "
