@@ -44,31 +44,20 @@ SCHEMA_VERSION = 1
 ITERATIONS = 3
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
-MIN_SCALE = 0.2  # a fitted scale below this means the line does not explain the data: fall back
 METHOD = ("per MODEL:VARIANT, least squares of each stable point's measured per-stage compute (Triton "
           "statistics / reorch metrics) against the tables' time of the simulated batches: launch_overhead_ms + "
           "compute_scale x tables; request_overhead_ms = median(client avg - server queue - server compute)")
 
 
-def _fit_line(observations: list[tuple[float, float]], pooled_scale: float | None) -> tuple[float, float]:
-    """(launch_overhead_ms, compute_scale) of ``measured = launch + scale x table`` over (table, measured) pairs.
+def _fit_launch(observations: list[tuple[float, float]]) -> float:
+    """``launch_overhead_ms`` of ``measured = launch + table`` over (table, measured) pairs: the mean excess.
 
-    With fewer than 3 pairs, or tables that hardly differ, the slope cannot be told from the
-    intercept: the pooled scale (of the variant over every model) is kept and only the launch cost fitted.
-    A line that needs a negative launch cost or a scale below ``MIN_SCALE`` is not believed either.
+    The tables are taken at face value (the same onnxruntime session, timed alone); what the server
+    adds is a cost per launch. A slope fitted to these points would be told apart from the intercept
+    only by the differences between stages, not by batch size (light points form batches of about 1),
+    and it extrapolates badly to the large batches of heavy load.
     """
-    tables = np.array([t for t, _ in observations])
-    measured = np.array([m for _, m in observations])
-    identifiable = len(observations) >= 3 and tables.max() >= 1.3 * tables.min()
-    if (pooled_scale is None or identifiable) and len(observations) >= 2 and tables.max() > tables.min():
-        slope, intercept = np.polyfit(tables, measured, 1)
-        if slope >= MIN_SCALE and intercept >= 0:
-            return float(intercept), float(slope)
-    scale = pooled_scale or 1.0
-    launch = float(np.mean(measured - scale * tables))
-    if launch >= 0:
-        return launch, float(scale)
-    return 0.0, float(measured @ tables / (tables @ tables))  # no fixed cost: a line through the origin
+    return max(0.0, statistics.fmean(m - t for t, m in observations))
 
 
 def _outside_ms(record: dict[str, Any], requests: list[dict] | None) -> float:
@@ -94,10 +83,9 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
         result = simulate(profile, config, workload, settings)
         key = f"{profile.name}:{config.variant}"
         measured_stages = record["server"]["stages"]
-        light = all((s.get("avg_batch_size") or 1.0) <= LIGHT_BATCH for s in measured_stages)
+        if not all((s.get("avg_batch_size") or 1.0) <= LIGHT_BATCH for s in measured_stages):
+            continue  # launches overlap, requests queue and the load generator competes: times are not costs
         for simulated, measured in zip(result.stage_batches, measured_stages):
-            if not light:
-                continue  # launches overlap and the load generator competes: wall times are not costs
             per_request = config.variant != "reorch"  # Triton averages compute per request; reorch per launch
             table = simulated["row_avg_table_ms" if per_request else "avg_table_ms"]
             if table is None or measured.get("avg_compute_us") is None:
@@ -147,25 +135,22 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
     for _ in range(ITERATIONS):
         compute, outside = _observations(jobs, settings, requests)
         overrides: dict[str, dict[str, float]] = {}
-        pooled: dict[str, float] = {}
         for variant in sorted({key.split(":", 1)[1] for key in compute}):
             every = [o for key, obs in compute.items() if key.endswith(f":{variant}") for o in obs]
-            launch, scale = _fit_line(every, None)
-            pooled[variant] = scale
             outside_all = [v for key, values in outside.items() if key.endswith(f":{variant}") for v in values]
-            overrides[variant] = _values(launch, scale, outside_all)
+            overrides[variant] = _values(_fit_launch(every), outside_all)
         for key, observations in compute.items():
-            launch, scale = _fit_line(observations, pooled[key.split(":", 1)[1]])
-            overrides[key] = _values(launch, scale, outside[key])
-            facts[key] = {"points": len(outside[key]), "stage_observations": len(observations),
+            launch = _fit_launch(observations)
+            overrides[key] = _values(launch, outside[key])
+            facts[key] = {"light_points": len(outside[key]), "stage_observations": len(observations),
                           "rms_residual_ms": round(float(np.sqrt(np.mean(
-                              [(launch + scale * t - m) ** 2 for t, m in observations]))), 3)}
+                              [(launch + t - m) ** 2 for t, m in observations]))), 3)}
         settings = dataclasses.replace(settings, variant_overrides=overrides)
     return settings, facts
 
 
-def _values(launch_ms: float, scale: float, outside_ms: list[float]) -> dict[str, float]:
-    return {"launch_overhead_ms": round(launch_ms, 3), "compute_scale": round(scale, 3),
+def _values(launch_ms: float, outside_ms: list[float]) -> dict[str, float]:
+    return {"launch_overhead_ms": round(launch_ms, 3), "compute_scale": 1.0,
             "request_overhead_ms": round(max(0.0, statistics.median(outside_ms)), 3), "row_device_ms": 0.0}
 
 

@@ -136,6 +136,7 @@ class SearchOptions:
 
     objective: str = "goodput"
     keep: int = 12  # survivors of the screening round
+    keep_per_label: int = 2  # and at least this many of every variant label (whole, ensemble, reorch:POLICY)
     screen_multiple: float = 1.2  # screening rate = this x the default whole model's simulated SLO capacity
     screen_rate_rps: float | None = None  # or this rate, when given
     screen_duration_s: float = 6.0
@@ -212,9 +213,13 @@ def search(profiles: Sequence[ModelProfile], workload: Workload, *, space: Searc
     for candidate in candidates:
         candidate.screen = simulate(candidate.profile, candidate.config, screen_load, settings)
     candidates.sort(key=lambda c: (-c.screen.goodput_rps, c.screen.summary.p99_ms))
-    say(f"screened {len(candidates)} configurations at {screen_rps:.1f} req/s; ranking the best {options.keep}")
+    say(f"screened {len(candidates)} configurations at {screen_rps:.1f} req/s; ranking the best {options.keep} and "
+        f"the best {options.keep_per_label} of every variant")
 
     survivors = candidates[:options.keep]
+    for label in sorted({c.config.label for c in candidates}):  # the best of every variant gets ranked too
+        survivors += [c for c in candidates if c.config.label == label and c not in survivors][
+            :max(0, options.keep_per_label - sum(s.config.label == label for s in survivors))]
     ranked = []
     for candidate in survivors:
         if deadline is not None and deadline():
