@@ -143,3 +143,13 @@ def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_m
     FakeConfirmer.calls = []
     tune_module.tune([tune_module.load_built(repository, "m")], options, resume=True, say=lambda _: None)
     assert FakeConfirmer.calls == []
+
+
+def test_search_ranks_the_best_of_every_variant_when_one_variant_fills_the_kept_places():
+    space = SearchSpace(variants=("whole", "ensemble"), max_batch_sizes=(2, 4, 8), queue_delays_us=(0, 2000),
+                        preferred=("none",), instance_counts=(1,))
+    workload = Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=200.0)
+    settings = SimSettings(variant_overrides={"whole": {"launch_overhead_ms": 20.0}})  # whole pays far more
+    ranked, _ = search([profile_of([PLANTED, PLANTED])], workload, space=space, settings=settings,
+                       options=SearchOptions(keep=2, keep_per_label=1, screen_duration_s=2.0, rank_duration_s=3.0))
+    assert [c.config.variant for c in ranked] == ["ensemble", "ensemble", "whole"]

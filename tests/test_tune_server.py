@@ -11,7 +11,8 @@ from loadtest import runner
 from loadtest.plan import load_plan
 from slicing.repository import BuildOptions, build_repository
 from stagebatch.cli import main
-from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
+from tuning.calibrate import read_calibration
+from tuning.replay import SIMULATION_FILE, replay_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -48,9 +49,9 @@ def _run(root, rate: int):
 
 def test_simulator_p50_is_within_25_percent_of_a_real_tiny_run_when_calibrated_on_another(tiny_bert):
     calibration_run = _run(tiny_bert, 20)
-    replay_run(calibration_run, calibrate=True)  # fits the overheads to the first run (in-sample)
+    replay_run(calibration_run, calibrate=True)  # fits the serving costs to the first run (in-sample)
     checked_run = _run(tiny_bert, 60)
-    document = replay_run(checked_run, calibrated_settings(calibration_run))  # predicts the second one
+    document = replay_run(checked_run, read_calibration(calibration_run))  # predicts the second one
     assert (checked_run / SIMULATION_FILE).is_file()
     summary = document["summary"]
     assert summary["simulated"] == 2, [p.get("skipped") for p in document["points"]]
