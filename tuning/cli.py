@@ -187,7 +187,8 @@ def _print_error_summary(console, document: dict, run: Path) -> None:
     console.print(f"  all       median |error| over {summary['stable_points']} stable points: p50 "
                   f"{_pct(summary['stable_median_abs_error_p50'])} (target {summary['target']:.0%}), avg "
                   f"{_pct(summary['stable_median_abs_error_avg'])}; every point: p50 {_pct(summary['median_abs_error_p50'])}"
-                  f"; wrote {run / 'simulation.json'}", highlight=False)
+                  f"; repeats of the same point differ by {_pct(summary['repeat_noise_p50'])} (median |p50 error| of a repeat "
+                  f"against the others: the run's own noise); wrote {run / 'simulation.json'}", highlight=False)
 
 
 def _knob(text: str) -> tuple[str, str]:

@@ -89,7 +89,8 @@ def _replayable(run_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any], Any
         row: dict[str, Any] = {"index": record.get("index"), "point_id": point.get("point_id"),
                                "model": point.get("model"), "variant": point.get("variant"),
                                "rate_rps": (point.get("arrival") or {}).get("rate_rps"),
-                               "stable": record.get("stable"), "repeat": record.get("repeat")}
+                               "stable": record.get("stable"), "repeat": record.get("repeat"),
+                               "comparison_key": point.get("comparison_key") if point.get("repeats", 1) > 1 else None}
         job = None
         entry = (manifest.get("models") or {}).get(point.get("model"))
         stages = (point.get("slicing") or {}).get("stages")
@@ -231,4 +232,21 @@ def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                 "stable_median_abs_error_avg": median(points, "avg"),
                                 "stable_median_abs_error_batch": median(points, "batch")}
     summary["per_variant"] = per_variant
+    summary["repeat_noise_p50"] = repeat_noise(simulated)
     return summary
+
+
+def repeat_noise(rows: list[dict[str, Any]]) -> float | None:
+    """How well the run predicts itself: median |p50 error| of each stable repeat against the mean of the others.
+
+    Points repeated in a run (same configuration and load, interleaved) differ by the machine's own
+    drift; no simulator can predict a single point closer than this (None: nothing was repeated).
+    """
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        key = r.get("comparison_key")
+        if key and r.get("stable") and r["measured"].get("p50_ms"):
+            groups.setdefault(f"{key}/{r['label']}", []).append(r["measured"]["p50_ms"])
+    errors = [abs(statistics.fmean(values[:i] + values[i + 1:]) - value) / value
+              for values in groups.values() if len(values) > 1 for i, value in enumerate(values)]
+    return round(statistics.median(errors), 4) if errors else None
