@@ -65,6 +65,16 @@ def test_simulate_closed_loop_keeps_batches_of_four_when_eight_users_share_max_b
     assert set(result.stage_batches[0]["batch_histogram"]) == {"4"}
 
 
+def test_simulate_forms_batches_of_three_and_four_when_a_train_arrives_every_ms_and_a_batch_takes_3_45_ms():
+    # a busy server takes whatever arrived during the last batch: 3 or 4 requests; on average 3.45
+    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 3.45, 8: 3.45}]))
+    workload = Workload(ArrivalSpec.parse("constant:rate_rps=1000"), duration_s=3.0, warmup_s=0.0)
+    result = simulate(profile, VariantConfig("whole", BatcherSettings(8, 0)), workload, NO_OVERHEAD)
+    histogram = result.stage_batches[0]["batch_histogram"]
+    assert set(histogram) <= {"1", "2", "3", "4"} and histogram.get("2", 0) <= 1  # the first batches start the train
+    assert result.stage_batches[0]["avg_batch_size"] == pytest.approx(3.45, abs=0.02)
+
+
 @pytest.mark.parametrize("policy", ["pipeline", "load", "operator", "input", "dva"])
 def test_simulate_reorch_answers_every_request_when_the_load_is_sustainable(policy):
     tables = [{1: 1.0, 2: 1.4, 4: 2.2, 8: 3.8}] * 3

@@ -6,15 +6,19 @@ with the load generator, and requests spend time outside the model's queue and c
 client, the ensemble's steps, the reorchestrator's answer path). None of that is a constant we can
 choose; it is measured in every run (``points.jsonl``: per point, per stage, Triton's statistics
 or the reorchestrator's metrics: average batch size, queue time and compute time; and the client's
-latency). Per model and variant (``MODEL:VARIANT``, and a pooled ``VARIANT`` fallback):
+latency). Per model and variant (``MODEL:VARIANT``, and a pooled ``VARIANT`` fallback), from the
+stable points whose stages formed batches of at most ``LIGHT_BATCH`` rows on average (there the
+launches hardly overlap and the load generator hardly competes, so the times are costs):
 
-- ``launch_overhead_ms`` and ``compute_scale``: least squares of the measured compute time of each
-  stage of each stable point against the tables' time for the batches the simulator forms there
-  (``measured = launch_overhead_ms + compute_scale x tables``; per request as Triton averages it,
-  per launch for the reorchestrator). The batches depend on the costs, so the fit is repeated a few
-  times with the fitted costs;
-- ``request_overhead_ms``: the median over the stable points of the client's average latency minus
-  the server's (queue + compute, summed over the stages): what a request spends outside them.
+- ``launch_overhead_ms``: the mean excess of the measured compute time of each stage (per request as
+  Triton averages it, per launch for the reorchestrator) over the tables' time of the batches the
+  simulator forms at that point. The batches depend on the costs, so the fit is repeated;
+- ``request_overhead_ms``: the median over those points of what a request spends outside the
+  server's queues and stages (the client's average latency minus the server's; for the
+  reorchestrator, each request's own arrival-to-exit record);
+- ``device_slots``: 1 or 2 per variant, whichever predicts the run's stable points better;
+- ``reference_capacity_rps``: the whole model's capacity from the run's ``capacity.json``, so that
+  another run's capacity rescales the device costs to its machine speed (:func:`rescaled`).
 
 The result is ``calibration.json`` in the run folder (generated: ``results/`` is not in git), which
 ``stagebatch simulate --calibration`` and ``stagebatch tune --calibration`` read. Fit it on one run
@@ -44,9 +48,10 @@ SCHEMA_VERSION = 1
 ITERATIONS = 3
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
-METHOD = ("per MODEL:VARIANT, least squares of each stable point's measured per-stage compute (Triton "
-          "statistics / reorch metrics) against the tables' time of the simulated batches: launch_overhead_ms + "
-          "compute_scale x tables; request_overhead_ms = median(client avg - server queue - server compute)")
+METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows: launch_overhead_ms = mean of "
+          "measured per-stage compute (Triton statistics / reorch metrics) minus the tables' time of the simulated "
+          "batches; request_overhead_ms = median(client latency - server queue and compute); device_slots (1 or 2) "
+          "by the smaller median |p50 error|")
 
 
 def _fit_launch(observations: list[tuple[float, float]]) -> float:
@@ -79,12 +84,12 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
     compute: dict[str, list] = defaultdict(list)
     outside: dict[str, list] = defaultdict(list)
     for record, job in jobs:
-        profile, config, workload = job
-        result = simulate(profile, config, workload, settings)
-        key = f"{profile.name}:{config.variant}"
         measured_stages = record["server"]["stages"]
         if not all((s.get("avg_batch_size") or 1.0) <= LIGHT_BATCH for s in measured_stages):
             continue  # launches overlap, requests queue and the load generator competes: times are not costs
+        profile, config, workload = job
+        result = simulate(profile, config, workload, settings)
+        key = f"{profile.name}:{config.variant}"
         for simulated, measured in zip(result.stage_batches, measured_stages):
             per_request = config.variant != "reorch"  # Triton averages compute per request; reorch per launch
             table = simulated["row_avg_table_ms" if per_request else "avg_table_ms"]
@@ -96,6 +101,7 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
 
 
 def usable(record: dict[str, Any]) -> bool:
+    """A point the calibration may use: stable, with the client's figures and every stage's compute time."""
     stages = ((record.get("server") or {}).get("stages")) or []
     return bool(record.get("stable") and record.get("client") and stages
                 and all(s.get("avg_compute_us") is not None for s in stages))
