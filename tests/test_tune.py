@@ -153,3 +153,11 @@ def test_search_ranks_the_best_of_every_variant_when_one_variant_fills_the_kept_
     ranked, _ = search([profile_of([PLANTED, PLANTED])], workload, space=space, settings=settings,
                        options=SearchOptions(keep=2, keep_per_label=1, screen_duration_s=2.0, rank_duration_s=3.0))
     assert [c.config.variant for c in ranked] == ["ensemble", "ensemble", "whole"]
+
+
+def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_configuration_is_new():
+    state = {"search": {"baseline": {"simulated_slo_rps": 150.0}},
+             "measurements": [{"key": "baseline", "repeat": 0, "slo_rps": 50.0}]}
+    ranked = [{"key": "k3_ensemble", "simulated_slo_rps": 270.0}]
+    assert tune_module._start_rate(state, "k3_ensemble", ranked) == pytest.approx(0.8 * 270.0 * 50.0 / 150.0)
+    assert tune_module._start_rate(state, "baseline", ranked) == pytest.approx(45.0)  # measured before

@@ -195,14 +195,27 @@ def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -
 
 
 def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -> float:
-    earlier = [m["slo_rps"] for m in state["measurements"] if m["key"] == key and m.get("slo_rps")]
+    """Where a configuration's capacity search starts: near what it measured before, else near its
+    simulated rate, corrected by how the default whole model measured against its own simulation (the
+    machine's speed now: a search that starts far above the passing rate can spend every probe
+    coming down to it)."""
+    def measured_mean(name: str) -> float | None:
+        values = [m["slo_rps"] for m in state["measurements"] if m["key"] == name and m.get("slo_rps")]
+        return sum(values) / len(values) if values else None
+
+    earlier = measured_mean(key)
     if earlier:
-        return 0.9 * sum(earlier) / len(earlier)
+        return 0.9 * earlier
+    baseline_simulated = state["search"]["baseline"].get("simulated_slo_rps")
     if key == BASELINE_KEY:
-        simulated = state["search"]["baseline"].get("simulated_slo_rps")
+        simulated = baseline_simulated
     else:
         simulated = next((r.get("simulated_slo_rps") for r in ranked if r["key"] == key), None)
-    return 0.8 * simulated if simulated else 20.0
+    if not simulated:
+        return 20.0
+    baseline_measured = measured_mean(BASELINE_KEY)
+    speed = baseline_measured / baseline_simulated if baseline_measured and baseline_simulated else 1.0
+    return 0.8 * simulated * speed
 
 
 def _results(state: dict[str, Any], to_confirm) -> list[dict[str, Any]]:
