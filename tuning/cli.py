@@ -176,8 +176,8 @@ def tune(
 
 def _print_error_summary(console, document: dict, run: Path) -> None:
     summary = document["summary"]
-    source = document["calibration"]["source"]
-    kind = "in-sample fit" if document["calibration"]["in_sample"] else "prediction"
+    source = document["costs"]["source"]
+    kind = "in-sample fit" if document["costs"]["in_sample"] else "prediction"
     console.print(f"{summary['simulated']} of {summary['points']} points simulated; serving costs: {source} ({kind})",
                   highlight=False)
     for variant, figures in summary["per_variant"].items():

@@ -190,7 +190,7 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
         settings, speed = rescaled(settings, whole_capacity_rps(read_capacity(run_dir)))
     rows = _evaluate(jobs, settings)
     document: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "settings": dataclasses.asdict(settings),
-                                "calibration": {"source": calibration_source or "defaults (not calibrated)",
+                                "costs": {"source": calibration_source or "defaults (not calibrated)",
                                                 "in_sample": calibrate, "machine_speed_factor": speed},
                                 "whole_latency_source": LATENCY_SOURCE_WHOLE, "points": rows,
                                 "summary": summarize_errors(rows)}
