@@ -173,7 +173,7 @@ def test_calibration_fits_the_launch_cost_and_outside_time_when_the_server_adds_
     stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
     run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 7.0, [stage], 7.0)])
     document = replay_run(run, NO_OVERHEAD, calibrate=True)
-    assert document["calibration"]["in_sample"] is True
+    assert document["costs"]["in_sample"] is True
     fitted = read_calibration(run).for_variant("whole", "m")
     assert fitted.launch_overhead_ms == pytest.approx(2.0, abs=0.01)
     assert fitted.request_overhead_ms == pytest.approx(4.0, abs=0.01)
