@@ -31,7 +31,6 @@ cannot be had, part 2 says why and is skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.driver import SATURATION_CPU_PERCENT, LoadPlan, LoadResult, LoadSpec, run_load
+from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob as LoadPlan, LoadResult, LoadSpec, run_load  # noqa: E501
 from loadtest.perf_analyzer import (
     PerfAnalyzerUnavailable,
     ensure_perf_analyzer,
@@ -51,6 +50,7 @@ from loadtest.perf_analyzer import (
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
+from core.manifest import read_manifest
 from core.server import EmbeddedTriton
 
 MODEL = "bert_base"
@@ -67,7 +67,7 @@ def build_bert(out: Path) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"building the tiny {MODEL} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return json.loads((out / "manifest.json").read_text())
+    return read_manifest(out).raw
 
 
 def spec_for(variant: str, arrival: ArrivalSpec, args: argparse.Namespace, *, seed: int = 0,

@@ -31,7 +31,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from core.model_config import write_model_config
+from core.model_config import DynamicBatching, TensorConfig, python_model_config, write_model_config
 from core.server import EmbeddedTriton
 
 MODEL_PY = '''
@@ -122,17 +122,11 @@ def write_model(repository: Path, name: str, *, decoupled: bool, threads: int, l
     version = repository / name / "1"
     version.mkdir(parents=True)
     (version / "model.py").write_text(MODEL_PY)
-    write_model_config(repository / name, {
-        "name": name, "backend": "python", "max_batch_size": 16,
-        "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [4]}],
-        "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [4]},
-                   {"name": "SEEN", "data_type": "TYPE_INT64", "dims": [1]}],
-        "model_transaction_policy": {"decoupled": decoupled},
-        "dynamic_batching": {"max_queue_delay_microseconds": 0},
-        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        "parameters": {k: {"string_value": str(v)} for k, v in
-                       {"threads": threads, "lock": int(lock), "poll": int(poll), "delay_ms": delay_ms}.items()},
-    })
+    write_model_config(repository / name, python_model_config(
+        name, max_batch_size=16, inputs=[TensorConfig("X", "float32", [4])],
+        outputs=[TensorConfig("Y", "float32", [4]), TensorConfig("SEEN", "int64", [1])], decoupled=decoupled,
+        dynamic_batching=DynamicBatching(max_queue_delay_us=0),
+        parameters={"threads": threads, "lock": int(lock), "poll": int(poll), "delay_ms": delay_ms}))
 
 
 def unary_grpc(url: str, model: str, n: int, workers: int = 32) -> tuple[int, int, int]:

@@ -59,6 +59,7 @@ from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER  # noqa: E402
 from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
 from core.errors import StagebatchError  # noqa: E402
+from core.manifest import read_manifest  # noqa: E402
 from core.reorch_deploy import write_reorch_model  # noqa: E402
 from core.server import EmbeddedTriton  # noqa: E402
 
@@ -414,7 +415,7 @@ def main() -> None:
     except (ValueError, StagebatchError) as error:
         parser.error(f"--knob: {error}")
 
-    manifest = json.loads((args.repository / "manifest.json").read_text())
+    manifest = read_manifest(args.repository).raw
     models = list(dict.fromkeys([*args.models, *(m for t, m in (("diversity", args.diversity_model),
                                                                 ("answers", args.answers_model)) if t in args.targets)]))
     for name in models:

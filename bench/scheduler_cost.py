@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import json
 import random
 import statistics
 import threading
@@ -30,6 +29,7 @@ from backends.reorch.executor import make_ort_runners
 from backends.reorch.policies import BatchPolicy, ReorchKnobs, StageContext, create_policy
 from backends.reorch.scheduler import Request, StageScheduler
 from backends.reorch.spec import StagesSpec
+from core.manifest import read_manifest
 from loadtest.request_factory import RequestFactory, model_entry
 
 
@@ -79,7 +79,7 @@ def run(policy: str, requests: int, stages: int, seed: int, max_rows: int = 16) 
 
 def engine_answers(repository: Path, model: str, answers: int, cost_model: str, submit_batch: int = 16) -> dict:
     """Answers/s of the engine in-process: ``answers`` one-row requests, submitted ``submit_batch`` at a time."""
-    manifest = json.loads((repository / "manifest.json").read_text())
+    manifest = read_manifest(repository).raw
     spec = StagesSpec.from_manifest_entry(model, manifest["models"][model])
     entry = model_entry(manifest, model)
     factory = RequestFactory(entry, "reorch", seed=0)

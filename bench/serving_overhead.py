@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from backends.common.ort import make_session
+from loadtest.request_factory import infer_inputs
 from slicing.export import export_zoo_model
 from slicing.inputs import infer_input_specs, make_inputs
 from slicing.zoo import build_zoo_model
-from core.model_config import triton_wire_dtype
-from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from core.model_config import DynamicBatching, TensorConfig
+from core.repository import add_onnx_model
 from core.server import EmbeddedTriton
 
 
@@ -60,11 +61,7 @@ def measure_served(url: str, model: str, feeds: dict[str, np.ndarray], seconds: 
 
     def caller() -> None:
         client = grpcclient.InferenceServerClient(url)
-        inputs = []
-        for name, array in feeds.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), triton_wire_dtype(array.dtype.name))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+        inputs = infer_inputs(grpcclient, feeds)
         for _ in range(2):
             client.infer(model, inputs)
         local = []

@@ -20,40 +20,20 @@ from typing import Any
 
 import backends.reorch
 from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
-from backends.reorch.spec import RECORD_OUTPUT, StagesSpec
+from backends.reorch.spec import StagesSpec, TensorSpec
 from core.errors import ConfigValidationError
-from core.model_config import numpy_to_triton_dtype, string_parameters, write_model_config
-from core.repository import DynamicBatching, copy_backends_package
+from core.model_config import (
+    STAGES_FILE,
+    DynamicBatching,
+    TensorConfig,
+    check_target,
+    reorch_knobs,
+    reorch_model_config,
+    write_model_config,
+)
+from core.repository import copy_backends_package
 
-TARGETS = ("embedded", "gpu")
 MODEL_GLUE = Path(backends.reorch.__file__).with_name("model.py")
-
-
-def reorch_model_config(name: str, spec: StagesSpec, *, target: str, max_batch_size: int,
-                        batching: DynamicBatching, policy: str, knobs: ReorchKnobs,
-                        extra_parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``config.pbtxt`` of ``name`` as a dict (protobuf-JSON form); ``batching`` is its front batcher."""
-    def tensor_config(tensor, ragged: bool) -> dict[str, Any]:
-        entry: dict[str, Any] = {"name": tensor.name, "data_type": numpy_to_triton_dtype(tensor.dtype.name),
-                                 "dims": list(tensor.shape[1:])}
-        if ragged and tensor.sequence_axis is not None:
-            entry["allow_ragged_batch"] = True  # requests of different lengths share a dynamic batch
-        return entry
-
-    return {
-        "name": name,
-        "backend": "python",
-        "max_batch_size": max_batch_size,
-        "input": [tensor_config(t, ragged=True) for t in spec.inputs],
-        "output": [tensor_config(t, ragged=False) for t in spec.outputs]
-        + [{"name": RECORD_OUTPUT, "data_type": "TYPE_STRING", "dims": [1]}],
-        "model_transaction_policy": {"decoupled": False},  # answered later through the response sender
-        "dynamic_batching": batching.to_config(),
-        # One instance: it keeps many batches in flight itself (execute returns at once).
-        "instance_group": [{"count": 1, "kind": "KIND_CPU" if target == "embedded" else "KIND_GPU"}],
-        "parameters": string_parameters({"policy": policy, "stages_file": "stages.json", **knobs.to_parameters(),
-                                         **dict(extra_parameters or {})}),
-    }
 
 
 def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mapping[str, Any], *,
@@ -69,8 +49,7 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     ``execution_provider``, ``repository_root``; see ``model.py``). ``max_queue_size`` and
     ``default_timeout_us`` are Triton's queue policy of the front batcher (0: none).
     """
-    if target not in TARGETS:
-        raise ConfigValidationError(f"target must be one of {TARGETS}, got {target!r}")
+    check_target(target)
     if max_batch_size < 1:
         raise ConfigValidationError(f"max_batch_size must be >= 1 for the reorchestrator, got {max_batch_size}")
     batching = DynamicBatching(max_queue_delay_us=queue_delay_us, max_queue_size=max_queue_size,
@@ -81,11 +60,7 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     if knobs is None:
         knobs = ReorchKnobs(max_batch_rows=max_batch_size)
     elif not isinstance(knobs, ReorchKnobs):
-        unknown = set(knobs) - {f.name for f in dataclasses.fields(ReorchKnobs)}
-        if unknown:
-            raise ConfigValidationError(f"unknown reorch knobs {sorted(unknown)}; the knobs are the fields of "
-                                        "backends.reorch.policies.ReorchKnobs")
-        knobs = ReorchKnobs.from_parameters({"max_batch_rows": max_batch_size, **dict(knobs)})
+        knobs = reorch_knobs({"max_batch_rows": max_batch_size, **dict(knobs)})
     else:
         knobs = dataclasses.replace(knobs)
     context = StageContext(len(spec.stages), spec.favoured_batch_sizes,
@@ -101,8 +76,13 @@ def write_reorch_model(repository: Path | str, name: str, manifest_entry: Mappin
     version_dir.mkdir(parents=True, exist_ok=True)
     copy_backends_package(version_dir)
     shutil.copy2(MODEL_GLUE, version_dir / "model.py")
-    (version_dir / "stages.json").write_text(spec.to_json())
-    write_model_config(model_dir, reorch_model_config(model_name, spec, target=target, max_batch_size=max_batch_size,
-                                                      batching=batching, policy=policy, knobs=knobs,
-                                                      extra_parameters=extra_parameters))
+    (version_dir / STAGES_FILE).write_text(spec.to_json())
+    write_model_config(model_dir, reorch_model_config(
+        model_name, target=target, max_batch_size=max_batch_size, inputs=[_tensor_config(t) for t in spec.inputs],
+        outputs=[_tensor_config(t) for t in spec.outputs], batching=batching, policy=policy, knobs=knobs,
+        extra_parameters=extra_parameters))
     return model_dir
+
+
+def _tensor_config(tensor: TensorSpec) -> TensorConfig:
+    return TensorConfig(tensor.name, tensor.dtype.name, list(tensor.shape[1:]), sequence_axis=tensor.sequence_axis)

@@ -38,3 +38,13 @@ def make_inputs(repository: Path, served_name: str, length: int) -> dict[str, np
         else:
             arrays[spec["name"]] = rng.standard_normal(shape).astype(dtype)
     return arrays
+
+
+def infer_inputs(client_module, arrays: dict[str, np.ndarray]) -> list:
+    """``client_module.InferInput`` objects (tritonclient.grpc or tritonclient.http) holding ``arrays``."""
+    inputs = []
+    for name, array in arrays.items():
+        tensor = client_module.InferInput(name, list(array.shape), "INT64" if array.dtype.kind == "i" else "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs

@@ -1,15 +1,11 @@
 """One HTTP/REST call (/v2/models/NAME/infer); give --url the HTTP port (e.g. 127.0.0.1:8000)."""
 
 import tritonclient.http as httpclient
-from _inputs import make_inputs, parse_args
+from _inputs import infer_inputs, make_inputs, parse_args
 
 args = parse_args(__doc__)
 client = httpclient.InferenceServerClient(args.url.removeprefix("http://"))
-inputs = []
-for name, array in make_inputs(args.repository, args.model, args.length).items():
-    tensor = httpclient.InferInput(name, list(array.shape), "INT64" if array.dtype.kind == "i" else "FP32")
-    tensor.set_data_from_numpy(array)
-    inputs.append(tensor)
+inputs = infer_inputs(httpclient, make_inputs(args.repository, args.model, args.length))
 parameters = {"reorch_record": True} if "reorch" in args.model else None
 result = client.infer(args.model, inputs, parameters=parameters)
 for output in result.get_response()["outputs"]:

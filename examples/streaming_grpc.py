@@ -3,17 +3,13 @@
 import queue
 
 import tritonclient.grpc as grpcclient
-from _inputs import make_inputs, parse_args
+from _inputs import infer_inputs, make_inputs, parse_args
 
 args = parse_args(__doc__)
 client = grpcclient.InferenceServerClient(args.url)
 answers = queue.Queue()
 client.start_stream(callback=lambda result, error: answers.put((result, error)))
-inputs = []
-for name, array in make_inputs(args.repository, args.model, args.length).items():
-    tensor = grpcclient.InferInput(name, list(array.shape), "INT64" if array.dtype.kind == "i" else "FP32")
-    tensor.set_data_from_numpy(array)
-    inputs.append(tensor)
+inputs = infer_inputs(grpcclient, make_inputs(args.repository, args.model, args.length))
 for index in range(10):
     client.async_stream_infer(args.model, inputs, request_id=str(index))
 for _ in range(10):

@@ -1,7 +1,7 @@
 """Capacity search: the highest open-loop rate a variant sustains, and the highest rate within its SLO.
 
 Pure decision logic; the caller supplies a *prober* that runs one short open-loop load at a rate
-and judges it (``loadtest.runner`` runs it through ``loadtest.driver.run_load`` and
+and judges it (``loadtest.characterization`` runs it through ``loadtest.driver.run_load`` and
 ``loadtest.stability.assess``). The search brackets, then bisects, as perf_analyzer's
 ``--binary-search`` does:
 

@@ -12,8 +12,8 @@ from loadtest.capacity import whole_capacity
 from loadtest.plan import CAPACITY_LABELS, load_plan, resolve_arrival
 from loadtest.report import write_report
 from loadtest.rundir import CAPACITY_FILE
-from loadtest.runner import Characterization, RunOptions, console_logging, resume_plan, run_summary
-from loadtest.runner import characterize as run_characterization
+from loadtest.characterization import Characterization, RunOptions, console_logging, resume_plan, run_summary
+from loadtest.characterization import characterize as run_characterization
 from core.errors import BadParameterError, ConfigValidationError
 
 URL_HELP = (
@@ -111,16 +111,8 @@ def characterize(
     capacity_file = None
     if capacity is not None:
         capacity_file = capacity / "capacity.json" if capacity.is_dir() else capacity
-    options = RunOptions(
-        out_dir=out,
-        url=url,
-        workers=workers,
-        progress=progress,
-        metrics_url=metrics_url,
-        resume=resume is not None,
-        capacity_file=capacity_file,
-        crosscheck=crosscheck,
-    )
+    options = RunOptions(out_dir=out, url=url, workers=workers, progress=progress, metrics_url=metrics_url,
+                         resume=resume is not None, capacity_file=capacity_file, crosscheck=crosscheck)  # fmt: skip
     with console_logging():  # warnings and one line per point; the rest goes to the run's log file
         run_dir = run_characterization(parsed, options)
     for line in run_summary(run_dir):
@@ -157,16 +149,13 @@ def capacity(
     workers: Annotated[int, typer.Option(help="Locust worker processes (0: one local process).")] = 0,
 ) -> None:
     """Find each model variant's sustained open-loop rate and its rate within the SLO; write capacity.json."""
-    import dataclasses
-
-
     parsed = load_plan(plan)
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
         bad = [v for v in chosen if v not in CAPACITY_LABELS]
         if bad or not chosen:
             raise BadParameterError(f"--variants {variants}: each must be one of {', '.join(CAPACITY_LABELS)}")
-        parsed.capacity = dataclasses.replace(parsed.capacity, variants=chosen)
+        parsed.capacity = parsed.capacity.model_copy(update={"variants": chosen})
     out = out or _default_out("capacity")
     search = Characterization(parsed, RunOptions(out_dir=out, url=url, workers=workers, progress=False))
     with console_logging():

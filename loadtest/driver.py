@@ -2,7 +2,7 @@
 
 :func:`run_load` is the programmatic API (the characterization runner calls it). It checks the
 workload against the manifest here, then runs Locust as a library in a child process
-(``python -m loadtest.locust_runner``): gevent's monkey-patching is process-wide, so the caller
+(``python -m loadtest.locust_process``): gevent's monkey-patching is process-wide, so the caller
 (pytest, the characterization runner) stays unpatched. With ``workers=0`` the child runs a
 ``LocalRunner``; with ``workers=N`` it runs a ``MasterRunner`` and starts N Locust worker processes
 (``locust -f loadtest/locustfile.py --worker``), Locust's own distributed mode.
@@ -20,7 +20,7 @@ Examples of use::
 
     spec = LoadSpec(model="bert_base", variant="whole", arrival=ArrivalSpec("poisson", rate_rps=50),
                     lengths=LengthSpec("uniform", min_length=8, max_length=64), duration_s=30, warmup_s=5)
-    result = run_load(server.grpc_url, read_manifest(repo), spec)
+    result = run_load(server.grpc_url, read_manifest(repo).raw, spec)
     p50_us = statistics.median(r.latency_us for r in result.records if r.ok)
 """
 
@@ -41,7 +41,7 @@ from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from core.errors import ConfigValidationError, StagebatchError
 
-__all__ = ["ArrivalSpec", "LengthSpec", "LoadPlan", "LoadResult", "LoadSpec", "RequestRecord", "run_load"]
+__all__ = ["ArrivalSpec", "LengthSpec", "LoadJob", "LoadResult", "LoadSpec", "RequestRecord", "run_load"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -70,9 +70,11 @@ class LoadSpec:
     duration_s: float
     warmup_s: float = 0.0
     seed: int = 0
+    """Seeds the arrival schedule, the lengths and the input values."""
     priority: int = 0
     timeout_us: int = 0
     rows: int = 1
+    """Rows (dim 0) of every request."""
     client_timeout_s: float = 60.0
     late_tolerance_us: int = 2000
     protocol: str = ""  # unary | stream; "" = the variant's default (loadtest.client.DEFAULT_PROTOCOL)
@@ -115,7 +117,7 @@ class LoadSpec:
 
 
 @dataclass
-class LoadPlan:
+class LoadJob:
     """Everything one Locust process needs to send its share of a workload (JSON-serialisable).
 
     ``processes`` sending processes split an open-loop schedule round robin (process k sends
@@ -138,7 +140,7 @@ class LoadPlan:
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> LoadPlan:
+    def from_json(cls, text: str) -> LoadJob:
         data = json.loads(text)
         data["spec"] = LoadSpec.from_dict(data["spec"])
         return cls(**data)
@@ -220,7 +222,7 @@ def run_load(
     validate_spec(manifest, spec)
     parse_targets(grpc_url)  # a malformed address fails here, before any process starts
     processes = workers + remote_workers
-    plan = LoadPlan(
+    plan = LoadJob(
         grpc_url=grpc_url,
         spec=spec,
         model_entry=manifest["models"][spec.model],
@@ -231,7 +233,7 @@ def run_load(
         work = Path(tmp)
         (work / "plan.json").write_text(plan.to_json())
         command = [
-            sys.executable, "-m", "loadtest.locust_runner",
+            sys.executable, "-m", "loadtest.locust_process",
             "--plan", str(work / "plan.json"), "--out", str(work),
             "--workers", str(workers), "--remote-workers", str(remote_workers),
             "--master-bind-host", master_bind_host, "--master-port", str(master_port),

@@ -47,33 +47,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpu() -> str:
+def _command_output(command: list[str], timeout_s: float, cwd: Path | None = None) -> str:
+    """A command's stripped standard output, or "" when it cannot run or fails to answer in time."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        return out.stdout.strip().replace("\n", "; ") or "none"
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=cwd, check=False)
     except (OSError, subprocess.SubprocessError):
-        return "none"
+        return ""
+    return done.stdout.strip()
+
+
+def _gpu() -> str:
+    query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+    return _command_output(query, timeout_s=10).replace("\n", "; ") or "none"
 
 
 def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return _command_output(["git", "rev-parse", "HEAD"], timeout_s=5, cwd=Path(__file__).parent) or None
 
 
 def collect_environment(plan: Plan, plan_text: str, *, server: str, repository: Path) -> dict:

@@ -44,10 +44,11 @@ from locust.exception import StopUser
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from loadtest.client import RequestRecord
-from loadtest.driver import LoadPlan, LoadSpec
+from loadtest.driver import LoadJob, LoadSpec, validate_spec
 from loadtest.session import LoadSession, prewarmed_sender
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import StagebatchError
+from core.manifest import read_manifest_path
 
 LOGGER = logging.getLogger("loadtest.locustfile")
 
@@ -90,17 +91,17 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--sb-plan", default="", help="(internal) the whole plan as JSON")
 
 
-def plan_from_options(options: Any, host: str | None) -> LoadPlan:
+def plan_from_options(options: Any, host: str | None) -> LoadJob:
     """A plan from the command-line options (a LocalRunner or a master started by ``locust``)."""
     if getattr(options, "sb_plan", ""):
-        return LoadPlan.from_json(options.sb_plan)
+        return LoadJob.from_json(options.sb_plan)
     if not host:
         raise StagebatchError("give the server's gRPC address with --host, e.g. --host 127.0.0.1:8001")
     grpc_url = host  # one host:port, a comma-separated list, or dns:///host:port (loadtest.client.parse_targets)
     manifest_path = Path(options.sb_manifest)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        manifest = read_manifest_path(manifest_path).raw
+    except StagebatchError as error:
         raise StagebatchError(f"--sb-manifest {manifest_path}: cannot read a manifest ({error})") from None
     if not options.sb_model:
         raise StagebatchError(f"give --sb-model; the manifest has: {', '.join(sorted(manifest.get('models', {})))}")
@@ -122,10 +123,8 @@ def plan_from_options(options: Any, host: str | None) -> LoadPlan:
         duration_s=duration_s, warmup_s=options.sb_warmup, seed=options.sb_seed, rows=options.sb_rows,
         priority=options.sb_priority, timeout_us=options.sb_timeout_us, protocol=options.sb_protocol,
     )  # fmt: skip
-    from loadtest.driver import validate_spec
-
     validate_spec(manifest, spec)
-    return LoadPlan(grpc_url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))
+    return LoadJob(grpc_url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))
 
 
 class RecordCollector:
@@ -163,7 +162,7 @@ def _fire_request_event(environment: Environment, record: RequestRecord) -> None
     )
 
 
-def _start_session(environment: Environment, plan: LoadPlan, process_index: int) -> LoadSession:
+def _start_session(environment: Environment, plan: LoadJob, process_index: int) -> LoadSession:
     runner = environment.runner
 
     def on_done(session: LoadSession) -> None:
@@ -217,10 +216,10 @@ def install(event_hooks: Events) -> None:
     def on_test_start(environment: Environment, **_kwargs: Any) -> None:
         runner = environment.runner
         if isinstance(runner, WorkerRunner):
-            plan = LoadPlan.from_json(environment.parsed_options.sb_plan)
+            plan = LoadJob.from_json(environment.parsed_options.sb_plan)
             _start_session(environment, plan, max(0, runner.worker_index))
             return
-        plan: LoadPlan = environment.sb_plan  # type: ignore[attr-defined]
+        plan: LoadJob = environment.sb_plan  # type: ignore[attr-defined]
         if isinstance(runner, MasterRunner):
             plan.processes = environment.sb_collector.expected_processes  # type: ignore[attr-defined]
             plan.start_epoch_s = time.time() + DISTRIBUTED_START_DELAY_S

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.client import DEFAULT_PROTOCOL, RECORD_VARIANTS, REORCH_RECORD_PARAMETER, parse_targets
-from loadtest.driver import LoadPlan, LoadSpec, run_load
+from loadtest.driver import LoadJob as LoadPlan, LoadSpec, run_load  # LoadPlan: renamed LoadJob (issue 13)
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.sender import open_loop_schedule
 from loadtest.stats import percentile_us

@@ -16,6 +16,7 @@ ragged on ``gpu``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ import numpy as np
 
 from slicing.inputs import ROLES, InputSpec, make_inputs
 from core.errors import ConfigValidationError
+from core.manifest import Manifest, TensorEntry, parse_manifest, pick
+from core.model_config import triton_wire_dtype
 
 if TYPE_CHECKING:
     from tritonclient.grpc import service_pb2
@@ -57,81 +60,71 @@ class ModelEntry:
         return self.max_length is not None
 
     def triton_name(self, variant: str) -> str:
-        if variant not in self.variants:
-            raise ConfigValidationError(
-                f"model {self.name!r} has no variant {variant!r} in the manifest; "
-                f"it has: {', '.join(self.variants) or 'none'}"
-            )
-        return self.variants[variant]
+        return pick(self.variants, variant, f"model {self.name!r} has no variant {variant!r} in the manifest")
 
     def is_ragged(self, variant: str) -> bool:
         return variant in self.ragged_variants
 
 
-def model_entry(manifest: dict[str, Any], model: str) -> ModelEntry:
-    """Parse and check one model entry of a manifest; errors name the field and the fix."""
-    models = manifest.get("models")
-    if not isinstance(models, dict):
-        raise ConfigValidationError("manifest has no 'models' object; rebuild the repository with `stagebatch build`")
-    if model not in models:
+
+def infer_inputs(client_module: Any, arrays: Mapping[str, np.ndarray]) -> list:
+    """``client_module.InferInput`` objects holding ``arrays`` (``tritonclient.grpc`` or ``.http``)."""
+    inputs = []
+    for name, array in arrays.items():
+        item = client_module.InferInput(name, list(array.shape), triton_wire_dtype(array.dtype.name))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
+
+def model_entry(manifest: Manifest | Mapping[str, Any], model: str) -> ModelEntry:
+    """The load generator's view of one model of a manifest (read by :mod:`core.manifest`).
+
+    Errors name the field and the fix.
+    """
+    if not isinstance(manifest, Manifest):
+        if not isinstance(manifest.get("models"), dict):
+            raise ConfigValidationError("manifest has no 'models' object; rebuild the repository with `stagebatch build`")
+        manifest = parse_manifest(manifest)
+    if model not in manifest.models:
         raise ConfigValidationError(
-            f"model {model!r} is not in the manifest; it has: {', '.join(sorted(models)) or 'none'}"
+            f"model {model!r} is not in the manifest; it has: {', '.join(sorted(manifest.models)) or 'none'}"
         )
-    raw = models[model]
+    entry = manifest.models[model]
     where = f"manifest model {model!r}"
-    target = str(manifest.get("target", "embedded"))
-    try:
-        max_batch_size = int(raw["max_batch_size"])
-        variants = {str(k): str(v) for k, v in raw["variants"].items()}
-        raw_inputs = list(raw["inputs"])
-        output_names = [str(o["name"]) for o in raw.get("outputs", [])]
-    except (KeyError, TypeError, AttributeError) as error:
+    missing = [key for key in ("max_batch_size", "variants", "inputs") if key not in entry.raw]
+    if missing:
         raise ConfigValidationError(
-            f"{where}: missing or malformed field {error}; expected max_batch_size, variants, inputs, outputs"
-        ) from None
-    inputs = [_input_spec(item, where) for item in raw_inputs]
-    sequence = raw.get("sequence")
-    min_length = max_length = None
-    if sequence:
-        try:
-            max_length = int(sequence["max_length"])
-            min_length = int(sequence.get("min_length", 1))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigValidationError(f"{where}: 'sequence' needs an integer max_length (and min_length)") from None
-        if not 1 <= min_length <= max_length:
-            raise ConfigValidationError(f"{where}: sequence min_length={min_length} max_length={max_length} is not 1 <= min <= max")
-    elif any(spec.sequence_axis is not None for spec in inputs):
+            f"{where}: missing field {', '.join(missing)}; expected max_batch_size, variants, inputs, outputs"
+        )
+    inputs = [_input_spec(tensor, where) for tensor in entry.inputs]
+    sequence = entry.sequence
+    if sequence is not None and not 1 <= sequence.min_length <= sequence.max_length:
+        raise ConfigValidationError(
+            f"{where}: sequence min_length={sequence.min_length} max_length={sequence.max_length} is not "
+            "1 <= min <= max"
+        )
+    if sequence is None and any(spec.sequence_axis is not None for spec in inputs):
         raise ConfigValidationError(f"{where}: inputs have a sequence_axis but 'sequence' (max_length) is missing")
-    if "ragged_variants" in raw:
-        ragged = [str(v) for v in raw["ragged_variants"]]
+    if entry.ragged_variants is not None:
+        ragged = list(entry.ragged_variants)
     else:
-        ragged = [v for v in variants if target == "embedded" or v == "reorch"]
-    return ModelEntry(model, target, max_batch_size, variants, inputs, output_names, min_length, max_length, ragged)
+        ragged = [v for v in entry.variants if manifest.target == "embedded" or v == "reorch"]
+    return ModelEntry(model, manifest.target, entry.max_batch_size, dict(entry.variants), inputs,
+                      [tensor.name for tensor in entry.outputs], sequence and sequence.min_length,
+                      sequence and sequence.max_length, ragged)  # fmt: skip
 
 
-def _input_spec(item: dict[str, Any], where: str) -> InputSpec:
-    try:
-        name, datatype, shape = str(item["name"]), str(item["datatype"]), list(item["shape"])
-    except (KeyError, TypeError):
-        raise ConfigValidationError(f"{where}: each input needs name, datatype and shape (got {item!r})") from None
-    if datatype not in TRITON_TO_NUMPY:
+def _input_spec(tensor: TensorEntry, where: str) -> InputSpec:
+    if tensor.datatype not in TRITON_TO_NUMPY:
         raise ConfigValidationError(
-            f"{where} input {name!r}: datatype {datatype!r} cannot be generated; "
+            f"{where} input {tensor.name!r}: datatype {tensor.datatype!r} cannot be generated; "
             f"supported: {', '.join(TRITON_TO_NUMPY)}"
         )
-    role = str(item.get("role", "data"))
-    if role not in ROLES:
-        raise ConfigValidationError(f"{where} input {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
-    value_range = item.get("value_range")
-    return InputSpec(
-        name=name,
-        dtype=TRITON_TO_NUMPY[datatype],
-        shape=[int(d) for d in shape],
-        value_range=tuple(value_range) if value_range is not None else None,  # type: ignore[arg-type]
-        sequence_axis=item.get("sequence_axis"),
-        pad_value=item.get("pad_value", 0),
-        role=role,
-    )
+    if tensor.role not in ROLES:
+        raise ConfigValidationError(f"{where} input {tensor.name!r}: role {tensor.role!r} is not one of {', '.join(ROLES)}")
+    return InputSpec(name=tensor.name, dtype=TRITON_TO_NUMPY[tensor.datatype], shape=list(tensor.shape),
+                     value_range=tensor.value_range, sequence_axis=tensor.sequence_axis, pad_value=tensor.pad_value,
+                     role=tensor.role)  # fmt: skip
 
 
 class RequestFactory:

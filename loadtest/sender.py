@@ -38,7 +38,7 @@ import numpy as np
 import psutil
 
 from loadtest.client import RequestRecord, TritonLoadClient
-from loadtest.driver import LoadPlan
+from loadtest.driver import LoadJob as LoadPlan  # renamed (issue 13); the body keeps its old name
 from loadtest.request_factory import RequestFactory
 from loadtest.workloads import TraceArrivals, make_arrival_process, make_length_distribution
 

@@ -28,7 +28,7 @@ import gevent.event
 import gevent.subprocess
 
 from loadtest.client import RequestRecord, finish_record
-from loadtest.driver import LoadPlan
+from loadtest.driver import LoadJob
 from loadtest.sender import read_frame, write_frame
 
 __all__ = ["LoadSession", "SenderProcess", "prewarmed_sender"]
@@ -95,7 +95,7 @@ class LoadSession:
 
     def __init__(
         self,
-        plan: LoadPlan,
+        plan: LoadJob,
         *,
         process_index: int,
         on_request: Callable[[RequestRecord], None] | None = None,

@@ -31,6 +31,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping
 
+from loadtest.workloads import ARRIVALS
+
 KEEP_UP_TOLERANCE = 0.05  # completions may fall this share behind arrivals
 BACKLOG_GROWTH_SHARE = 0.05  # backlog growth allowed, as a share of the arrivals over the same span
 BACKLOG_GROWTH_MIN = 3  # ... but never less than this many requests (small counts are noise)
@@ -177,15 +179,8 @@ def assess(
     tail_arrivals = sum(s.arrivals for s in subs[1:])
     tail_completions = sum(s.completions for s in subs[1:])
     keep_up = tail_completions / tail_arrivals if tail_arrivals else None
-    result = Stability(
-        offered_rps=offered,
-        achieved_rps=achieved,
-        subwindows=subs,
-        backlog_growth_per_s=growth_per_s,
-        keep_up_ratio=keep_up,
-        late_share=late_share,
-        rate_kept=rate_kept,
-    )
+    result = Stability(offered_rps=offered, achieved_rps=achieved, subwindows=subs, backlog_growth_per_s=growth_per_s,
+                       keep_up_ratio=keep_up, late_share=late_share, rate_kept=rate_kept)  # fmt: skip
     reason = None
     if arrivals == 0:
         reason = f"{REASON_NO_REQUESTS}: no arrivals in the measured window"
@@ -215,8 +210,6 @@ def assess(
 
 
 def arrival_period_s(arrival: Mapping) -> float | None:
-    """The period of a square-wave bursty arrival (on_s + off_s), else None."""
-    if arrival.get("kind") == "bursty" and not arrival.get("markov"):
-        period = float(arrival.get("on_s") or 0) + float(arrival.get("off_s") or 0)
-        return period or None
-    return None
+    """The period of a periodic arrival (a square-wave bursty one: on_s + off_s), else None."""
+    process = ARRIVALS.get(str(arrival.get("kind")))
+    return process.period_s(arrival) if process is not None else None

@@ -10,15 +10,17 @@
 
 from __future__ import annotations
 
-import json
+import textwrap
 from pathlib import Path
+from typing import Any
 
-from core.model_config import write_model_config
-from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from slicing.manifest import write_manifest
+from core.model_config import DynamicBatching, TensorConfig, write_model_config
+from core.repository import add_onnx_model
 
 ERROR_LENGTH = 3
 
-ECHO_SENDER_MODEL = '''
+SENDER_MODEL_FRAME = '''
 import json
 import time
 
@@ -27,24 +29,51 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    """{doc}"""
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
-            mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
-            now_us = time.time_ns() // 1000
-            if ids.shape[1] == %(error_length)d:
-                response = pb_utils.InferenceResponse(error=pb_utils.TritonError("length %(error_length)d is refused"))
-            else:
-                record = {"arrival_us": now_us, "stage0_entry_us": now_us, "exit_us": now_us,
-                          "ops": [{"op": "new", "stage": 0}], "bucket": int(ids.shape[1]),
-                          "batch_sizes": [int(ids.shape[0])]}
-                y = pb_utils.Tensor("y", (ids * mask).astype(np.float32))
-                rec = pb_utils.Tensor("REORCH_RECORD", np.array([json.dumps(record).encode()], dtype=np.object_))
-                response = pb_utils.InferenceResponse(output_tensors=[y, rec])
-            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+{body}
         return None
-''' % {"error_length": ERROR_LENGTH}
+'''
+
+
+def sender_model_source(doc: str, body: str) -> str:
+    """The ``model.py`` of a test model that answers each request through its response sender.
+
+    ``body`` runs once per request (it is re-indented), with ``request``, ``sender``, ``json``,
+    ``time``, ``np`` and ``pb_utils`` in scope.
+    """
+    return SENDER_MODEL_FRAME.format(doc=doc, body=textwrap.indent(textwrap.dedent(body).strip("\n"), " " * 12))
+
+
+def add_python_model(repository: Path, name: str, source: str, config: dict[str, Any]) -> None:
+    """A Python-backend model folder: ``source`` as version 1's ``model.py`` and its config.pbtxt."""
+    version = repository / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.py").write_text(source)
+    write_model_config(repository / name, {"name": name, "backend": "python", **config})
+
+
+ECHO_SENDER_MODEL = sender_model_source(
+    f"Answers y = ids * mask with a REORCH_RECORD, like the reorchestrator; refuses length {ERROR_LENGTH}.",
+    f'''
+    ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+    mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
+    now_us = time.time_ns() // 1000
+    if ids.shape[1] == {ERROR_LENGTH}:
+        response = pb_utils.InferenceResponse(error=pb_utils.TritonError("length {ERROR_LENGTH} is refused"))
+    else:
+        record = {{"arrival_us": now_us, "stage0_entry_us": now_us, "exit_us": now_us,
+                  "ops": [{{"op": "new", "stage": 0}}], "bucket": int(ids.shape[1]),
+                  "batch_sizes": [int(ids.shape[0])]}}
+        y = pb_utils.Tensor("y", (ids * mask).astype(np.float32))
+        rec = pb_utils.Tensor("REORCH_RECORD", np.array([json.dumps(record).encode()], dtype=np.object_))
+        response = pb_utils.InferenceResponse(output_tensors=[y, rec])
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    ''',
+)
 
 
 def build_repository(repository: Path, *, max_length: int = 32) -> dict:
@@ -98,11 +127,8 @@ def build_repository(repository: Path, *, max_length: int = 32) -> dict:
         dynamic_batching=DynamicBatching(max_queue_delay_us=0),
     )  # fmt: skip
 
-    reorch_dir = repository / "seq_reorch"
-    (reorch_dir / "1").mkdir(parents=True, exist_ok=True)
-    (reorch_dir / "1" / "model.py").write_text(ECHO_SENDER_MODEL)
-    write_model_config(reorch_dir, {
-        "name": "seq_reorch", "backend": "python", "max_batch_size": 8,
+    add_python_model(repository, "seq_reorch", ECHO_SENDER_MODEL, {
+        "max_batch_size": 8,
         "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1]},
                   {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1]}],
         "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]},
@@ -137,5 +163,5 @@ def build_repository(repository: Path, *, max_length: int = 32) -> dict:
             },
         },
     }  # fmt: skip
-    (repository / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(repository, manifest)
     return manifest

@@ -20,7 +20,8 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -78,8 +79,50 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigValidationError(message)
 
 
+_Spec = TypeVar("_Spec", bound="_KindSpec")
+
+
+class _KindSpec:
+    """A dataclass spec of one ``kind`` from a registry, written compactly as ``kind:field=value,...``.
+
+    Subclasses name what they are (``what``) and their registry; each registered class checks the
+    fields of its own kind (``check(spec)``).
+    """
+
+    kind: str
+    what: ClassVar[str]
+
+    @staticmethod
+    def registry() -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        kinds = self.registry()
+        _require(self.kind in kinds, f"{self.what} kind {self.kind!r} is unknown; choose one of {', '.join(kinds)}")
+        kinds[self.kind].check(self)
+
+    @classmethod
+    def parse(cls: type[_Spec], text: str) -> _Spec:
+        """Parse ``"poisson:rate_rps=50"``, ``"closed:users=8"``, ``"fixed:length=64"``, ..."""
+        kind, raw = _parse_compact(text, f"{cls.what} spec")
+        return cls(kind=kind, **_coerce_fields(cls, raw, f"{cls.what} spec {text!r}"))  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict:
+        """Only the fields that differ from the defaults, plus the kind."""
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "kind" or value != f.default:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[_Spec], data: dict) -> _Spec:
+        return cls(**data)
+
+
 @dataclass
-class ArrivalSpec:
+class ArrivalSpec(_KindSpec):
     """How requests arrive.
 
     kinds and their fields:
@@ -99,45 +142,36 @@ class ArrivalSpec:
 
     kind: str
     users: int = 0
+    """closed: concurrent users."""
     rate_rps: float = 0.0
+    """Every open-loop kind but trace: mean arrivals per second (bursty: while "on")."""
     off_rate_rps: float = 0.0
     on_s: float = 0.0
     off_s: float = 0.0
     markov: bool = False
+    """bursty: the off rate, the on/off period lengths and whether they are exponential."""
     spike_rate_rps: float = 0.0
     spike_start_s: float = 0.0
     spike_duration_s: float = 0.0
+    """spike: the rate during the spike, when it starts and how long it lasts."""
     trace_path: str = ""
     trace_unit: str = "s"
     speed: float = 1.0
 
-    def __post_init__(self) -> None:
-        _require(self.kind in ARRIVALS,
-                 f"arrival kind {self.kind!r} is unknown; choose one of {', '.join(ARRIVAL_KINDS)}")
-        ARRIVALS[self.kind].check(self)
+    what: ClassVar[str] = "arrival"
+
+    @staticmethod
+    def registry() -> dict[str, type[ArrivalProcess]]:
+        return ARRIVALS
 
     @property
     def is_open_loop(self) -> bool:
         """True for every kind but ``closed``: arrivals never wait for earlier responses."""
         return ARRIVALS[self.kind].open_loop
 
-    @classmethod
-    def parse(cls, text: str) -> ArrivalSpec:
-        """Parse ``"poisson:rate_rps=50"``, ``"closed:users=8"``, ``"trace:trace_path=t.csv,speed=2"``."""
-        kind, raw = _parse_compact(text, "arrival spec")
-        return cls(kind=kind, **_coerce_fields(cls, raw, f"arrival spec {text!r}"))  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict:
-        """Only the fields that differ from the defaults, plus the kind."""
-        return _non_default_fields(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ArrivalSpec:
-        return cls(**data)
-
 
 @dataclass
-class LengthSpec:
+class LengthSpec(_KindSpec):
     """Sequence lengths (tokens / time steps) of requests to a sequence model.
 
     kinds and their fields:
@@ -157,32 +191,11 @@ class LengthSpec:
     sigma: float = 0.0
     path: str = ""
 
-    def __post_init__(self) -> None:
-        _require(self.kind in LENGTHS,
-                 f"length kind {self.kind!r} is unknown; choose one of {', '.join(LENGTH_KINDS)}")
-        LENGTHS[self.kind].check(self)
+    what: ClassVar[str] = "length"
 
-    @classmethod
-    def parse(cls, text: str) -> LengthSpec:
-        """Parse ``"fixed:length=64"``, ``"uniform:min_length=8,max_length=128"``, ..."""
-        kind, raw = _parse_compact(text, "length spec")
-        return cls(kind=kind, **_coerce_fields(cls, raw, f"length spec {text!r}"))  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict:
-        return _non_default_fields(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LengthSpec:
-        return cls(**data)
-
-
-def _non_default_fields(spec: object) -> dict:
-    out = {}
-    for f in dataclasses.fields(spec):  # type: ignore[arg-type]
-        value = getattr(spec, f.name)
-        if f.name == "kind" or value != f.default:
-            out[f.name] = value
-    return out
+    @staticmethod
+    def registry() -> dict[str, type[LengthDistribution]]:
+        return LENGTHS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +237,8 @@ class ArrivalProcess(ABC):
 
     kind: ClassVar[str]
     open_loop: ClassVar[bool] = True
+    # the ArrivalSpec fields in requests per second (plans may give them as multiples of capacity)
+    rate_fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -246,6 +261,11 @@ class ArrivalProcess(ABC):
     @abstractmethod
     def mean_rate_rps(self, duration_s: float) -> float:
         """Expected arrivals per second over a run of ``duration_s``."""
+
+    @classmethod
+    def period_s(cls, fields: Mapping[str, Any]) -> float | None:
+        """The period of a periodic arrival given by its spec ``fields`` (stability windows align to it)."""
+        return None
 
 
 ARRIVALS: dict[str, type[ArrivalProcess]] = {}
@@ -284,10 +304,11 @@ class ClosedLoop(ArrivalProcess):
         raise ConfigValidationError("closed-loop users pace themselves: there is no offered rate")
 
 
-@register_arrival
 @dataclass
-class PoissonArrivals(ArrivalProcess):
-    kind: ClassVar[str] = "poisson"
+class _OneRate(ArrivalProcess):
+    """An open-loop kind at one ``rate_rps`` for the whole run."""
+
+    rate_fields: ClassVar[tuple[str, ...]] = ("rate_rps",)
     rate_rps: float
 
     @classmethod
@@ -297,33 +318,25 @@ class PoissonArrivals(ArrivalProcess):
     @classmethod
     def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
         return cls(spec.rate_rps)
+
+    def mean_rate_rps(self, duration_s: float) -> float:
+        return self.rate_rps
+
+
+@register_arrival
+class PoissonArrivals(_OneRate):
+    kind: ClassVar[str] = "poisson"
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return _poisson_in_segments([RateSegment(0.0, duration_s, self.rate_rps)], rng)
 
-    def mean_rate_rps(self, duration_s: float) -> float:
-        return self.rate_rps
-
 
 @register_arrival
-@dataclass
-class ConstantArrivals(ArrivalProcess):
+class ConstantArrivals(_OneRate):
     kind: ClassVar[str] = "constant"
-    rate_rps: float
-
-    @classmethod
-    def check(cls, spec: ArrivalSpec) -> None:
-        _check_rate(spec)
-
-    @classmethod
-    def from_spec(cls, spec: ArrivalSpec, base_dir: Path | None) -> ArrivalProcess:
-        return cls(spec.rate_rps)
 
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return np.arange(0.0, duration_s, 1.0 / self.rate_rps)
-
-    def mean_rate_rps(self, duration_s: float) -> float:
-        return self.rate_rps
 
 
 @register_arrival
@@ -336,6 +349,7 @@ class OnOffArrivals(ArrivalProcess):
     """
 
     kind: ClassVar[str] = "bursty"
+    rate_fields: ClassVar[tuple[str, ...]] = ("rate_rps", "off_rate_rps")
     on_rate_rps: float
     off_rate_rps: float
     on_s: float
@@ -370,6 +384,13 @@ class OnOffArrivals(ArrivalProcess):
     def arrival_times_s(self, duration_s: float, rng: np.random.Generator) -> np.ndarray:
         return _poisson_in_segments(self.segments(duration_s, rng), rng)
 
+    @classmethod
+    def period_s(cls, fields: Mapping[str, Any]) -> float | None:
+        """on_s + off_s of the square wave; a Markov-modulated process has no period."""
+        if fields.get("markov"):
+            return None
+        return float(fields.get("on_s") or 0) + float(fields.get("off_s") or 0) or None
+
     def mean_rate_rps(self, duration_s: float) -> float:
         # long-run mean (exact for the square wave over whole periods, and for the MMPP in the limit)
         total_s = self.on_s + self.off_s
@@ -380,6 +401,7 @@ class OnOffArrivals(ArrivalProcess):
 @dataclass
 class SpikeArrivals(ArrivalProcess):
     kind: ClassVar[str] = "spike"
+    rate_fields: ClassVar[tuple[str, ...]] = ("rate_rps", "spike_rate_rps")
     base_rate_rps: float
     spike_rate_rps: float
     spike_start_s: float
@@ -536,6 +558,8 @@ def read_trace(path: str | Path, unit: str = "s") -> Trace:
 
 
 ARRIVAL_KINDS = tuple(ARRIVALS)
+# every ArrivalSpec field some kind reads as requests per second
+ARRIVAL_RATE_FIELDS = tuple(dict.fromkeys(name for cls in ARRIVALS.values() for name in cls.rate_fields))
 
 
 def make_arrival_process(spec: ArrivalSpec, *, base_dir: Path | None = None) -> ArrivalProcess:

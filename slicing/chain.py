@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from slicing.cost import make_session, median_ms
+from backends.common.ort import make_session
+from slicing.cost import median_ms
 from slicing.inputs import make_inputs
 from slicing.normalize import relative_error
 from slicing.slicer import SliceResult

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import SERVING_QUEUE_TIMEOUT_US, BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES, SIZES
 
 
@@ -38,7 +38,8 @@ def build(
              "Whole model and reorch only (a full stage queue hangs its ensemble on 24.10).")] = 0,
     default_timeout_us: Annotated[int, typer.Option(
         help="Triton queue policy: a request queued longer than this (µs) is refused (0: never), every "
-             "batcher. Answers the requests queued in front of a crashed Python stub at once.")] = 0,
+             "batcher. Answers the requests queued in front of a crashed Python stub within seconds; "
+             "turns off the batcher's prefetch.")] = SERVING_QUEUE_TIMEOUT_US,
 ) -> None:
     """Build a ready Triton model repository with the whole model, its stages and their ensemble."""
     from rich.console import Console

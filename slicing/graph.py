@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slicing.cost import make_session
+from backends.common.ort import make_session
 from slicing.inputs import InputSpec, make_inputs
 from core.errors import SliceError
 

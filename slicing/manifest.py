@@ -15,10 +15,9 @@ from typing import Any
 
 from slicing.zoo import ZOO
 from core.errors import BadParameterError, ConfigValidationError
+from core.manifest import MANIFEST_NAME, SCHEMA_VERSION, manifest_path
 from core.model_config import triton_wire_dtype
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 # The zoo's families, then "onnx" for a user's own file.
 FAMILIES = (*dict.fromkeys(entry.family for entry in ZOO.values()), "onnx")
 VARIANTS = ("whole", "ensemble", "reorch")
@@ -91,22 +90,6 @@ def check_model_entry(name: str, entry: dict[str, Any]) -> None:
             fail(f"the last stage writes {last['outputs']}, not the model outputs")
 
 
-def read_manifest_file(repository: Path) -> dict[str, Any] | None:
-    path = Path(repository) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigValidationError(f"{path} is not valid JSON ({error}); delete it or build into "
-                                    f"another --out directory") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigValidationError(
-            f"{path} has schema_version {manifest.get('schema_version')!r}, this stagebatch writes "
-            f"{SCHEMA_VERSION}; build into another --out directory")
-    return manifest
-
-
 def merge_manifest(existing: dict[str, Any] | None, target: str, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A manifest holding ``existing``'s models plus ``entries`` (which replace same-named models)."""
     if existing is not None and existing.get("target") != target:
@@ -123,7 +106,7 @@ def merge_manifest(existing: dict[str, Any] | None, target: str, entries: dict[s
 
 def write_manifest(repository: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` atomically (readers never see half a file)."""
-    path = Path(repository) / MANIFEST_NAME
+    path = manifest_path(repository)
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slicing.cost import DEFAULT_INTRA_OP_THREADS, make_session
+from backends.common.ort import make_session
+from slicing.cost import DEFAULT_INTRA_OP_THREADS
 from slicing.graph import GraphAnalysis, ProbeShapes
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slicing.cost import make_session
+from backends.common.ort import make_session
+from slicing.cost import DEFAULT_INTRA_OP_THREADS
 from slicing.graph import GraphAnalysis, ProbeShapes, probe_shapes, rebuild_activation_shapes
 from slicing.inputs import InputSpec, infer_input_specs, make_inputs
 from core.errors import BadParameterError, SliceError
@@ -112,7 +113,7 @@ def prepare(model, input_specs: list[InputSpec] | None) -> PreparedModel:
 
 def _check_same_outputs(model: onnx.ModelProto, samples: dict, what: str, rtol: float = 1e-5) -> None:
 
-    session = make_session(model, optimize=False)
+    session = make_session(model, DEFAULT_INTRA_OP_THREADS, optimize=False)
     inputs = [v.name for v in model.graph.input]
     outputs = [v.name for v in model.graph.output]
     for sample in samples.values():
@@ -208,8 +209,8 @@ def _try_make_batchable(model: onnx.ModelProto, specs: list[InputSpec]
             return model, specs, False, f"served without batching: output {output!r} does not carry the batch in dim 0"
     rows = 3
     batch = make_inputs(new_specs, rows, rng=np.random.default_rng(7))
-    whole = make_session(candidate, optimize=False)
-    original = make_session(model, optimize=False)
+    whole = make_session(candidate, DEFAULT_INTRA_OP_THREADS, optimize=False)
+    original = make_session(model, DEFAULT_INTRA_OP_THREADS, optimize=False)
     output_names = [o.name for o in candidate.graph.output]
     batched = whole.run(output_names, batch)
     worst = 0.0

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from slicing.cost import make_session
+from backends.common.ort import make_session
 from slicing.extract import boundary_tensors, extract_stages, plan_stages
 from slicing.graph import ProbeShapes
 from slicing.inputs import InputSpec, make_inputs

@@ -288,6 +288,11 @@ def register(entry: ZooEntry) -> ZooEntry:
     return entry
 
 
+def _seq(max_positions: int, default_seq_len: int = 128) -> dict[str, int]:
+    """A sequence model's architecture keys: the longest length it accepts and its default length."""
+    return {"max_positions": max_positions, "default_seq_len": default_seq_len}
+
+
 register(ZooEntry("resnet50", "cnn", resnet_module, resnet_io, {
     # torchvision resnet50: blocks [3, 4, 6, 3], width 64, 224x224, 1000 classes (25.6 M params).
     "full": {"blocks": [3, 4, 6, 3], "width": 64, "resolution": 224, "num_classes": 1000},
@@ -295,23 +300,21 @@ register(ZooEntry("resnet50", "cnn", resnet_module, resnet_io, {
     "small": {"blocks": [2, 3, 4, 2], "width": 32, "resolution": 160, "num_classes": 1000},
     "tiny": {"blocks": [1, 1, 1, 1], "width": 8, "resolution": 32, "num_classes": 10},
 }))
+
+
 register(ZooEntry("bert_base", "bert", bert_module, bert_io, {
     # bert-base-uncased: 12 layers x 768, 12 heads, FFN 3072, vocab 30522, 512 positions.
-    "full": {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "vocab": 30522,
-             "max_positions": 512, "default_seq_len": 128},
-    "small": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "vocab": 30522,
-              "max_positions": 512, "default_seq_len": 128},
-    "tiny": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "vocab": 1000,
-             "max_positions": 64, "default_seq_len": 16},
+    "full": {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "vocab": 30522, **_seq(512)},
+    "small": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "vocab": 30522, **_seq(512)},
+    "tiny": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64, "vocab": 1000, **_seq(64, 16)},
 }))
 register(ZooEntry("lstm", "lstm", lstm_module, lstm_io, {
     # A per-step tagger: embedding, 2-layer LSTM with hidden 1024, a linear head per step.
     "full": {"vocab": 10000, "embedding": 512, "hidden": 1024, "layers": 2, "num_classes": 32,
-             "max_positions": 1024, "default_seq_len": 128},
+             **_seq(1024)},
     "small": {"vocab": 10000, "embedding": 256, "hidden": 256, "layers": 2, "num_classes": 32,
-              "max_positions": 1024, "default_seq_len": 128},
-    "tiny": {"vocab": 100, "embedding": 16, "hidden": 16, "layers": 2, "num_classes": 4,
-             "max_positions": 64, "default_seq_len": 16},
+              **_seq(1024)},
+    "tiny": {"vocab": 100, "embedding": 16, "hidden": 16, "layers": 2, "num_classes": 4, **_seq(64, 16)},
 }))
 
 MODEL_NAMES = tuple(ZOO)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from loadtest.runner import ADMIN_KEY_ENV
+from loadtest.characterization import ADMIN_KEY_ENV
 from core.errors import BadParameterError, StagebatchError
 from core.server import (
     ADMIN_HEADER,

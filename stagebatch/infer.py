@@ -9,7 +9,6 @@ the given sequence length) and sent by unary gRPC (default), gRPC streaming (``-
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ import numpy as np
 import typer
 
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER
-from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
+from loadtest.request_factory import VARIANTS, RequestFactory, infer_inputs, model_entry
 from core.errors import BadParameterError
-from core.model_config import triton_wire_dtype
-from core.repository import read_manifest
+from core.manifest import read_manifest, read_manifest_path
 
 INFER_TIMEOUT_S = 60.0
 
@@ -39,8 +37,8 @@ def _load_manifest(repository: Optional[Path], manifest: Optional[Path]) -> dict
         if not manifest.is_file():
             raise BadParameterError(f"--manifest {manifest} does not exist; give the manifest.json of a built "
                                     "repository (or --repository DIR)")
-        return json.loads(manifest.read_text())
-    return read_manifest(repository or Path("model_repository"))
+        return read_manifest_path(manifest).raw
+    return read_manifest(repository or Path("model_repository")).raw
 
 
 def _send(url: str, model_name: str, arrays: dict[str, np.ndarray], parameters: dict | None, *, stream: bool,
@@ -57,11 +55,7 @@ def _send(url: str, model_name: str, arrays: dict[str, np.ndarray], parameters: 
         import tritonclient.grpc as client_module
 
         client = client_module.InferenceServerClient(url)
-    inputs = []
-    for name, array in arrays.items():
-        item = client_module.InferInput(name, list(array.shape), triton_wire_dtype(array.dtype.name))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
+    inputs = infer_inputs(client_module, arrays)
     if not stream:
         for _ in range(2):
             started = time.perf_counter()

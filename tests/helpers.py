@@ -7,7 +7,18 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from core.repository import DynamicBatching, TensorConfig, add_onnx_model
+from loadtest.tiny_models import add_python_model, build_repository, sender_model_source
+from core.model_config import DynamicBatching, TensorConfig
+from core.repository import add_onnx_model
+
+
+# Statistical checks allow Z standard errors (a seeded draw fails with probability ~6e-5 when right).
+Z = 4.0
+
+
+def within(value: float, expected: float, standard_error: float) -> bool:
+    """Whether ``value`` lies within ``Z`` standard errors of ``expected``."""
+    return abs(value - expected) <= Z * standard_error
 
 
 def matmul_model(in_features: int = 4, out_features: int = 3, seed: int = 0) -> tuple[ModelProto, np.ndarray]:
@@ -69,42 +80,31 @@ def add_tokens(repository: Path, name: str = "tokens", vocab: int = 50, max_batc
     return table
 
 
-DECOUPLED_ECHO = '''
-import json
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    """Answers each request with its input doubled, as `repeat` responses, then a final flag."""
-
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
-            repeat = int(json.loads(request.parameters() or "{}").get("repeat", 1))
-            for _ in range(repeat):
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
-'''
+DECOUPLED_ECHO = sender_model_source(
+    "Answers each request with its input doubled, as `repeat` responses, then a final flag.",
+    """
+    x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
+    repeat = int(json.loads(request.parameters() or "{}").get("repeat", 1))
+    for _ in range(repeat):
+        sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("y", x * 2)]))
+    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    """,
+)
 
 
 def add_decoupled_echo(repository: Path, name: str = "echo") -> None:
-    from core.model_config import write_model_config
+    add_python_model(repository, name, DECOUPLED_ECHO, {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
+        "model_transaction_policy": {"decoupled": True},
+        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+    })  # fmt: skip
 
-    version = repository / name / "1"
-    version.mkdir(parents=True, exist_ok=True)
-    (version / "model.py").write_text(DECOUPLED_ECHO)
-    write_model_config(
-        repository / name,
-        {
-            "name": name,
-            "backend": "python",
-            "max_batch_size": 8,
-            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
-            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
-            "model_transaction_policy": {"decoupled": True},
-            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        },
-    )
+
+def tiny_plan_folder(root: Path, plan_text: str) -> Path:
+    """``root/repo`` with the load generator's tiny models and manifest, and ``root/plan.yaml``; returns the plan."""
+    build_repository(root / "repo")
+    plan = root / "plan.yaml"
+    plan.write_text(plan_text)
+    return plan

@@ -20,6 +20,18 @@ SLO_MS = 30.0
 EPOCH_US = 1_800_000_000_000_000
 
 
+def capacity_document(*, reorch_slo_rps: float | None = None, probes: bool = False) -> dict:
+    """A ``capacity.json`` for bert_base: whole sustains 15 req/s (12 within the SLO), reorch:dva 21."""
+
+    def entry(sustained_rps: float, slo_rps: float | None, probe_list: list[dict]) -> dict:
+        found = {"sustained_rps": sustained_rps, "slo_rps": slo_rps, "slo_ms": 30, "percentile": 99,
+                 "limited_by": "server"}
+        return {**found, "probes": probe_list} if probes else found
+
+    whole = entry(15.0, 12.0, [{"rate_rps": 15.0, "stable": True}])
+    return {"models": {"bert_base": {"whole": whole, "reorch:dva": entry(21.0, reorch_slo_rps, [])}}}
+
+
 @dataclass
 class Request:  # the fields of loadtest.client.RequestRecord that rundir.request_row writes
     t_send_us: int

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
 from slicing import manifest as manifest_lib
 from slicing.inputs import InputSpec
-from slicing.repository import BuildOptions, ensemble_config
+from slicing.build import BuildOptions
 from core.errors import BadParameterError, ConfigValidationError
-from core.model_config import render_model_config
-from core.repository import TensorConfig
+from core.manifest import find_manifest, read_manifest
+from core.model_config import EnsembleStep, TensorConfig, ensemble_config, render_model_config
 
 
 def _entry(name: str, stages: int = 2) -> dict:
@@ -47,7 +46,7 @@ def test_build_manifest_input_entries_follow_the_contract():
 def test_build_manifest_merges_models_and_replaces_same_names(tmp_path):
     first = manifest_lib.merge_manifest(None, "embedded", {"a": _entry("a")})
     manifest_lib.write_manifest(tmp_path, first)
-    loaded = manifest_lib.read_manifest_file(tmp_path)
+    loaded = read_manifest(tmp_path).raw
     merged = manifest_lib.merge_manifest(loaded, "embedded", {"b": _entry("b"), "a": _entry("a", stages=3)})
     assert sorted(merged["models"]) == ["a", "b"] and len(merged["models"]["a"]["stages"]) == 3
     assert merged["schema_version"] == 1 and merged["target"] == "embedded"
@@ -64,16 +63,16 @@ def test_build_manifest_refuses_another_target_and_broken_entries(tmp_path):
         manifest_lib.merge_manifest(None, "embedded", {"c": broken})
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ConfigValidationError, match="not valid JSON"):
-        manifest_lib.read_manifest_file(tmp_path)
+        find_manifest(tmp_path)
 
 
 def test_build_ensemble_config_maps_tensors_by_name_and_renders():
-    stages = [SimpleNamespace(index=0, inputs=["input_ids", "attention_mask"], outputs=["stage0_out0"]),
-              SimpleNamespace(index=1, inputs=["stage0_out0", "attention_mask"], outputs=["last_hidden_state"])]
+    steps = [EnsembleStep("bert_base_stage0", ["input_ids", "attention_mask"], ["stage0_out0"]),
+             EnsembleStep("bert_base_stage1", ["stage0_out0", "attention_mask"], ["last_hidden_state"])]
     inputs = [TensorConfig("input_ids", "int64", [-1], sequence_axis=1),
               TensorConfig("attention_mask", "int64", [-1], sequence_axis=1)]
     outputs = [TensorConfig("last_hidden_state", "float32", [-1, 32], sequence_axis=1)]
-    config = ensemble_config("bert_base_ensemble", 8, inputs, outputs, stages, "bert_base")
+    config = ensemble_config("bert_base_ensemble", 8, inputs, outputs, steps)
     text = render_model_config(config)
     assert 'platform: "ensemble"' in text and "max_batch_size: 8" in text
     steps = config["ensemble_scheduling"]["step"]
@@ -90,3 +89,38 @@ def test_build_ensemble_config_maps_tensors_by_name_and_renders():
 def test_build_options_reject_bad_values(kwargs, message):
     with pytest.raises(BadParameterError, match=message):
         BuildOptions(**kwargs)
+
+
+def test_read_manifest_gives_typed_entries_when_the_builder_wrote_the_file(tmp_path):
+    manifest_lib.write_manifest(tmp_path, manifest_lib.merge_manifest(None, "gpu", {"a": _entry("a", stages=3)}))
+    manifest = read_manifest(tmp_path)
+    entry = manifest.model("a")
+    assert manifest.target == "gpu" and manifest.schema_version == 1 and list(manifest.models) == ["a"]
+    assert entry.triton_name("ensemble") == "a_ensemble" and entry.num_stages == 3
+    assert [stage.model_name for stage in entry.stages] == ["a_stage0", "a_stage1", "a_stage2"]
+    assert entry.stages[0].latency_ms == {1: 0.1} and entry.sequence.max_length == 16
+    assert entry.inputs[0].value_range == (0, 100) and entry.inputs[0].sequence_axis == 1
+    assert entry.raw == manifest.raw["models"]["a"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found: build the repository first"),
+        ('{"schema_version": 2, "models": {}}', "schema_version 2, this stagebatch reads 1"),
+        ('{"models": {"a": {"max_batch_size": "eight"}}}', "model 'a' has a malformed entry"),
+        ("[]", "holds list, not a manifest object"),
+    ],
+)
+def test_read_manifest_names_the_file_and_the_fix_when_it_is_unusable(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ConfigValidationError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_read_manifest_names_the_models_it_has_when_asked_for_another(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"models": {"a": {}, "b": {}}}')
+    assert find_manifest(tmp_path / "elsewhere") is None
+    with pytest.raises(ConfigValidationError, match="no model 'c' \\(it has a, b\\)"):
+        read_manifest(tmp_path).model("c")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from slicing.manifest import check_model_entry
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import SERVING_QUEUE_TIMEOUT_US, BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES
 from stagebatch.cli import main
 from core.errors import SliceError
@@ -57,7 +57,7 @@ def test_build_writes_every_variant_with_valid_configs(built):
                 assert config["backend"] == "python"
                 assert config["dynamic_batching"].get("max_queue_delay_microseconds") == "250"
                 assert (repository / model_name / "1" / "model.py").is_file()
-                assert (repository / model_name / "1" / "backends" / "onnx_runner" / "runner.py").is_file()
+                assert (repository / model_name / "1" / "backends" / "onnx_runner" / "batch.py").is_file()
         for stage in entry["stages"]:
             onnx.checker.check_model(str(repository / stage["onnx"]))
             assert 1 <= stage["favoured_batch_size"] <= 8
@@ -169,3 +169,13 @@ def test_max_seq_len_bounds_sequence_models_and_skips_the_cnn(tmp_path, export_c
     assert models["lstm"]["sequence"]["max_length"] == 32
     assert models["resnet50"]["sequence"] is None
     assert any("resnet50: no sequence axis" in line for line in lines)
+
+
+def test_cli_build_gives_every_batcher_the_serving_queue_timeout_and_the_library_does_not(tmp_path, export_cache):
+    assert main(["build", "--model", "lstm", "--size", "tiny", "--stages", "2", "--out", str(tmp_path / "cli")]) == 0
+    build_repository(tmp_path / "lib", models=["lstm"], options=BuildOptions(size="tiny", stages=2))
+    for name in ("lstm", "lstm_stage0", "lstm_stage1", "lstm_reorch"):
+        served = read_model_config(tmp_path / "cli" / name / "config.pbtxt")["dynamic_batching"]
+        assert int(served["default_queue_policy"]["default_timeout_microseconds"]) == SERVING_QUEUE_TIMEOUT_US, name
+        stock = read_model_config(tmp_path / "lib" / name / "config.pbtxt")["dynamic_batching"]
+        assert "default_queue_policy" not in stock, name

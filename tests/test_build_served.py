@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from slicing.inputs import InputSpec, make_inputs
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES
 from core.server import EmbeddedTriton
 

@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import parse_plan
 from loadtest.rundir import read_capacity, read_points
+from core.model_config import DynamicBatching, TensorConfig, python_model_config, write_model_config
 
 SERVICE_S = 0.1
 MAX_BATCH = 4
@@ -55,22 +56,11 @@ PLAN = textwrap.dedent("""\
 
 def build_sleeper_repository(repository):
     """The sleeper model and its manifest entry."""
-    from core.model_config import write_model_config
-
     (repository / "sleeper" / "1").mkdir(parents=True, exist_ok=True)
     (repository / "sleeper" / "1" / "model.py").write_text(SLEEPER_MODEL)
-    write_model_config(
-        repository / "sleeper",
-        {
-            "name": "sleeper",
-            "backend": "python",
-            "max_batch_size": MAX_BATCH,
-            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
-            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [4]}],
-            "dynamic_batching": {"max_queue_delay_microseconds": 0},
-            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        },
-    )
+    write_model_config(repository / "sleeper", python_model_config(
+        "sleeper", max_batch_size=MAX_BATCH, inputs=[TensorConfig("x", "float32", [4])],
+        outputs=[TensorConfig("y", "float32", [4])], dynamic_batching=DynamicBatching(max_queue_delay_us=0)))
     manifest = {
         "schema_version": 1,
         "target": "embedded",

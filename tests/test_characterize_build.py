@@ -8,7 +8,8 @@ import textwrap
 import pytest
 
 from loadtest import report as report_lib
-from loadtest import rundir, runner
+from loadtest import characterization as runner
+from loadtest import rundir
 from loadtest.report.attribution import attribute
 from loadtest.plan import load_plan
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 import pytest
 
 from loadtest.plan import Point
-from loadtest.runner import (
-    apply_batching,
-    apply_reorch,
-    loadgen_bottleneck,
-    point_configs,
-    stage_rows_from_reorch,
-    variant_models,
-)
+from loadtest.characterization import loadgen_bottleneck, point_configs, stage_rows_from_reorch
 from loadtest.server_stats import ReorchDelta
 from core.errors import ConfigValidationError
+from core.model_config import BatchingOverlay, ReorchOverlay, apply_batching, apply_reorch, variant_models
 
 ENTRY = {
     "variants": {"whole": "m", "ensemble": "m_ensemble", "reorch": "m_reorch"},
@@ -57,7 +51,7 @@ def test_variant_models_lists_dependencies_first():
 
 def test_apply_batching_sets_only_given_knobs_and_leaves_base_untouched():
     config = apply_batching(
-        BASE, {"max_queue_delay_us": 5000, "preferred_batch_sizes": [2, 4], "instance_count": 2}
+        BASE, BatchingOverlay(max_queue_delay_us=5000, preferred_batch_sizes=(2, 4), instance_count=2)
     )
     assert config["dynamic_batching"] == {
         "max_queue_delay_microseconds": 5000,
@@ -66,14 +60,14 @@ def test_apply_batching_sets_only_given_knobs_and_leaves_base_untouched():
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 2}]
     assert config["max_batch_size"] == 8
     assert BASE["dynamic_batching"] == {"max_queue_delay_microseconds": "100"}
-    assert apply_batching(BASE, {}) == BASE
+    assert apply_batching(BASE, BatchingOverlay()) == BASE
 
 
 def test_reorch_point_sets_policy_knobs_and_rows_limit():
     config = apply_reorch(
         BASE,
-        {"policy": "input", "knobs": {"bucket_bounds": [8, 16], "stretch_max_wait_us": 0}},
-        {"max_batch_size": 4},
+        ReorchOverlay(policy="input", knobs={"bucket_bounds": [8, 16], "stretch_max_wait_us": 0}),
+        BatchingOverlay(max_batch_size=4),
     )
     assert config["parameters"]["policy"] == {"string_value": "input"}
     assert config["parameters"]["bucket_bounds"] == {"string_value": "8,16"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from loadtest import runner
+from loadtest import characterization as runner
 
 
 def _record(name: str, level: int, message: str) -> logging.LogRecord:

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from loadtest import report as report_lib
-from loadtest import rundir, runner
+from loadtest import characterization as runner
+from loadtest import rundir
 from loadtest.plan import load_plan
 from loadtest.stats import summarize
 from stagebatch.cli import main
+from tests.helpers import tiny_plan_folder
 
 PLAN = textwrap.dedent("""\
     name: tiny
@@ -41,12 +43,8 @@ PLAN = textwrap.dedent("""\
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
-
     root = tmp_path_factory.mktemp("characterize")
-    build_repository(root / "repo")
-    (root / "plan.yaml").write_text(PLAN)
-    plan = load_plan(root / "plan.yaml")
+    plan = load_plan(tiny_plan_folder(root, PLAN))
     run_dir = runner.characterize(plan, runner.RunOptions(out_dir=root / "run", progress=False))
     return run_dir
 
@@ -119,12 +117,7 @@ def test_bad_plan_is_refused_up_front_with_the_wrong_line(tmp_path, capsys):
 
 
 def test_unknown_model_in_repository_is_refused_before_any_point(tmp_path, capsys):
-    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
-
-    build_repository(tmp_path / "repo")
-    (tmp_path / "plan.yaml").write_text(
-        PLAN.replace("  seq:\n", "  bert_base:\n").replace("[seq]", "[bert_base]")
-    )
+    tiny_plan_folder(tmp_path, PLAN.replace("  seq:\n", "  bert_base:\n").replace("[seq]", "[bert_base]"))
     assert (
         main(
             [
@@ -147,13 +140,10 @@ def test_unknown_model_in_repository_is_refused_before_any_point(tmp_path, capsy
 def test_runner_against_a_running_server_restores_its_models(tmp_path, triton_server):
     import tritonclient.grpc as grpcclient
 
-    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
-
-    build_repository(tmp_path / "repo")
     plan_text = PLAN.replace("defaults: {duration_s: 1.5", "defaults: {duration_s: 1.0").split(
         "  - name: policies"
     )[0]
-    (tmp_path / "plan.yaml").write_text(plan_text)
+    tiny_plan_folder(tmp_path, plan_text)
     server = triton_server(tmp_path / "repo", models=["seq"])
     client = grpcclient.InferenceServerClient(server.grpc_url)
     built = client.get_model_config("seq", as_json=True)["config"]

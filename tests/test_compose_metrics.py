@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import subprocess
-import sys
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -21,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from test_compose_server import build_tiny_lstm_repository
+
+from core.manifest import read_manifest
+from core.server import EmbeddedTriton
 
 pytestmark = pytest.mark.server
 
@@ -65,16 +67,8 @@ def parse_exposition(text: str) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def served_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
-    from core.server import EmbeddedTriton
-
-    repository = tmp_path_factory.mktemp("metrics-repository")
-    build = subprocess.run(
-        [sys.executable, "-m", "stagebatch.cli", "build", "--model=lstm", "--size=tiny", "--stages=2",
-         "--balance=flops", f"--out={repository}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    variants = json.loads((repository / "manifest.json").read_text())["models"]["lstm"]["variants"]
+    repository = build_tiny_lstm_repository(tmp_path_factory.mktemp("metrics-repository"))
+    variants = read_manifest(repository).model("lstm").variants
     assert set(variants) == {"whole", "ensemble", "reorch"}, variants
     with EmbeddedTriton(repository) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)

@@ -14,7 +14,6 @@ import queue
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -26,9 +25,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
+from core.manifest import read_manifest
 from core.server import find_free_port
 from test_compose_metrics import TRITON_GPU_METRICS, dashboard_queries
-from test_compose_server import start_compose_triton
+from test_compose_server import build_tiny_lstm_repository, start_compose_triton
 
 pytestmark = [
     pytest.mark.server,
@@ -93,14 +93,8 @@ def send_requests(grpc_url: str, variants: dict[str, str], seconds: float) -> No
 
 
 def test_dashboard_queries_return_data_from_prometheus_scraping_triton(tmp_path: Path) -> None:
-    repository = tmp_path / "repository"
-    build = subprocess.run(
-        [sys.executable, "-m", "stagebatch.cli", "build", "--model=lstm", "--size=tiny", "--stages=2",
-         "--balance=flops", f"--out={repository}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    variants = json.loads((repository / "manifest.json").read_text())["models"]["lstm"]["variants"]
+    repository = build_tiny_lstm_repository(tmp_path / "repository")
+    variants = read_manifest(repository).model("lstm").variants
 
     with start_compose_triton(repository, tmp_path / "server") as ports:
         config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())

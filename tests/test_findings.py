@@ -6,28 +6,9 @@ from loadtest.report import findings, load_run
 from loadtest.report.content import state_cell
 from loadtest.report.data import GENERATOR_LIMITED
 from loadtest.report.findings import BETTER, NO_DIFFERENCE, NO_WINNER, WORSE, compare_configs, slo_findings
-from tests.report_runs import Spec, write_run
+from tests.report_runs import Spec, capacity_document, write_run
 
-CAPACITY = {
-    "models": {
-        "bert_base": {
-            "whole": {
-                "sustained_rps": 15.0,
-                "slo_rps": 12.0,
-                "slo_ms": 30,
-                "percentile": 99,
-                "limited_by": "server",
-            },
-            "reorch:dva": {
-                "sustained_rps": 21.0,
-                "slo_rps": None,
-                "slo_ms": 30,
-                "percentile": 99,
-                "limited_by": "server",
-            },
-        }
-    }
-}
+CAPACITY = capacity_document()
 
 
 def _run(tmp_path, specs, **kwargs):

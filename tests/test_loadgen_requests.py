@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from loadtest.driver import LoadPlan, LoadSpec, validate_spec
+from loadtest.driver import LoadJob, LoadSpec, validate_spec
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import ConfigValidationError
@@ -120,8 +120,8 @@ def test_validate_spec_checks_lengths_against_the_manifest():
 def test_load_plan_round_trips_through_json():
     spec = LoadSpec("bert", "reorch", ArrivalSpec.parse("bursty:rate_rps=9,on_s=1,off_s=2"),
                     LengthSpec("longtail", median=8, sigma=0.5), duration_s=3, warmup_s=1, seed=5, priority=1)
-    plan = LoadPlan("127.0.0.1:1", spec, MANIFEST["models"]["bert"], processes=3, start_epoch_s=12.5)
-    assert LoadPlan.from_json(plan.to_json()) == plan
+    plan = LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["bert"], processes=3, start_epoch_s=12.5)
+    assert LoadJob.from_json(plan.to_json()) == plan
 
 
 def test_open_loop_schedule_is_the_same_in_every_process_and_partitions_exactly():
@@ -129,7 +129,7 @@ def test_open_loop_schedule_is_the_same_in_every_process_and_partitions_exactly(
 
     spec = LoadSpec("bert", "whole", ArrivalSpec("poisson", rate_rps=300), LengthSpec("uniform", min_length=1, max_length=64),
                     duration_s=4, warmup_s=1, seed=3)
-    plan = LoadPlan("127.0.0.1:1", spec, MANIFEST["models"]["bert"], processes=3)
+    plan = LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["bert"], processes=3)
     times, lengths = open_loop_schedule(plan)
     times2, lengths2 = open_loop_schedule(plan)
     assert np.array_equal(times, times2) and np.array_equal(lengths, lengths2)

@@ -6,10 +6,24 @@ import numpy as np
 import pytest
 
 from backends.common.tensors import concat_rows, split_rows
-from backends.onnx_runner.runner import BatchRunner, TensorInfo
+from backends.onnx_runner.batch import BatchRunner, TensorInfo
 from core.errors import ConfigValidationError
-from core.model_config import read_model_config, render_model_config, write_model_config
-from core.repository import DynamicBatching, TensorConfig, onnx_model_config
+from backends.reorch.policies import ReorchKnobs
+from core.model_config import (
+    BatchingOverlay,
+    DynamicBatching,
+    ReorchOverlay,
+    TensorConfig,
+    apply_batching,
+    apply_reorch,
+    config_parameters,
+    onnx_model_config,
+    python_model_config,
+    read_model_config,
+    render_model_config,
+    reorch_model_config,
+    write_model_config,
+)
 
 
 def test_render_refuses_a_misspelled_field_naming_it():
@@ -58,6 +72,52 @@ def test_queue_policy_and_priorities_render():
     config = DynamicBatching(priority_levels=2, default_priority_level=2, max_queue_size=16).to_config()
     render_model_config({"name": "m", "backend": "python", "max_batch_size": 4, "dynamic_batching": config})
     assert config["default_queue_policy"]["max_queue_size"] == 16
+
+
+@pytest.mark.parametrize("target, kind", [("embedded", "KIND_CPU"), ("gpu", "KIND_GPU")])
+def test_reorch_config_carries_every_knob_and_the_record_output_for_each_target(target, kind):
+    config = reorch_model_config(
+        "m_reorch", target=target, max_batch_size=8,
+        inputs=[TensorConfig("ids", "int64", [-1], sequence_axis=1)], outputs=[TensorConfig("y", "float32", [4])],
+        batching=DynamicBatching(max_queue_delay_us=100, max_queue_size=5), policy="input",
+        knobs=ReorchKnobs(max_batch_rows=8, bucket_bounds=(8, 16)), extra_parameters={"cancel_poll_ms": 5},
+    )
+    render_model_config(config)
+    assert config["instance_group"] == [{"count": 1, "kind": kind}]
+    assert config["input"][0]["allow_ragged_batch"] is True
+    assert [o["name"] for o in config["output"]] == ["y", "REORCH_RECORD"]
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 5
+    parameters = config_parameters(config)
+    assert parameters["policy"] == "input" and parameters["bucket_bounds"] == "8,16"
+    assert parameters["cancel_poll_ms"] == "5" and set(ReorchKnobs().to_parameters()) <= set(parameters)
+
+
+def test_python_model_config_writes_only_what_is_given():
+    config = python_model_config("echo", max_batch_size=8, inputs=[TensorConfig("x", "float32", [4])],
+                                 outputs=[TensorConfig("y", "float32", [4])], decoupled=True)
+    render_model_config(config)
+    assert config["model_transaction_policy"] == {"decoupled": True}
+    assert "dynamic_batching" not in config and "parameters" not in config
+
+
+def test_batching_overlay_removes_the_queue_policy_when_set_back_to_triton_defaults():
+    built = {"name": "m", "max_batch_size": 8, "dynamic_batching": DynamicBatching(max_queue_size=4).to_config()}
+    config = apply_batching(built, BatchingOverlay(max_queue_size=0))
+    assert "default_queue_policy" not in config["dynamic_batching"]
+    assert built["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 4  # the base is left as built
+
+
+def test_batching_overlay_refuses_an_unknown_knob_naming_it():
+    with pytest.raises(ConfigValidationError, match="max_delay"):
+        BatchingOverlay.from_mapping({"max_delay": 5})
+
+
+def test_reorch_overlay_writes_knobs_as_reorch_knobs_renders_them_and_refuses_unknown_ones():
+    config = apply_reorch({"name": "m_reorch"}, ReorchOverlay(knobs={"split_min_ratio": 2, "bucket_bounds": [4, 8]}),
+                          BatchingOverlay())
+    assert config_parameters(config) == {"split_min_ratio": "2.0", "bucket_bounds": "4,8"}
+    with pytest.raises(ConfigValidationError, match="stretch_wait"):
+        apply_reorch({}, ReorchOverlay(knobs={"stretch_wait": 1}), BatchingOverlay())
 
 
 def test_concat_pads_and_split_cuts_back():

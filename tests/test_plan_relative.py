@@ -6,9 +6,10 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import parse_plan, parse_rate, resolve_arrival
 from core.errors import ConfigValidationError
+from core.model_config import BatchingOverlay, apply_batching
 
 PLAN = textwrap.dedent("""\
     name: rel
@@ -99,7 +100,7 @@ def test_queue_policy_knobs_reach_the_config_through_dynamic_batching():
     points = parse_plan(PLAN, "rel.yaml").points()
     burst = next(p for p in points if p.experiment == "bursts")
     assert burst.batching == {"max_queue_size": 16, "default_timeout_us": 50000}
-    config = runner.apply_batching({"max_batch_size": 8, "dynamic_batching": {}}, burst.batching)
+    config = apply_batching({"max_batch_size": 8, "dynamic_batching": {}}, BatchingOverlay.from_mapping(burst.batching))
     policy = config["dynamic_batching"]["default_queue_policy"]
     assert policy["max_queue_size"] == 16 and policy["default_timeout_microseconds"] == 50000
     assert policy["timeout_action"] == "REJECT"

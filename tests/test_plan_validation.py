@@ -174,3 +174,72 @@ def test_plan_refuses_an_unknown_protocol_naming_its_line():
     text = GOOD.replace("defaults: {duration_s: 2,", "defaults: {protocol: carrier-pigeon, duration_s: 2,")
     message = _error(text)
     assert "protocol" in message and "unary" in message and f"p.yaml:{_line_of(text, 'carrier')}" in message
+
+
+BLOCK = textwrap.dedent("""\
+    name: block
+    repository:
+      size: tiny
+    models:
+      bert_base:
+        lengths:
+          kind: uniform
+          min_length: 4
+          max_length: 16
+    loads:
+      curve:
+        arrival:
+          kind: poisson
+          rate_rps: 10
+        sweep:
+          rate_rps:
+            - 5
+            - 10
+    experiments:
+      - name: variants
+        models: bert_base
+        variants:
+          - whole
+          - reorch
+        loads: curve
+        reorch:
+          knobs:
+            bucket_bounds:
+              - [8, 16]
+              - [4, 8]
+    """)
+
+
+# (old, new, the line the error names, where in the plan it says the error is), in a block-style plan
+BLOCK_ERRORS = {
+    "sweep item": ("- 10\n", "- -10\n", "- -10", "loads.curve.sweep.rate_rps[1]"),
+    "list item": ("- reorch\n", "- reorhc\n", "reorhc", "experiments[0].variants[1]"),
+    "owner's rule": ("max_length: 16\n", "max_length: 2\n", "lengths:", "models.bert_base.lengths"),
+    "nested key": ("min_length: 4\n", "min_lenght: 4\n", "min_lenght", "models.bert_base.lengths.min_lenght"),
+    "list in list": ("- [4, 8]\n", "- [8, 4]\n", "[8, 4]", "reorch.knobs.bucket_bounds[1]"),
+    "scalar sweep": ("models: bert_base\n", "models: bert\n", "models: bert", "experiments[0].models"),
+    "type": ("size: tiny\n", "size: 3\n", "size: 3", "repository.size"),
+}
+
+
+@pytest.mark.parametrize("case", BLOCK_ERRORS)
+def test_errors_name_the_line_of_the_key_or_item_when_the_plan_is_written_in_block_style(case):
+    old, new, needle, where = BLOCK_ERRORS[case]
+    parse_plan(BLOCK, "b.yaml")
+    text = BLOCK.replace(old, new, 1)
+    message = _error_in(text, "b.yaml")
+    assert message.startswith(f"b.yaml:{_line_of(text, needle)}: "), message
+    assert where in message.split(": ")[1], message
+
+
+def test_of_several_errors_the_first_in_the_file_is_named_and_the_others_counted():
+    text = BLOCK.replace("size: tiny\n", "size: huge\n").replace("- reorch\n", "- reorhc\n")
+    message = _error_in(text, "b.yaml")
+    assert message.startswith(f"b.yaml:{_line_of(text, 'huge')}: repository.size: unknown size 'huge'")
+    assert "1 more error(s)" in message and "\n" not in message
+
+
+def _error_in(text: str, source: str) -> str:
+    with pytest.raises(ConfigValidationError) as info:
+        parse_plan(text, source)
+    return str(info.value)

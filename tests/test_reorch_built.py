@@ -16,7 +16,7 @@ from backends.reorch.engine import SUCCESS, ReorchEngine
 from backends.reorch.executor import make_ort_runners
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from backends.reorch.spec import StagesSpec
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from core.server import EmbeddedTriton
 
 POLICIES = [p.value for p in BatchPolicy]

@@ -8,7 +8,7 @@ from reorch_models import write_sequence_chain
 from core.reorch_deploy import write_reorch_model
 from backends.reorch.spec import StagesSpec
 from core.errors import ConfigValidationError
-from core.model_config import read_model_config
+from core.model_config import config_parameters, read_model_config
 
 
 def test_layout_config_and_stages_json(tmp_path):
@@ -26,7 +26,7 @@ def test_layout_config_and_stages_json(tmp_path):
     assert inputs["tokens"]["allow_ragged_batch"] and inputs["attention_mask"]["dims"] == ["-1"]
     outputs = {o["name"]: o for o in config["output"]}
     assert outputs["REORCH_RECORD"]["data_type"] == "TYPE_STRING"
-    parameters = {k: v.get("string_value", "") for k, v in config["parameters"].items()}
+    parameters = config_parameters(config)
     assert parameters["policy"] == "input" and parameters["stretch_max_wait_us"] == "700"
     assert parameters["max_batch_rows"] == "8"
     spec = StagesSpec.load(version / "stages.json")

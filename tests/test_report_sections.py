@@ -15,7 +15,7 @@ from loadtest.report.render import markdown_cell
 from loadtest.report.sections import CrossCheckSection, SimulationSection
 from loadtest.stats import summarize
 from core.errors import ConfigValidationError
-from tests.report_runs import DURATION_S, SLO_MS, Spec, write_run
+from tests.report_runs import DURATION_S, SLO_MS, Spec, capacity_document, write_run
 
 CONFIGS = (("whole", None, 20.0), ("ensemble", None, 15.0), ("reorch", "dva", 10.0))
 
@@ -35,28 +35,7 @@ def _specs(saturate_at_20: bool = False) -> list[Spec]:
     ]
 
 
-CAPACITY = {
-    "models": {
-        "bert_base": {
-            "whole": {
-                "sustained_rps": 15.0,
-                "slo_rps": 12.0,
-                "slo_ms": 30,
-                "percentile": 99,
-                "limited_by": "server",
-                "probes": [{"rate_rps": 15.0, "stable": True}],
-            },
-            "reorch:dva": {
-                "sustained_rps": 21.0,
-                "slo_rps": 14.0,
-                "slo_ms": 30,
-                "percentile": 99,
-                "limited_by": "server",
-                "probes": [],
-            },
-        }
-    }
-}
+CAPACITY = capacity_document(reorch_slo_rps=14.0, probes=True)
 
 
 @pytest.mark.parametrize("new_format", [True, False], ids=["new-points", "old-points"])

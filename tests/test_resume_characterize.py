@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import parse_plan
 from loadtest.rundir import POINTS_FILE, REQUESTS_FILE, read_environment, read_points, read_requests
 from stagebatch.cli import main
+from tests.helpers import tiny_plan_folder
 
 CAPACITY = {"models": {"seq": {"whole": {"sustained_rps": 40.0, "slo_rps": 40.0, "slo_ms": 50, "percentile": 99,
                                           "limited_by": "server", "probes": []}}}}  # fmt: skip
@@ -47,11 +48,8 @@ PLAN = textwrap.dedent("""\
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from loadtest.tiny_models import build_repository  # the load generator's tiny models and manifest
-
     root = tmp_path_factory.mktemp("resume")
-    build_repository(root / "repo")
-    (root / "plan.yaml").write_text(PLAN)
+    tiny_plan_folder(root, PLAN)
     (root / "capacity.json").write_text(json.dumps(CAPACITY))
     return root
 

@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from loadtest import runner
+from loadtest import characterization as runner
 from loadtest.plan import load_plan
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from stagebatch.cli import main
 from tuning.calibrate import read_calibration
 from tuning.replay import SIMULATION_FILE, replay_run

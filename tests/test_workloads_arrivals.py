@@ -19,13 +19,9 @@ from loadtest.workloads import (
     SpikeArrivals,
     make_arrival_process,
 )
+from tests.helpers import within
 from core.errors import BadParameterError, ConfigValidationError
 
-Z = 4.0
-
-
-def within(value: float, expected: float, standard_error: float) -> bool:
-    return abs(value - expected) <= Z * standard_error
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

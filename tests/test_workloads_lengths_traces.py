@@ -15,13 +15,9 @@ from loadtest.workloads import (
     make_length_distribution,
     read_trace,
 )
+from tests.helpers import Z, within
 from core.errors import ConfigValidationError
 
-Z = 4.0
-
-
-def within(value: float, expected: float, standard_error: float) -> bool:
-    return abs(value - expected) <= Z * standard_error
 
 
 def test_fixed_lengths_are_constant():

@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from core.errors import BadParameterError
+from core.manifest import find_manifest, manifest_path
 from tuning.batcher import BatcherSettings
 from tuning.calibrate import read_calibration
 from tuning.replay import replay_run
@@ -146,8 +147,8 @@ def tune(
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out = Path("results") / f"tune-{model}-{stamp}"
     started = dt.datetime.now(dt.timezone.utc)
-    manifest_path = repository / "manifest.json"
-    entry = json.loads(manifest_path.read_text()).get("models", {}).get(model) if manifest_path.is_file() else None
+    found = find_manifest(repository)
+    entry = found.raw.get("models", {}).get(model) if found is not None else None
     if entry is None or entry.get("size") not in (None, size):
         typer.echo(f"building {model} ({size}) into {repository} ...", err=True)
         build_repository(repository, models=[model], options=BuildOptions(size=size))
@@ -156,7 +157,7 @@ def tune(
         if k == builds[0].profile.num_stages:
             continue
         target = out / "builds" / f"k{k}"
-        if not (target / "manifest.json").is_file():
+        if not manifest_path(target).is_file():
             typer.echo(f"building {model} with K={k} into {target} ...", err=True)
             build_repository(target, models=[model], options=BuildOptions(size=size, stages=k))
         builds.append(load_built(target, model))

@@ -23,7 +23,7 @@ from typing import Any
 from loadtest.capacity import CapacityResult, Probe, SearchSettings, search_capacity
 from loadtest.driver import LoadSpec, run_load
 from loadtest.plan import Point
-from loadtest.runner import point_configs, variant_models
+from loadtest.characterization import point_configs, variant_models
 from loadtest.stability import assess
 from loadtest.stats import percentile_us
 from loadtest.workloads import ArrivalSpec

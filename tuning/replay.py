@@ -26,6 +26,7 @@ from loadtest.rundir import (
 )
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import ConfigValidationError
+from core.manifest import find_manifest
 from tuning.batcher import BatcherSettings
 from tuning.calibrate import fit, rescaled, usable, whole_capacity_rps, write_calibration
 from tuning.simulate import LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
@@ -50,9 +51,9 @@ def run_manifest(run_dir: Path) -> dict[str, Any]:
     for repository in candidates:
         if not repository.is_absolute():
             repository = run_dir / repository
-        path = repository / "manifest.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        found = find_manifest(repository)
+        if found is not None:
+            return found.raw
     raise ConfigValidationError(f"{run_dir}: no manifest.json in the run's repository ({', '.join(map(str, candidates))}); "
                                 "the repository must still exist to simulate the run")
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from loadtest.rundir import write_json
 from core.errors import ConfigValidationError
+from core.manifest import read_manifest
 from tuning.batcher import BatcherSettings
 from tuning.confirm import Confirmer, mean_ci95, write_ready_repository
 from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search, why
@@ -67,16 +68,9 @@ class TuneOptions:
 
 
 def load_built(repository: Path, model: str) -> Built:
-    path = Path(repository) / "manifest.json"
-    if not path.is_file():
-        raise ConfigValidationError(f"{path}: missing; build the model first (stagebatch build --model {model} "
-                                    f"--out {repository})")
-    manifest = json.loads(path.read_text())
-    entry = (manifest.get("models") or {}).get(model)
-    if entry is None:
-        raise ConfigValidationError(f"{path} has no model {model!r} (it has {', '.join(manifest.get('models', {})) or 'none'});"
-                                    f" build it with stagebatch build --model {model} --out {repository}")
-    return Built(Path(repository), manifest, ModelProfile.from_manifest_entry(model, entry))
+    manifest = read_manifest(repository)
+    entry = manifest.model(model)
+    return Built(Path(repository), manifest.raw, ModelProfile.from_manifest_entry(model, entry.raw))
 
 
 def config_from_description(data: dict[str, Any]) -> VariantConfig:

@@ -1,8 +1,14 @@
-"""onnxruntime sessions as our Python-backend models create them."""
+"""onnxruntime sessions: the one place that sets them up, for serving and for slicing on the host.
+
+Every session runs sequentially with explicit intra-op threads and no spinning: several sessions
+(stages) share the cores in one process.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 LOGGER = logging.getLogger(__name__)
 
@@ -21,8 +27,16 @@ def execution_providers(execution_provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: str, intra_op_threads: int = 1, execution_provider: str = "cpu"):
-    """An onnxruntime session for serving.
+def make_session(model: Any, intra_op_threads: int = 1, execution_provider: str = "cpu", *, optimize: bool = True,
+                 profile_prefix: str | None = None):
+    """An onnxruntime session.
+
+    Args:
+        model: a file path (str or Path), serialized bytes, or an ``onnx.ModelProto``.
+        intra_op_threads: onnxruntime's intra-op threads; 0 leaves onnxruntime's default.
+        execution_provider: ``"cpu"`` or ``"cuda"`` (CPU is the fallback).
+        optimize: graph optimization ALL (serving, timing) or none (checking a graph as written).
+        profile_prefix: turn on onnxruntime's profiler, writing files with this prefix.
 
     Spinning is off: with several sessions in one process (stages) idle sessions' spinning
     threads otherwise steal the cores from the running one (measured 1.7-3x slower chains).
@@ -30,7 +44,9 @@ def make_session(path: str, intra_op_threads: int = 1, execution_provider: str =
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if intra_op_threads > 0:
         options.intra_op_num_threads = intra_op_threads
@@ -38,4 +54,10 @@ def make_session(path: str, intra_op_threads: int = 1, execution_provider: str =
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=execution_providers(execution_provider))
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    if isinstance(source, Path):
+        source = str(source)
+    return ort.InferenceSession(source, sess_options=options, providers=execution_providers(execution_provider))

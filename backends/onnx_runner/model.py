@@ -1,6 +1,6 @@
 """Triton Python-backend model that serves one ONNX graph with onnxruntime.
 
-Glue only: the batching logic is in ``backends.onnx_runner.runner``. The repository builder
+Glue only: the batching logic is in ``backends.onnx_runner.batch``. The repository builder
 copies this file, with the ``backends`` package beside it, into the model's version directory.
 
 Config parameters (all optional, string values):
@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.common.ort import make_session
-from backends.onnx_runner.runner import BatchRunner, TensorInfo
+from backends.onnx_runner.batch import BatchRunner, TensorInfo
 
 
 def _parameters(config: dict) -> dict[str, str]:

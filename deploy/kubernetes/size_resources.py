@@ -29,7 +29,7 @@ from pathlib import Path
 
 from core.errors import StagebatchError
 from core.model_config import read_model_config
-from core.repository import read_manifest
+from core.manifest import read_manifest
 
 MIB = 2**20
 SERVER_MIB = 256
@@ -50,14 +50,14 @@ def weights_bytes(directory: Path) -> int:
 def estimate(repository: Path) -> dict[str, float]:
     """Host memory (MiB) of one pod serving every model of ``repository``, and GPU memory (MiB)."""
     manifest = read_manifest(repository)
-    target = manifest.get("target", "embedded")
+    target = manifest.target
     host_mib, gpu_mib = float(SERVER_MIB), 0.0
     if target == "gpu":
         host_mib += CUDA_CONTEXT_MIB
-    for entry in manifest["models"].values():
-        stage_bytes = sum((repository / stage["onnx"]).stat().st_size for stage in entry["stages"])
-        names = {variant: name for variant, name in entry["variants"].items()}
-        names.update({f"stage{stage['index']}": stage["model_name"] for stage in entry["stages"]})
+    for entry in manifest.models.values():
+        stage_bytes = sum((repository / stage.onnx).stat().st_size for stage in entry.stages)
+        names = dict(entry.variants)
+        names.update({f"stage{stage.index}": stage.model_name for stage in entry.stages})
         for variant, name in names.items():
             config = read_model_config(repository / name / "config.pbtxt")
             if config.get("platform") == "ensemble":

@@ -57,9 +57,19 @@ class Content:
 
 
 class Section(ABC):
-    """A report section: ``title`` and ``build``."""
+    """A report section: ``title``, an optional ``intro`` paragraph, and ``build``."""
 
     title: ClassVar[str]
+    intro: ClassVar[str] = ""  # the section's first paragraph (white space folded): what it shows, how measured
+
+    def start(self) -> Content:
+        """The section's content so far: its title and its intro."""
+        intro = " ".join(self.intro.split())
+        return Content(self.title, paragraphs=[intro] if intro else [])
+
+    def only(self, paragraph: str) -> Content:
+        """The section's content when all it can say is one paragraph (data missing, step skipped)."""
+        return Content(self.title, paragraphs=[paragraph])
 
     @abstractmethod
     def build(self, run: RunData) -> Content:

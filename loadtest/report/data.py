@@ -41,10 +41,10 @@ UNKNOWN = "unknown"  # an older run that did not record stability
 def point_label(point: dict) -> str:
     """The configuration of a point without model, experiment, load and repeat.
 
-    ``variant[policy] knob=value mbs8 qd2000 k4`` (only what the point sets): what differs within a
-    comparison. The one label of the report, its tables, plots, findings and ``stagebatch compare``.
+    ``variant[policy] knob=value mbs8 qd2000 k4`` (only what the point sets; ``tuned:`` first for the
+    plan's tuned variant): what differs within a comparison. The one label of the report, its tables, plots, findings and ``stagebatch compare``.
     """
-    label = point["variant"]
+    label = ("tuned:" if point.get("tuned") else "") + point["variant"]
     reorch = point.get("reorch") or {}
     if reorch.get("policy"):
         label += f"[{reorch['policy']}]"
@@ -277,14 +277,8 @@ def load_run(run_dir: str | Path) -> RunData:
         latencies = np.array([r["latency_us"] for r in rows], dtype=np.int64)
         ok = np.array([r["ok"] for r in rows], dtype=bool)
         sent = np.array([r["t_send_us"] for r in rows], dtype=np.int64)
-        point = PointData(
-            index=index,
-            record=record,
-            latencies_us=latencies,
-            ok=ok,
-            t_send_us=sent,
-            batch_sizes_seen=[r["batch_sizes"] for r in rows if r.get("batch_sizes")],
-        )
+        point = PointData(index=index, record=record, latencies_us=latencies, ok=ok, t_send_us=sent,
+                          batch_sizes_seen=[r["batch_sizes"] for r in rows if r.get("batch_sizes")])  # fmt: skip
         for row in rows:
             server = _server_record(row.get("server"))
             if row["ok"] and server is not None:

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from backends.reorch.scheduler import OPERATIONS
 from loadtest.report.attribution import KINDS, attribute
 from loadtest.report.content import Content, Row, Section, Table, fmt, heaviest, row_flag
 from loadtest.report.data import PointData, RunData, by_label, group, load_curve
@@ -31,15 +32,15 @@ def _minor_log_label(value: float, _position) -> str:
 
 class ThroughputLatencySection(Section):
     title = "Throughput-latency curves"
+    intro = """
+        p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where
+        latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow squares
+        points the load generator sent off schedule, crosses of unknown stability; lines join the means over
+        repeats. The dotted vertical line is the sustained rate from the capacity search.
+    """
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "p99 (solid) and p50 (dashed) against achieved throughput, log latency axis: the knee is where "
-            "latency leaves its floor. Filled markers are stable points, hollow circles saturated, hollow "
-            "squares points the load generator sent off schedule, crosses of unknown stability; lines join the means over repeats. The dotted vertical line is the sustained "
-            "rate from the capacity search."
-        )
+        content = self.start()
         from matplotlib.ticker import FuncFormatter
 
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
@@ -75,18 +76,18 @@ class ThroughputLatencySection(Section):
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
                 ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
-                ax.set_xlabel("achieved throughput (completions in the window / s)")
-                ax.set_ylabel("latency (ms, log): p99 solid, p50 dashed")
-                ax.set_title(f"{model}: throughput vs latency ({experiment})")
+                ax.set(xlabel="achieved throughput (completions in the window / s)",
+                       ylabel="latency (ms, log): p99 solid, p50 dashed",
+                       title=f"{model}: throughput vs latency ({experiment})")  # fmt: skip
         return content
 
 
 class CdfSection(Section):
     title = "Latency CDFs"
+    intro = "Saturated points are drawn dotted: their tails are queue growth."
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append("Saturated points are drawn dotted: their tails are queue growth.")
+        content = self.start()
         for (experiment, model, load), points in group(
             run.measured_points(), "experiment", "model", "load"
         ).items():
@@ -109,24 +110,21 @@ class CdfSection(Section):
                             linestyle=":" if p.saturated else "-",
                             label=f"{p.label}{repeat} (p99 {p.summary.p99_ms:.1f} ms{suffix})",
                         )
-                ax.set_xscale("log")
-                ax.set_xlabel("latency (ms, log scale)")
-                ax.set_ylabel("fraction of requests")
-                ax.set_title(f"{model} under {load} ({experiment})")
+                ax.set(xscale="log", xlabel="latency (ms, log scale)", ylabel="fraction of requests",
+                       title=f"{model} under {load} ({experiment})")  # fmt: skip
         return content
 
 
 class BatchSizeSection(Section):
     title = "Batch sizes per stage"
+    intro = """
+        Executions per batch size from Triton's statistics API (batch_stats, before/after deltas) for whole
+        and stage models; for the reorchestrator, estimated from the batch sizes its per-request records
+        report (a batch of b rows is seen by b requests). Each configuration at its heaviest stable load.
+    """
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Executions per batch size from Triton's statistics API (batch_stats, before/after deltas) for "
-            "whole and stage models; for the reorchestrator, estimated from the batch sizes its per-request "
-            "records report (a batch of b rows is seen by b requests). Each configuration at its heaviest "
-            "stable load."
-        )
+        content = self.start()
         from matplotlib.ticker import MaxNLocator
 
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
@@ -162,18 +160,18 @@ class BatchSizeSection(Section):
 
 class AttributionSection(Section):
     title = "Latency attribution"
+    intro = """
+        Where the mean client latency went, per configuration at its heaviest stable load. Whole and
+        ensemble: Triton's queue and compute (input, infer, output) per request of each model from the
+        statistics API; client + network is the rest of the client mean. Reorch: the per-request
+        REORCH_RECORD gives client + network (client latency minus arrival to exit), the front wait (arrival
+        to stage 0) and, with stage_times_us, each stage's wait and compute and the response path; otherwise
+        stage wait and compute come from the reorchestrator's metrics. Coverage is the parts' sum over the
+        measured mean; it should be within 10% of 100%.
+    """
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Where the mean client latency went, per configuration at its heaviest stable load. Whole and "
-            "ensemble: Triton's queue and compute (input, infer, output) per request of each model from the "
-            "statistics API; client + network is the rest of the client mean. Reorch: the per-request "
-            "REORCH_RECORD gives client + network (client latency minus arrival to exit), the front wait "
-            "(arrival to stage 0) and, with stage_times_us, each stage's wait and compute and the response "
-            "path; otherwise stage wait and compute come from the reorchestrator's metrics. Coverage is the "
-            "parts' sum over the measured mean; it should be within 10% of 100%."
-        )
+        content = self.start()
         summary_rows, part_rows = [], []
         for (experiment, model), points in group(run.measured_points(), "experiment", "model").items():
             bars = []
@@ -303,13 +301,13 @@ class AttributionSection(Section):
 
 class ComparisonSection(Section):
     title = "Variant and policy comparison"
+    intro = """
+        Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats).
+        Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded.
+    """
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Per load: mean and p99 latency and achieved throughput of each configuration (mean over repeats). "
-            "Bars of configurations that were not stable (saturated or sent off schedule) are hatched and faded."
-        )
+        content = self.start()
         for (experiment, model, load), points in group(
             run.measured_points(), "experiment", "model", "load"
         ).items():
@@ -350,12 +348,11 @@ class ComparisonSection(Section):
                     ax.set_xticks(x)
                     ax.set_xticklabels(list(configs), rotation=30, ha="right", fontsize=7)
                 ax1.figure.suptitle(f"{model} under {load} ({experiment})", fontsize=9)
-        rows, operations = [], []
-        for p in run.measured_points():
-            reorch = p.server().get("reorch")
-            if reorch:
-                rows.append((p, reorch.get("operations") or {}))
-                operations += [op for op in reorch.get("operations") or {} if op not in operations]
+        reorch_points = [(p, p.server().get("reorch")) for p in run.measured_points()]
+        rows = [(p, reorch.get("operations") or {}) for p, reorch in reorch_points if reorch]
+        # the scheduler's list of operations, in its order; any other name a run recorded after them
+        seen = {op for _, ops in rows for op in ops}
+        operations = [op for op in OPERATIONS if op in seen] + sorted(seen - set(OPERATIONS))
         if rows:
             content.tables.append(
                 Table(

@@ -52,20 +52,19 @@ class RunSection(Section):
 
 class CapacitySection(Section):
     title = "Capacity"
+    intro = """
+        From capacity.json: the sustained rate is the highest open-loop rate the server kept up with
+        (completions within 5% of arrivals, no backlog growth, the generator on schedule); the rate at the
+        SLO is the highest whose tail latency stayed within the SLO.
+    """
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
         models = (run.capacity or {}).get("models") or {}
         if not models:
-            content.paragraphs.append(
+            return self.only(
                 "No capacity search in this run (capacity.json is absent): the plan used absolute rates only."
             )
-            return content
-        content.paragraphs.append(
-            "From capacity.json: the sustained rate is the highest open-loop rate the server kept up with "
-            "(completions within 5% of arrivals, no backlog growth, the generator on schedule); the rate at "
-            "the SLO is the highest whose tail latency stayed within the SLO."
-        )
+        content = self.start()
         rows = []
         for model, variants in models.items():
             for label, entry in variants.items():
@@ -119,6 +118,16 @@ class CapacitySection(Section):
 
 class ResultsSection(Section):
     title = "Results"
+    intro = """
+        Client-side latencies of successful requests, recomputed from requests.csv (nearest-rank
+        percentiles, ms). x capacity = the load as a multiple of the whole model's measured sustained rate.
+        Offered = requests sent per second; achieved = successful completions inside the measured window per
+        second. A SATURATED point did not keep up: its queue grew during the window, so its latencies
+        measure queue growth and are not compared. An UNSTABLE: load generator point was sent off its
+        open-loop schedule (late arrivals, or a busy generator): the server saw other arrivals than planned,
+        so it is not compared either. SLO met = share of all sent requests answered successfully within the
+        SLO; goodput = those per second.
+    """
     header: ClassVar[list[str]] = [
         "#",
         "experiment",
@@ -144,17 +153,7 @@ class ResultsSection(Section):
     ]
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "Client-side latencies of successful requests, recomputed from requests.csv (nearest-rank "
-            "percentiles, ms). x capacity = the load as a multiple of the whole model's measured sustained rate. "
-            "Offered = requests sent per second; achieved = successful completions inside "
-            "the measured window per second. A SATURATED point did not keep up: its queue grew during the "
-            "window, so its latencies measure queue growth and are not compared. An UNSTABLE: load generator point "
-            "was sent off its open-loop schedule (late arrivals, or a busy generator): the server saw other "
-            "arrivals than planned, so it is not compared either. SLO met = share of all sent "
-            "requests answered successfully within the SLO; goodput = those per second."
-        )
+        content = self.start()
         rows = []
         for p in run.points:
             base = [
@@ -208,15 +207,14 @@ class FindingsSection(Section):
 
 class LoadGeneratorSection(Section):
     title = "Load generator check"
+    intro = """
+        CPU use of the load generator's busiest process (percent of one core) and arrivals it sent more than
+        2 ms behind the open-loop schedule. A point is flagged when the generator used 85% of a core or more
+        than 5% of its arrivals were late: then the generator, not only the server, shaped the measurement.
+    """
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        content.paragraphs.append(
-            "CPU use of the load generator's busiest process (percent of one core) and arrivals it sent more "
-            "than 2 ms behind the open-loop schedule. A point is flagged when the generator used 85% of a core "
-            "or more than 5% of its arrivals were late: then the generator, not only the server, shaped the "
-            "measurement."
-        )
+        content = self.start()
         rows = []
         for p in run.points:
             loadgen = p.record.get("loadgen") or {}
@@ -255,33 +253,23 @@ class CrossCheckSection(Section):
     title = "Load generator cross-check"
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
-        check = run.crosscheck
-        if not check:
-            content.paragraphs.append(
+        if not (check := run.crosscheck):
+            return self.only(
                 "Skipped: not run (no loadgen_crosscheck.json in the run directory). It measures one point "
                 "with perf_analyzer and with stagebatch's generator to show both agree."
             )
-            return content
         if check.get("status") != "ok":
-            content.paragraphs.append(f"Skipped: {check.get('reason') or 'no reason recorded'}.")
-            return content
+            return self.only(f"Skipped: {check.get('reason') or 'no reason recorded'}.")
+        content = self.start()
         content.paragraphs.append(
             f"{check.get('model', '?')} {check.get('variant', '?')} at {fmt(check.get('rate_rps'))} req/s "
             f"over {check.get('protocol') or 'gRPC'}, measured by both generators (the same open-loop schedule)."
         )
-        rows = [
-            Row(
-                [
-                    name,
-                    fmt((check.get(name) or {}).get("p50_ms"), 2),
-                    fmt((check.get(name) or {}).get("p99_ms"), 2),
-                    fmt((check.get(name) or {}).get("throughput_rps")),
-                    fmt((check.get(name) or {}).get("requests")),
-                ]
-            )
-            for name in ("perf_analyzer", "stagebatch")
-        ]
+        rows = []
+        for name in ("perf_analyzer", "stagebatch"):
+            side = check.get(name) or {}
+            cells = [fmt(side.get("p50_ms"), 2), fmt(side.get("p99_ms"), 2), fmt(side.get("throughput_rps"))]
+            rows.append(Row([name, *cells, fmt(side.get("requests"))]))
         content.tables.append(Table(["generator", "p50 ms", "p99 ms", "throughput req/s", "requests"], rows))
         return content
 
@@ -290,14 +278,13 @@ class SimulationSection(Section):
     title = "Simulator error"
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title)
         document = run.simulation
         if not document:
-            content.paragraphs.append(
+            return self.only(
                 "Not simulated (no simulation.json): `stagebatch simulate --run RUN_DIR` replays every point "
                 "of this run in virtual time and writes it."
             )
-            return content
+        content = self.start()
         summary = document.get("summary") or {}
         content.paragraphs.append(
             f"Each point replayed by the simulator from the manifest's stage latency tables "
@@ -338,9 +325,10 @@ def _percent(fraction: float | None) -> str:
 
 class CpuNoteSection(Section):
     title = "What a 2-core CPU can show"
+    intro = CPU_NOTE
 
     def build(self, run: RunData) -> Content:
-        content = Content(self.title, paragraphs=[CPU_NOTE])
+        content = self.start()
         hardware = run.environment.get("hardware") or {}
         if hardware.get("cpu_cores_logical"):
             content.paragraphs.append(

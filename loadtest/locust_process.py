@@ -1,6 +1,6 @@
 """Child process of :func:`loadtest.driver.run_load`: Locust as a library, local or master + workers.
 
-``python -m loadtest.locust_runner --plan plan.json --out DIR [--workers N]`` runs the plan and
+``python -m loadtest.locust_process --plan plan.json --out DIR [--workers N]`` runs the plan and
 writes ``DIR/records.jsonl`` (every request of every process, warm-up included) and
 ``DIR/summary.json`` (schedule start, per-process CPU, lateness, warnings). It exits 0 when the run
 completed, 1 with one line on stderr otherwise. Importing Locust monkey-patches this process
@@ -23,10 +23,10 @@ from locust.env import Environment
 from locust.event import Events
 
 from loadtest import locustfile
-from loadtest.driver import LoadPlan
+from loadtest.driver import LoadJob
 from core.errors import StagebatchError
 
-LOGGER = logging.getLogger("loadtest.locust_runner")
+LOGGER = logging.getLogger("loadtest.locust_process")
 LOCUSTFILE = Path(locustfile.__file__).resolve()
 WORKER_CONNECT_TIMEOUT_S = 60.0
 WORKER_EXIT_TIMEOUT_S = 15.0
@@ -40,12 +40,12 @@ def _parsed_options(processes: int) -> argparse.Namespace:
     return options
 
 
-def _user_count(plan: LoadPlan, processes: int) -> int:
+def _user_count(plan: LoadJob, processes: int) -> int:
     # closed loop: the users; open loop: one schedule-walking user per sending process
     return plan.spec.arrival.users if not plan.spec.arrival.is_open_loop else max(1, processes)
 
 
-def run(plan: LoadPlan, out_dir: Path, *, workers: int, remote_workers: int, master_bind_host: str,
+def run(plan: LoadJob, out_dir: Path, *, workers: int, remote_workers: int, master_bind_host: str,
         master_port: int) -> None:
     import gevent
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        plan = LoadPlan.from_json(args.plan.read_text())
+        plan = LoadJob.from_json(args.plan.read_text())
         run(plan, args.out, workers=args.workers, remote_workers=args.remote_workers,
             master_bind_host=args.master_bind_host, master_port=args.master_port)
     except StagebatchError as error:

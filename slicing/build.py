@@ -5,7 +5,8 @@ Per model ``NAME`` it writes the whole model (``NAME``, one dynamic batcher), th
 the stage reorchestrator (``NAME_reorch``, :mod:`core.reorch_deploy`), and an
 entry in the repository's ``manifest.json``. Everything is checked before it is written: the stage
 chain must reproduce the whole model (``verify_chain``), and each config is validated against
-Triton's schema when rendered.
+Triton's schema when rendered. The builder decides what to write (tensors, batchers, stage names);
+the config content comes from :mod:`core.model_config`, the folders from :mod:`core.repository`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,24 @@ from slicing.inputs import InputSpec, infer_input_specs
 from slicing.slicer import BALANCES, max_stages, slice_model
 from slicing.zoo import MODEL_NAMES, SIZES, ZOO, OutputSpec, build_zoo_model
 from core.errors import BadParameterError, SliceError
-from core.model_config import write_model_config
+from core.manifest import find_manifest
+from core.model_config import TARGETS, DynamicBatching, EnsembleStep, TensorConfig, ensemble_config, write_model_config
 from core.reorch_deploy import write_reorch_model
-from core.repository import TARGETS, DynamicBatching, TensorConfig, add_onnx_model
+from core.repository import add_onnx_model
 
 if TYPE_CHECKING:
     import onnx
 
 DEFAULT_STAGES = 4
 _NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+# `stagebatch build`'s default queue timeout (µs). A crashed Python stub's queued requests are
+# otherwise failed one batch per second by tritonserver 2.51; with it they are refused within about
+# this long, so the supervisor's restart costs seconds (docs/gpu.md, "Supervision"). It turns off the
+# batcher's prefetch of batches ahead of a busy instance, so characterization plans keep Triton's stock
+# batcher (no queue policy) unless they ask for one.
+SERVING_QUEUE_TIMEOUT_US = 2_000_000
 
 
 @dataclass
@@ -58,35 +68,35 @@ class BuildOptions:
     # max_queue_size only to the whole model and reorch: on 24.10 a full stage queue behind an
     # ensemble leaves the ensemble's requests stuck (fixed upstream in core#466).
     max_queue_size: int = 0
-    default_timeout_us: int = 0
+    default_timeout_us: int = 0  # library default: Triton's stock batcher; `stagebatch build` passes SERVING_QUEUE_TIMEOUT_US
 
     def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise BadParameterError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
-        if self.stages is not None and self.stages < 1:
-            raise BadParameterError(f"--stages {self.stages}: must be >= 1")
-        if self.target not in TARGETS:
-            raise BadParameterError(f"--target {self.target!r}: choose one of {', '.join(TARGETS)}")
-        if self.max_batch < 1:
-            raise BadParameterError(f"--max-batch {self.max_batch}: must be >= 1")
-        if self.queue_delay_us < 0:
-            raise BadParameterError(f"--queue-delay-us {self.queue_delay_us}: must be >= 0")
-        if self.balance not in BALANCES:
-            raise BadParameterError(f"--balance {self.balance!r}: choose one of {', '.join(BALANCES)}")
+        for name, option, choices in _CHOICES:
+            if getattr(self, name) not in choices:
+                raise BadParameterError(f"{option} {getattr(self, name)!r}: choose one of {', '.join(choices)}")
+        for name, option, minimum, meaning in _MINIMUMS:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise BadParameterError(f"{option} {value}: must be >= {minimum}{meaning}")
         if self.cut_tensors and self.stages is not None and self.stages != len(self.cut_tensors) + 1:
             raise BadParameterError(
                 f"--stages {self.stages} disagrees with {len(self.cut_tensors)} --cut tensors "
                 f"(K cuts give K+1 stages); drop --stages or one of them")
-        if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise BadParameterError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
-        if self.instance_count < 1:
-            raise BadParameterError(f"--instances {self.instance_count}: must be >= 1")
-        if self.intra_op_threads < 0:
-            raise BadParameterError(f"--intra-op-threads {self.intra_op_threads}: must be >= 0 (0: all cores)")
-        if self.max_queue_size < 0:
-            raise BadParameterError(f"--max-queue-size {self.max_queue_size}: must be >= 0 (0: unbounded)")
-        if self.default_timeout_us < 0:
-            raise BadParameterError(f"--default-timeout-us {self.default_timeout_us}: must be >= 0 (0: no timeout)")
+
+
+# BuildOptions fields checked against a vocabulary: (field, CLI option, the valid values)
+_CHOICES = (("size", "--size", SIZES), ("target", "--target", TARGETS), ("balance", "--balance", BALANCES))
+# BuildOptions fields with a lower bound (None: unset): (field, CLI option, smallest value, what it means)
+_MINIMUMS = (
+    ("stages", "--stages", 1, ""),
+    ("max_batch", "--max-batch", 1, ""),
+    ("queue_delay_us", "--queue-delay-us", 0, ""),
+    ("max_seq_len", "--max-seq-len", 1, ""),
+    ("instance_count", "--instances", 1, ""),
+    ("intra_op_threads", "--intra-op-threads", 0, " (0: all cores)"),
+    ("max_queue_size", "--max-queue-size", 0, " (0: unbounded)"),
+    ("default_timeout_us", "--default-timeout-us", 0, " (0: no timeout)"),
+)
 
 
 @dataclass
@@ -138,7 +148,8 @@ def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: P
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadParameterError(f"--out {out}: exists and is not a directory")
-    existing = manifest_lib.read_manifest_file(out) if out.is_dir() else None
+    found = find_manifest(out) if out.is_dir() else None
+    existing = found.raw if found is not None else None
     if existing is not None and existing.get("target") != options.target:
         manifest_lib.merge_manifest(existing, options.target, {})  # raises the target mismatch error
     names: list[str] = []
@@ -264,7 +275,7 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
 
     stage_entries = []
     for stage, profile in zip(result.stages, profiles):
-        model_name = f"{source.name}_stage{stage.index}"
+        model_name = _stage_name(source.name, stage.index)
         metas = {name: stage.tensors[name] for name in [*stage.inputs, *stage.outputs]}
         stage_inputs = [_tensor_config(n, metas[n].dtype, metas[n].shape, metas[n].sequence_axis, specs.get(n),
                                        max_batch) for n in stage.inputs]
@@ -315,6 +326,10 @@ def _build_one(out: Path, source: _Source, options: BuildOptions, existing: dict
                       build_s=time.perf_counter() - started)
 
 
+def _stage_name(model: str, index: int) -> str:
+    return f"{model}_stage{index}"
+
+
 def _stage_tensor_entry(name: str, meta, spec) -> dict[str, Any]:
     entry = manifest_lib.tensor_entry(name, meta.dtype, meta.shape, sequence_axis=meta.sequence_axis,
                                       pad_value=_pad_value(spec))
@@ -354,25 +369,11 @@ def _add_onnx(out: Path, name: str, model, options: BuildOptions, max_batch: int
                    intra_op_threads=options.intra_op_threads)
 
 
-def ensemble_config(name: str, max_batch: int, inputs, outputs, stages, prefix: str) -> dict[str, Any]:
-    """The ensemble of the stages: every tensor maps by its own name (the chain contract)."""
-    steps = []
-    for stage in stages:
-        steps.append({
-            "model_name": f"{prefix}_stage{stage.index}", "model_version": -1,
-            "input_map": {n: n for n in stage.inputs}, "output_map": {n: n for n in stage.outputs},
-        })
-    return {
-        "name": name, "platform": "ensemble", "max_batch_size": max_batch,
-        "input": [t.to_config() for t in inputs], "output": [t.to_config() for t in outputs],
-        "ensemble_scheduling": {"step": steps},
-    }
-
-
 def _write_ensemble(out: Path, name: str, max_batch: int, inputs, outputs, stages, prefix: str) -> None:
     model_dir = out / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version directory, even empty
-    write_model_config(model_dir, ensemble_config(name, max_batch, inputs, outputs, stages, prefix))
+    steps = [EnsembleStep(_stage_name(prefix, stage.index), stage.inputs, stage.outputs) for stage in stages]
+    write_model_config(model_dir, ensemble_config(name, max_batch, inputs, outputs, steps))
 
 
 def _write_reorch(out: Path, name: str, entry: dict[str, Any], options: BuildOptions, max_batch: int) -> str | None:

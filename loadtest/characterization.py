@@ -21,7 +21,6 @@ Raw data layout: see :data:`ENVIRONMENT_FILE`, :data:`POINTS_FILE`, :data:`REQUE
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -41,7 +40,6 @@ from loadtest.plan import (
     Plan,
     Point,
     check_against_models,
-    knob_parameter,
     parse_plan,
     resolve_arrival,
 )
@@ -65,18 +63,23 @@ from loadtest.server_stats import diff_reorch_metrics, diff_statistics, scrape_m
 from loadtest.stability import LOADGEN_REASONS, arrival_period_s, assess
 from loadtest.stats import percentile_us, summarize
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from slicing.repository import BuildOptions, build_repository
+from slicing.build import BuildOptions, build_repository
 from slicing.slicer import max_stages
 from core.errors import ConfigValidationError, ServerStartError, SliceError, StagebatchError
-from core.model_config import read_model_config
-from core.repository import DynamicBatching
+from core.manifest import find_manifest, read_manifest
+from core.model_config import (
+    BatchingOverlay,
+    ReorchOverlay,
+    read_model_config,
+    variant_configs,
+    variant_models,
+)
 from core.server import ADMIN_HEADER, GRPC_HEADER_PREFIX, EmbeddedTriton
 
 LOGGER = logging.getLogger(__name__)
 # one line per point (and per capacity probe) on the console; everything else INFO goes to the log file
 PROGRESS = logging.getLogger("loadtest.progress")
 
-MANIFEST_FILE = "manifest.json"
 # A load generator busier than this (percent of one core) may be what limits a point.
 LOADGEN_BUSY_PERCENT = 85.0
 # Share of arrivals sent late above which the open-loop schedule was not kept (a few late ones are
@@ -88,83 +91,10 @@ ADMIN_KEY_ENV = "STAGEBATCH_ADMIN_KEY"
 # ---------------------------------------------------------------- configurations (pure)
 
 
-def variant_models(entry: dict, variant: str) -> list[str]:
-    """Triton model names a variant uses, in load order (dependencies first, entry model last)."""
-    variants = entry.get("variants", {})
-    if variant not in variants:
-        raise ConfigValidationError(
-            f"the manifest has no {variant!r} variant for this model (it has {', '.join(variants)})"
-        )
-    if variant == "ensemble":
-        return [stage["model_name"] for stage in entry.get("stages", [])] + [variants["ensemble"]]
-    return [variants[variant]]
-
-
-def apply_batching(config: dict, batching: dict) -> dict:
-    """A copy of a Triton model config (dict form) with the point's request-batching knobs."""
-    config = copy.deepcopy(config)
-    if "max_batch_size" in batching:
-        config["max_batch_size"] = int(batching["max_batch_size"])
-    dynamic = config.get("dynamic_batching")
-    if any(key in batching for key in ("max_queue_delay_us", "preferred_batch_sizes")):
-        dynamic = config.setdefault("dynamic_batching", {})
-    if "max_queue_delay_us" in batching:
-        dynamic["max_queue_delay_microseconds"] = int(batching["max_queue_delay_us"])
-    if "preferred_batch_sizes" in batching:
-        if batching["preferred_batch_sizes"]:
-            dynamic["preferred_batch_size"] = [int(v) for v in batching["preferred_batch_sizes"]]
-        else:
-            dynamic.pop("preferred_batch_size", None)
-    if "instance_count" in batching:
-        groups = config.get("instance_group") or [{"kind": "KIND_CPU"}]
-        config["instance_group"] = [{**groups[0], "count": int(batching["instance_count"])}]
-    if "max_queue_size" in batching or "default_timeout_us" in batching:
-        dynamic = config.setdefault("dynamic_batching", {})
-        policy = dynamic.get("default_queue_policy") or {}
-        queue = DynamicBatching(
-            max_queue_size=int(batching.get("max_queue_size", policy.get("max_queue_size", 0))),
-            default_timeout_us=int(
-                batching.get("default_timeout_us", policy.get("default_timeout_microseconds", 0))
-            ),
-        ).to_config()
-        if "default_queue_policy" in queue:
-            dynamic["default_queue_policy"] = queue["default_queue_policy"]
-        else:
-            dynamic.pop("default_queue_policy", None)
-    return config
-
-
-def apply_reorch(config: dict, reorch: dict, batching: dict) -> dict:
-    """A copy of the reorch model's config with the point's policy and knobs as string parameters."""
-    config = copy.deepcopy(config)
-    parameters = config.setdefault("parameters", {})
-    if "max_batch_size" in batching:
-        # the reorchestrator never forms a stage batch above what its dynamic batcher may hand it
-        parameters["max_batch_rows"] = {"string_value": str(int(batching["max_batch_size"]))}
-    if reorch.get("policy"):
-        parameters["policy"] = {"string_value": str(reorch["policy"])}
-    for key, value in (reorch.get("knobs") or {}).items():
-        parameters[key] = {"string_value": knob_parameter(value)}
-    return config
-
-
 def point_configs(point: Point, entry: dict, base_configs: dict[str, dict]) -> dict[str, dict]:
     """The config every model of the point's variant must be loaded with (model name -> config)."""
-    names = variant_models(entry, point.variant)
-    configs = {}
-    for name in names:
-        config = base_configs[name]
-        if point.variant == "ensemble" and name == names[-1]:
-            # the ensemble itself has no batcher; its max batch size must not exceed its stages'
-            if "max_batch_size" in point.batching:
-                config = {**copy.deepcopy(config), "max_batch_size": int(point.batching["max_batch_size"])}
-            configs[name] = config
-            continue
-        config = apply_batching(config, point.batching)
-        if point.variant == "reorch":
-            config = apply_reorch(config, point.reorch, point.batching)
-        configs[name] = config
-    return configs
+    return variant_configs(entry, point.variant, base_configs, BatchingOverlay.from_mapping(point.batching),
+                           ReorchOverlay.from_mapping(point.reorch))
 
 
 # ---------------------------------------------------------------- per-stage rows (pure)
@@ -286,12 +216,7 @@ class Characterization:
 
     # ---- repository ----
     def _read_manifest(self) -> dict:
-        path = self.repository / MANIFEST_FILE
-        if not path.is_file():
-            raise ConfigValidationError(
-                f"{path}: missing; build the models first (stagebatch build ...) or set repository.build: true"
-            )
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_manifest(self.repository).raw
         return self.manifest
 
     def _build(self, model: str, stages: int, balance: str) -> None:
@@ -322,10 +247,8 @@ class Characterization:
     def _prepare_repository(self) -> None:
         spec = self.plan.repository
         if spec.build:
-            manifest_path = self.repository / MANIFEST_FILE
-            existing = (
-                json.loads(manifest_path.read_text()).get("models", {}) if manifest_path.is_file() else {}
-            )
+            found = find_manifest(self.repository)
+            existing = found.raw.get("models", {}) if found is not None else {}
             for model in self.plan.models:
                 entry = existing.get(model)
                 build = (entry or {}).get("build", {})
