@@ -161,3 +161,14 @@ def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_config
     ranked = [{"key": "k3_ensemble", "simulated_slo_rps": 270.0}]
     assert tune_module._start_rate(state, "k3_ensemble", ranked) == pytest.approx(0.8 * 270.0 * 50.0 / 150.0)
     assert tune_module._start_rate(state, "baseline", ranked) == pytest.approx(45.0)  # measured before
+
+
+def test_results_rank_the_configuration_most_surely_above_the_default_first_when_one_round_was_lucky():
+    measurements = [{"key": "baseline", "repeat": r, "slo_rps": 40.0} for r in range(3)]
+    measurements += [{"key": "steady", "repeat": r, "slo_rps": 50.0} for r in range(3)]
+    measurements += [{"key": "lucky", "repeat": r, "slo_rps": v} for r, v in enumerate((40.0, 40.0, 120.0))]
+    state = {"search": {"baseline": {}, "ranked": [{"key": "steady"}, {"key": "lucky"}]}, "measurements": measurements}
+    build = tune_module.Built(None, {}, profile_of([PLANTED]))
+    config = VariantConfig("whole", BatcherSettings(8, 100))
+    rows = tune_module._results(state, [("baseline", build, config), ("lucky", build, config), ("steady", build, config)])
+    assert [r["key"] for r in rows] == ["baseline", "steady", "lucky"]  # lucky's mean ratio is higher (1.67 > 1.25)
