@@ -212,3 +212,13 @@ def test_replay_run_compares_batch_sizes_per_stage_when_the_run_has_server_stati
     assert row["stages"][0]["measured_batch"] == 2.0
     assert row["stages"][0]["simulated_batch"] == 1.0  # 20 req/s, 1 ms each: every request alone
     assert row["error"]["batch"] == pytest.approx(0.5)
+
+
+def test_calibration_fits_the_outside_time_from_the_client_when_a_point_has_no_stage_times(tmp_path):
+    point = _point("whole", 20.0, 7.0, [], 7.0)
+    del point["server"]
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [point])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    fitted = read_calibration(run).for_variant("whole", "m")
+    assert fitted.launch_overhead_ms == 0.0  # nothing to fit it from: the defaults given
+    assert fitted.request_overhead_ms == pytest.approx(6.0, abs=0.01)  # 7 ms measured, 1 ms simulated

@@ -79,17 +79,22 @@ def _outside_ms(record: dict[str, Any], requests: list[dict] | None) -> float:
     return record["client"]["avg_ms"] - in_server_us / 1000.0
 
 
-def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tuple[dict[str, list], dict[str, list]]:
-    """Per MODEL:VARIANT: (table ms, measured compute ms) pairs, and outside-the-server latencies (ms)."""
+def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tuple[dict[str, list], ...]:
+    """Per MODEL:VARIANT: (table ms, measured compute ms) pairs, outside-the-server latencies (ms), and
+    the points without per-stage times (the client's latency is all there is of them)."""
     compute: dict[str, list] = defaultdict(list)
     outside: dict[str, list] = defaultdict(list)
+    latency_only: dict[str, list] = defaultdict(list)
     for record, job in jobs:
-        measured_stages = record["server"]["stages"]
+        profile, config, workload = job
+        key = f"{profile.name}:{config.variant}"
+        measured_stages = ((record.get("server") or {}).get("stages")) or []
+        if not measured_stages or any(s.get("avg_compute_us") is None for s in measured_stages):
+            latency_only[key].append((record, job))
+            continue
         if not all((s.get("avg_batch_size") or 1.0) <= LIGHT_BATCH for s in measured_stages):
             continue  # launches overlap, requests queue and the load generator competes: times are not costs
-        profile, config, workload = job
         result = simulate(profile, config, workload, settings)
-        key = f"{profile.name}:{config.variant}"
         for simulated, measured in zip(result.stage_batches, measured_stages):
             per_request = config.variant != "reorch"  # Triton averages compute per request; reorch per launch
             table = simulated["row_avg_table_ms" if per_request else "avg_table_ms"]
@@ -97,14 +102,12 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
                 continue
             compute[key].append((table, measured["avg_compute_us"] / 1000.0))
         outside[key].append(_outside_ms(record, requests.get(record.get("index"))))
-    return compute, outside
+    return compute, outside, latency_only
 
 
 def usable(record: dict[str, Any]) -> bool:
-    """A point the calibration may use: stable, with the client's figures and every stage's compute time."""
-    stages = ((record.get("server") or {}).get("stages")) or []
-    return bool(record.get("stable") and record.get("client") and stages
-                and all(s.get("avg_compute_us") is not None for s in stages))
+    """A point the calibration may use: stable, with the client's figures."""
+    return bool(record.get("stable") and (record.get("client") or {}).get("avg_ms") is not None)
 
 
 def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None = None,
@@ -139,7 +142,7 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
     settings = dataclasses.replace(base, variant_overrides={})
     facts: dict[str, Any] = {}
     for _ in range(ITERATIONS):
-        compute, outside = _observations(jobs, settings, requests)
+        compute, outside, latency_only = _observations(jobs, settings, requests)
         overrides: dict[str, dict[str, float]] = {}
         for variant in sorted({key.split(":", 1)[1] for key in compute}):
             every = [o for key, obs in compute.items() if key.endswith(f":{variant}") for o in obs]
@@ -152,7 +155,24 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
                           "rms_residual_ms": round(float(np.sqrt(np.mean(
                               [(launch + t - m) ** 2 for t, m in observations]))), 3)}
         settings = dataclasses.replace(settings, variant_overrides=overrides)
-    return settings, facts
+    for key, points in latency_only.items():
+        if key not in compute:
+            overrides[key], facts[key] = _fit_outside_only(key, points, settings)
+    return dataclasses.replace(settings, variant_overrides=overrides), facts
+
+
+def _fit_outside_only(key: str, points: list, settings: SimSettings) -> tuple[dict[str, float], dict[str, Any]]:
+    """A model and variant whose points hold no per-stage times (e.g. the reorchestrator's fused chain
+    reports none): the launch cost of the variant's other models (else the defaults) and, as the time
+    outside, the median of the client's average latency minus the simulated one without it."""
+    variant = key.split(":", 1)[1]
+    launch = settings.variant_overrides.get(variant, {}).get("launch_overhead_ms", settings.launch_overhead_ms)
+    trial = dataclasses.replace(settings, variant_overrides={
+        **settings.variant_overrides, key: {**_values(launch, [0.0])}})
+    gaps = [record["client"]["avg_ms"] - simulate(*job, trial).summary.avg_ms for record, job in points]
+    return _values(launch, gaps), {"latency_only_points": len(points),
+                                   "launch_overhead_from": variant if variant in settings.variant_overrides
+                                   else "defaults"}
 
 
 def _values(launch_ms: float, outside_ms: list[float]) -> dict[str, float]:
