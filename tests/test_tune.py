@@ -15,7 +15,7 @@ from core.model_config import write_model_config
 from tuning import tune as tune_module
 from tuning.batcher import BatcherSettings
 from tuning.confirm import mean_ci95
-from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search
+from tuning.search import SearchOptions, SearchSpace, bounded, check_slo, diverse, search
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
 from tuning.tune import TuneOptions, config_from_description
 
@@ -172,3 +172,10 @@ def test_results_rank_the_configuration_most_surely_above_the_default_first_when
     config = VariantConfig("whole", BatcherSettings(8, 100))
     rows = tune_module._results(state, [("baseline", build, config), ("lucky", build, config), ("steady", build, config)])
     assert [r["key"] for r in rows] == ["baseline", "steady", "lucky"]  # lucky's mean ratio is higher (1.67 > 1.25)
+
+
+def test_bounded_shortens_the_window_when_a_fast_model_would_be_simulated_for_too_many_requests():
+    workload = Workload(ArrivalSpec.parse("poisson:rate_rps=2000"), duration_s=10.0, warmup_s=1.0)
+    short = bounded(workload, SearchOptions(max_requests=3000))
+    assert (short.duration_s, short.warmup_s) == pytest.approx((1.5, 0.15))
+    assert bounded(workload.with_rate(100.0), SearchOptions(max_requests=3000)).duration_s == 10.0
