@@ -71,9 +71,11 @@ def test_tune_confirms_and_writes_ready_repositories_within_its_budget(tiny_bert
     ready = sorted((out / "configs").iterdir())
     assert len(ready) == 1 and (ready[0] / "manifest.json").is_file() and (ready[0] / "tuned.json").is_file()
     assert "Why each won" in (out / "tune.md").read_text()
-    # resume: nothing left to measure, the same results
+    # resume: what was measured stays as it was; only the (configuration, round) pairs the budget left out run
     assert main(["tune", "--model", "bert_base", "--size", "tiny", "--slo-ms", "50", "--repository",
                  str(tiny_bert / "repo"), "--budget-minutes", "2.5", "--confirm", "1", "--top", "1",
                  "--repeats", "2", "--resume", str(out)]) == 0
     again = json.loads((out / "tune.json").read_text())
-    assert len(again["measurements"]) == len(state["measurements"])
+    assert again["measurements"][:len(state["measurements"])] == state["measurements"]
+    pairs = [(m["key"], m["repeat"]) for m in again["measurements"]]
+    assert len(pairs) == len(set(pairs)) <= 2 * 2  # no pair measured twice; 2 configurations x 2 rounds at most
