@@ -161,6 +161,8 @@ def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_config
     ranked = [{"key": "k3_ensemble", "simulated_slo_rps": 270.0}]
     assert tune_module._start_rate(state, "k3_ensemble", ranked) == pytest.approx(0.8 * 270.0 * 50.0 / 150.0)
     assert tune_module._start_rate(state, "baseline", ranked) == pytest.approx(45.0)  # measured before
+    state["search"]["screen_rps"] = 180.0
+    assert tune_module._start_rate(state, "unranked", ranked) == pytest.approx(0.8 * 180.0 * 50.0 / 150.0)
 
 
 def test_results_rank_the_configuration_most_surely_above_the_default_first_when_one_round_was_lucky():

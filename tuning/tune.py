@@ -204,7 +204,9 @@ def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -
     if key == BASELINE_KEY:
         simulated = baseline_simulated
     else:
-        simulated = next((r.get("simulated_slo_rps") for r in ranked if r["key"] == key), None)
+        # a candidate the ranking did not reach (deadline) has only its screening rate
+        simulated = next((r.get("simulated_slo_rps") for r in ranked if r["key"] == key), None) or (
+            state["search"].get("screen_rps") if key != BASELINE_KEY else None)
     if not simulated:
         return 20.0
     baseline_measured = measured_mean(BASELINE_KEY)
