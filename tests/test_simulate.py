@@ -8,9 +8,10 @@ import pytest
 
 from loadtest.rundir import append_point, start_run_files, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from core.errors import BadParameterError
+from core.errors import BadParameterError, ConfigValidationError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
-from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
+from tuning.calibrate import read_calibration, rescaled
+from tuning.replay import SIMULATION_FILE, replay_run
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 NO_OVERHEAD = SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0)
@@ -62,6 +63,16 @@ def test_simulate_closed_loop_keeps_batches_of_four_when_eight_users_share_max_b
     workload = Workload(ArrivalSpec.parse("closed:users=8"), duration_s=2.0, warmup_s=0.0)
     result = simulate(profile, VariantConfig("whole", BatcherSettings(4, 500)), workload, NO_OVERHEAD)
     assert set(result.stage_batches[0]["batch_histogram"]) == {"4"}
+
+
+def test_simulate_forms_batches_of_three_and_four_when_a_train_arrives_every_ms_and_a_batch_takes_3_45_ms():
+    # a busy server takes whatever arrived during the last batch: 3 or 4 requests; on average 3.45
+    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 3.45, 8: 3.45}]))
+    workload = Workload(ArrivalSpec.parse("constant:rate_rps=1000"), duration_s=3.0, warmup_s=0.0)
+    result = simulate(profile, VariantConfig("whole", BatcherSettings(8, 0)), workload, NO_OVERHEAD)
+    histogram = result.stage_batches[0]["batch_histogram"]
+    assert set(histogram) <= {"1", "3", "4"} and histogram.get("1", 0) <= 2  # batches of one only start the train
+    assert result.stage_batches[0]["avg_batch_size"] == pytest.approx(3.45, abs=0.02)
 
 
 @pytest.mark.parametrize("policy", ["pipeline", "load", "operator", "input", "dva"])
@@ -131,24 +142,83 @@ def test_profile_drops_noise_when_a_smaller_batch_was_measured_slower_than_a_lar
     assert profile.stage_tables_ms[0] == {1: 3.3, 2: 3.3, 4: 17.2, 8: 48.3}
 
 
-def test_replay_run_calibration_fits_the_overheads_when_the_run_is_slower_than_the_tables(tmp_path):
+def _run_with_points(tmp_path, tables, points, capacity_rps=None):
+    """A run folder whose repository manifest holds model ``m`` with ``tables``, and these point records."""
     repository = tmp_path / "repo"
-    repository.mkdir()
-    (repository / "manifest.json").write_text(json.dumps({"models": {"m": manifest_entry([{1: 1.0, 8: 3.0}])}}))
+    repository.mkdir(exist_ok=True)
+    (repository / "manifest.json").write_text(json.dumps({"models": {"m": manifest_entry(tables)}}))
     run = tmp_path / "run"
     run.mkdir()
     start_run_files(run)
     write_json(run / "environment.json", {"repository": str(repository)})
-    point = {"point_id": "p0", "model": "m", "variant": "whole", "arrival": {"kind": "constant", "rate_rps": 20.0},
-             "lengths": None, "batching": {"max_queue_delay_us": 0}, "slicing": {}, "reorch": {},
-             "duration_s": 3.0, "warmup_s": 0.5, "slo_ms": 50.0, "seed": 0}
-    # 1 ms of compute + 2 ms launch + 4 ms outside the device
-    measured = {"p50_ms": 7.0, "avg_ms": 7.0, "p99_ms": 7.0, "throughput_rps": 20.0}
-    append_point(run, {"index": 0, "status": "ok", "point": point, "stable": True, "client": measured})
+    if capacity_rps:
+        write_json(run / "capacity.json", {"models": {"m": {"whole": {"sustained_rps": capacity_rps}}}})
+    for index, record in enumerate(points):
+        append_point(run, {"index": index, "status": "ok", **record})
+    return run
+
+
+def _point(variant, rate_rps, measured_p50_ms, stages, client_avg_ms, point_id=None):
+    point = {"point_id": point_id or f"{variant}@{rate_rps}", "model": "m", "variant": variant,
+             "arrival": {"kind": "constant", "rate_rps": rate_rps}, "lengths": None,
+             "batching": {"max_queue_delay_us": 0}, "slicing": {}, "reorch": {}, "duration_s": 3.0, "warmup_s": 0.5,
+             "slo_ms": 50.0, "seed": 0}
+    client = {"p50_ms": measured_p50_ms, "avg_ms": client_avg_ms, "p99_ms": measured_p50_ms,
+              "throughput_rps": rate_rps}
+    return {"point": point, "stable": True, "client": client, "server": {"stages": stages}}
+
+
+def test_calibration_fits_the_launch_cost_and_outside_time_when_the_server_adds_them(tmp_path):
+    # the table says 1 ms at batch 1; the server measured 3 ms of compute per launch and the client 7 ms
+    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 7.0, [stage], 7.0)])
     document = replay_run(run, NO_OVERHEAD, calibrate=True)
-    fitted = document["calibration"]
-    assert fitted["in_sample"] is True
-    assert fitted["summary"]["median_abs_error_p50"] < 0.05 < document["summary"]["median_abs_error_p50"]
-    whole = fitted["settings"]["variant_overrides"]["whole"]
-    assert calibrated_settings(run).for_variant("whole").request_overhead_ms == whole["request_overhead_ms"]
-    assert calibrated_settings(run).for_variant("reorch").request_overhead_ms == 0.0  # no reorch point: unfitted
+    assert document["costs"]["in_sample"] is True
+    fitted = read_calibration(run).for_variant("whole", "m")
+    assert fitted.launch_overhead_ms == pytest.approx(2.0, abs=0.01)
+    assert fitted.request_overhead_ms == pytest.approx(4.0, abs=0.01)
+    assert document["summary"]["per_variant"]["whole"]["stable_median_abs_error_p50"] < 0.02
+    assert read_calibration(run).for_variant("reorch", "m").launch_overhead_ms == 0.0  # no reorch point: unfitted
+
+
+def test_calibration_ignores_heavy_points_when_their_launches_overlap(tmp_path):
+    light = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    heavy = {"avg_batch_size": 6.0, "avg_queue_us": 50000.0, "avg_compute_us": 90000.0}
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 7.0, [light], 7.0),
+                                                          _point("whole", 300.0, 200.0, [heavy], 200.0)])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    assert read_calibration(run).for_variant("whole", "m").launch_overhead_ms == pytest.approx(2.0, abs=0.01)
+
+
+def test_read_calibration_refuses_a_folder_without_calibration_json(tmp_path):
+    with pytest.raises(ConfigValidationError, match="--calibrate"):
+        read_calibration(tmp_path)
+
+
+def test_rescaled_scales_device_costs_by_the_ratio_of_measured_capacities():
+    settings = SimSettings(variant_overrides={"whole": {"launch_overhead_ms": 2.0, "request_overhead_ms": 1.0}},
+                           reference_capacity_rps={"m": 300.0})
+    slower, factors = rescaled(settings, {"m": 150.0})
+    assert factors == {"m": 2.0}
+    whole = slower.for_variant("whole", "m")
+    assert (whole.launch_overhead_ms, whole.compute_scale, whole.request_overhead_ms) == (4.0, 2.0, 1.0)
+    assert rescaled(settings, {"other": 10.0}) == (settings, {})
+
+
+def test_replay_run_compares_batch_sizes_per_stage_when_the_run_has_server_statistics(tmp_path):
+    stage = {"avg_batch_size": 2.0, "avg_queue_us": 0.0, "avg_compute_us": 1000.0}
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 2.0, [stage], 2.0)])
+    row = replay_run(run, NO_OVERHEAD)["points"][0]
+    assert row["stages"][0]["measured_batch"] == 2.0
+    assert row["stages"][0]["simulated_batch"] == 1.0  # 20 req/s, 1 ms each: every request alone
+    assert row["error"]["batch"] == pytest.approx(0.5)
+
+
+def test_calibration_fits_the_outside_time_from_the_client_when_a_point_has_no_stage_times(tmp_path):
+    point = _point("whole", 20.0, 7.0, [], 7.0)
+    del point["server"]
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [point])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    fitted = read_calibration(run).for_variant("whole", "m")
+    assert fitted.launch_overhead_ms == 0.0  # nothing to fit it from: the defaults given
+    assert fitted.request_overhead_ms == pytest.approx(6.0, abs=0.01)  # 7 ms measured, 1 ms simulated

@@ -15,7 +15,7 @@ from core.model_config import write_model_config
 from tuning import tune as tune_module
 from tuning.batcher import BatcherSettings
 from tuning.confirm import mean_ci95
-from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search
+from tuning.search import SearchOptions, SearchSpace, bounded, check_slo, diverse, search
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
 from tuning.tune import TuneOptions, config_from_description
 
@@ -143,3 +143,41 @@ def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_m
     FakeConfirmer.calls = []
     tune_module.tune([tune_module.load_built(repository, "m")], options, resume=True, say=lambda _: None)
     assert FakeConfirmer.calls == []
+
+
+def test_search_ranks_the_best_of_every_variant_when_one_variant_fills_the_kept_places():
+    space = SearchSpace(variants=("whole", "ensemble"), max_batch_sizes=(2, 4, 8), queue_delays_us=(0, 2000),
+                        preferred=("none",), instance_counts=(1,))
+    workload = Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=200.0)
+    settings = SimSettings(variant_overrides={"whole": {"launch_overhead_ms": 20.0}})  # whole pays far more
+    ranked, _ = search([profile_of([PLANTED, PLANTED])], workload, space=space, settings=settings,
+                       options=SearchOptions(keep=2, keep_per_label=1, screen_duration_s=2.0, rank_duration_s=3.0))
+    assert [c.config.variant for c in ranked] == ["ensemble", "ensemble", "whole"]
+
+
+def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_configuration_is_new():
+    state = {"search": {"baseline": {"simulated_slo_rps": 150.0}},
+             "measurements": [{"key": "baseline", "repeat": 0, "slo_rps": 50.0}]}
+    ranked = [{"key": "k3_ensemble", "simulated_slo_rps": 270.0}]
+    assert tune_module._start_rate(state, "k3_ensemble", ranked) == pytest.approx(0.8 * 270.0 * 50.0 / 150.0)
+    assert tune_module._start_rate(state, "baseline", ranked) == pytest.approx(45.0)  # measured before
+    state["search"]["screen_rps"] = 180.0
+    assert tune_module._start_rate(state, "unranked", ranked) == pytest.approx(0.8 * 180.0 * 50.0 / 150.0)
+
+
+def test_results_rank_the_configuration_most_surely_above_the_default_first_when_one_round_was_lucky():
+    measurements = [{"key": "baseline", "repeat": r, "slo_rps": 40.0} for r in range(3)]
+    measurements += [{"key": "steady", "repeat": r, "slo_rps": 50.0} for r in range(3)]
+    measurements += [{"key": "lucky", "repeat": r, "slo_rps": v} for r, v in enumerate((40.0, 40.0, 120.0))]
+    state = {"search": {"baseline": {}, "ranked": [{"key": "steady"}, {"key": "lucky"}]}, "measurements": measurements}
+    build = tune_module.Built(None, {}, profile_of([PLANTED]))
+    config = VariantConfig("whole", BatcherSettings(8, 100))
+    rows = tune_module._results(state, [("baseline", build, config), ("lucky", build, config), ("steady", build, config)])
+    assert [r["key"] for r in rows] == ["baseline", "steady", "lucky"]  # lucky's mean ratio is higher (1.67 > 1.25)
+
+
+def test_bounded_shortens_the_window_when_a_fast_model_would_be_simulated_for_too_many_requests():
+    workload = Workload(ArrivalSpec.parse("poisson:rate_rps=2000"), duration_s=10.0, warmup_s=1.0)
+    short = bounded(workload, SearchOptions(max_requests=3000))
+    assert (short.duration_s, short.warmup_s) == pytest.approx((1.5, 0.15))
+    assert bounded(workload.with_rate(100.0), SearchOptions(max_requests=3000)).duration_s == 10.0

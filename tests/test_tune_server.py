@@ -11,7 +11,8 @@ from loadtest import characterization as runner
 from loadtest.plan import load_plan
 from slicing.build import BuildOptions, build_repository
 from stagebatch.cli import main
-from tuning.replay import SIMULATION_FILE, calibrated_settings, replay_run
+from tuning.calibrate import read_calibration
+from tuning.replay import SIMULATION_FILE, replay_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -48,9 +49,9 @@ def _run(root, rate: int):
 
 def test_simulator_p50_is_within_25_percent_of_a_real_tiny_run_when_calibrated_on_another(tiny_bert):
     calibration_run = _run(tiny_bert, 20)
-    replay_run(calibration_run, calibrate=True)  # fits the overheads to the first run (in-sample)
+    replay_run(calibration_run, calibrate=True)  # fits the serving costs to the first run (in-sample)
     checked_run = _run(tiny_bert, 60)
-    document = replay_run(checked_run, calibrated_settings(calibration_run))  # predicts the second one
+    document = replay_run(checked_run, read_calibration(calibration_run))  # predicts the second one
     assert (checked_run / SIMULATION_FILE).is_file()
     summary = document["summary"]
     assert summary["simulated"] == 2, [p.get("skipped") for p in document["points"]]
@@ -70,9 +71,11 @@ def test_tune_confirms_and_writes_ready_repositories_within_its_budget(tiny_bert
     ready = sorted((out / "configs").iterdir())
     assert len(ready) == 1 and (ready[0] / "manifest.json").is_file() and (ready[0] / "tuned.json").is_file()
     assert "Why each won" in (out / "tune.md").read_text()
-    # resume: nothing left to measure, the same results
+    # resume: what was measured stays as it was; only the (configuration, round) pairs the budget left out run
     assert main(["tune", "--model", "bert_base", "--size", "tiny", "--slo-ms", "50", "--repository",
                  str(tiny_bert / "repo"), "--budget-minutes", "2.5", "--confirm", "1", "--top", "1",
                  "--repeats", "2", "--resume", str(out)]) == 0
     again = json.loads((out / "tune.json").read_text())
-    assert len(again["measurements"]) == len(state["measurements"])
+    assert again["measurements"][:len(state["measurements"])] == state["measurements"]
+    pairs = [(m["key"], m["repeat"]) for m in again["measurements"]]
+    assert len(pairs) == len(set(pairs)) <= 2 * 2  # no pair measured twice; 2 configurations x 2 rounds at most

@@ -13,7 +13,8 @@ from slicing.build import BuildOptions, build_repository
 from core.errors import BadParameterError
 from core.manifest import find_manifest, manifest_path
 from tuning.batcher import BatcherSettings
-from tuning.replay import calibrated_settings, replay_run
+from tuning.calibrate import read_calibration
+from tuning.replay import replay_run
 from tuning.search import OBJECTIVES
 from tuning.simulate import SimSettings, VariantConfig, Workload
 from tuning.simulate import simulate as run_simulation
@@ -48,9 +49,11 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Seed of arrivals and lengths.")] = 0,
     run: Annotated[Path | None, typer.Option("--run", help="A characterize run folder: simulate each of its points, "
                                                 "report the error, write simulation.json there.")] = None,
-    calibrate: Annotated[bool, typer.Option(help="With --run: also fit the overheads to the run (in-sample).")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        help="With --run: fit the serving costs to the run's server statistics, write calibration.json there, "
+             "and simulate with them (in-sample).")] = False,
     calibration: Annotated[Path | None, typer.Option(
-        help="Take the overheads from a simulation.json (or run folder) calibrated with --calibrate.")] = None,
+        help="Serving costs from a calibration.json (or a run folder holding one) written by --calibrate.")] = None,
     launch_overhead_ms: Annotated[float, typer.Option(help="Device time of every launch beyond the tables (ms).")] = 0.3,
     row_device_ms: Annotated[float, typer.Option(help="Device time every row adds to a launch (ms).")] = 0.0,
     request_overhead_ms: Annotated[float, typer.Option(help="Latency every request adds outside the server (ms).")] = 0.3,
@@ -63,26 +66,16 @@ def simulate(
 
 
     console = Console(width=160)
-    settings = (calibrated_settings(calibration) if calibration is not None
+    settings = (read_calibration(calibration) if calibration is not None
                 else _settings(launch_overhead_ms, row_device_ms, request_overhead_ms, device_slots))
     if run is not None:
         document = replay_run(run, settings, calibrate=calibrate,
+                              calibration_source=str(calibration) if calibration is not None else None,
                               progress=lambda line: console.print(line, highlight=False))
         if as_json:
             typer.echo(json.dumps(document["summary"], indent=2))
             return
-        summary = document["summary"]
-        console.print(f"{summary['simulated']} of {summary['points']} points simulated; median |error| of p50 "
-                      f"{_pct(summary['median_abs_error_p50'])} (stable points: {_pct(summary['stable_median_abs_error_p50'])}"
-                      f", target {summary['target']:.0%}); avg {_pct(summary['median_abs_error_avg'])}; wrote "
-                      f"{Path(run) / 'simulation.json'}", highlight=False)
-        if "calibration" in document:
-            fitted = document["calibration"]
-            knobs = "; ".join(f"{variant}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-                              for variant, values in fitted["settings"]["variant_overrides"].items())
-            console.print(f"calibrated (in-sample) {knobs or 'defaults fit best'}: median |error| of p50 "
-                          f"{_pct(fitted['summary']['median_abs_error_p50'])} (stable points: "
-                          f"{_pct(fitted['summary']['stable_median_abs_error_p50'])})", highlight=False)
+        _print_error_summary(console, document, Path(run))
         return
     if model is None:
         raise BadParameterError("give --model NAME (or --run RUN_DIR to simulate a characterization run)")
@@ -177,9 +170,26 @@ def tune(
                           budget_s=budget_minutes * 60.0 - used_s, top=top, confirm=confirm, repeats=repeats,
                           probe_s=probe_s, measure=not simulate_only)
     if calibration is not None:
-        options.settings = calibrated_settings(calibration)
+        options.settings = read_calibration(calibration, say=lambda line: typer.echo(line, err=True))
     run_tune(builds, options, resume=resume is not None, say=lambda line: typer.echo(line, err=True))
     typer.echo((out / "tune.md").read_text())
+
+
+def _print_error_summary(console, document: dict, run: Path) -> None:
+    summary = document["summary"]
+    source = document["costs"]["source"]
+    kind = "in-sample fit" if document["costs"]["in_sample"] else "prediction"
+    console.print(f"{summary['simulated']} of {summary['points']} points simulated; serving costs: {source} ({kind})",
+                  highlight=False)
+    for variant, figures in summary["per_variant"].items():
+        console.print(f"  {variant:9s} median |error| over {figures['stable_points']} stable points: p50 "
+                      f"{_pct(figures['stable_median_abs_error_p50'])}, avg {_pct(figures['stable_median_abs_error_avg'])}"
+                      f", batch size {_pct(figures['stable_median_abs_error_batch'])}", highlight=False)
+    console.print(f"  all       median |error| over {summary['stable_points']} stable points: p50 "
+                  f"{_pct(summary['stable_median_abs_error_p50'])} (target {summary['target']:.0%}), avg "
+                  f"{_pct(summary['stable_median_abs_error_avg'])}; every point: p50 {_pct(summary['median_abs_error_p50'])}"
+                  f"; repeats of the same point differ by {_pct(summary['repeat_noise_p50'])} (median |p50 error| of a repeat "
+                  f"against the others: the run's own noise); wrote {run / 'simulation.json'}", highlight=False)
 
 
 def _knob(text: str) -> tuple[str, str]:

@@ -9,18 +9,26 @@ ran at), lengths, window and SLO are replayed in virtual time. The result goes t
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loadtest.rundir import SIMULATION_FILE, read_environment, read_points, write_json
+from loadtest.rundir import (
+    REQUESTS_FILE,
+    SIMULATION_FILE,
+    read_capacity,
+    read_environment,
+    read_points,
+    read_requests,
+    write_json,
+)
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import ConfigValidationError
 from core.manifest import find_manifest
 from tuning.batcher import BatcherSettings
+from tuning.calibrate import fit, rescaled, usable, whole_capacity_rps, write_calibration
 from tuning.simulate import LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 SCHEMA_VERSION = 1
@@ -73,10 +81,6 @@ def _relative_error(simulated: float | None, measured: float | None) -> float | 
     return round((simulated - measured) / measured, 4)
 
 
-CALIBRATION_GRID = {"launch_overhead_ms": (0.3, 1.0, 2.0, 4.0), "row_device_ms": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0),
-                    "request_overhead_ms": (0.3, 2.0, 4.0, 6.0)}
-
-
 def _replayable(run_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any], Any]]:
     """Each point record with its row stub and what to simulate (None and a reason when it cannot be)."""
     manifest = run_manifest(run_dir)
@@ -86,7 +90,8 @@ def _replayable(run_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any], Any
         row: dict[str, Any] = {"index": record.get("index"), "point_id": point.get("point_id"),
                                "model": point.get("model"), "variant": point.get("variant"),
                                "rate_rps": (point.get("arrival") or {}).get("rate_rps"),
-                               "stable": record.get("stable"), "repeat": record.get("repeat")}
+                               "stable": record.get("stable"), "repeat": record.get("repeat"),
+                               "comparison_key": point.get("comparison_key") if point.get("repeats", 1) > 1 else None}
         job = None
         entry = (manifest.get("models") or {}).get(point.get("model"))
         stages = (point.get("slicing") or {}).get("stages")
@@ -105,6 +110,22 @@ def _replayable(run_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any], Any
                 row["skipped"] = f"{type(error).__name__}: {error}"
         out.append((record, row, job))
     return out
+
+
+def _stage_rows(simulated: list[dict[str, Any]], measured: list[dict[str, Any]], per_request: bool) -> list[dict]:
+    """Per stage: measured and simulated average batch size and compute time (ms)."""
+    rows = []
+    for sim, meas in zip(simulated, measured):
+        compute_us = meas.get("avg_compute_us")
+        rows.append({"stage": sim["stage"], "measured_batch": _round(meas.get("avg_batch_size")),
+                     "simulated_batch": sim.get("avg_batch_size"),
+                     "measured_compute_ms": None if compute_us is None else round(compute_us / 1000.0, 3),
+                     "simulated_compute_ms": sim.get("row_avg_launch_ms" if per_request else "avg_launch_ms")})
+    return rows
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
 
 
 def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
@@ -128,70 +149,64 @@ def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
         row["simulated"]["stable"] = result.stable
         row["error"] = {k.removesuffix("_ms").removesuffix("_rps"): _relative_error(simulated.get(k), measured.get(k))
                         for k in COMPARED}
+        stages = ((record.get("server") or {}).get("stages")) or []
+        if stages:
+            row["stages"] = _stage_rows(simulated["stages"], stages, per_request=config.variant != "reorch")
+            batch_errors = [_relative_error(s["simulated_batch"], s["measured_batch"]) for s in row["stages"]]
+            batch_errors = [abs(e) for e in batch_errors if e is not None]
+            row["error"]["batch"] = round(max(batch_errors), 4) if batch_errors else None
     return rows
 
 
-def _fit_error(rows: list[dict[str, Any]], variant: str) -> float:
-    """Median |p50 error| over every simulated point of ``variant`` (stable ones alone are often too few)."""
-    value = summarize_errors([r for r in rows if r.get("variant") == variant])["median_abs_error_p50"]
-    return float("inf") if value is None else value
+def _variant_errors(jobs, settings: SimSettings) -> dict[str, float]:
+    """Median |p50 error| per variant over ``(record, job)`` pairs (for the calibration's choices)."""
+    rows = _evaluate([(record, {"variant": record["point"]["variant"], "stable": True}, job) for record, job in jobs],
+                     settings)
+    return {variant: figures["stable_median_abs_error_p50"]
+            for variant, figures in summarize_errors(rows)["per_variant"].items()}
 
 
 def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, calibrate: bool = False,
+               calibration_source: str | None = None,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Simulate every complete point of ``run_dir``; write and return ``simulation.json``.
 
-    ``calibrate``: also fit the overheads (:data:`CALIBRATION_GRID`) to this run's points, per variant
-    (whole / ensemble / reorch: least median |p50 error| over that variant's points; they pay different
-    serving costs). The calibrated figures are in-sample:
-    they say how well the model *can* fit, the default ones how well it predicts.
+    ``calibrate``: first fit the serving costs to this run's server statistics
+    (``tuning.calibrate``), write ``calibration.json`` here and simulate with them; the error is then
+    in-sample. Otherwise ``settings`` are used as given (``calibration_source`` says where they came
+    from: another run's ``calibration.json`` makes the error a prediction).
     """
     run_dir = Path(run_dir)
     settings = settings or SimSettings()
     jobs = _replayable(run_dir)
+    if calibrate:
+        requests_path = run_dir / REQUESTS_FILE
+        requests = read_requests(requests_path) if requests_path.is_file() else {}
+        settings, facts = fit([(record, job) for record, _, job in jobs], settings, requests, error=_variant_errors)
+        used = [record["point"]["point_id"] for record, _, job in jobs if job is not None and usable(record)]
+        settings = dataclasses.replace(settings, reference_capacity_rps=whole_capacity_rps(read_capacity(run_dir)))
+        calibration_source = str(write_calibration(run_dir, settings, facts, used))
+    speed: dict[str, float] = {}
+    if not calibrate and settings.reference_capacity_rps:
+        settings, speed = rescaled(settings, whole_capacity_rps(read_capacity(run_dir)))
     rows = _evaluate(jobs, settings)
     document: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "settings": dataclasses.asdict(settings),
+                                "costs": {"source": calibration_source or "defaults (not calibrated)",
+                                                "in_sample": calibrate, "machine_speed_factor": speed},
                                 "whole_latency_source": LATENCY_SOURCE_WHOLE, "points": rows,
                                 "summary": summarize_errors(rows)}
-    if calibrate:
-        variants = sorted({r["variant"] for r in rows if "error" in r})
-        best = {v: (_fit_error(rows, v), {}) for v in variants}
-        names = list(CALIBRATION_GRID)
-        for values in itertools.product(*(CALIBRATION_GRID[n] for n in names)):
-            combo = dict(zip(names, values))
-            trial_rows = _evaluate(jobs, dataclasses.replace(settings, **combo))
-            for variant in variants:
-                error = _fit_error(trial_rows, variant)
-                if error < best[variant][0]:
-                    best[variant] = (error, combo)
-        fitted = dataclasses.replace(settings, variant_overrides={v: combo for v, (_, combo) in best.items() if combo})
-        fitted_rows = _evaluate(jobs, fitted)
-        document["calibration"] = {"in_sample": True, "grid": {k: list(v) for k, v in CALIBRATION_GRID.items()},
-                                   "settings": dataclasses.asdict(fitted), "points": fitted_rows,
-                                   "summary": summarize_errors(fitted_rows)}
     if progress:
         for row in rows:
             if "error" in row and row["error"]["p50"] is not None:
-                progress(f"{row['point_id']}: p50 measured {row['measured']['p50_ms']} ms, simulated "
-                         f"{row['simulated']['p50_ms']} ms ({row['error']['p50']:+.0%})")
+                batches = " / ".join(f"{s['measured_batch']}~{s['simulated_batch']}" for s in row.get("stages", []))
+                progress(f"{'S' if row['stable'] else 'u'} {row['point_id']}: p50 measured {row['measured']['p50_ms']:.1f}"
+                         f" ms, simulated {row['simulated']['p50_ms']:.1f} ms ({row['error']['p50']:+.0%}); avg "
+                         f"{row['measured']['avg_ms']:.1f} ~ {row['simulated']['avg_ms']:.1f} ms; batch measured~simulated "
+                         f"{batches}")
             else:
                 progress(f"{row['point_id']}: {row.get('skipped', 'no p50')}")
     write_json(run_dir / SIMULATION_FILE, document)
     return document
-
-
-def calibrated_settings(path: str | Path) -> SimSettings:
-    """The calibrated simulator settings of a ``simulation.json`` (or of a run folder holding one)."""
-    path = Path(path)
-    file = path / SIMULATION_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigValidationError(f"{file}: missing; run 'stagebatch simulate --run RUN_DIR --calibrate' first")
-    document = json.loads(file.read_text())
-    values = (document.get("calibration") or {}).get("settings") or document.get("settings")
-    if not values:
-        raise ConfigValidationError(f"{file}: holds no simulator settings")
-    names = {f.name for f in dataclasses.fields(SimSettings)}
-    return SimSettings(**{k: v for k, v in values.items() if k in names})
 
 
 def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,4 +225,29 @@ def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
         summary[f"stable_median_abs_error_{key}"] = median(stable, key)
     value = summary["stable_median_abs_error_p50"]
     summary["within_target"] = None if value is None else value <= ERROR_TARGET
+    summary["stable_median_abs_error_batch"] = median(stable, "batch")
+    per_variant = {}
+    for variant in sorted({r["variant"] for r in simulated}):
+        points = [r for r in stable if r["variant"] == variant]
+        per_variant[variant] = {"stable_points": len(points), "stable_median_abs_error_p50": median(points, "p50"),
+                                "stable_median_abs_error_avg": median(points, "avg"),
+                                "stable_median_abs_error_batch": median(points, "batch")}
+    summary["per_variant"] = per_variant
+    summary["repeat_noise_p50"] = repeat_noise(simulated)
     return summary
+
+
+def repeat_noise(rows: list[dict[str, Any]]) -> float | None:
+    """How well the run predicts itself: median |p50 error| of each stable repeat against the mean of the others.
+
+    Points repeated in a run (same configuration and load, interleaved) differ by the machine's own
+    drift; no simulator can predict a single point closer than this (None: nothing was repeated).
+    """
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        key = r.get("comparison_key")
+        if key and r.get("stable") and r["measured"].get("p50_ms"):
+            groups.setdefault(f"{key}/{r['label']}", []).append(r["measured"]["p50_ms"])
+    errors = [abs(statistics.fmean(values[:i] + values[i + 1:]) - value) / value
+              for values in groups.values() if len(values) > 1 for i, value in enumerate(values)]
+    return round(statistics.median(errors), 4) if errors else None

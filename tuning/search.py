@@ -136,6 +136,7 @@ class SearchOptions:
 
     objective: str = "goodput"
     keep: int = 12  # survivors of the screening round
+    keep_per_label: int = 2  # and at least this many of every variant label (whole, ensemble, reorch:POLICY)
     screen_multiple: float = 1.2  # screening rate = this x the default whole model's simulated SLO capacity
     screen_rate_rps: float | None = None  # or this rate, when given
     screen_duration_s: float = 6.0
@@ -143,6 +144,7 @@ class SearchOptions:
     warmup_s: float = 1.0
     tolerance: float = 0.05
     max_probes: int = 10
+    max_requests: int = 3000  # a simulated window holds at most about this many requests (fast models)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -155,7 +157,7 @@ def simulated_capacity(profile: ModelProfile, config: VariantConfig, workload: W
                        options: SearchOptions, *, within_slo: bool, start_rps: float | None = None) -> CapacityResult:
     """The highest rate the simulation sustains (``within_slo``: and keeps p99 within the SLO)."""
     def prober(rate_rps: float) -> Probe:
-        result = simulate(profile, config, workload.with_rate(rate_rps), settings)
+        result = simulate(profile, config, bounded(workload.with_rate(rate_rps), options), settings)
         p99 = result.summary.p99_ms
         ok = result.stable and (not within_slo or p99 <= workload.slo_ms)
         reason = result.unstable_reason or (None if ok else f"p99 {p99:.1f} ms above the SLO {workload.slo_ms} ms")
@@ -169,10 +171,22 @@ def simulated_capacity(profile: ModelProfile, config: VariantConfig, workload: W
     return search_capacity(prober, slo_ms=workload.slo_ms, percentile=99, settings=search_settings)
 
 
+def bounded(workload: Workload, options: SearchOptions) -> Workload:
+    """``workload`` with a window of at most ``options.max_requests`` requests at its rate (and at least
+    0.5 s): a model that serves thousands of requests a second needs no 10 s window to be judged, and
+    simulating one would take longer than the search's budget."""
+    rate = workload.arrival.rate_rps or 0.0
+    if rate <= 0 or workload.duration_s * rate <= options.max_requests:
+        return workload
+    duration = max(0.5, options.max_requests / rate)
+    return dataclasses.replace(workload, duration_s=duration,
+                               warmup_s=workload.warmup_s * duration / workload.duration_s)
+
+
 def check_slo(profile: ModelProfile, slo_ms: float, settings: SimSettings) -> float:
     """Refuse an SLO no configuration can meet; return the batch-1 latency (ms)."""
     floor_ms = batch1_latency_ms(profile, settings)
-    settings = settings.for_variant("whole")
+    settings = settings.for_variant("whole", profile.name)
     if slo_ms <= floor_ms:
         raise BadParameterError(
             f"--slo-ms {slo_ms:g} is below {profile.name}'s batch-1 latency ({floor_ms:.2f} ms: every stage at batch "
@@ -207,14 +221,22 @@ def search(profiles: Sequence[ModelProfile], workload: Workload, *, space: Searc
     say(f"default whole model: simulated {base_rps:.1f} req/s within the SLO; screening at {screen_rps:.1f} req/s")
 
     candidates = [Candidate(p, c) for p in profiles for c in space.candidates(p)]
-    screen_load = dataclasses.replace(workload.with_rate(screen_rps), duration_s=options.screen_duration_s,
-                                      warmup_s=options.warmup_s)
+    screen_load = bounded(dataclasses.replace(workload.with_rate(screen_rps), duration_s=options.screen_duration_s,
+                                              warmup_s=options.warmup_s), options)
     for candidate in candidates:
+        if deadline is not None and deadline() and any(c.screen for c in candidates):
+            say("time is up: screening stops here (the rest are not ranked)")
+            break
         candidate.screen = simulate(candidate.profile, candidate.config, screen_load, settings)
+    candidates = [c for c in candidates if c.screen is not None]
     candidates.sort(key=lambda c: (-c.screen.goodput_rps, c.screen.summary.p99_ms))
-    say(f"screened {len(candidates)} configurations at {screen_rps:.1f} req/s; ranking the best {options.keep}")
+    say(f"screened {len(candidates)} configurations at {screen_rps:.1f} req/s; ranking the best {options.keep} and "
+        f"the best {options.keep_per_label} of every variant")
 
     survivors = candidates[:options.keep]
+    for label in sorted({c.config.label for c in candidates}):  # the best of every variant gets ranked too
+        survivors += [c for c in candidates if c.config.label == label and c not in survivors][
+            :max(0, options.keep_per_label - sum(s.config.label == label for s in survivors))]
     ranked = []
     for candidate in survivors:
         if deadline is not None and deadline():

@@ -202,25 +202,32 @@ class Workload:
 
 @dataclass(frozen=True)
 class SimSettings:
-    """Costs the tables do not hold (calibration constants; docs/tuning.md)."""
+    """Costs the tables do not hold (calibration constants; docs/tuning.md, "Calibration")."""
 
     launch_overhead_ms: float = 0.3
-    """Added to every launch (Python backend call, tensor copies)."""
+    """Device time added to every launch (Python backend call, tensor copies)."""
     request_overhead_ms: float = 0.3
-    """Added once to every request's latency (gRPC and client; not device time)."""
+    """Added once to every request's latency (gRPC, client, the ensemble's steps; not device time)."""
     row_device_ms: float = 0.0
-    """Device time every row adds to the launch that takes it in (stage 0 or the whole model): request
-    decoding and conversion, paid once per request (calibrated by ``simulate --run --calibrate``)."""
+    """Device time every row adds to the launch that takes it in (stage 0 or the whole model)."""
+    compute_scale: float = 1.0
+    """The tables' time is multiplied by this in the server (shared cores, in-server tensor handling)."""
     device_slots: int = 1
     """Launches that run at the same time without slowing each other (1 on a small CPU)."""
     drain_s: float = 5.0
     """How long the simulation continues after the last arrival before it counts the rest as failed."""
     variant_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per variant (whole / ensemble / reorch), values that replace the ones above (calibration)."""
+    """Values that replace the ones above, keyed ``MODEL:VARIANT`` or ``VARIANT`` (the first that exists wins;
+    written by ``tuning.calibrate``)."""
+    reference_capacity_rps: dict[str, float] = field(default_factory=dict)
+    """Per model, the whole model's capacity measured by the run these costs were fitted to (its
+    ``capacity.json``): how fast the machine was then (``tuning.calibrate.rescaled``)."""
 
-    def for_variant(self, variant: str) -> SimSettings:
-        """The settings a configuration of ``variant`` runs with."""
-        override = self.variant_overrides.get(variant)
+    def for_variant(self, variant: str, model: str | None = None) -> SimSettings:
+        """The settings a configuration of ``variant`` (of ``model``) runs with."""
+        override = self.variant_overrides.get(f"{model}:{variant}") if model else None
+        if override is None:
+            override = self.variant_overrides.get(variant)
         return dataclasses.replace(self, variant_overrides={}, **override) if override else self
 
     def __post_init__(self) -> None:
@@ -228,6 +235,8 @@ class SimSettings:
             raise BadParameterError(f"device_slots={self.device_slots}: must be >= 1")
         if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms) < 0:
             raise BadParameterError("launch_overhead_ms, request_overhead_ms and row_device_ms must be >= 0")
+        if self.compute_scale <= 0:
+            raise BadParameterError(f"compute_scale={self.compute_scale}: must be > 0")
 
 
 @dataclass
@@ -315,16 +324,42 @@ class _Device:
         done()
 
 
+@dataclass
+class _StageStats:
+    """What one stage's launches did (batch sizes, device time, and the tables' share of it)."""
+
+    sizes: Counter = field(default_factory=Counter)
+    launch_ms: float = 0.0  # sum of launch durations
+    row_launch_ms: float = 0.0  # sum of rows x duration (what Triton's per-request compute averages)
+    table_ms: float = 0.0  # sum of the tables' time (unscaled) in those launches
+    row_table_ms: float = 0.0
+
+    def add(self, rows: int, duration_ms: float, table_ms: float) -> None:
+        self.sizes[rows] += 1
+        self.launch_ms += duration_ms
+        self.row_launch_ms += rows * duration_ms
+        self.table_ms += table_ms
+        self.row_table_ms += rows * table_ms
+
+    def report(self, name: int | str) -> dict[str, Any]:
+        launches = sum(self.sizes.values())
+        rows = sum(k * v for k, v in self.sizes.items())
+        return {"stage": name, "launches": launches, "avg_batch_size": _r(rows / launches) if launches else None,
+                "batch_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
+                "avg_launch_ms": _r(self.launch_ms / launches) if launches else None,
+                "row_avg_launch_ms": _r(self.row_launch_ms / rows) if rows else None,
+                "avg_table_ms": _r(self.table_ms / launches) if launches else None,
+                "row_avg_table_ms": _r(self.row_table_ms / rows) if rows else None}
+
+
 class _BatchedModel:
     """One Triton model: a dynamic batcher and ``instance_count`` instances that run on the device."""
 
     def __init__(self, loop: _Loop, settings: BatcherSettings, duration_us: Callable[[list[_Job]], int] | None,
-                 on_batch_done: Callable[[list[_Job]], None], device: _Device | None,
-                 sizes: Counter | None = None) -> None:
+                 on_batch_done: Callable[[list[_Job]], None], device: _Device | None) -> None:
         self.loop, self.batcher = loop, DynamicBatcher(settings)
         self.free = settings.instance_count if device is not None else 1 << 30
         self.duration_us, self.on_batch_done, self.device = duration_us, on_batch_done, device
-        self.sizes = sizes if sizes is not None else Counter()
         self._timer_at: int | None = None
 
     def add(self, job: _Job) -> None:
@@ -336,7 +371,6 @@ class _BatchedModel:
             batch = self.batcher.take(self.loop.now_us)
             if not batch:
                 break
-            self.sizes[len(batch)] += 1
             if self.device is None:  # an instance that returns at once (the reorchestrator's front)
                 self.on_batch_done(batch)
                 continue
@@ -369,28 +403,35 @@ class _Variant:
                  finish: Callable[[_Job], None]) -> None:
         self.profile, self.config, self.settings, self.loop, self.finish = profile, config, settings, loop, finish
         self.device = _Device(loop, settings.device_slots)
-        self.stage_sizes: list[Counter] = []
-        self.operations: dict[str, int] = {}
-        overhead_ms = settings.launch_overhead_ms
-        row_ms = settings.row_device_ms
+        self.stage_stats = [_StageStats() for _ in range(1 if config.variant == "whole" else profile.num_stages)]
+        last = profile.num_stages - 1
         if config.variant == "whole":
-            sizes = Counter()
-            self.stage_sizes = [sizes]
-            self.models = [_BatchedModel(loop, config.batcher,
-                                         lambda b: _us(profile.whole_ms(len(b), _pad(b)) + overhead_ms + row_ms * len(b)),
-                                         self._complete, self.device, sizes)]
+            self.models = [_BatchedModel(loop, config.batcher, lambda b: self._cost_us(0, last, len(b), _pad(b)),
+                                         self._complete, self.device)]
         elif config.variant == "ensemble":
-            self.models = []
-            for stage in range(profile.num_stages):
-                sizes = Counter()
-                self.stage_sizes.append(sizes)
-                self.models.append(_BatchedModel(
-                    loop, config.batcher,
-                    lambda b, s=stage: _us(profile.stages_ms(s, s, len(b), _pad(b)) + overhead_ms
-                                          + (row_ms * len(b) if s == 0 else 0.0)),
-                    lambda b, s=stage: self._stage_done(s, b), self.device, sizes))
+            self.models = [_BatchedModel(loop, config.batcher, lambda b, s=stage: self._cost_us(s, s, len(b), _pad(b)),
+                                         lambda b, s=stage: self._stage_done(s, b), self.device)
+                           for stage in range(profile.num_stages)]
         else:
             self._init_reorch()
+
+    def _cost_us(self, first: int, last: int, rows: int, pad_to: int | None) -> int:
+        """Device time of one launch of stages ``first..last`` (recorded in the stages' statistics).
+
+        Each stage takes ``compute_scale`` x its table's time; the launch overhead is paid once per
+        launch (split over the stages a fused launch runs); stage 0 also pays ``row_device_ms`` per row.
+        """
+        s = self.settings
+        parts = [(stage, self.profile.stages_ms(stage, stage, rows, pad_to)) for stage in range(first, last + 1)]
+        if self.config.variant == "whole":
+            parts = [(0, sum(table for _, table in parts))]
+        total_ms = 0.0
+        for stage, table_ms in parts:
+            ms = (s.compute_scale * table_ms + s.launch_overhead_ms / len(parts)
+                  + (s.row_device_ms * rows if stage == 0 else 0.0))
+            self.stage_stats[stage].add(rows, ms, table_ms)
+            total_ms += ms
+        return _us(total_ms)
 
     # whole / ensemble
     def _complete(self, batch: list[_Job]) -> None:
@@ -412,7 +453,6 @@ class _Variant:
                                max_sequence_length=(profile.max_length or 1 << 30) if profile.is_sequence else None,
                                latency_tables_ms=profile.stage_tables_ms)
         self.scheduler = StageScheduler(create_policy(config.policy or DEFAULT_POLICY, knobs, context))
-        self.stage_sizes = [Counter() for _ in range(profile.num_stages)]
         self.jobs: dict[int, _Job] = {}
         self._timer_at: int | None = None
         self.models = [_BatchedModel(self.loop, config.batcher, None, self._enter_reorch, None)]
@@ -428,11 +468,7 @@ class _Variant:
     def _schedule(self) -> None:
         now = self.loop.now_us
         for launch in self.scheduler.schedule(now):
-            for stage in range(launch.stage, launch.final_stage + 1):
-                self.stage_sizes[stage][launch.rows] += 1
-            duration = _us(self.profile.stages_ms(launch.stage, launch.final_stage, launch.rows, launch.pad_to)
-                           + self.settings.launch_overhead_ms
-                           + (self.settings.row_device_ms * launch.rows if launch.stage == 0 else 0.0))
+            duration = self._cost_us(launch.stage, launch.final_stage, launch.rows, launch.pad_to)
             self.device.run(duration, lambda launch=launch: self._launch_done(launch))
         timer = self.scheduler.next_timer_us()
         if timer is not None and self._timer_at != timer:
@@ -453,14 +489,8 @@ class _Variant:
         self.models[0].add(job)
 
     def batch_report(self) -> list[dict[str, Any]]:
-        rows = []
         names = ["whole"] if self.config.variant == "whole" else list(range(self.profile.num_stages))
-        for name, sizes in zip(names, self.stage_sizes):
-            launches = sum(sizes.values())
-            mean = sum(k * v for k, v in sizes.items()) / launches if launches else None
-            rows.append({"stage": name, "launches": launches, "avg_batch_size": _r(mean) if mean else None,
-                         "batch_histogram": {str(k): v for k, v in sorted(sizes.items())}})
-        return rows
+        return [stats.report(name) for name, stats in zip(names, self.stage_stats)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +511,7 @@ def _lengths(profile: ModelProfile, workload: Workload, rng: np.random.Generator
 def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
              settings: SimSettings | None = None) -> SimResult:
     """Run ``config`` under ``workload`` in virtual time; latencies over the measured window."""
-    settings = (settings or SimSettings()).for_variant(config.variant)
+    settings = (settings or SimSettings()).for_variant(config.variant, profile.name)
     if config.batcher.max_batch_size > profile.max_batch_size:
         raise BadParameterError(
             f"max_batch_size={config.batcher.max_batch_size} exceeds the built model's {profile.max_batch_size}; "
@@ -541,6 +571,6 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
 
 def batch1_latency_ms(profile: ModelProfile, settings: SimSettings | None = None) -> float:
     """The fastest any configuration can answer one request alone (whole chain at batch 1)."""
-    settings = (settings or SimSettings()).for_variant("whole")
-    return (profile.whole_ms(1, profile.profiled_length) + settings.launch_overhead_ms + settings.row_device_ms
-            + settings.request_overhead_ms)
+    settings = (settings or SimSettings()).for_variant("whole", profile.name)
+    return (settings.compute_scale * profile.whole_ms(1, profile.profiled_length) + settings.launch_overhead_ms
+            + settings.row_device_ms + settings.request_overhead_ms)

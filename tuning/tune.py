@@ -189,14 +189,29 @@ def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -
 
 
 def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -> float:
-    earlier = [m["slo_rps"] for m in state["measurements"] if m["key"] == key and m.get("slo_rps")]
+    """Where a configuration's capacity search starts: near what it measured before, else near its
+    simulated rate, corrected by how the default whole model measured against its own simulation (the
+    machine's speed now: a search that starts far above the passing rate can spend every probe
+    coming down to it)."""
+    def measured_mean(name: str) -> float | None:
+        values = [m["slo_rps"] for m in state["measurements"] if m["key"] == name and m.get("slo_rps")]
+        return sum(values) / len(values) if values else None
+
+    earlier = measured_mean(key)
     if earlier:
-        return 0.9 * sum(earlier) / len(earlier)
+        return 0.9 * earlier
+    baseline_simulated = state["search"]["baseline"].get("simulated_slo_rps")
     if key == BASELINE_KEY:
-        simulated = state["search"]["baseline"].get("simulated_slo_rps")
+        simulated = baseline_simulated
     else:
-        simulated = next((r.get("simulated_slo_rps") for r in ranked if r["key"] == key), None)
-    return 0.8 * simulated if simulated else 20.0
+        # a candidate the ranking did not reach (deadline) has only its screening rate
+        simulated = next((r.get("simulated_slo_rps") for r in ranked if r["key"] == key), None) or (
+            state["search"].get("screen_rps") if key != BASELINE_KEY else None)
+    if not simulated:
+        return 20.0
+    baseline_measured = measured_mean(BASELINE_KEY)
+    speed = baseline_measured / baseline_simulated if baseline_measured and baseline_simulated else 1.0
+    return 0.8 * simulated * speed
 
 
 def _results(state: dict[str, Any], to_confirm) -> list[dict[str, Any]]:
@@ -224,9 +239,21 @@ def _results(state: dict[str, Any], to_confirm) -> list[dict[str, Any]]:
                 row["vs_default_ci95"] = None if ratio_half is None else round(ratio_half, 3)
         rows.append(row)
     measured = [r for r in rows if r["key"] != BASELINE_KEY]
-    measured.sort(key=lambda r: -(r["measured_slo_rps"] if r["measured_slo_rps"] is not None else
-                                  (r["simulated_slo_rps"] or 0) * 1e-6))
+    measured.sort(key=_evidence, reverse=True)
     return [r for r in rows if r["key"] == BASELINE_KEY] + measured
+
+
+def _evidence(row: dict[str, Any]) -> tuple[float, float]:
+    """How surely a configuration beats the default: the low end of its paired ratio's 95% CI first.
+
+    On a shared machine one round can measure a configuration 2x too fast; ranking by the mean would
+    crown it. Unmeasured configurations come last, in their simulated order.
+    """
+    if row.get("vs_default") is not None:
+        return 1.0, row["vs_default"] - (row.get("vs_default_ci95") or 0.0)
+    if row["measured_slo_rps"] is not None:
+        return 0.5, row["measured_slo_rps"]
+    return 0.0, row["simulated_slo_rps"] or 0.0
 
 
 def _write_outputs(out: Path, state: dict[str, Any], to_confirm, options: TuneOptions, say) -> None:
@@ -269,7 +296,8 @@ def report_markdown(state: dict[str, Any]) -> str:
              + ("the best were measured on the embedded server with the capacity search (a probe passes when the "
                 "load is sustained and its p99 is within the SLO), in interleaved rounds. Goodput = the highest rate "
                 "sustained within the SLO; ± is the 95% confidence interval over the rounds; vs default is the mean "
-                "of the per-round ratios to the default whole model (paired: it cancels drift between rounds). "
+                "of the per-round ratios to the default whole model (paired: it cancels drift between rounds); the "
+                "configurations are ranked by the low end of its interval (the surest gain first). "
                 if state["measurements"] else "nothing was measured (simulation only). ")
              + f"Batch-1 latency "
              f"(the SLO floor): {state['batch1_latency_ms']} ms. Used {state.get('used_s', 0) / 60:.1f} of "
