@@ -9,7 +9,6 @@ ran at), lengths, window and SLO are replayed in virtual time. The result goes t
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path

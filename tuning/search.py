@@ -23,10 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from backends.reorch.policies import BatchPolicy
 from loadtest.capacity import CapacityResult, Probe, SearchSettings, search_capacity
 from core.errors import BadParameterError
 from tuning.batcher import BatcherSettings
 from tuning.simulate import (
+    DEFAULT_POLICY,
     ModelProfile,
     SimResult,
     SimSettings,
@@ -38,7 +40,8 @@ from tuning.simulate import (
 
 OBJECTIVES = ("goodput", "p99", "throughput")
 PREFERRED_CHOICES = ("none", "max", "half_max")
-POLICIES = ("dva", "pipeline", "load", "operator", "input")
+# every reorch policy of the registry, the default first
+POLICIES = (DEFAULT_POLICY, *(policy.value for policy in BatchPolicy if policy.value != DEFAULT_POLICY))
 T = TypeVar("T")
 COMPLEXITY = {"whole": 0, "ensemble": 1, "reorch": 2}  # on a tie, the simpler configuration ranks first
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.rundir import write_json
+from loadtest.tuned import BASELINE_KEY, TUNE_FILE
 from core.errors import ConfigValidationError
 from core.manifest import read_manifest
 from tuning.batcher import BatcherSettings
@@ -33,10 +34,8 @@ from tuning.confirm import Confirmer, mean_ci95, write_ready_repository
 from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search, why
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
 
-TUNE_FILE = "tune.json"
 REPORT_FILE = "tune.md"
 CONFIGS_DIR = "configs"
-BASELINE_KEY = "baseline"
 SEARCH_SHARE = 0.3  # at most this share of the budget goes to the simulated search
 
 

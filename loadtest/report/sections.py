@@ -295,13 +295,15 @@ class SimulationSection(Section):
             f"{_percent(summary.get('stable_median_abs_error_avg'))}; target "
             f"{_percent(summary.get('target'))}."
         )
-        calibration = document.get("calibration")
-        if calibration:
-            fitted = calibration.get("summary") or {}
-            content.paragraphs.append(
-                f"With overheads fitted to this same run (in-sample, so a fit, not a prediction): median "
-                f"|error| of p50 over the stable points {_percent(fitted.get('stable_median_abs_error_p50'))}."
-            )
+        costs = document.get("costs") or {}
+        per_variant = ", ".join(f"{variant} {_percent(figures.get('stable_median_abs_error_p50'))}"
+                                for variant, figures in (summary.get("per_variant") or {}).items())
+        content.paragraphs.append(
+            f"Serving costs: {costs.get('source', 'the defaults')}"
+            f"{' (fitted to this same run: a fit, not a prediction)' if costs.get('in_sample') else ''}. "
+            f"Per variant: {per_variant or 'n/a'}. The run's own repeat-to-repeat spread of p50: "
+            f"{_percent(summary.get('repeat_noise_p50'))} (no prediction can be closer than the run is to itself)."
+        )
         rows = []
         for point in document.get("points") or []:
             if "error" not in point:
