@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from core.model_config import read_model_config, triton_wire_dtype
+from core.model_config import read_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
 from backends.reorch.scheduler import OPERATIONS  # noqa: E402
 from backends.reorch.spec import RECORD_OUTPUT, RECORD_PARAMETER  # noqa: E402
-from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
+from loadtest.request_factory import RequestFactory, infer_inputs, model_entry  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
 from core.errors import StagebatchError  # noqa: E402
 from core.manifest import read_manifest  # noqa: E402
@@ -88,13 +88,7 @@ class Outcome:
 def _inputs(arrays: dict[str, np.ndarray]):
     import tritonclient.grpc as grpcclient
 
-
-    items = []
-    for name, array in arrays.items():
-        item = grpcclient.InferInput(name, list(array.shape), triton_wire_dtype(array.dtype.name))
-        item.set_data_from_numpy(array)
-        items.append(item)
-    return items
+    return infer_inputs(grpcclient, arrays)
 
 
 async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warmup_s: float,

@@ -27,7 +27,8 @@ from pathlib import Path
 from backends.reorch.engine import ReorchEngine
 from backends.reorch.executor import make_ort_executors
 from backends.reorch.policies import BatchPolicy, ReorchKnobs, StageContext, create_policy
-from backends.reorch.scheduler import Request, StageScheduler
+from backends.reorch.scheduler import StageScheduler
+from backends.reorch.state import Request
 from backends.reorch.spec import StagesSpec
 from core.manifest import read_manifest
 from loadtest.request_factory import RequestFactory, model_entry

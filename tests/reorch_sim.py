@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
-from backends.reorch.scheduler import Completion, Request, StageLaunch, StageScheduler
+from backends.reorch.scheduler import StageScheduler
+from backends.reorch.state import Completion, Request, StageLaunch
 
 
 def make_scheduler(policy: str = "pipeline", num_stages: int = 3, favoured: tuple[int, ...] | None = None,

@@ -33,9 +33,7 @@ OWN_TOPS = set(PACKAGES) | {"tests"}
 BACKENDS_MAY_IMPORT = {"numpy", "onnxruntime", "triton_python_backend_utils", "backends"}
 # loops known when this test was written, each to be broken by its owner; an entry that no longer
 # loops fails the test, so delete it then
-KNOWN_LOOPS: list[list[str]] = [
-    ["backends.reorch.policies", "backends.reorch.scheduler"],  # type hints only (issue 13)
-]
+KNOWN_LOOPS: list[list[str]] = []
 
 
 @dataclass(frozen=True)

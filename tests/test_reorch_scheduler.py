@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from backends.reorch.errors import ConfigValidationError
 from backends.reorch.policies import ReorchKnobs, StageContext, bucket_of, create_policy, default_bucket_bounds
-from backends.reorch.scheduler import Request, make_requests
+from backends.reorch.scheduler import make_requests
+from backends.reorch.state import Request
 from reorch_sim import Simulation, make_scheduler
 
 POLICIES = ["pipeline", "load", "operator", "input", "dva"]

@@ -38,7 +38,8 @@ import numpy as np
 
 from backends.reorch.cost import interpolate_ms
 from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
-from backends.reorch.scheduler import Request, StageLaunch, StageScheduler
+from backends.reorch.scheduler import StageScheduler
+from backends.reorch.state import Request, StageLaunch
 from backends.reorch.spec import StagesSpec
 from loadtest.stability import assess
 from loadtest.stats import LatencySummary, summarize

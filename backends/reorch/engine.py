@@ -32,7 +32,8 @@ from .errors import BadRequestError
 from .executor import StageExecutor, build_feeds, split_outputs
 from .metrics import CountingMetrics
 from .policies import ReorchKnobs, StageContext, create_policy
-from .scheduler import Completion, Request, StageLaunch, StageScheduler
+from .scheduler import StageScheduler
+from .state import Completion, Request, StageLaunch
 from .spec import StagesSpec
 
 LOGGER = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import threading
 from collections import Counter
 from typing import Any
 
-from .scheduler import OPERATIONS, OUTCOMES
+from .scheduler import OPERATIONS
+from .state import OUTCOMES
 
 OPERATIONS_TOTAL = "stagebatch_reorch_operations_total"
 REQUESTS_TOTAL = "stagebatch_reorch_requests_total"

@@ -22,13 +22,11 @@ import enum
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .cost import CostModel
 from .errors import ConfigValidationError
+from .state import Batch, Request
 
-if TYPE_CHECKING:
-    from .scheduler import Batch, Request
 
 
 class BatchPolicy(str, enum.Enum):
