@@ -4,7 +4,7 @@ For each point of :meth:`loadtest.plan.Plan.points` (ordered so that rebuilds an
 fewest) the runner
 
 1. rebuilds the model when the point's slicing (K, cut balance) differs from what is built
-   (``slicing.repository``, the ``stagebatch build`` code), then reloads its models;
+   (``slicing.build``, the ``stagebatch build`` code), then reloads its models;
 2. reloads the variant's Triton models through the repository API with the point's request
    batching knobs (max batch size, queue delay, preferred sizes, instance count) and, for the
    reorchestrator, its policy and knobs (``load_model(name, config=json)``), starting from the

@@ -16,7 +16,7 @@ def test_console_shows_warnings_and_point_lines_but_not_info_chatter():
     shown = lambda record: all(f.filter(record) for f in handler.filters)  # noqa: E731
     assert not shown(_record("onnxscript.optimizer", logging.INFO, "pass 17 applied"))
     assert not shown(_record("slicing.export", logging.INFO, "[torch.onnx] Obtain model graph"))
-    assert shown(_record("loadtest.runner", logging.WARNING, "point x failed"))
+    assert shown(_record("loadtest.characterization", logging.WARNING, "point x failed"))
     line = _record(runner.PROGRESS.name, logging.INFO, "[1/3] a/b: 10.0 req/s offered")
     assert shown(line) and handler.format(line) == "[1/3] a/b: 10.0 req/s offered"
     assert handler.format(_record("x", logging.WARNING, "careful")) == "warning: careful"

@@ -53,7 +53,7 @@ class BatcherSettings:
                                     f"1..max_batch_size={self.max_batch_size}; drop them or raise max_batch_size")
 
     def to_batching(self) -> dict[str, Any]:
-        """The same knobs as a plan point's ``batching`` dict (``loadtest.runner.apply_batching``)."""
+        """The same knobs as a plan point's ``batching`` dict (``core.model_config.apply_batching``)."""
         return {"max_batch_size": self.max_batch_size, "max_queue_delay_us": self.max_queue_delay_us,
                 "preferred_batch_sizes": list(self.preferred_batch_sizes), "instance_count": self.instance_count}
 

@@ -1,7 +1,7 @@
 """Confirm simulated winners on the real embedded server, and write them as ready repositories.
 
 One ``EmbeddedTriton`` serves the built repository; each configuration is loaded through the
-repository API with its own ``config.pbtxt`` (``loadtest.runner.point_configs``: the same code that
+repository API with its own ``config.pbtxt`` (``loadtest.characterization.point_configs``: the same code that
 applies a plan point's batching and reorch knobs), and its rate within the SLO is searched with the
 capacity search (``loadtest.capacity.search_capacity``), a probe passing when the server kept up
 (``loadtest.stability.assess``: stable, or unstable only because the load generator sent late or was
