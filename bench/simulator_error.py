@@ -45,8 +45,8 @@ def _pct(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_a", type=Path)
-    parser.add_argument("run_b", type=Path)
+    parser.add_argument("run_a", type=lambda text: Path(text).resolve())
+    parser.add_argument("run_b", type=lambda text: Path(text).resolve())
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="simerr-") as tmp:
         a, b = _copy(args.run_a, Path(tmp) / "a"), _copy(args.run_b, Path(tmp) / "b")
