@@ -11,7 +11,7 @@ from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import BadParameterError, ConfigValidationError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
 from tuning.calibrate import read_calibration, rescaled
-from tuning.replay import SIMULATION_FILE, replay_run
+from tuning.replay import SIMULATION_FILE, replay_run, run_manifest
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 NO_OVERHEAD = SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0)
@@ -222,3 +222,15 @@ def test_calibration_fits_the_outside_time_from_the_client_when_a_point_has_no_s
     fitted = read_calibration(run).for_variant("whole", "m")
     assert fitted.launch_overhead_ms == 0.0  # nothing to fit it from: the defaults given
     assert fitted.request_overhead_ms == pytest.approx(6.0, abs=0.01)  # 7 ms measured, 1 ms simulated
+
+
+@pytest.mark.parametrize("recorded", ["relative", "absolute", "moved"])
+def test_run_manifest_finds_the_repository_from_a_relative_run_path(tmp_path, monkeypatch, recorded):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "results" / "run"
+    (run / "repository").mkdir(parents=True)
+    (run / "repository" / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": {}}))
+    path = {"relative": "results/run/repository", "absolute": str(run / "repository"),
+            "moved": "elsewhere/repository"}[recorded]
+    write_json(run / "environment.json", {"repository": path})
+    assert run_manifest(run.relative_to(tmp_path))["models"] == {}

@@ -45,11 +45,11 @@ def _spec(cls: type, data: dict[str, Any] | None):
 def run_manifest(run_dir: Path) -> dict[str, Any]:
     """The manifest of the repository the run served (``environment.json``'s ``repository``)."""
     environment = read_environment(run_dir)
-    candidates = [Path(environment["repository"])] if environment.get("repository") else []
-    candidates.append(run_dir / "repository")
+    # the recorded path as written at run time (absolute, or relative to where the run started),
+    # then the same relative to the run folder, then the run's own repository/ folder
+    recorded = [Path(environment["repository"])] if environment.get("repository") else []
+    candidates = [*recorded, *(run_dir / path for path in recorded if not path.is_absolute()), run_dir / "repository"]
     for repository in candidates:
-        if not repository.is_absolute():
-            repository = run_dir / repository
         found = find_manifest(repository)
         if found is not None:
             return found.raw
