@@ -151,7 +151,6 @@ class Plan(PlanFile):
 
     def _points_for(self, experiment: Experiment, model_name: str, variant: str, seen: set[str], repeat: int,
                     repeats: int) -> list[Point]:
-        model, defaults = self.models[model_name], self.defaults
         sliced = variant in ("ensemble", "reorch")
         axes = {key: getattr(experiment.batching, key) for key in Batching.model_fields}
         axes |= {key: getattr(experiment.slicing, key) if sliced else None for key in Slicing.model_fields}
@@ -166,27 +165,38 @@ class Plan(PlanFile):
             reorch: dict[str, Any] = {} if policy is None else {"policy": policy}
             if knobs:
                 reorch["knobs"] = dict(zip(knobs, knob_combo))
-            for load_name in experiment.loads:
-                load = self.loads[load_name]
-                for label, arrival in load.expand(load_name):
-                    settings_id = [f"{KNOB_SHORT_NAMES.get(k, k)}{_fmt(v)}" for k, v in settings.items()]
-                    batching_id = settings_id[: len(batching)]
-                    parts = [experiment.name, model_name, variant, *settings_id, *map(_fmt, reorch.values())]
-                    knobs_id = [_fmt(reorch["knobs"])] if reorch.get("knobs") else []
-                    comparison_key = "/".join([experiment.name, model_name, *batching_id, *knobs_id, label])
-                    point_id = "/".join([*parts, label, *([f"r{repeat}"] if repeats > 1 else [])])
-                    if point_id in seen:
-                        continue
-                    seen.add(point_id)
-                    out.append(Point(
-                        point_id, experiment.name, model_name, variant, label, arrival,
-                        lengths=model.lengths if load.lengths is None else load.lengths, batching=batching,
-                        slicing={key: v for key, v in settings.items() if key in Slicing.model_fields},
-                        reorch=reorch, duration_s=experiment.duration_s or defaults.duration_s,
-                        warmup_s=defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
-                        slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
-                        seed=defaults.seed + repeat, repeat=repeat, repeats=repeats,
-                        comparison_key=comparison_key, protocol=experiment.protocol or defaults.protocol))
+            settings_id = [f"{KNOB_SHORT_NAMES.get(k, k)}{_fmt(v)}" for k, v in settings.items()]
+            knobs_id = [_fmt(reorch["knobs"])] if reorch.get("knobs") else []
+            out += self._at_loads(
+                experiment, model_name, seen, repeat, repeats,
+                id_parts=[experiment.name, model_name, variant, *settings_id, *map(_fmt, reorch.values())],
+                comparison_parts=[experiment.name, model_name, *settings_id[: len(batching)], *knobs_id],
+                variant=variant, batching=batching, reorch=reorch,
+                slicing={key: v for key, v in settings.items() if key in Slicing.model_fields})
+        return out
+
+    def _at_loads(self, experiment: Experiment, model_name: str, seen: set[str], repeat: int, repeats: int, *,
+                  id_parts: list[str], comparison_parts: list[str], **config: Any) -> list[Point]:
+        """One configuration (``config``: variant, batching, slicing, reorch, ...) at each of the
+        experiment's loads; a point id already in ``seen`` is skipped."""
+        model, defaults = self.models[model_name], self.defaults
+        out = []
+        for load_name in experiment.loads:
+            load = self.loads[load_name]
+            for label, arrival in load.expand(load_name):
+                point_id = "/".join([*id_parts, label, *([f"r{repeat}"] if repeats > 1 else [])])
+                if point_id in seen:
+                    continue
+                seen.add(point_id)
+                out.append(Point(
+                    point_id, experiment.name, model_name, load=label, arrival=arrival,
+                    lengths=model.lengths if load.lengths is None else load.lengths,
+                    duration_s=experiment.duration_s or defaults.duration_s,
+                    warmup_s=defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
+                    slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
+                    seed=defaults.seed + repeat, repeat=repeat, repeats=repeats,
+                    comparison_key="/".join([*comparison_parts, label]),
+                    protocol=experiment.protocol or defaults.protocol, **config))
         return out
 
     def tuned_config(self, model: str) -> TunedConfig:
@@ -205,30 +215,15 @@ class Plan(PlanFile):
         Its comparison key leaves the configuration out, so the report compares it with the other
         variants of the experiment at the same load (the default whole model among them).
         """
-        tuned, model, defaults = self.tuned_config(model_name), self.models[model_name], self.defaults
+        tuned = self.tuned_config(model_name)
         if tuned.stages is not None and not self.repository.build:
             raise self.error(("models", model_name, "tuned"), f"the tuned {tuned.variant} has {tuned.stages} stages; "
                              "running it rebuilds the model: set repository.build: true")
-        out = []
-        for load_name in experiment.loads:
-            load = self.loads[load_name]
-            for label, arrival in load.expand(load_name):
-                point_id = "/".join([experiment.name, model_name, TUNED_VARIANT, label,
-                                     *([f"r{repeat}"] if repeats > 1 else [])])
-                if point_id in seen:
-                    continue
-                seen.add(point_id)
-                out.append(Point(
-                    point_id, experiment.name, model_name, tuned.variant, label, arrival,
-                    lengths=model.lengths if load.lengths is None else load.lengths, batching=tuned.batching,
-                    slicing={} if tuned.stages is None else {"stages": tuned.stages}, reorch=tuned.reorch,
-                    duration_s=experiment.duration_s or defaults.duration_s,
-                    warmup_s=defaults.warmup_s if experiment.warmup_s is None else experiment.warmup_s,
-                    slo_ms=experiment.slo_ms or model.slo_ms or defaults.slo_ms,
-                    seed=defaults.seed + repeat, repeat=repeat, repeats=repeats,
-                    comparison_key="/".join([experiment.name, model_name, label]),
-                    protocol=experiment.protocol or defaults.protocol, tuned=tuned.key))
-        return out
+        return self._at_loads(
+            experiment, model_name, seen, repeat, repeats,
+            id_parts=[experiment.name, model_name, TUNED_VARIANT], comparison_parts=[experiment.name, model_name],
+            variant=tuned.variant, batching=tuned.batching, reorch=tuned.reorch, tuned=tuned.key,
+            slicing={} if tuned.stages is None else {"stages": tuned.stages})
 
     def to_dict(self) -> dict:
         """The plan as written (plain dicts), for environment.json."""
