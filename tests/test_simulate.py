@@ -84,7 +84,7 @@ def test_simulate_reorch_answers_every_request_when_the_load_is_sustainable(poli
     result = simulate(profile, VariantConfig("reorch", BatcherSettings(8, 200), policy), workload)
     assert result.stable
     assert result.summary.errors == 0
-    assert len(result.stage_batches) == 3
+    assert [s["stage"] for s in result.stage_batches] == [0, 1, 2, "front"]
 
 
 def test_simulate_ensemble_is_slower_than_whole_at_low_load_when_every_stage_pays_a_launch():
@@ -234,3 +234,51 @@ def test_run_manifest_finds_the_repository_from_a_relative_run_path(tmp_path, mo
             "moved": "elsewhere/repository"}[recorded]
     write_json(run / "environment.json", {"repository": path})
     assert run_manifest(run.relative_to(tmp_path))["models"] == {}
+
+
+def test_simulate_reorch_runs_a_steady_train_inline_and_blocks_the_front_like_the_whole_model():
+    # two stages of 1.2 + 2.25 ms: the engine's own decision (StageScheduler.inline_decision) runs every
+    # steady batch inline, inside the front model's one instance, so the front forms the whole model's
+    # batches (3 or 4 of a train arriving every ms; 3.45 on average) and no stage launch happens
+    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 1.2, 8: 1.2}, {1: 2.25, 8: 2.25}]))
+    workload = Workload(ArrivalSpec.parse("constant:rate_rps=1000"), duration_s=3.0, warmup_s=0.0)
+    settings = SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0, inline_overhead_ms=0.0)
+    result = simulate(profile, VariantConfig("reorch", BatcherSettings(8, 0), "dva"), workload, settings)
+    stage0, stage1, front = result.stage_batches
+    assert set(result.operations) == {"whole"}
+    assert front["inline_share"] == 1.0
+    assert front["avg_batch_size"] == pytest.approx(3.45, abs=0.02)
+    assert (stage0["launches"], stage1["launches"]) == (0, 0)
+    assert stage0["unlaunched_ms"] == pytest.approx(front["launches"] * 3.45, rel=0.01)  # booked as the engine does
+
+
+def test_simulate_reorch_hands_bursts_to_the_scheduler_after_the_handoff_time():
+    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 1.0, 8: 3.0}] * 2))
+    workload = Workload(ArrivalSpec.parse("bursty:rate_rps=600,off_rate_rps=20,on_s=0.5,off_s=1"), duration_s=4.0, warmup_s=0.5)
+    settings = SimSettings(handoff_ms=0.5)
+    result = simulate(profile, VariantConfig("reorch", BatcherSettings(8, 100), "pipeline"), workload, settings)
+    front = result.stage_batches[-1]
+    assert front["inline_share"] < 1.0 and result.operations.get("new", 0) > 0
+    assert result.summary.errors == 0
+
+
+def _reorch_point(rate_rps, p50_ms, stages, front_compute_us, front_batch=1.0):
+    record = _point("reorch", rate_rps, p50_ms, stages, p50_ms)
+    record["server"].update({"reorch": {"model": "m_reorch"}, "models": {"m_reorch": {
+        "avg_batch_size": front_batch, "avg_queue_us": 0.0, "avg_compute_us": front_compute_us}}})
+    return record
+
+
+def test_calibration_takes_the_inline_cost_from_the_whole_model_and_ignores_inline_time_booked_on_stage_0(tmp_path):
+    # the whole model: 1 ms of table, 3 ms measured -> 2 ms per launch. The reorchestrator ran every
+    # batch inline: its stage 0 books that time without a launch (40 ms "per launch"), which must not
+    # become a launch cost; the inline run costs what a whole-model launch does
+    whole = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    inline_stage0 = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 40000.0}
+    idle = {"avg_batch_size": None, "avg_queue_us": None, "avg_compute_us": None}
+    run = _run_with_points(tmp_path, [{1: 0.5, 8: 1.5}] * 2, [
+        _point("whole", 20.0, 7.0, [whole], 7.0), _reorch_point(20.0, 7.0, [inline_stage0, idle], 3000.0)])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    fitted = read_calibration(run).for_variant("reorch", "m")
+    assert fitted.inline_overhead_ms == pytest.approx(2.0, abs=0.01)
+    assert fitted.launch_overhead_ms < 5.0

@@ -46,6 +46,7 @@ from tuning.simulate import SimSettings, simulate
 CALIBRATION_FILE = "calibration.json"
 SCHEMA_VERSION = 1
 ITERATIONS = 3
+MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
 METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows: launch_overhead_ms = mean of "
@@ -65,44 +66,88 @@ def _fit_launch(observations: list[tuple[float, float]]) -> float:
     return max(0.0, statistics.fmean(m - t for t, m in observations))
 
 
-def _outside_ms(record: dict[str, Any], requests: list[dict] | None) -> float:
+def front_model_stats(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The reorchestrator's front model's Triton statistics at a point (its ``execute``: batches run
+    inline and batches handed to the scheduler), or None."""
+    server = record.get("server") or {}
+    name = (server.get("reorch") or {}).get("model")
+    return (server.get("models") or {}).get(name) if name else None
+
+
+def _outside_ms(record: dict[str, Any], requests: list[dict] | None, front: dict[str, Any] | None = None,
+                handed: float = 0.0, handoff_ms: float = 0.0) -> float:
     """What an answer spends outside the server's queues and stages, on average (ms).
 
     From the reorchestrator's per-request records where there are (client latency minus its
-    arrival-to-exit time), else the client's average minus the stages' queue and compute times.
+    arrival-to-exit time, which starts inside the front model's ``execute``; less the front model's
+    queue, and the hand-off time for the ``handed`` share of requests: the simulator models both),
+    else the client's average minus the time in the server: the stages' queue and compute, or for
+    the reorchestrator its front model's queue and compute plus, for the handed share, the stages'.
     """
     timed = [r["latency_us"] - (r["server"]["exit_us"] - r["server"]["arrival_us"]) for r in requests or ()
              if r["ok"] and r.get("server") and "exit_us" in r["server"] and "arrival_us" in r["server"]]
+    front_queue_us = (front.get("avg_queue_us") or 0.0) if front else 0.0
     if timed:
-        return statistics.fmean(timed) / 1000.0
-    in_server_us = sum(s["avg_compute_us"] + (s.get("avg_queue_us") or 0.0) for s in record["server"]["stages"])
+        return (statistics.fmean(timed) - front_queue_us) / 1000.0 - handoff_ms * handed
+    stages_us = sum((s.get("avg_compute_us") or 0.0) + (s.get("avg_queue_us") or 0.0)
+                    for s in record["server"]["stages"])
+    in_server_us = stages_us if front is None else front_queue_us + front["avg_compute_us"] + handed * stages_us
     return record["client"]["avg_ms"] - in_server_us / 1000.0
 
 
+def _light(record: dict[str, Any], front: dict[str, Any] | None) -> bool:
+    """Every stage (and the reorchestrator's front model) formed batches of at most ``LIGHT_BATCH`` rows."""
+    stages = ((record.get("server") or {}).get("stages")) or []
+    sizes = [s.get("avg_batch_size") or 1.0 for s in stages] + ([front.get("avg_batch_size") or 1.0] if front else [])
+    return all(size <= LIGHT_BATCH for size in sizes)
+
+
 def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tuple[dict[str, list], ...]:
-    """Per MODEL:VARIANT: (table ms, measured compute ms) pairs, outside-the-server latencies (ms), and
-    the points without per-stage times (the client's latency is all there is of them)."""
+    """Per MODEL:VARIANT: (table ms, measured compute ms) pairs of launches; outside-the-server
+    latencies (ms); the reorchestrator front's (simulated hand-off share, measured minus simulated
+    inline time per request, ms); and the points without any per-stage or front times."""
     compute: dict[str, list] = defaultdict(list)
     outside: dict[str, list] = defaultdict(list)
+    handoff: dict[str, list] = defaultdict(list)
     latency_only: dict[str, list] = defaultdict(list)
     for record, job in jobs:
         profile, config, workload = job
         key = f"{profile.name}:{config.variant}"
         measured_stages = ((record.get("server") or {}).get("stages")) or []
-        if not measured_stages or any(s.get("avg_compute_us") is None for s in measured_stages):
+        front = front_model_stats(record) if config.variant == "reorch" else None
+        front_timed = front is not None and front.get("avg_compute_us") is not None
+        stage_timed = bool(measured_stages) and all(s.get("avg_compute_us") is not None for s in measured_stages)
+        if not stage_timed and not front_timed:
             latency_only[key].append((record, job))
             continue
-        if not all((s.get("avg_batch_size") or 1.0) <= LIGHT_BATCH for s in measured_stages):
+        if not _light(record, front):
             continue  # launches overlap, requests queue and the load generator competes: times are not costs
+        point_settings = settings.for_variant(config.variant, profile.name)
         result = simulate(profile, config, workload, settings)
-        for simulated, measured in zip(result.stage_batches, measured_stages):
-            per_request = config.variant != "reorch"  # Triton averages compute per request; reorch per launch
+        per_request = config.variant != "reorch"  # Triton averages compute per request; reorch per launch
+        for simulated, measured in zip(result.stage_batches, measured_stages if stage_timed else []):
             table = simulated["row_avg_table_ms" if per_request else "avg_table_ms"]
-            if table is None or measured.get("avg_compute_us") is None:
-                continue
+            if table is None or measured.get("avg_compute_us") is None or simulated.get("unlaunched_ms"):
+                continue  # no launch here, or time of inline runs booked without one: not a launch's cost
             compute[key].append((table, measured["avg_compute_us"] / 1000.0))
-        outside[key].append(_outside_ms(record, requests.get(record.get("index"))))
-    return compute, outside, latency_only
+        handed = 0.0
+        if front_timed:
+            simulated_front = result.stage_batches[-1]
+            handed = 1.0 - (simulated_front.get("inline_share") or 0.0)
+            inline_ms = (simulated_front.get("row_avg_launch_ms") or 0.0) - point_settings.handoff_ms * handed
+            handoff[key].append((handed, front["avg_compute_us"] / 1000.0 - inline_ms))
+        outside[key].append(_outside_ms(record, requests.get(record.get("index")), front if front_timed else None,
+                                        handed, point_settings.handoff_ms))
+    return compute, outside, handoff, latency_only
+
+
+def _fit_handoff(observations: list[tuple[float, float]], default: float) -> float:
+    """``handoff_ms`` of ``measured front time = inline time + handoff x handed share`` (least squares through
+    the origin), or ``default`` where almost nothing was handed over (the points cannot tell it)."""
+    weight = sum(share * share for share, _ in observations)
+    if weight < MIN_HANDOFF_WEIGHT:
+        return default
+    return max(0.0, sum(share * excess for share, excess in observations) / weight)
 
 
 def usable(record: dict[str, Any]) -> bool:
@@ -142,23 +187,46 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
     settings = dataclasses.replace(base, variant_overrides={})
     facts: dict[str, Any] = {}
     for _ in range(ITERATIONS):
-        compute, outside, latency_only = _observations(jobs, settings, requests)
+        compute, outside, handoff, latency_only = _observations(jobs, settings, requests)
         overrides: dict[str, dict[str, float]] = {}
-        for variant in sorted({key.split(":", 1)[1] for key in compute}):
+        for variant in sorted({key.split(":", 1)[1] for key in [*compute, *handoff]}):
             every = [o for key, obs in compute.items() if key.endswith(f":{variant}") for o in obs]
             outside_all = [v for key, values in outside.items() if key.endswith(f":{variant}") for v in values]
-            overrides[variant] = _values(_fit_launch(every), outside_all)
-        for key, observations in compute.items():
-            launch = _fit_launch(observations)
-            overrides[key] = _values(launch, outside[key])
+            handed_all = [o for key, obs in handoff.items() if key.endswith(f":{variant}") for o in obs]
+            launch = _fit_launch(every) if every else base.launch_overhead_ms
+            overrides[variant] = _values(launch, outside_all, _fit_handoff(handed_all, base.handoff_ms))
+        for key in sorted({*compute, *handoff}):
+            observations = compute.get(key, [])
+            variant = key.split(":", 1)[1]
+            launch = _fit_launch(observations) if observations else overrides[variant]["launch_overhead_ms"]
+            overrides[key] = _values(launch, outside[key], _fit_handoff(handoff.get(key, []),
+                                                                        overrides[variant]["handoff_ms"]))
             facts[key] = {"light_points": len(outside[key]), "stage_observations": len(observations),
                           "rms_residual_ms": round(float(np.sqrt(np.mean(
-                              [(launch + t - m) ** 2 for t, m in observations]))), 3)}
-        settings = dataclasses.replace(settings, variant_overrides=overrides)
+                              [(launch + t - m) ** 2 for t, m in observations]))), 3) if observations else None}
+            if key in handoff:
+                facts[key]["front_observations"] = len(handoff[key])
+        settings = _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides))
     for key, points in latency_only.items():
-        if key not in compute:
+        if key not in overrides:
             overrides[key], facts[key] = _fit_outside_only(key, points, settings)
-    return dataclasses.replace(settings, variant_overrides=overrides), facts
+    return _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides)), facts
+
+
+def _with_inline_costs(settings: SimSettings) -> SimSettings:
+    """Each reorchestrator key's ``inline_overhead_ms`` := the whole model's ``launch_overhead_ms``.
+
+    A batch the reorchestrator runs inline is the whole model's work on the same path: one Python
+    backend ``execute`` with the batch, the whole model's graph, one response message. Its own front
+    statistics cannot tell it apart from the hand-off time where nearly every batch runs inline.
+    """
+    overrides = dict(settings.variant_overrides)
+    for key in [k for k in overrides if k.endswith("reorch")]:
+        model = key.split(":", 1)[0] if ":" in key else None
+        whole = (overrides.get(f"{model}:whole") if model else None) or overrides.get("whole")
+        if whole is not None:
+            overrides[key] = {**overrides[key], "inline_overhead_ms": whole["launch_overhead_ms"]}
+    return dataclasses.replace(settings, variant_overrides=overrides)
 
 
 def _fit_outside_only(key: str, points: list, settings: SimSettings) -> tuple[dict[str, float], dict[str, Any]]:
@@ -175,12 +243,13 @@ def _fit_outside_only(key: str, points: list, settings: SimSettings) -> tuple[di
                                    else "defaults"}
 
 
-def _values(launch_ms: float, outside_ms: list[float]) -> dict[str, float]:
+def _values(launch_ms: float, outside_ms: list[float], handoff_ms: float = 0.0) -> dict[str, float]:
     return {"launch_overhead_ms": round(launch_ms, 3), "compute_scale": 1.0,
-            "request_overhead_ms": round(max(0.0, statistics.median(outside_ms)), 3), "row_device_ms": 0.0}
+            "request_overhead_ms": round(max(0.0, statistics.median(outside_ms)), 3) if outside_ms else 0.0,
+            "row_device_ms": 0.0, "handoff_ms": round(handoff_ms, 3)}
 
 
-DEVICE_COSTS = ("launch_overhead_ms", "compute_scale", "row_device_ms")
+DEVICE_COSTS = ("launch_overhead_ms", "compute_scale", "row_device_ms", "inline_overhead_ms", "handoff_ms")
 
 
 def whole_capacity_rps(capacity: dict[str, Any] | None) -> dict[str, float]:

@@ -27,8 +27,8 @@ from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import ConfigValidationError
 from core.manifest import find_manifest
 from tuning.batcher import BatcherSettings
-from tuning.calibrate import fit, rescaled, usable, whole_capacity_rps, write_calibration
-from tuning.simulate import LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
+from tuning.calibrate import fit, front_model_stats, rescaled, usable, whole_capacity_rps, write_calibration
+from tuning.simulate import FRONT, LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 SCHEMA_VERSION = 1
 ERROR_TARGET = 0.25  # the issue's bar: median relative error of p50 over the stable points
@@ -112,14 +112,16 @@ def _replayable(run_dir: Path) -> list[tuple[dict[str, Any], dict[str, Any], Any
 
 
 def _stage_rows(simulated: list[dict[str, Any]], measured: list[dict[str, Any]], per_request: bool) -> list[dict]:
-    """Per stage: measured and simulated average batch size and compute time (ms)."""
+    """Per stage (and the reorchestrator's front model, ``front``, as Triton counts it: per request):
+    measured and simulated average batch size and compute time (ms)."""
     rows = []
     for sim, meas in zip(simulated, measured):
         compute_us = meas.get("avg_compute_us")
+        request_average = per_request or sim["stage"] == FRONT
         rows.append({"stage": sim["stage"], "measured_batch": _round(meas.get("avg_batch_size")),
                      "simulated_batch": sim.get("avg_batch_size"),
                      "measured_compute_ms": None if compute_us is None else round(compute_us / 1000.0, 3),
-                     "simulated_compute_ms": sim.get("row_avg_launch_ms" if per_request else "avg_launch_ms")})
+                     "simulated_compute_ms": sim.get("row_avg_launch_ms" if request_average else "avg_launch_ms")})
     return rows
 
 
@@ -149,6 +151,9 @@ def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
         row["error"] = {k.removesuffix("_ms").removesuffix("_rps"): _relative_error(simulated.get(k), measured.get(k))
                         for k in COMPARED}
         stages = ((record.get("server") or {}).get("stages")) or []
+        front = front_model_stats(record) if config.variant == "reorch" else None
+        if stages and front is not None:
+            stages = [*stages, front]
         if stages:
             row["stages"] = _stage_rows(simulated["stages"], stages, per_request=config.variant != "reorch")
             batch_errors = [_relative_error(s["simulated_batch"], s["measured_batch"]) for s in row["stages"]]

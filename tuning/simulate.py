@@ -71,6 +71,7 @@ class ModelProfile:
     max_length: int | None = None  # None: no sequence axis
     min_length: int = 1
     profiled_length: int | None = None  # the length the tables were measured at (sequence models)
+    whole_graph: bool = False  # the reorchestrator runs a fused whole chain on the whole model's graph
 
     @classmethod
     def from_manifest_entry(cls, name: str, entry: Mapping[str, Any]) -> ModelProfile:
@@ -94,7 +95,7 @@ class ModelProfile:
                    max_batch_size=spec.max_batch_size,
                    build_queue_delay_us=int(build.get("max_queue_delay_us", 100)),
                    max_length=spec.max_length if sequence else None, min_length=spec.min_length,
-                   profiled_length=int(profiled) if profiled else None)
+                   profiled_length=int(profiled) if profiled else None, whole_graph=bool(spec.whole_onnx))
 
     @property
     def num_stages(self) -> int:
@@ -209,6 +210,12 @@ class SimSettings:
     """Device time added to every launch (Python backend call, tensor copies)."""
     request_overhead_ms: float = 0.3
     """Added once to every request's latency (gRPC, client, the ensemble's steps; not device time)."""
+    inline_overhead_ms: float = 0.3
+    """Device time added to a batch the reorchestrator runs inline: the whole chain inside its front
+    model's ``execute`` (``ReorchEngine.run_inline``: the Python backend call, one response message)."""
+    handoff_ms: float = 0.0
+    """Time the reorchestrator's front instance spends on a batch it hands to the scheduler (``execute``
+    copies the tensors and submits them); the front takes no other batch meanwhile. Not device time."""
     row_device_ms: float = 0.0
     """Device time every row adds to the launch that takes it in (stage 0 or the whole model)."""
     compute_scale: float = 1.0
@@ -234,8 +241,10 @@ class SimSettings:
     def __post_init__(self) -> None:
         if self.device_slots < 1:
             raise BadParameterError(f"device_slots={self.device_slots}: must be >= 1")
-        if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms) < 0:
-            raise BadParameterError("launch_overhead_ms, request_overhead_ms and row_device_ms must be >= 0")
+        if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms, self.inline_overhead_ms,
+               self.handoff_ms) < 0:
+            raise BadParameterError("launch_overhead_ms, request_overhead_ms, row_device_ms, inline_overhead_ms and "
+                                    "handoff_ms must be >= 0")
         if self.compute_scale <= 0:
             raise BadParameterError(f"compute_scale={self.compute_scale}: must be > 0")
 
@@ -327,16 +336,26 @@ class _Device:
 
 @dataclass
 class _StageStats:
-    """What one stage's launches did (batch sizes, device time, and the tables' share of it)."""
+    """What one stage's launches did (batch sizes, device time, and the tables' share of it).
+
+    ``booked`` adds time without a launch: the reorchestrator's metrics book the compute of a batch
+    run inline (inside the front model's ``execute``) on stage 0 without counting a launch there, and
+    the simulator averages the same way (``unlaunched_ms`` says how much of it there is).
+    """
 
     sizes: Counter = field(default_factory=Counter)
     launch_ms: float = 0.0  # sum of launch durations
     row_launch_ms: float = 0.0  # sum of rows x duration (what Triton's per-request compute averages)
     table_ms: float = 0.0  # sum of the tables' time (unscaled) in those launches
     row_table_ms: float = 0.0
+    unlaunched_ms: float = 0.0  # time booked without a launch
+    inline_rows: int = 0  # rows of those (the front model: rows its instance ran inline)
 
-    def add(self, rows: int, duration_ms: float, table_ms: float) -> None:
-        self.sizes[rows] += 1
+    def add(self, rows: int, duration_ms: float, table_ms: float, launch: bool = True) -> None:
+        if launch:
+            self.sizes[rows] += 1
+        else:
+            self.unlaunched_ms += duration_ms
         self.launch_ms += duration_ms
         self.row_launch_ms += rows * duration_ms
         self.table_ms += table_ms
@@ -345,22 +364,34 @@ class _StageStats:
     def report(self, name: int | str) -> dict[str, Any]:
         launches = sum(self.sizes.values())
         rows = sum(k * v for k, v in self.sizes.items())
-        return {"stage": name, "launches": launches, "avg_batch_size": _r(rows / launches) if launches else None,
-                "batch_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
-                "avg_launch_ms": _r(self.launch_ms / launches) if launches else None,
-                "row_avg_launch_ms": _r(self.row_launch_ms / rows) if rows else None,
-                "avg_table_ms": _r(self.table_ms / launches) if launches else None,
-                "row_avg_table_ms": _r(self.row_table_ms / rows) if rows else None}
+        out = {"stage": name, "launches": launches, "avg_batch_size": _r(rows / launches) if launches else None,
+               "batch_histogram": {str(k): v for k, v in sorted(self.sizes.items())},
+               "avg_launch_ms": _r(self.launch_ms / launches) if launches else None,
+               "row_avg_launch_ms": _r(self.row_launch_ms / rows) if rows else None,
+               "avg_table_ms": _r(self.table_ms / launches) if launches else None,
+               "row_avg_table_ms": _r(self.row_table_ms / rows) if rows else None}
+        if self.unlaunched_ms:
+            out["unlaunched_ms"] = _r(self.unlaunched_ms)
+        if name == FRONT:
+            out["inline_share"] = _r(self.inline_rows / rows) if rows else None
+        return out
+
+
+FRONT = "front"  # the reorchestrator's front model in the batch report (after the stages)
 
 
 class _BatchedModel:
-    """One Triton model: a dynamic batcher and ``instance_count`` instances that run on the device."""
+    """One Triton model: a dynamic batcher and ``instance_count`` instances.
 
-    def __init__(self, loop: _Loop, settings: BatcherSettings, duration_us: Callable[[list[_Job]], int] | None,
-                 on_batch_done: Callable[[list[_Job]], None], device: _Device | None) -> None:
-        self.loop, self.batcher = loop, DynamicBatcher(settings)
-        self.free = settings.instance_count if device is not None else 1 << 30
-        self.duration_us, self.on_batch_done, self.device = duration_us, on_batch_done, device
+    ``start(batch, release)`` runs a batch that an instance took; it calls ``release()`` when the
+    instance is free again (after the device ran it, or at once for a model whose ``execute``
+    returns before the work is done).
+    """
+
+    def __init__(self, loop: _Loop, settings: BatcherSettings,
+                 start: Callable[[list[_Job], Callable[[], None]], None]) -> None:
+        self.loop, self.batcher, self.start = loop, DynamicBatcher(settings), start
+        self.free = settings.instance_count
         self._timer_at: int | None = None
 
     def add(self, job: _Job) -> None:
@@ -372,19 +403,15 @@ class _BatchedModel:
             batch = self.batcher.take(self.loop.now_us)
             if not batch:
                 break
-            if self.device is None:  # an instance that returns at once (the reorchestrator's front)
-                self.on_batch_done(batch)
-                continue
             self.free -= 1
-            self.device.run(self.duration_us(batch), lambda batch=batch: self._done(batch))
+            self.start(batch, self._release)
         deadline = self.batcher.deadline_us()
         if self.free > 0 and deadline is not None and deadline > self.loop.now_us and self._timer_at != deadline:
             self._timer_at = deadline
             self.loop.at(deadline, self.pump)
 
-    def _done(self, batch: list[_Job]) -> None:
+    def _release(self) -> None:
         self.free += 1
-        self.on_batch_done(batch)
         self.pump()
 
 
@@ -407,30 +434,41 @@ class _Variant:
         self.stage_stats = [_StageStats() for _ in range(1 if config.variant == "whole" else profile.num_stages)]
         last = profile.num_stages - 1
         if config.variant == "whole":
-            self.models = [_BatchedModel(loop, config.batcher, lambda b: self._cost_us(0, last, len(b), _pad(b)),
-                                         self._complete, self.device)]
+            self.models = [_BatchedModel(loop, config.batcher, lambda b, release: self._on_device(
+                self._cost_us(0, last, len(b), _pad(b)), b, self._complete, release))]
         elif config.variant == "ensemble":
-            self.models = [_BatchedModel(loop, config.batcher, lambda b, s=stage: self._cost_us(s, s, len(b), _pad(b)),
-                                         lambda b, s=stage: self._stage_done(s, b), self.device)
-                           for stage in range(profile.num_stages)]
+            self.models = [_BatchedModel(loop, config.batcher, lambda b, release, s=stage: self._on_device(
+                self._cost_us(s, s, len(b), _pad(b)), b, lambda done, s=s: self._stage_done(s, done), release))
+                for stage in range(profile.num_stages)]
         else:
             self._init_reorch()
+
+    def _on_device(self, duration_us: int, batch: list[_Job], done: Callable[[list[_Job]], None],
+                   release: Callable[[], None]) -> None:
+        def finished() -> None:
+            done(batch)
+            release()
+        self.device.run(duration_us, finished)
 
     def _cost_us(self, first: int, last: int, rows: int, pad_to: int | None) -> int:
         """Device time of one launch of stages ``first..last`` (recorded in the stages' statistics).
 
         Each stage takes ``compute_scale`` x its table's time; the launch overhead is paid once per
-        launch (split over the stages a fused launch runs); stage 0 also pays ``row_device_ms`` per row.
+        launch; stage 0 also pays ``row_device_ms`` per row. The time is booked as the server's
+        statistics book it: Triton's per model; the reorchestrator's metrics count the launch at
+        its first stage and book a fused run of the whole chain on stage 0 where the whole model's
+        graph runs it (``ReorchEngine._run_whole``), else each stage's own time on that stage.
         """
         s = self.settings
         parts = [(stage, self.profile.stages_ms(stage, stage, rows, pad_to)) for stage in range(first, last + 1)]
-        if self.config.variant == "whole":
+        whole_chain = first == 0 and last == self.profile.num_stages - 1
+        if self.config.variant == "whole" or (whole_chain and self.profile.whole_graph):
             parts = [(0, sum(table for _, table in parts))]
         total_ms = 0.0
         for stage, table_ms in parts:
             ms = (s.compute_scale * table_ms + s.launch_overhead_ms / len(parts)
                   + (s.row_device_ms * rows if stage == 0 else 0.0))
-            self.stage_stats[stage].add(rows, ms, table_ms)
+            self.stage_stats[stage].add(rows, ms, table_ms, launch=stage == first)
             total_ms += ms
         return _us(total_ms)
 
@@ -456,7 +494,41 @@ class _Variant:
         self.scheduler = StageScheduler(create_policy(config.policy or DEFAULT_POLICY, knobs, context))
         self.jobs: dict[int, _Job] = {}
         self._timer_at: int | None = None
-        self.models = [_BatchedModel(self.loop, config.batcher, None, self._enter_reorch, None)]
+        self.front_stats = _StageStats()
+        # The front model has one instance (core.model_config.reorch_model_config).
+        front = dataclasses.replace(config.batcher, instance_count=1)
+        self.models = [_BatchedModel(self.loop, front, self._front_execute)]
+
+    def _front_execute(self, batch: list[_Job], release: Callable[[], None]) -> None:
+        """The front model's ``execute`` (``backends/reorch/model.py``): the engine's own decision
+        (``StageScheduler.inline_decision``, as ``ReorchEngine.run_inline`` asks it) runs the batch
+        inline on the device while the instance waits; otherwise the batch is handed to the
+        scheduler (``ReorchEngine.submit``) after ``handoff_ms`` and the instance is free."""
+        decision = self.scheduler.inline_decision([1] * len(batch), [job.length for job in batch], self.loop.now_us)
+        if decision is not None:
+            self._on_device(self._inline_cost_us(len(batch), _pad(batch)), batch, self._complete, release)
+            return
+        handoff_ms = self.settings.handoff_ms
+        self.front_stats.add(len(batch), handoff_ms, 0.0)
+
+        def handed() -> None:
+            self._enter_reorch(batch)
+            release()
+        if handoff_ms > 0:
+            self.loop.at(self.loop.now_us + _us(handoff_ms), handed)
+        else:
+            handed()
+
+    def _inline_cost_us(self, rows: int, pad_to: int | None) -> int:
+        """Device time of a batch run inline: the whole chain plus ``inline_overhead_ms``, booked on the
+        front model (its ``execute`` time) and, without a launch, on stage 0 (as the engine's metrics)."""
+        s = self.settings
+        table_ms = self.profile.whole_ms(rows, pad_to)
+        ms = s.compute_scale * table_ms + s.inline_overhead_ms + s.row_device_ms * rows
+        self.front_stats.add(rows, ms, table_ms)
+        self.front_stats.inline_rows += rows
+        self.stage_stats[0].add(rows, ms, table_ms, launch=False)
+        return _us(ms)
 
     def _enter_reorch(self, batch: list[_Job]) -> None:
         requests = []
@@ -490,8 +562,12 @@ class _Variant:
         self.models[0].add(job)
 
     def batch_report(self) -> list[dict[str, Any]]:
+        """Per stage (``whole`` for the whole model), then the reorchestrator's front model."""
         names = ["whole"] if self.config.variant == "whole" else list(range(self.profile.num_stages))
-        return [stats.report(name) for name, stats in zip(names, self.stage_stats)]
+        out = [stats.report(name) for name, stats in zip(names, self.stage_stats)]
+        if self.config.variant == "reorch":
+            out.append(self.front_stats.report(FRONT))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
