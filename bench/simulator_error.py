@@ -1,8 +1,9 @@
 """The simulator's error against two characterization runs: uncalibrated, fitted (in-sample), predicted.
 
 Calibrates on run A (``calibration.json``), predicts run B with it, and the other way round; prints
-the median |error| of p50 and of the mean over each run's stable points, per variant, and the runs'
-own repeat noise. The runs are read only: their files are copied to a temporary folder (the
+the median |error| of p50 and of the mean over each run's stable points, per variant; the same for p50
+with each repeated point's repeats pooled (median of the repeats against the median of their
+simulations); and the runs' own repeat noise. The runs are read only: their files are copied to a temporary folder (the
 repository is linked), where ``simulation.json`` and ``calibration.json`` are written.
 
     .venv/bin/python bench/simulator_error.py results/final-quick2 results/final-quick
@@ -35,8 +36,11 @@ def _line(label: str, document: dict) -> str:
     summary = document["summary"]
     parts = [f"{variant} {_pct(f['stable_median_abs_error_p50'])}/{_pct(f['stable_median_abs_error_avg'])} "
              f"(n={f['stable_points']})" for variant, f in summary["per_variant"].items()]
+    pooled = "; ".join(f"{variant} {_pct(f['pooled_median_abs_error_p50'])}" for variant, f in summary["per_variant"].items())
     return (f"{label:44s} all {_pct(summary['stable_median_abs_error_p50'])}/{_pct(summary['stable_median_abs_error_avg'])}"
-            f" (n={summary['stable_points']}); " + "; ".join(parts))
+            f" (n={summary['stable_points']}); " + "; ".join(parts) + "\n" + " " * 45 +
+            f"repeats pooled, p50: all {_pct(summary['pooled_median_abs_error_p50'])} (n={summary['pooled_points']}); "
+            + pooled)
 
 
 def _pct(value: float | None) -> str:

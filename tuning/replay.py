@@ -236,9 +236,36 @@ def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
         per_variant[variant] = {"stable_points": len(points), "stable_median_abs_error_p50": median(points, "p50"),
                                 "stable_median_abs_error_avg": median(points, "avg"),
                                 "stable_median_abs_error_batch": median(points, "batch")}
+    pooled = pooled_p50_errors(stable)
+    for variant, figures in per_variant.items():
+        errors = [abs(e) for v, e in pooled if v == variant]
+        figures["pooled_median_abs_error_p50"] = round(statistics.median(errors), 4) if errors else None
     summary["per_variant"] = per_variant
+    summary["pooled_points"] = len(pooled)
+    summary["pooled_median_abs_error_p50"] = (round(statistics.median(abs(e) for _, e in pooled), 4)
+                                              if pooled else None)
     summary["repeat_noise_p50"] = repeat_noise(simulated)
     return summary
+
+
+def pooled_p50_errors(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """(variant, relative p50 error) per configuration and load: repeats of one point pooled.
+
+    Each repeated point (same ``comparison_key`` and label) is compared once: the median of the
+    simulated p50s against the median of the measured ones (a point run once is its own pool).
+    Against single repeats the error also holds the run's own noise (``repeat_noise``).
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for index, r in enumerate(rows):
+        key = f"{r['comparison_key']}/{r['label']}" if r.get("comparison_key") else f"#{index}"
+        if r["measured"].get("p50_ms") and r["simulated"].get("p50_ms") is not None:
+            groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        measured = statistics.median(r["measured"]["p50_ms"] for r in members)
+        simulated = statistics.median(r["simulated"]["p50_ms"] for r in members)
+        out.append((members[0]["variant"], (simulated - measured) / measured))
+    return out
 
 
 def repeat_noise(rows: list[dict[str, Any]]) -> float | None:
