@@ -173,3 +173,12 @@ def test_simulation_section_shows_the_error_summary_and_each_point(tmp_path):
 def test_simulation_section_says_how_to_get_one_when_absent(tmp_path):
     content = SimulationSection().build(report_lib.RunData(tmp_path, {}))
     assert "stagebatch simulate --run" in content.paragraphs[0] and not content.tables
+
+
+def test_simulation_section_shows_the_pooled_error_when_the_run_repeated_points(tmp_path):
+    summary = {"stable_points": 3, "stable_median_abs_error_p50": 0.3, "pooled_points": 2,
+               "pooled_median_abs_error_p50": 0.15, "repeat_noise_p50": 0.3,
+               "per_variant": {"whole": {"stable_median_abs_error_p50": 0.3, "pooled_median_abs_error_p50": 0.15}}}
+    content = SimulationSection().build(report_lib.RunData(tmp_path, {}, simulation={"points": [], "summary": summary}))
+    pooled = content.paragraphs[-1]
+    assert "repeats pooled" in pooled and "15.0%" in pooled and "whole 15.0%" in pooled

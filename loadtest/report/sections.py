@@ -304,6 +304,14 @@ class SimulationSection(Section):
             f"Per variant: {per_variant or 'n/a'}. The run's own repeat-to-repeat spread of p50: "
             f"{_percent(summary.get('repeat_noise_p50'))} (no prediction can be closer than the run is to itself)."
         )
+        if summary.get("pooled_median_abs_error_p50") is not None:
+            pooled = ", ".join(f"{variant} {_percent(figures.get('pooled_median_abs_error_p50'))}"
+                               for variant, figures in (summary.get("per_variant") or {}).items())
+            content.paragraphs.append(
+                f"With each repeated point's repeats pooled (the median of its measured p50s against the median "
+                f"of its simulated ones; {summary.get('pooled_points', '?')} configurations and loads): median "
+                f"|error| of p50 {_percent(summary.get('pooled_median_abs_error_p50'))}; per variant: {pooled}."
+            )
         rows = []
         for point in document.get("points") or []:
             if "error" not in point:
