@@ -112,7 +112,7 @@ class FakeConfirmer:
         return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
 
 
-def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_measuring_again(tmp_path, monkeypatch):
+def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_and_resumes_without_measuring_again(tmp_path, monkeypatch):
     repository = tmp_path / "repo"
     write_model_config(repository / "m", {
         "name": "m", "backend": "python", "max_batch_size": 8,
@@ -128,14 +128,17 @@ def test_tune_measures_in_rounds_writes_ready_repositories_and_resumes_without_m
     monkeypatch.setattr(tune_module, "Confirmer", FakeConfirmer)
     FakeConfirmer.calls = []
     options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
-                          out=tmp_path / "out", top=1, confirm=2, repeats=2,
+                          out=tmp_path / "out", top=1, confirm=2, repeats=2, extra_rounds=2,
                           space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
                                             preferred=("none",), instance_counts=(1,)))
     state = tune_module.tune([tune_module.load_built(repository, "m")], options, say=lambda _: None)
-    assert len(FakeConfirmer.calls) == 3 * 2  # default + 2 configurations, 2 rounds each
-    best = state["results"][1]
-    assert best["key"] == "whole_mbs4_d0_i1" and best["measured_slo_rps"] == 40.5 and best["ci95_rps"] is not None
-    assert best["vs_default"] == pytest.approx((40 / 80 + 41 / 81) / 2, abs=1e-3)  # paired by round
+    # default + 2 configurations in 2 full rounds, then 2 rounds of the leader (batch 4) and the default
+    assert sorted(FakeConfirmer.calls) == sorted([(8, 0), (2, 0), (4, 0), (8, 1), (2, 1), (4, 1),
+                                                  (8, 2), (4, 2), (8, 3), (4, 3)])
+    best, loser = state["results"][1:]
+    assert best["key"] == "whole_mbs4_d0_i1" and best["measured_slo_rps"] == 41.5 and best["ci95_rps"] is not None
+    assert (best["repeats"], loser["repeats"]) == (4, 2)
+    assert best["vs_default"] == pytest.approx(sum((40 + r) / (80 + r) for r in range(4)) / 4, abs=1e-3)  # paired
     ready = tmp_path / "out" / "configs" / "1_whole_mbs4_d0_i1"
     assert "max_batch_size: 4" in (ready / "m" / "config.pbtxt").read_text()
     assert "max_batch_size: 8" in (repository / "m" / "config.pbtxt").read_text()  # the source is untouched

@@ -7,6 +7,9 @@ Steps, each checked against the budget's clock before it starts:
    capacity within the SLO;
 3. confirm (``tuning.confirm``): the default whole model and the best ``confirm`` configurations are
    measured in rounds (each round measures every one of them once), ``repeats`` rounds at most;
+   then, while time is left, up to ``extra_rounds`` rounds of only the leader (the configuration
+   most surely above the default so far) and the default, which narrow the leader's paired interval
+   instead of spending the time on configurations already behind;
 4. write: ``tune.json`` (everything, also the resume state), ``tune.md`` (the report section) and
    the top N configurations as ready repositories under ``configs/``.
 
@@ -59,6 +62,7 @@ class TuneOptions:
     top: int = 3
     confirm: int = 3  # configurations confirmed on the server (besides the default whole model)
     repeats: int = 3
+    extra_rounds: int = 3  # rounds after the last full one that measure only the leader and the default
     probe_s: float = 5.0
     probe_warmup_s: float = 1.5
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -145,8 +149,9 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
             f"({options.repeats} rounds at most, {clock.left_s / 60:.1f} min left)")
         with contextlib.ExitStack() as servers:
             confirmers: dict[int, Confirmer] = {}
-            for repeat in range(options.repeats):
-                todo = [t for t in to_confirm if (t[0], repeat) not in done]
+            for repeat in range(options.repeats + options.extra_rounds):
+                round_of = to_confirm if repeat < options.repeats else _leader_and_default(state, to_confirm)
+                todo = [t for t in round_of if (t[0], repeat) not in done]
                 if not todo:
                     continue
                 estimate_s = _round_estimate_s(state, len(todo), options)
@@ -179,6 +184,14 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
     _write_outputs(out, state, to_confirm, options, say)
     save()
     return state
+
+
+def _leader_and_default(state: dict[str, Any], to_confirm) -> list:
+    """The default whole model and the configuration most surely above it so far (by the low end of
+    its paired ratio's interval, as the results rank), or nothing when no configuration has a ratio yet."""
+    leader = next((r["key"] for r in _results(state, to_confirm)
+                   if r["key"] != BASELINE_KEY and r.get("vs_default") is not None), None)
+    return [t for t in to_confirm if leader is not None and t[0] in (BASELINE_KEY, leader)]
 
 
 def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
