@@ -296,8 +296,7 @@ class SimulationSection(Section):
             f"{_percent(summary.get('target'))}."
         )
         costs = document.get("costs") or {}
-        per_variant = ", ".join(f"{variant} {_percent(figures.get('stable_median_abs_error_p50'))}"
-                                for variant, figures in (summary.get("per_variant") or {}).items())
+        per_variant = _per_variant(summary, "stable_median_abs_error_p50")
         content.paragraphs.append(
             f"Serving costs: {costs.get('source', 'the defaults')}"
             f"{' (fitted to this same run: a fit, not a prediction)' if costs.get('in_sample') else ''}. "
@@ -305,12 +304,11 @@ class SimulationSection(Section):
             f"{_percent(summary.get('repeat_noise_p50'))} (no prediction can be closer than the run is to itself)."
         )
         if summary.get("pooled_median_abs_error_p50") is not None:
-            pooled = ", ".join(f"{variant} {_percent(figures.get('pooled_median_abs_error_p50'))}"
-                               for variant, figures in (summary.get("per_variant") or {}).items())
             content.paragraphs.append(
                 f"With each repeated point's repeats pooled (the median of its measured p50s against the median "
                 f"of its simulated ones; {summary.get('pooled_points', '?')} configurations and loads): median "
-                f"|error| of p50 {_percent(summary.get('pooled_median_abs_error_p50'))}; per variant: {pooled}."
+                f"|error| of p50 {_percent(summary.get('pooled_median_abs_error_p50'))}; per variant: "
+                f"{_per_variant(summary, 'pooled_median_abs_error_p50')}."
             )
         rows = []
         for point in document.get("points") or []:
@@ -327,6 +325,12 @@ class SimulationSection(Section):
             ]))
         content.tables.append(Table(["point", "state", "measured p50 ms", "simulated p50 ms", "p50 error"], rows))
         return content
+
+
+def _per_variant(summary: dict, figure: str) -> str:
+    """``variant x%, ...`` of one figure of ``summary['per_variant']`` (simulation.json)."""
+    return ", ".join(f"{variant} {_percent(figures.get(figure))}"
+                     for variant, figures in (summary.get("per_variant") or {}).items())
 
 
 def _percent(fraction: float | None) -> str:
