@@ -47,7 +47,8 @@ CALIBRATION_FILE = "calibration.json"
 SCHEMA_VERSION = 1
 ITERATIONS = 3
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
-LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
+LIGHT_BATCH = 1.5
+INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them  # costs are fitted on points whose stages form batches of at most this many rows on average
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
 METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows: launch_overhead_ms = mean of "
           "measured per-stage compute (Triton statistics / reorch metrics) minus the tables' time of the simulated "
@@ -74,25 +75,39 @@ def front_model_stats(record: dict[str, Any]) -> dict[str, Any] | None:
     return (server.get("models") or {}).get(name) if name else None
 
 
+def _ran_inline(server: dict[str, Any]) -> bool:
+    """A reorchestrator record of a request answered inline (``ReorchEngine.run_inline``: a fused
+    operation at stage 0 that entered stage 0 the moment it arrived)."""
+    ops = server.get("ops") or []
+    return bool(ops) and ops[0].get("op") in INLINE_OPERATIONS and server.get("stage0_entry_us") == server["arrival_us"]
+
+
 def _outside_ms(record: dict[str, Any], requests: list[dict] | None, front: dict[str, Any] | None = None,
-                handed: float = 0.0, handoff_ms: float = 0.0) -> float:
-    """What an answer spends outside the server's queues and stages, on average (ms).
+                handed: float = 0.0, handoff_ms: float = 0.0) -> tuple[float | None, float | None]:
+    """What an answer spends outside the server's queues and stages, on average (ms): (the requests
+    answered through the scheduler or any other model's, the reorchestrator's answered inline).
 
     From the reorchestrator's per-request records where there are (client latency minus its
     arrival-to-exit time, which starts inside the front model's ``execute``; less the front model's
-    queue, and the hand-off time for the ``handed`` share of requests: the simulator models both),
-    else the client's average minus the time in the server: the stages' queue and compute, or for
-    the reorchestrator its front model's queue and compute plus, for the handed share, the stages'.
+    queue, and for requests handed to the scheduler the hand-off time: the simulator models both),
+    split by how the request was answered (inline: one response from ``execute``, like the whole
+    model; else through the response sender). Else the client's average minus the time in the server:
+    the stages' queue and compute, or for the reorchestrator its front model's queue and compute plus,
+    for the ``handed`` share, the stages'.
     """
-    timed = [r["latency_us"] - (r["server"]["exit_us"] - r["server"]["arrival_us"]) for r in requests or ()
-             if r["ok"] and r.get("server") and "exit_us" in r["server"] and "arrival_us" in r["server"]]
     front_queue_us = (front.get("avg_queue_us") or 0.0) if front else 0.0
+    timed = [(_ran_inline(r["server"]), r["latency_us"] - (r["server"]["exit_us"] - r["server"]["arrival_us"]))
+             for r in requests or ()
+             if r["ok"] and r.get("server") and "exit_us" in r["server"] and "arrival_us" in r["server"]]
     if timed:
-        return (statistics.fmean(timed) - front_queue_us) / 1000.0 - handoff_ms * handed
+        through = [v for inline, v in timed if not inline]
+        inline = [v for inline, v in timed if inline]
+        return ((statistics.fmean(through) - front_queue_us) / 1000.0 - handoff_ms if through else None,
+                (statistics.fmean(inline) - front_queue_us) / 1000.0 if inline else None)
     stages_us = sum((s.get("avg_compute_us") or 0.0) + (s.get("avg_queue_us") or 0.0)
                     for s in record["server"]["stages"])
     in_server_us = stages_us if front is None else front_queue_us + front["avg_compute_us"] + handed * stages_us
-    return record["client"]["avg_ms"] - in_server_us / 1000.0
+    return record["client"]["avg_ms"] - in_server_us / 1000.0, None
 
 
 def _light(record: dict[str, Any], front: dict[str, Any] | None) -> bool:
@@ -108,6 +123,7 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
     inline time per request, ms); and the points without any per-stage or front times."""
     compute: dict[str, list] = defaultdict(list)
     outside: dict[str, list] = defaultdict(list)
+    outside_inline: dict[str, list] = defaultdict(list)
     handoff: dict[str, list] = defaultdict(list)
     latency_only: dict[str, list] = defaultdict(list)
     for record, job in jobs:
@@ -136,9 +152,12 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
             handed = 1.0 - (simulated_front.get("inline_share") or 0.0)
             inline_ms = (simulated_front.get("row_avg_launch_ms") or 0.0) - point_settings.handoff_ms * handed
             handoff[key].append((handed, front["avg_compute_us"] / 1000.0 - inline_ms))
-        outside[key].append(_outside_ms(record, requests.get(record.get("index")), front if front_timed else None,
-                                        handed, point_settings.handoff_ms))
-    return compute, outside, handoff, latency_only
+        through, inline = _outside_ms(record, requests.get(record.get("index")), front if front_timed else None,
+                                      handed, point_settings.handoff_ms)
+        for values, value in ((outside[key], through), (outside_inline[key], inline)):
+            if value is not None:
+                values.append(value)
+    return compute, (outside, outside_inline), handoff, latency_only
 
 
 def _fit_handoff(observations: list[tuple[float, float]], default: float) -> float:
@@ -187,11 +206,14 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
     settings = dataclasses.replace(base, variant_overrides={})
     facts: dict[str, Any] = {}
     for _ in range(ITERATIONS):
-        compute, outside, handoff, latency_only = _observations(jobs, settings, requests)
+        compute, (outside, outside_inline), handoff, latency_only = _observations(jobs, settings, requests)
         overrides: dict[str, dict[str, float]] = {}
+        def outside_all_of(variant: str) -> list[float]:
+            return [v for key, values in outside.items() if key.endswith(f":{variant}") for v in values]
+
         for variant in sorted({key.split(":", 1)[1] for key in [*compute, *handoff]}):
             every = [o for key, obs in compute.items() if key.endswith(f":{variant}") for o in obs]
-            outside_all = [v for key, values in outside.items() if key.endswith(f":{variant}") for v in values]
+            outside_all = outside_all_of(variant)
             handed_all = [o for key, obs in handoff.items() if key.endswith(f":{variant}") for o in obs]
             launch = _fit_launch(every) if every else base.launch_overhead_ms
             overrides[variant] = _values(launch, outside_all, _fit_handoff(handed_all, base.handoff_ms))
@@ -199,9 +221,11 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
             observations = compute.get(key, [])
             variant = key.split(":", 1)[1]
             launch = _fit_launch(observations) if observations else overrides[variant]["launch_overhead_ms"]
-            overrides[key] = _values(launch, outside[key], _fit_handoff(handoff.get(key, []),
-                                                                        overrides[variant]["handoff_ms"]))
-            facts[key] = {"light_points": len(outside[key]), "stage_observations": len(observations),
+            overrides[key] = _values(launch, outside[key] or outside_all_of(variant), _fit_handoff(
+                handoff.get(key, []), overrides[variant]["handoff_ms"]))
+            if outside_inline.get(key):
+                overrides[key]["inline_request_overhead_ms"] = round(max(0.0, statistics.median(outside_inline[key])), 3)
+            facts[key] = {"light_points": len(outside[key]) + len(outside_inline.get(key, [])), "stage_observations": len(observations),
                           "rms_residual_ms": round(float(np.sqrt(np.mean(
                               [(launch + t - m) ** 2 for t, m in observations]))), 3) if observations else None}
             if key in handoff:
@@ -214,7 +238,9 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
 
 
 def _with_inline_costs(settings: SimSettings) -> SimSettings:
-    """Each reorchestrator key's ``inline_overhead_ms`` := the whole model's ``launch_overhead_ms``.
+    """Each reorchestrator key's ``inline_overhead_ms`` := the whole model's ``launch_overhead_ms`` (and
+    its ``inline_request_overhead_ms`` := the whole model's ``request_overhead_ms`` where the run's
+    records answered no request inline at a light point).
 
     A batch the reorchestrator runs inline is the whole model's work on the same path: one Python
     backend ``execute`` with the batch, the whole model's graph, one response message. Its own front
@@ -225,7 +251,8 @@ def _with_inline_costs(settings: SimSettings) -> SimSettings:
         model = key.split(":", 1)[0] if ":" in key else None
         whole = (overrides.get(f"{model}:whole") if model else None) or overrides.get("whole")
         if whole is not None:
-            overrides[key] = {**overrides[key], "inline_overhead_ms": whole["launch_overhead_ms"]}
+            overrides[key] = {"inline_request_overhead_ms": whole["request_overhead_ms"], **overrides[key],
+                              "inline_overhead_ms": whole["launch_overhead_ms"]}
     return dataclasses.replace(settings, variant_overrides=overrides)
 
 

@@ -216,6 +216,9 @@ class SimSettings:
     handoff_ms: float = 0.0
     """Time the reorchestrator's front instance spends on a batch it hands to the scheduler (``execute``
     copies the tensors and submits them); the front takes no other batch meanwhile. Not device time."""
+    inline_request_overhead_ms: float = 0.3
+    """``request_overhead_ms`` of a request the reorchestrator answered inline (one response from its
+    front model's ``execute``, as the whole model answers; the others go through its response sender)."""
     row_device_ms: float = 0.0
     """Device time every row adds to the launch that takes it in (stage 0 or the whole model)."""
     compute_scale: float = 1.0
@@ -242,9 +245,9 @@ class SimSettings:
         if self.device_slots < 1:
             raise BadParameterError(f"device_slots={self.device_slots}: must be >= 1")
         if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms, self.inline_overhead_ms,
-               self.handoff_ms) < 0:
-            raise BadParameterError("launch_overhead_ms, request_overhead_ms, row_device_ms, inline_overhead_ms and "
-                                    "handoff_ms must be >= 0")
+               self.handoff_ms, self.inline_request_overhead_ms) < 0:
+            raise BadParameterError("launch_overhead_ms, request_overhead_ms, row_device_ms, inline_overhead_ms, "
+                                    "handoff_ms and inline_request_overhead_ms must be >= 0")
         if self.compute_scale <= 0:
             raise BadParameterError(f"compute_scale={self.compute_scale}: must be > 0")
 
@@ -291,6 +294,7 @@ class _Job:
     arrival_us: int
     length: int | None
     exit_us: int | None = None
+    inline: bool = False  # answered inline by the reorchestrator's front model
 
 
 class _Loop:
@@ -506,6 +510,8 @@ class _Variant:
         scheduler (``ReorchEngine.submit``) after ``handoff_ms`` and the instance is free."""
         decision = self.scheduler.inline_decision([1] * len(batch), [job.length for job in batch], self.loop.now_us)
         if decision is not None:
+            for job in batch:
+                job.inline = True
             self._on_device(self._inline_cost_us(len(batch), _pad(batch)), batch, self._complete, release)
             return
         handoff_ms = self.settings.handoff_ms
@@ -627,13 +633,15 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
     window_start_us = _us(workload.warmup_s * 1000.0)
     window_s = workload.duration_s - workload.warmup_s
     overhead_us = _us(settings.request_overhead_ms)
+    inline_overhead_us = _us(settings.inline_request_overhead_ms)
     rows = []
     for job in jobs:
         if not window_start_us <= job.arrival_us < duration_us:
             continue
         done = job.exit_us is not None
         rows.append({"t_send_us": job.arrival_us, "late_us": 0, "ok": done,
-                     "latency_us": (job.exit_us - job.arrival_us + overhead_us) if done else UNANSWERED_LATENCY_US})
+                     "latency_us": (job.exit_us - job.arrival_us + (inline_overhead_us if job.inline else overhead_us))
+                     if done else UNANSWERED_LATENCY_US})
     if not rows:
         raise BadParameterError(f"the workload sends no request in the measured window ({workload.warmup_s} s to "
                                 f"{workload.duration_s} s); raise the rate or the duration")
