@@ -112,7 +112,8 @@ class FakeConfirmer:
         return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
 
 
-def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_and_resumes_without_measuring_again(tmp_path, monkeypatch):
+def _built_model_m(tmp_path):
+    """A repository holding the whole model ``m`` (max batch 8, one stage table), loaded for tune."""
     repository = tmp_path / "repo"
     write_model_config(repository / "m", {
         "name": "m", "backend": "python", "max_batch_size": 8,
@@ -125,13 +126,18 @@ def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_
              "stages": [{"index": 0, "onnx": "m_stage0/1/model.onnx", "inputs": [], "outputs": [],
                          "favoured_batch_size": 8, "latency_ms": {"1": 2.0, "2": 2.5, "4": 3.0, "8": 4.0}}]}
     (repository / "manifest.json").write_text(json.dumps({"target": "embedded", "models": {"m": entry}}))
+    return tune_module.load_built(repository, "m")
+
+
+def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_and_resumes_without_measuring_again(tmp_path, monkeypatch):
+    built = _built_model_m(tmp_path)
     monkeypatch.setattr(tune_module, "Confirmer", FakeConfirmer)
     FakeConfirmer.calls = []
     options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
                           out=tmp_path / "out", top=1, confirm=2, repeats=2, extra_rounds=2,
                           space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
                                             preferred=("none",), instance_counts=(1,)))
-    state = tune_module.tune([tune_module.load_built(repository, "m")], options, say=lambda _: None)
+    state = tune_module.tune([built], options, say=lambda _: None)
     # default + 2 configurations in 2 full rounds, then 2 rounds of the leader (batch 4) and the default
     assert sorted(FakeConfirmer.calls) == sorted([(8, 0), (2, 0), (4, 0), (8, 1), (2, 1), (4, 1),
                                                   (8, 2), (4, 2), (8, 3), (4, 3)])
@@ -141,11 +147,23 @@ def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_
     assert best["vs_default"] == pytest.approx(sum((40 + r) / (80 + r) for r in range(4)) / 4, abs=1e-3)  # paired
     ready = tmp_path / "out" / "configs" / "1_whole_mbs4_d0_i1"
     assert "max_batch_size: 4" in (ready / "m" / "config.pbtxt").read_text()
-    assert "max_batch_size: 8" in (repository / "m" / "config.pbtxt").read_text()  # the source is untouched
+    assert "max_batch_size: 8" in (tmp_path / "repo" / "m" / "config.pbtxt").read_text()  # the source is untouched
     assert json.loads((ready / "tuned.json").read_text())["configuration"]["batching"]["max_batch_size"] == 4
     FakeConfirmer.calls = []
-    tune_module.tune([tune_module.load_built(repository, "m")], options, resume=True, say=lambda _: None)
+    tune_module.tune([built], options, resume=True, say=lambda _: None)
     assert FakeConfirmer.calls == []
+
+
+def test_tune_measures_only_the_better_half_after_the_halving_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_module, "Confirmer", FakeConfirmer)
+    FakeConfirmer.calls = []
+    options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
+                          out=tmp_path / "out", top=1, confirm=2, repeats=3, extra_rounds=0, halving_after=2,
+                          space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
+                                            preferred=("none",), instance_counts=(1,)))
+    state = tune_module.tune([_built_model_m(tmp_path)], options, say=lambda _: None)
+    assert [call for call in FakeConfirmer.calls if call[1] == 2] == [(8, 2), (4, 2)]  # batch 2 is behind: left out
+    assert [r["repeats"] for r in state["results"]] == [3, 3, 2]
 
 
 def test_search_ranks_the_best_of_every_variant_when_one_variant_fills_the_kept_places():

@@ -122,6 +122,8 @@ def tune(
     repeats: Annotated[int, typer.Option(help="Measurement rounds at most (each measures every configuration).")] = 3,
     extra_rounds: Annotated[int, typer.Option(help="Rounds after those, while time is left, of only the leader "
                                                    "and the default (they narrow the leader's interval).")] = 3,
+    halving_after: Annotated[int, typer.Option(help="Rounds that measure every configuration; later rounds measure "
+                                                    "the better half so far (and the default).")] = 2,
     repository: Annotated[Path, typer.Option("--repository", "-r", help="Built repository (manifest.json).")] = Path(
         "model_repository"),
     stages: Annotated[list[int] | None, typer.Option(
@@ -170,7 +172,7 @@ def tune(
     workload = Workload(spec, LengthSpec.parse(lengths) if lengths else None, slo_ms=slo_ms)
     options = TuneOptions(model=model, slo_ms=slo_ms, workload=workload, out=out, objective=objective,
                           budget_s=budget_minutes * 60.0 - used_s, top=top, confirm=confirm, repeats=repeats,
-                          extra_rounds=extra_rounds, probe_s=probe_s, measure=not simulate_only)
+                          extra_rounds=extra_rounds, halving_after=halving_after, probe_s=probe_s, measure=not simulate_only)
     if calibration is not None:
         options.settings = read_calibration(calibration, say=lambda line: typer.echo(line, err=True))
     run_tune(builds, options, resume=resume is not None, say=lambda line: typer.echo(line, err=True))

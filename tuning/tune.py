@@ -6,10 +6,11 @@ Steps, each checked against the budget's clock before it starts:
 2. search (``tuning.search``): screen every configuration in simulation, rank the best by simulated
    capacity within the SLO;
 3. confirm (``tuning.confirm``): the default whole model and the best ``confirm`` configurations are
-   measured in rounds (each round measures every one of them once), ``repeats`` rounds at most;
-   then, while time is left, up to ``extra_rounds`` rounds of only the leader (the configuration
-   most surely above the default so far) and the default, which narrow the leader's paired interval
-   instead of spending the time on configurations already behind;
+   measured in rounds, ``repeats`` rounds at most: the first ``halving_after`` rounds measure every
+   one of them once, later rounds only the better half so far (and the default); then, while time is
+   left, up to ``extra_rounds`` rounds of only the leader (the configuration most surely above the
+   default so far) and the default. The time goes to narrowing the paired interval of the ones that
+   matter instead of re-measuring configurations already behind (successive halving);
 4. write: ``tune.json`` (everything, also the resume state), ``tune.md`` (the report section) and
    the top N configurations as ready repositories under ``configs/``.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +64,8 @@ class TuneOptions:
     top: int = 3
     confirm: int = 3  # configurations confirmed on the server (besides the default whole model)
     repeats: int = 3
-    extra_rounds: int = 3  # rounds after the last full one that measure only the leader and the default
+    extra_rounds: int = 3  # rounds after the last one that measure only the leader and the default
+    halving_after: int = 2  # rounds that measure every configuration; later ones only the better half
     probe_s: float = 5.0
     probe_warmup_s: float = 1.5
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -150,7 +153,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
         with contextlib.ExitStack() as servers:
             confirmers: dict[int, Confirmer] = {}
             for repeat in range(options.repeats + options.extra_rounds):
-                round_of = to_confirm if repeat < options.repeats else _leader_and_default(state, to_confirm)
+                round_of = _round_members(state, to_confirm, repeat, options)
                 todo = [t for t in round_of if (t[0], repeat) not in done]
                 if not todo:
                     continue
@@ -186,12 +189,18 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
     return state
 
 
-def _leader_and_default(state: dict[str, Any], to_confirm) -> list:
-    """The default whole model and the configuration most surely above it so far (by the low end of
-    its paired ratio's interval, as the results rank), or nothing when no configuration has a ratio yet."""
-    leader = next((r["key"] for r in _results(state, to_confirm)
-                   if r["key"] != BASELINE_KEY and r.get("vs_default") is not None), None)
-    return [t for t in to_confirm if leader is not None and t[0] in (BASELINE_KEY, leader)]
+def _round_members(state: dict[str, Any], to_confirm, repeat: int, options: TuneOptions) -> list:
+    """Who round ``repeat`` measures: everyone in the first ``halving_after`` rounds; then the default
+    and the better half of the configurations (ranked as the results are: the low end of the paired
+    ratio's interval first); after ``repeats`` rounds, the default and the leader only. Computed from
+    the recorded measurements alone, so a resumed run picks the same members."""
+    if repeat < min(options.halving_after, options.repeats):
+        return to_confirm
+    ranked = [r["key"] for r in _results(state, to_confirm)
+              if r["key"] != BASELINE_KEY and r.get("vs_default") is not None]
+    keep = math.ceil((len(to_confirm) - 1) / 2) if repeat < options.repeats else 1
+    chosen = {BASELINE_KEY, *ranked[:keep]} if ranked else set()
+    return [t for t in to_confirm if t[0] in chosen]
 
 
 def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
