@@ -142,7 +142,9 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
     ranked = state["search"]["ranked"]
     baseline_config = VariantConfig("whole", builds[0].profile.default_batcher())
     to_confirm = [(BASELINE_KEY, builds[0], baseline_config)]
-    for row in diverse(ranked, options.confirm, label=lambda r: r["label"]):
+    # the best of each variant (whole, ensemble, reorch) first, so that the reorchestrator's policies,
+    # each a label of its own, do not crowd the ensemble out of the confirmation
+    for row in diverse(ranked, options.confirm, label=lambda r: r["variant"]):
         to_confirm.append((row["key"], by_k.get(row["stages"], builds[0]), config_from_description(row)))
 
     # ---- confirm (real server), in rounds; one server per build, kept across the rounds ----
