@@ -16,6 +16,11 @@ launches hardly overlap and the load generator hardly competes, so the times are
 - ``request_overhead_ms``: the median over those points of what a request spends outside the
   server's queues and stages (the client's average latency minus the server's; for the
   reorchestrator, each request's own arrival-to-exit record);
+- the reorchestrator (``MODEL:reorch``): a stage whose simulated time holds inline runs booked without
+  a launch gives no launch observation; ``inline_overhead_ms`` is the whole model's launch cost (an
+  inline run is the whole model's work on the same path); ``inline_request_overhead_ms`` and
+  ``request_overhead_ms`` are the outside times of the requests answered inline and of the others,
+  from its per-request records; ``handoff_ms`` is fitted from the front model's compute per request;
 - ``device_slots``: 1 or 2 per variant, whichever predicts the run's stable points better;
 - ``reference_capacity_rps``: the whole model's capacity from the run's ``capacity.json``, so that
   another run's capacity rescales the device costs to its machine speed (:func:`rescaled`).
@@ -46,13 +51,15 @@ from tuning.simulate import SimSettings, simulate
 CALIBRATION_FILE = "calibration.json"
 SCHEMA_VERSION = 1
 ITERATIONS = 3
+LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
-LIGHT_BATCH = 1.5
-INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them  # costs are fitted on points whose stages form batches of at most this many rows on average
+INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
 METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows: launch_overhead_ms = mean of "
           "measured per-stage compute (Triton statistics / reorch metrics) minus the tables' time of the simulated "
-          "batches; request_overhead_ms = median(client latency - server queue and compute); device_slots (1 or 2) "
+          "batches; request_overhead_ms = median(client latency - server queue and compute), for the reorchestrator "
+          "per answer path (inline / response sender) from its per-request records; reorch inline_overhead_ms = the "
+          "whole model's launch_overhead_ms; handoff_ms from the front model's compute; device_slots (1 or 2) "
           "by the smaller median |p50 error|")
 
 
@@ -208,6 +215,7 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
     for _ in range(ITERATIONS):
         compute, (outside, outside_inline), handoff, latency_only = _observations(jobs, settings, requests)
         overrides: dict[str, dict[str, float]] = {}
+
         def outside_all_of(variant: str) -> list[float]:
             return [v for key, values in outside.items() if key.endswith(f":{variant}") for v in values]
 
