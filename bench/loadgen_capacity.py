@@ -1,6 +1,6 @@
 """Benchmark: is the load generator as faithful as perf_analyzer, and how much can one process send?
 
-One command, about 9-10 minutes on a quiet 2-core machine (``--quick``: about 2 minutes, checks
+One command, about 9 minutes on a quiet 2-core machine (``--quick``: about 2 minutes, checks
 the script and gives rough figures):
 
 1. **Model capacity**: the tiny ``bert_base`` (built here with ``stagebatch build``), fixed length
@@ -8,22 +8,24 @@ the script and gives rough figures):
    bisecting), once for unary calls to ``whole`` and once for streaming calls to ``reorch``. A rate
    is sustained when every arrival was sent on time (at most 5% more than 2 ms late, generator
    below 85% of a core) and answered without error, and the queue did not grow (median latency of
-   the window's last quarter at most twice that of its first quarter plus 2 ms).
+   the window's last quarter at most twice that of its first quarter plus 2 ms). ``--capacity
+   unary=R`` skips the probes for a protocol.
 2. **Fidelity** at four points: unary to ``whole`` and streaming to ``reorch``, each at ``--rate``
-   (100 req/s) and at ``--multiple`` (0.5) x its capacity. Poisson arrivals; perf_analyzer 2.51
-   (Triton's C++ generator, ``--request-intervals``) and this project's generator send the *same
-   schedule*, over the same measured window. Interleaved: every repeat visits every point, and the
-   order of the two generators alternates. Repeated ``--repeats`` (3) times with a new schedule.
-   Printed per run: p50/p99 of both and their ratios (ours / perf_analyzer); per point: the
-   median and range of the per-repeat ratios, and the ratio of the percentiles of all repeats'
-   requests pooled (thousands of samples: a p99 at 100 req/s rests on 1% of them) with its 95%
-   bootstrap interval. The verdict takes the pooled ratio: p50 within 1.00 +- 0.05, p99 within
-   1.00 +- 0.10 (``[sure]`` when the whole interval lies inside the band). The interval covers
-   sampling noise only; the spread of the per-repeat ratios shows how much the machine drifted
-   between runs (on a shared machine, far more than the generators differ).
+   (100 req/s, ``--duration-s`` 20 s per run) and at ``--multiple`` (0.5) x its capacity
+   (``--multiple-duration-s`` 5 s per run). Poisson arrivals; perf_analyzer 2.51 (Triton's C++
+   generator, ``--request-intervals``) and this project's generator send the *same schedule*, over
+   the same measured window. Interleaved: every repeat visits every point, and the order of the
+   two generators alternates. Repeated ``--repeats`` (3) times with a new schedule. Printed per
+   run: p50/p99 of both and their ratios (ours / perf_analyzer); per point: the median, range and
+   list of the per-repeat ratios, and the ratio of the percentiles of all repeats' requests pooled
+   with its 95% interval, which resamples the repeats and then the requests inside each (so it
+   covers the machine's drift between repeats as well as sampling noise). The verdict takes the
+   pooled ratio: p50 within 1.00 +- 0.05, p99 within 1.00 +- 0.10, printed ``met`` or ``MISSED``,
+   ``decided`` when the whole interval lies on one side of the band's edge, else ``undecided``.
 3. **Generator capacity**: open-loop constant rate against a trivial model (``ident``, y = x + 1)
    from one sending process at ``--loadgen-rate`` (3,000 req/s): late arrivals (sent > 2 ms behind
-   schedule), lateness p50/p99, the sender's CPU and its CPU cost per request.
+   schedule), lateness p50/p99, the sender's CPU and its CPU cost per request, and the cores the
+   server used (where server and sender need every core, lateness is the machine's).
 
 perf_analyzer is set up by :func:`loadtest.perf_analyzer.ensure_perf_analyzer` (cached); where it
 cannot be had, part 2 says why and is skipped. The server, both generators and the bench share the
