@@ -354,6 +354,12 @@ def main() -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except (BrokenPipeError, KeyboardInterrupt):
-        sys.exit(0)  # the parent went away: nothing left to report to
+        code = 0  # the parent went away: nothing left to report to
+    # Every frame is written and flushed. Leave now: the interpreter's shutdown (gRPC's threads and
+    # channels, the command thread blocked reading stdin) takes a while and can abort on the stdin
+    # lock, and the parent waits for this process to exit.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
