@@ -469,6 +469,7 @@ class TritonLoadClient:
         """Close the streams and channels; every request still in flight gets its (cancelled) record."""
         for stream in self._streams:
             await stream.close()
+        await asyncio.sleep(0)  # a call task cancelled before its first step would never write its record
         calls = list(self._calls)
         for task in calls:
             task.cancel()

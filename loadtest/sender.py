@@ -58,6 +58,7 @@ _LENGTH_BATCH = 1024
 # keeps full garbage collections (which scan every live object) from pausing the sender.
 _GC_FREEZE_EVERY = 8192
 CONNECT_TIMEOUT_S = 10.0
+_STOP_CHECK_S = 0.5  # the longest the sender sleeps before it looks whether the run was stopped
 FLUSH_INTERVAL_S = 1.0
 RECORDS_PER_FRAME = 256
 _HEADER = struct.Struct("<I")
@@ -197,7 +198,7 @@ class Sender:
             now_ns = clock()
             due_ns = start_ns + offsets_ns[count]
             if due_ns > now_ns:
-                await asyncio.sleep((due_ns - now_ns) / 1e9)
+                await asyncio.sleep(min((due_ns - now_ns) / 1e9, _STOP_CHECK_S))
                 continue
             while count < total and start_ns + offsets_ns[count] <= now_ns:
                 send(lengths[count], scheduled_ns=start_ns + offsets_ns[count])
@@ -213,7 +214,7 @@ class Sender:
             if delay_s <= 0:
                 return
             try:
-                await asyncio.wait_for(self._wake.wait(), min(delay_s, 0.5))  # type: ignore[union-attr]
+                await asyncio.wait_for(self._wake.wait(), min(delay_s, _STOP_CHECK_S))  # type: ignore[union-attr]
             except asyncio.TimeoutError:
                 pass
 
