@@ -1,6 +1,6 @@
 """Benchmark: is the load generator as faithful as perf_analyzer, and how much can one process send?
 
-One command, about 9-10 minutes on a quiet 2-core machine (``--quick``: about 2 minutes, checks
+One command, about 9 minutes on a quiet 2-core machine (``--quick``: about 2 minutes, checks
 the script and gives rough figures):
 
 1. **Model capacity**: the tiny ``bert_base`` (built here with ``stagebatch build``), fixed length
@@ -8,22 +8,24 @@ the script and gives rough figures):
    bisecting), once for unary calls to ``whole`` and once for streaming calls to ``reorch``. A rate
    is sustained when every arrival was sent on time (at most 5% more than 2 ms late, generator
    below 85% of a core) and answered without error, and the queue did not grow (median latency of
-   the window's last quarter at most twice that of its first quarter plus 2 ms).
+   the window's last quarter at most twice that of its first quarter plus 2 ms). ``--capacity
+   unary=R`` skips the probes for a protocol.
 2. **Fidelity** at four points: unary to ``whole`` and streaming to ``reorch``, each at ``--rate``
-   (100 req/s) and at ``--multiple`` (0.5) x its capacity. Poisson arrivals; perf_analyzer 2.51
-   (Triton's C++ generator, ``--request-intervals``) and this project's generator send the *same
-   schedule*, over the same measured window. Interleaved: every repeat visits every point, and the
-   order of the two generators alternates. Repeated ``--repeats`` (3) times with a new schedule.
-   Printed per run: p50/p99 of both and their ratios (ours / perf_analyzer); per point: the
-   median and range of the per-repeat ratios, and the ratio of the percentiles of all repeats'
-   requests pooled (thousands of samples: a p99 at 100 req/s rests on 1% of them) with its 95%
-   bootstrap interval. The verdict takes the pooled ratio: p50 within 1.00 +- 0.05, p99 within
-   1.00 +- 0.10 (``[sure]`` when the whole interval lies inside the band). The interval covers
-   sampling noise only; the spread of the per-repeat ratios shows how much the machine drifted
-   between runs (on a shared machine, far more than the generators differ).
+   (100 req/s, ``--duration-s`` 20 s per run) and at ``--multiple`` (0.5) x its capacity
+   (``--multiple-duration-s`` 5 s per run). Poisson arrivals; perf_analyzer 2.51 (Triton's C++
+   generator, ``--request-intervals``) and this project's generator send the *same schedule*, over
+   the same measured window. Interleaved: every repeat visits every point, and the order of the
+   two generators alternates. Repeated ``--repeats`` (3) times with a new schedule. Printed per
+   run: p50/p99 of both and their ratios (ours / perf_analyzer); per point: the median, range and
+   list of the per-repeat ratios, and the ratio of the percentiles of all repeats' requests pooled
+   with its 95% interval, which resamples the repeats and then the requests inside each (so it
+   covers the machine's drift between repeats as well as sampling noise). The verdict takes the
+   pooled ratio: p50 within 1.00 +- 0.05, p99 within 1.00 +- 0.10, printed ``met`` or ``MISSED``,
+   ``decided`` when the whole interval lies on one side of the band's edge, else ``undecided``.
 3. **Generator capacity**: open-loop constant rate against a trivial model (``ident``, y = x + 1)
    from one sending process at ``--loadgen-rate`` (3,000 req/s): late arrivals (sent > 2 ms behind
-   schedule), lateness p50/p99, the sender's CPU and its CPU cost per request.
+   schedule), lateness p50/p99, the sender's CPU and its CPU cost per request, and the cores the
+   server used (where server and sender need every core, lateness is the machine's).
 
 perf_analyzer is set up by :func:`loadtest.perf_analyzer.ensure_perf_analyzer` (cached); where it
 cannot be had, part 2 says why and is skipped. The server, both generators and the bench share the
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob, LoadResult, LoadSpec, run_load
 from loadtest.perf_analyzer import (
@@ -128,21 +131,23 @@ def model_capacity(url: str, manifest: dict, protocol: str, args: argparse.Names
 
 @dataclass
 class Point:
-    """One fidelity point: its runs' latencies pooled over the repeats, and the per-repeat ratios."""
+    """One fidelity point: each repeat's latencies of both generators, and the per-repeat ratios."""
 
     protocol: str
     rate_rps: float
     label: str
-    reference_us: list[int] = field(default_factory=list)
-    ours_us: list[int] = field(default_factory=list)
+    duration_s: float  # measured seconds of each run at this point
+    reference_runs: list[list[int]] = field(default_factory=list)
+    ours_runs: list[list[int]] = field(default_factory=list)
     repeat_ratios: dict[str, list[float]] = field(default_factory=lambda: {"p50": [], "p99": []})
 
     def pooled(self, name: str) -> tuple[float, float, float]:
-        return percentile_ratio(self.ours_us, self.reference_us, QUANTILE[name])
+        return percentile_ratio(self.ours_runs, self.reference_runs, QUANTILE[name])
 
 
 def run_point(analyzer, url: str, manifest: dict, point: Point, repeat: int, args: argparse.Namespace) -> None:
-    spec = spec_for(point.protocol, ArrivalSpec("poisson", rate_rps=point.rate_rps), args, seed=args.seed + repeat)
+    spec = spec_for(point.protocol, ArrivalSpec("poisson", rate_rps=point.rate_rps), args, seed=args.seed + repeat,
+                    duration_s=point.duration_s)
     plan = LoadJob(url, spec, manifest["models"][MODEL], str(manifest.get("target", "embedded")))
     order = ("perf_analyzer", "ours") if repeat % 2 == 0 else ("ours", "perf_analyzer")
     for who in order:
@@ -151,8 +156,8 @@ def run_point(analyzer, url: str, manifest: dict, point: Point, repeat: int, arg
         else:
             result = run_load(url, manifest, spec)
             ours = [r.latency_us for r in result.records if r.ok]
-    point.reference_us += reference
-    point.ours_us += ours
+    point.reference_runs.append(reference)
+    point.ours_runs.append(ours)
     row = []
     for name in ("p50", "p99"):
         pa_ms, ours_ms = percentile_us(reference, QUANTILE[name]) / 1000, percentile_us(ours, QUANTILE[name]) / 1000
@@ -173,47 +178,85 @@ def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argp
             run_point(analyzer, url, manifest, point, repeat, args)
 
 
+def verdict(ratio: float, low: float, high: float, tolerance: float) -> str:
+    """``met``/``MISSED`` on the pooled ratio, and whether its 95% interval decides it."""
+    met = abs(ratio - 1) <= tolerance
+    inside = [abs(bound - 1) <= tolerance for bound in (low, high)]
+    decided = all(inside) if met else not any(inside) and (low - 1) * (high - 1) > 0
+    return f"{'met' if met else 'MISSED'} ({'decided' if decided else 'undecided: the interval crosses the band edge'})"
+
+
 def verdicts(points: list[Point]) -> None:
-    print("\n== targets: ours / perf_analyzer; verdict on the pooled ratio ==")
+    print("\n== targets: ours / perf_analyzer; verdict on the pooled ratio; its 95% interval resamples repeats, "
+          "then requests ==")
     print(f"{'point':>26} {'pct':>4} {'per repeat: median (range)':>28} {'pooled [95% CI]':>24} {'n pa':>6} "
-          f"{'n ours':>6}  verdict")
+          f"{'n ours':>6}  band         verdict")
     for point in points:
         for name, tolerance in TOLERANCE.items():
             ratios = point.repeat_ratios[name]
             ratio, low, high = point.pooled(name)
-            met = abs(ratio - 1) <= tolerance
-            sure = met and abs(low - 1) <= tolerance and abs(high - 1) <= tolerance
             print(f"{point.label:>26} {name:>4} {statistics.median(ratios):10.3f} ({min(ratios):.3f}..{max(ratios):.3f})"
-                  f"      {ratio:6.3f} [{low:.3f}, {high:.3f}] {len(point.reference_us):6d} {len(point.ours_us):6d}  "
-                  f"{'met' if met else 'MISSED'}{' [sure]' if sure else ''} (1.00 +- {tolerance:.2f})")
+                  f"      {ratio:6.3f} [{low:.3f}, {high:.3f}] {sum(map(len, point.reference_runs)):6d} "
+                  f"{sum(map(len, point.ours_runs)):6d}  1.00 +- {tolerance:.2f}  {name} {verdict(ratio, low, high, tolerance)}")
+        print(f"{'':>26} {'':>4} per-repeat ratios p50: {' '.join(f'{r:.3f}' for r in point.repeat_ratios['p50'])}; "
+              f"p99: {' '.join(f'{r:.3f}' for r in point.repeat_ratios['p99'])}")
 
 
 # ---- 3. generator capacity ------------------------------------------------------------------------
 
+def server_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's tritonserver children and their Python stubs."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "triton" in child.name():
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def loadgen_capacity(args: argparse.Namespace) -> None:
     print(f"\n== 3. generator capacity: one sending process, open-loop constant rate, trivial model {TRIVIAL_MODEL!r} ==")
     print(f"{'rate/s':>8} {'achieved':>9} {'late':>6} {'late %':>7} {'late p50':>9} {'late p99':>9} {'errors':>6} "
-          f"{'cpu':>5} {'cpu µs/req':>10}  sustained")
+          f"{'cpu':>5} {'cpu µs/req':>10} {'server':>7} {'lat p50':>8}  sustained")
     with tempfile.TemporaryDirectory(prefix="loadgen-bench-ident-") as tmp:
         manifest = build_repository(Path(tmp) / "repo")
         with EmbeddedTriton(Path(tmp) / "repo", models=[TRIVIAL_MODEL]) as server:
             rate = args.loadgen_rate
             spec = LoadSpec(TRIVIAL_MODEL, "whole", ArrivalSpec("constant", rate_rps=rate), None,
                             duration_s=args.loadgen_s, warmup_s=1.0)
+            server_start, wall_start = server_cpu_seconds(), time.monotonic()
             result = run_load(server.grpc_url, manifest, spec)
+            server_cores = (server_cpu_seconds() - server_start) / (time.monotonic() - wall_start)
             n = len(result.records)
             achieved = n / result.duration_s
             cpu_us = result.loadgen_cpu_percent / 100 * 1e6 / achieved if achieved else float("nan")
             late_fraction = result.late_arrivals / max(n, 1)
             late_us = [r.late_us for r in result.records] or [0]
+            latency_us = [r.latency_us for r in result.records if r.ok] or [0]
             ok = n == result.scheduled_arrivals and result.errors == 0 and late_fraction <= MAX_LATE_FRACTION
             print(f"{rate:8.0f} {achieved:9.0f} {result.late_arrivals:6d} {100 * late_fraction:6.1f}% "
                   f"{percentile_us(late_us, 50) / 1000:7.2f}ms {percentile_us(late_us, 99) / 1000:7.2f}ms "
-                  f"{result.errors:6d} {result.loadgen_cpu_percent:4.0f}% {cpu_us:10.0f}  {'yes' if ok else 'NO'}", flush=True)
+                  f"{result.errors:6d} {result.loadgen_cpu_percent:4.0f}% {cpu_us:10.0f} {server_cores:6.2f}c "
+                  f"{percentile_us(latency_us, 50) / 1000:6.2f}ms  {'yes' if ok else 'NO'}", flush=True)
             print(f"target: one process sends {rate:.0f} req/s open loop: {'met' if ok else 'MISSED'} "
-                  f"(late = sent > 2 ms behind schedule; at most {100 * MAX_LATE_FRACTION:.0f}% allowed)")
+                  f"(late = sent > 2 ms behind schedule; at most {100 * MAX_LATE_FRACTION:.0f}% allowed; "
+                  f"server = cores the server used over the run, start-up and drain included: where it and the "
+                  f"sender need all the cores, lateness is the machine's, not the sender's)")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
+
+
+def parse_capacities(items: list[str]) -> dict[str, float]:
+    capacities = {}
+    for item in items:
+        protocol, _, rate = item.partition("=")
+        if protocol not in CALLS or not rate:
+            sys.exit(f"--capacity {item!r}: give PROTOCOL=REQ_PER_S with PROTOCOL one of {', '.join(CALLS)}")
+        capacities[protocol] = float(rate)
+    return capacities
 
 
 def main() -> None:
@@ -222,45 +265,56 @@ def main() -> None:
     parser.add_argument("--multiple", type=float, default=0.5, help="second rate: this multiple of the capacity")
     parser.add_argument("--protocols", nargs="+", default=list(CALLS), choices=list(CALLS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds of each fidelity run")
-    parser.add_argument("--warmup-s", type=float, default=2.0)
-    parser.add_argument("--probe-s", type=float, default=3.0, help="measured seconds of each capacity probe")
-    parser.add_argument("--capacity-start", type=float, default=200.0)
-    parser.add_argument("--capacity-probes", type=int, default=6)
+    parser.add_argument("--duration-s", type=float, default=20.0, help="measured seconds of each fidelity run at --rate")
+    parser.add_argument("--multiple-duration-s", type=float, default=5.0,
+                        help="measured seconds of each fidelity run at --multiple x capacity")
+    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--probe-s", type=float, default=2.0, help="measured seconds of each capacity probe")
+    parser.add_argument("--capacity-start", type=float, default=400.0)
+    parser.add_argument("--capacity-probes", type=int, default=5)
+    parser.add_argument("--capacity", nargs="+", default=[], metavar="PROTOCOL=REQ_PER_S",
+                        help="skip part 1 for these protocols and take this capacity (e.g. unary=1600)")
     parser.add_argument("--loadgen-rate", type=float, default=3000.0)
     parser.add_argument("--loadgen-s", type=float, default=8.0, help="measured seconds of the generator-capacity run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-loadgen-capacity", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short runs while developing (rough figures)")
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.duration_s, args.warmup_s, args.probe_s, args.capacity_probes = 2, 3.0, 1.0, 1.5, 3
+        args.repeats, args.duration_s, args.multiple_duration_s, args.probe_s, args.capacity_probes = 2, 4.0, 2.0, 1.5, 3
         args.loadgen_s = 3.0
+    known = parse_capacities(args.capacity)
     started = time.monotonic()
     print("(figures measured on a shared machine are indicative only; compare on a quiet one)")
-    try:
-        analyzer = ensure_perf_analyzer()
-        print(f"perf_analyzer: {analyzer.binary}")
-    except PerfAnalyzerUnavailable as error:
-        analyzer = None
-        print(f"perf_analyzer unavailable, fidelity skipped: {error}")
+    analyzer = None
+    if not args.skip_fidelity:
+        try:
+            analyzer = ensure_perf_analyzer()
+            print(f"perf_analyzer: {analyzer.binary}")
+        except PerfAnalyzerUnavailable as error:
+            print(f"perf_analyzer unavailable, fidelity skipped: {error}")
     points: list[Point] = []
-    with tempfile.TemporaryDirectory(prefix="loadgen-bench-") as tmp:
-        repository = Path(tmp) / "repo"
-        manifest = build_bert(repository)
-        names = [manifest["models"][MODEL]["variants"][CALLS[protocol]] for protocol in args.protocols]
-        with EmbeddedTriton(repository, models=names) as server:
-            for protocol in args.protocols:
-                capacity = model_capacity(server.grpc_url, manifest, protocol, args)
-                for rate, what in ((args.rate, ""), (args.multiple * capacity, f" ({args.multiple:g}x cap)")):
-                    points.append(Point(protocol, rate, f"{CALLS[protocol]} {protocol} {rate:.0f}/s{what}"))
-            if analyzer is not None:
+    if analyzer is not None:
+        with tempfile.TemporaryDirectory(prefix="loadgen-bench-") as tmp:
+            repository = Path(tmp) / "repo"
+            manifest = build_bert(repository)
+            names = [manifest["models"][MODEL]["variants"][CALLS[protocol]] for protocol in args.protocols]
+            with EmbeddedTriton(repository, models=names) as server:
+                for protocol in args.protocols:
+                    capacity = known.get(protocol) or model_capacity(server.grpc_url, manifest, protocol, args)
+                    for rate, what, duration_s in (
+                        (args.rate, "", args.duration_s),
+                        (args.multiple * capacity, f" ({args.multiple:g}x cap)", args.multiple_duration_s),
+                    ):
+                        points.append(Point(protocol, rate, f"{CALLS[protocol]} {protocol} {rate:.0f}/s{what}", duration_s))
                 fidelity(analyzer, server.grpc_url, manifest, points, args)
+        print(f"(parts 1-2: {time.monotonic() - started:.0f} s)")
     if not args.skip_loadgen_capacity:
         loadgen_capacity(args)
-    if analyzer is not None:
+    if points:
         verdicts(points)
-    else:
+    elif not args.skip_fidelity:
         print("fidelity: skipped (perf_analyzer unavailable, see above)")
     print(f"total {time.monotonic() - started:.0f} s")
 

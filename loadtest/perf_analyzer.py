@@ -29,6 +29,7 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from loadtest.client import DEFAULT_PROTOCOL, RECORD_VARIANTS, REORCH_RECORD_PAR
 from loadtest.driver import LoadJob, LoadSpec, run_load
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.sender import open_loop_schedule
-from loadtest.stats import percentile_us
+from loadtest.stats import bootstrap_difference, percentile_us
 from core.errors import StagebatchError
 
 LOGGER = logging.getLogger(__name__)
@@ -259,23 +260,20 @@ def run_schedule(
     )
 
 
-def percentile_ratio(ours_us: list[int], reference_us: list[int], q: float, *, resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """The ratio of the ``q``-th percentiles (ours / reference) and its 95% bootstrap confidence interval.
+def percentile_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequence[Sequence[int]], q: float,
+                     **bootstrap: Any) -> tuple[float, float, float]:
+    """The ratio of the pooled ``q``-th percentiles (ours / reference) and its 95% bootstrap interval.
 
-    Each generator's latencies are resampled independently (percentile bootstrap), so the interval
-    says how far a tail percentile such as p99 moves with the samples alone: at 100 req/s a p99
-    rests on about 1% of the requests, tens of them per repeat.
+    Each side is a list of runs (repeats) of request latencies. The interval comes from
+    :func:`loadtest.stats.bootstrap_difference` on the logarithm of the percentile: it resamples
+    the runs, then the requests inside each, so it covers both how far a tail percentile such as p99
+    moves with the samples alone (at 100 req/s a p99 rests on 1% of the requests) and how far the
+    machine drifted between repeats. ``bootstrap``: its ``resamples``/``seed``/``confidence``.
     """
-    ours, reference = np.asarray(ours_us, dtype=np.float64), np.asarray(reference_us, dtype=np.float64)
-    if not len(ours) or not len(reference):
+    if not any(len(run) for run in ours_runs) or not any(len(run) for run in reference_runs):
         return float("nan"), float("nan"), float("nan")
-    ratio = float(np.percentile(ours, q) / np.percentile(reference, q))
-    rng = np.random.default_rng(seed)
-    ours_q = np.percentile(rng.choice(ours, (resamples, len(ours))), q, axis=1)
-    reference_q = np.percentile(rng.choice(reference, (resamples, len(reference))), q, axis=1)
-    low, high = np.percentile(ours_q / reference_q, [2.5, 97.5])
-    return ratio, float(low), float(high)
+    log_ratio = bootstrap_difference(reference_runs, ours_runs, lambda x: float(np.log(np.percentile(x, q))), **bootstrap)
+    return float(np.exp(log_ratio.estimate)), float(np.exp(log_ratio.low)), float(np.exp(log_ratio.high))
 
 
 def stagebatch_summary(records: list, duration_s: float) -> dict[str, float]:

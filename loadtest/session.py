@@ -137,10 +137,13 @@ class LoadSession:
                     self._summary = frame[1]
                     break
         finally:
-            self._sender.close()
+            # the records and the summary are complete: hand them on before waiting for the process to exit
             self.done.set()
-            if self._on_done is not None:
-                self._on_done(self)
+            try:
+                if self._on_done is not None:
+                    self._on_done(self)
+            finally:
+                self._sender.close()
 
     def _record(self, record: RequestRecord) -> None:
         self.records.append(record)

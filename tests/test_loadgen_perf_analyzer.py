@@ -95,8 +95,16 @@ def test_run_schedule_measures_the_scheduled_requests_after_the_warmup_only_when
 
 def test_percentile_ratio_is_one_for_the_same_samples_and_finds_a_scaled_tail():
     rng = np.random.default_rng(1)
-    reference = rng.lognormal(7.5, 0.5, 3000)
+    reference = [rng.lognormal(7.5, 0.5, 1000) for _ in range(3)]
     ratio, low, high = pa.percentile_ratio(reference, reference, 99)
-    assert ratio == 1.0 and low < 1.0 < high
-    ratio, low, high = pa.percentile_ratio(reference * 1.3, reference, 99)
+    assert ratio == pytest.approx(1.0) and low < 1.0 < high
+    ratio, low, high = pa.percentile_ratio([run * 1.3 for run in reference], reference, 99)
     assert ratio == pytest.approx(1.3) and low < 1.3 < high and low > 1.0
+
+
+def test_percentile_ratio_interval_widens_when_the_repeats_drift_apart():
+    rng = np.random.default_rng(2)
+    reference = [rng.lognormal(7.5, 0.5, 1000) for _ in range(4)]
+    steady = pa.percentile_ratio([rng.lognormal(7.5, 0.5, 1000) for _ in range(4)], reference, 99)
+    drifting = pa.percentile_ratio([rng.lognormal(7.5, 0.5, 1000) * f for f in (0.7, 1.0, 1.0, 1.4)], reference, 99)
+    assert drifting[2] - drifting[1] > steady[2] - steady[1]
