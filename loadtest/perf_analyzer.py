@@ -190,6 +190,17 @@ def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str,
     return {"data": steps}
 
 
+def _run_checked(analyzer: PerfAnalyzer, args: list[str], timeout_s: float, produced: Path) -> None:
+    """Run perf_analyzer; StagebatchError (with its last lines) unless it exits 0 and writes ``produced``."""
+    try:
+        done = analyzer.run(args, timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from None
+    if done.returncode != 0 or not produced.exists():
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{tail}")
+
+
 def run_schedule(
     analyzer: PerfAnalyzer,
     url: str,
@@ -230,13 +241,7 @@ def run_schedule(
             args.append("--streaming")
         if spec.variant in RECORD_VARIANTS:
             args += ["--request-parameter", f"{REORCH_RECORD_PARAMETER}:true:bool"]
-        try:
-            done = analyzer.run(args, timeout_s=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from None
-        if done.returncode != 0 or not (work / "profile.json").exists():
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
-            raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{tail}")
+        _run_checked(analyzer, args, timeout_s, work / "profile.json")
         export = json.loads((work / "profile.json").read_text())
     requests = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])]
     requests.sort(key=lambda r: r["timestamp"])
@@ -320,3 +325,43 @@ def cross_check(
         return result
     result.update(status="ok", perf_analyzer=reference.to_dict(), stagebatch=stagebatch_summary(ours.records, ours.duration_s))
     return result
+
+
+@dataclass
+class ClosedLoopResult:
+    """perf_analyzer's closed-loop figures at one concurrency (one measurement of a fixed request count)."""
+
+    throughput_rps: float
+    p50_ms: float
+    server_queue_ms: float
+    server_compute_ms: float  # compute input + infer + output, per request, from Triton's statistics
+
+
+def closed_loop_rate(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, variant: str, *, concurrency: int,
+                     requests: int = 4000, seq_len: int | None = None,
+                     timeout_s: float = 120.0) -> ClosedLoopResult:
+    """Drive the Triton model ``model`` closed loop with ``concurrency`` outstanding unary gRPC calls
+    (async, C++ client: not the limit a Python client is), with inputs made for ``variant`` of
+    ``entry`` (a manifest entry, as ``model_entry`` gives).
+
+    One measurement of ``requests`` requests (``--request-count``: no stabilisation windows, which
+    a busy 2-core machine often fails; the caller's repeats judge stability). One input step of
+    ``seq_len`` (sequence models).
+    """
+    target = parse_targets(url)[0]
+    factory = RequestFactory(entry, variant, seed=[0, 3, 0])
+    with tempfile.TemporaryDirectory(prefix="stagebatch-pa-closed-") as tmp:
+        work = Path(tmp)
+        (work / "input.json").write_text(json.dumps(_input_data(factory, [seq_len])))
+        args = ["-m", model, "-u", target.removeprefix("dns:///"), "-i", "grpc", "--async",
+                "--concurrency-range", str(concurrency), "--request-count", str(requests),
+                "--input-data", str(work / "input.json"), "-f", str(work / "out.csv")]
+        _run_checked(analyzer, args, timeout_s, work / "out.csv")
+        header, *rows = [line.split(",") for line in (work / "out.csv").read_text().strip().splitlines()]
+    if not rows:
+        raise StagebatchError("perf_analyzer wrote no measurement")
+    row = dict(zip(header, rows[0]))
+    compute_us = sum(float(row[f"Server Compute {part}"]) for part in ("Input", "Infer", "Output"))
+    return ClosedLoopResult(throughput_rps=float(row["Inferences/Second"]), p50_ms=float(row["p50 latency"]) / 1000,
+                            server_queue_ms=float(row["Server Queue"]) / 1000,
+                            server_compute_ms=compute_us / 1000)
