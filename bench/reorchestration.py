@@ -6,7 +6,8 @@ and ``NAME_reorch_<policy>``; each run drives one variant with open-loop arrival
 JSON is the characterization's cost, not the reorchestrator's); what reorch did comes from its
 counters on the metrics port instead. Runs of the variants are interleaved (the order alternates
 per repeat) and repeated ``--repeats`` times (>= 3); each target is judged on the per-repeat ratio
-reorch / whole with a 95% confidence interval (Student t). Where that interval still holds the
+reorch / whole with a 95% confidence interval (Student t; ratios on their logarithms: geometric
+means). Where that interval still holds the
 target's limit after the first repeats, more repeats follow (up to ``--max-repeats``) while the
 time budget (``--budget-min``) lasts: the undecided target with the fewest repeats first.
 
@@ -308,6 +309,14 @@ def mean_ci95(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def ratio_ci95(values: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of ratios and its 95% confidence interval (Student t on their logarithms): a
+    ratio's spread is multiplicative, and one disturbed repeat (another process taking the cores)
+    then moves the interval less than it moves an arithmetic mean."""
+    mean, low, high = mean_ci95([math.log(v) for v in values if v > 0 and math.isfinite(v)])
+    return math.exp(mean), math.exp(low), math.exp(high)
+
+
 @dataclass
 class Verdict:
     target: str
@@ -326,6 +335,7 @@ class Check:
     limit: float
     met: Callable[[float, float, float], bool]
     describe: Callable[[float, float, float], str]
+    ratio: bool = False  # the figure is a ratio: geometric mean and interval (ratio_ci95)
 
 
 @dataclass
@@ -341,7 +351,7 @@ class Comparison:
     repeat_s: float = 0.0  # wall time of the last repeat
 
     def interval(self, check: Check) -> tuple[float, float, float]:
-        return mean_ci95([check.figure(r) for r in self.repeats])
+        return (ratio_ci95 if check.ratio else mean_ci95)([check.figure(r) for r in self.repeats])
 
     @property
     def decided(self) -> bool:
@@ -450,7 +460,8 @@ class Bench:
             self.plan(name, f"{name} steady {multiple:.2f}x", arrivals, lengths, [Check(
                 f"{name} steady {multiple:.2f}x avg <= 1.05x whole", lambda r: r["reorch"]["avg"] / r["whole"]["avg"],
                 1.05, lambda mean, low, high: high <= 1.05,
-                lambda mean, low, high: f"reorch/whole avg {mean:.3f} (95% CI {low:.3f}..{high:.3f})")])
+                lambda mean, low, high: f"reorch/whole avg {mean:.3f} (geometric mean over repeats, "
+                                        f"95% CI {low:.3f}..{high:.3f})", ratio=True)])
 
     def diversity(self, name: str) -> None:
         entry = model_entry(self.manifest, name)
@@ -468,7 +479,8 @@ class Bench:
                       lambda mean, low, high: f"avg change {mean:+.1%} (95% CI {low:+.1%}..{high:+.1%})"),
                 Check(f"{name} {scenario} goodput at SLO ({slo}) >= whole", self._goodput_ratio, 1.0,
                       lambda mean, low, high: mean >= 1.0,
-                      lambda mean, low, high: f"reorch/whole goodput {mean:.2f} (95% CI {low:.2f}..{high:.2f})"),
+                      lambda mean, low, high: f"reorch/whole goodput {mean:.2f} (geometric mean, "
+                                              f"95% CI {low:.2f}..{high:.2f})", ratio=True),
             ])
 
     def _goodput_ratio(self, repeat: dict[str, dict]) -> float:

@@ -100,3 +100,39 @@ def test_percentile_ratio_is_one_for_the_same_samples_and_finds_a_scaled_tail():
     assert ratio == 1.0 and low < 1.0 < high
     ratio, low, high = pa.percentile_ratio(reference * 1.3, reference, 99)
     assert ratio == pytest.approx(1.3) and low < 1.3 < high and low > 1.0
+
+
+class CsvAnalyzer(pa.PerfAnalyzer):
+    """Writes perf_analyzer 2.51's csv report (-f) for one closed-loop measurement, or fails."""
+
+    CSV = ("Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+           "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n"
+           "64,1958.5,8,1982,13099,233,2002,1673,1,18632,24991,38544,74697\n")
+
+    def __init__(self, returncode: int = 0) -> None:
+        super().__init__(pa.Path("perf_analyzer"), pa.Path("."))
+        self.returncode = returncode
+        self.args: list[str] = []
+
+    def run(self, args, timeout_s):
+        self.args = args
+        if self.returncode == 0:
+            pa.Path(args[args.index("-f") + 1]).write_text(self.CSV)
+        return subprocess.CompletedProcess(args, self.returncode, "", "Thread [0] had error: boom")
+
+
+def test_closed_loop_rate_reads_throughput_and_server_times_of_a_fixed_request_count():
+    entry = pa.model_entry(MANIFEST, "ident")
+    analyzer = CsvAnalyzer()
+    result = pa.closed_loop_rate(analyzer, "127.0.0.1:1", "ident_reorch", entry, "whole", concurrency=64, requests=500)
+    assert analyzer.args[analyzer.args.index("-m") + 1] == "ident_reorch"
+    assert analyzer.args[analyzer.args.index("--request-count") + 1] == "500"
+    assert result.throughput_rps == pytest.approx(1958.5) and result.p50_ms == pytest.approx(18.632)
+    assert result.server_queue_ms == pytest.approx(13.099)
+    assert result.server_compute_ms == pytest.approx((233 + 2002 + 1673) / 1000)
+
+
+def test_closed_loop_rate_raises_with_perf_analyzers_last_lines_when_it_fails():
+    entry = pa.model_entry(MANIFEST, "ident")
+    with pytest.raises(pa.StagebatchError, match=r"(?s)exit code 99.*boom"):
+        pa.closed_loop_rate(CsvAnalyzer(returncode=99), "127.0.0.1:1", "ident", entry, "whole", concurrency=1)
