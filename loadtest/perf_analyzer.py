@@ -328,40 +328,46 @@ def cross_check(
 
 
 @dataclass
-class ClosedLoopResult:
-    """perf_analyzer's closed-loop figures at one concurrency (one measurement of a fixed request count)."""
+class PointResult:
+    """perf_analyzer's figures at one load point (one measurement of a fixed request count)."""
 
     throughput_rps: float
     p50_ms: float
+    p99_ms: float
     server_queue_ms: float
     server_compute_ms: float  # compute input + infer + output, per request, from Triton's statistics
 
 
-def closed_loop_rate(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, variant: str, *, concurrency: int,
-                     requests: int = 4000, seq_len: int | None = None,
-                     timeout_s: float = 120.0) -> ClosedLoopResult:
-    """Drive the Triton model ``model`` closed loop with ``concurrency`` outstanding unary gRPC calls
-    (async, C++ client: not the limit a Python client is), with inputs made for ``variant`` of
-    ``entry`` (a manifest entry, as ``model_entry`` gives).
+def measure_point(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, variant: str, *,
+                  concurrency: int | None = None, rate_rps: float | None = None, requests: int = 4000,
+                  seq_len: int | None = None, timeout_s: float = 120.0) -> PointResult:
+    """Drive the Triton model ``model`` with unary gRPC calls from perf_analyzer (async, C++: not the
+    limit a Python client is), with inputs made for ``variant`` of ``entry`` (a manifest entry, as
+    ``model_entry`` gives) and no request parameters (no record asked): either closed loop with
+    ``concurrency`` calls outstanding, or open loop at ``rate_rps`` with Poisson arrivals.
 
     One measurement of ``requests`` requests (``--request-count``: no stabilisation windows, which
     a busy 2-core machine often fails; the caller's repeats judge stability). One input step of
     ``seq_len`` (sequence models).
     """
+    if (concurrency is None) == (rate_rps is None):
+        raise StagebatchError("perf_analyzer load point: give exactly one of concurrency and rate_rps")
     target = parse_targets(url)[0]
     factory = RequestFactory(entry, variant, seed=[0, 3, 0])
-    with tempfile.TemporaryDirectory(prefix="stagebatch-pa-closed-") as tmp:
+    load = (["--concurrency-range", str(concurrency)] if concurrency is not None else
+            ["--request-rate-range", f"{rate_rps:.3f}", "--request-distribution", "poisson"])
+    with tempfile.TemporaryDirectory(prefix="stagebatch-pa-point-") as tmp:
         work = Path(tmp)
         (work / "input.json").write_text(json.dumps(_input_data(factory, [seq_len])))
-        args = ["-m", model, "-u", target.removeprefix("dns:///"), "-i", "grpc", "--async",
-                "--concurrency-range", str(concurrency), "--request-count", str(requests),
-                "--input-data", str(work / "input.json"), "-f", str(work / "out.csv")]
+        args = ["-m", model, "-u", target.removeprefix("dns:///"), "-i", "grpc", "--async", *load,
+                "--request-count", str(requests), "--input-data", str(work / "input.json"),
+                "-f", str(work / "out.csv")]
         _run_checked(analyzer, args, timeout_s, work / "out.csv")
         header, *rows = [line.split(",") for line in (work / "out.csv").read_text().strip().splitlines()]
     if not rows:
         raise StagebatchError("perf_analyzer wrote no measurement")
     row = dict(zip(header, rows[0]))
     compute_us = sum(float(row[f"Server Compute {part}"]) for part in ("Input", "Infer", "Output"))
-    return ClosedLoopResult(throughput_rps=float(row["Inferences/Second"]), p50_ms=float(row["p50 latency"]) / 1000,
-                            server_queue_ms=float(row["Server Queue"]) / 1000,
-                            server_compute_ms=compute_us / 1000)
+    return PointResult(throughput_rps=float(row["Inferences/Second"]), p50_ms=float(row["p50 latency"]) / 1000,
+                       p99_ms=float(row["p99 latency"]) / 1000, server_queue_ms=float(row["Server Queue"]) / 1000,
+                       server_compute_ms=compute_us / 1000)

@@ -121,18 +121,28 @@ class CsvAnalyzer(pa.PerfAnalyzer):
         return subprocess.CompletedProcess(args, self.returncode, "", "Thread [0] had error: boom")
 
 
-def test_closed_loop_rate_reads_throughput_and_server_times_of_a_fixed_request_count():
+def test_measure_point_reads_throughput_and_server_times_of_a_fixed_request_count():
     entry = pa.model_entry(MANIFEST, "ident")
     analyzer = CsvAnalyzer()
-    result = pa.closed_loop_rate(analyzer, "127.0.0.1:1", "ident_reorch", entry, "whole", concurrency=64, requests=500)
+    result = pa.measure_point(analyzer, "127.0.0.1:1", "ident_reorch", entry, "whole", concurrency=64, requests=500)
     assert analyzer.args[analyzer.args.index("-m") + 1] == "ident_reorch"
     assert analyzer.args[analyzer.args.index("--request-count") + 1] == "500"
     assert result.throughput_rps == pytest.approx(1958.5) and result.p50_ms == pytest.approx(18.632)
+    assert result.p99_ms == pytest.approx(74.697) and "--request-rate-range" not in analyzer.args
     assert result.server_queue_ms == pytest.approx(13.099)
     assert result.server_compute_ms == pytest.approx((233 + 2002 + 1673) / 1000)
 
 
-def test_closed_loop_rate_raises_with_perf_analyzers_last_lines_when_it_fails():
+def test_measure_point_at_a_rate_sends_poisson_arrivals_without_a_concurrency():
+    analyzer = CsvAnalyzer()
+    pa.measure_point(analyzer, "127.0.0.1:1", "ident", pa.model_entry(MANIFEST, "ident"), "whole", rate_rps=12.5)
+    assert analyzer.args[analyzer.args.index("--request-rate-range") + 1] == "12.500"
+    assert "poisson" in analyzer.args and "--concurrency-range" not in analyzer.args
+    with pytest.raises(pa.StagebatchError, match="exactly one"):
+        pa.measure_point(analyzer, "127.0.0.1:1", "ident", pa.model_entry(MANIFEST, "ident"), "whole")
+
+
+def test_measure_point_raises_with_perf_analyzers_last_lines_when_it_fails():
     entry = pa.model_entry(MANIFEST, "ident")
     with pytest.raises(pa.StagebatchError, match=r"(?s)exit code 99.*boom"):
-        pa.closed_loop_rate(CsvAnalyzer(returncode=99), "127.0.0.1:1", "ident", entry, "whole", concurrency=1)
+        pa.measure_point(CsvAnalyzer(returncode=99), "127.0.0.1:1", "ident", entry, "whole", concurrency=1)
