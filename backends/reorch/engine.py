@@ -235,10 +235,12 @@ class ReorchEngine:
         # Shapes per request; value ranges once over the batch (a failure is then pinned per request).
         values_ok = True
         for spec in self.spec.inputs:
-            arrays = [t[spec.name].ravel() for _, t in items
+            if spec.value_range is None:
+                continue
+            arrays = [t[spec.name] for _, t in items
                       if spec.name in t and t[spec.name].dtype == spec.dtype]  # a wrong dtype fails validate
-            if spec.value_range is not None and arrays and \
-                    value_range_violation(np.concatenate(arrays), spec.value_range) is not None:
+            joined = arrays[0] if len(arrays) == 1 else np.concatenate([a.ravel() for a in arrays]) if arrays else None
+            if joined is not None and value_range_violation(joined, spec.value_range) is not None:
                 values_ok = False
         checked: list[tuple[Any, dict, tuple[int, int | None] | str]] = []
         for handle, tensors in items:
