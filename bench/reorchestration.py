@@ -36,7 +36,7 @@ second, so a run's counts are approximate): where the extra time goes.
 
 Capacity is measured first per model (closed loop on the whole model). Every unmet target is printed
 plainly at the end (``UNMET``), with the undecided ones (CI still holding the limit) marked.
-``--quick`` fits in about 7 minutes (3 s runs, budget 6.5 min), the full run in about 12 (6 s runs,
+``--quick`` fits in about 7 minutes (3 s runs, budget 6.5 min), the full run in about 12 (5 s runs,
 budget 11.5 min), so the figures can be re-run on a quiet machine.
 
     stagebatch build -m bert_base -m lstm -m resnet50 --size small -o model_repository
@@ -608,7 +608,7 @@ def main() -> None:
     parser.add_argument("--max-repeats", type=int, default=8, help="repeats of an undecided comparison at most")
     parser.add_argument("--budget-min", type=float, default=11.5,
                         help="more repeats of undecided comparisons only while the run stays within this")
-    parser.add_argument("--duration-s", type=float, default=6.0)
+    parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--p50-duration-s", type=float, default=4.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--drain-s", type=float, default=30.0, help="wait this long after the last arrival")
