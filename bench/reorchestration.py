@@ -419,7 +419,7 @@ class Bench:
             if comparison.analyzer_rate_rps is not None:
                 assert self.analyzer is not None
                 point = measure_point(self.analyzer, self.url, model, model_entry(self.manifest, name), variant,
-                                      rate_rps=comparison.analyzer_rate_rps, requests=len(comparison.arrivals),
+                                      rate_rps=comparison.analyzer_rate_rps, requests=max(60, len(comparison.arrivals)),
                                       seq_len=comparison.seq_len)
                 latency = {"avg": math.nan, "p50": point.p50_ms, "p99": point.p99_ms, "tput": point.throughput_rps,
                            "failed": 0, "latencies": [], "span_s": math.nan}
