@@ -73,7 +73,12 @@ sys.path.insert(0, str(ROOT))
 
 from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
 from backends.reorch.spec import RECORD_OUTPUT  # noqa: E402
-from loadtest.perf_analyzer import PerfAnalyzer, PerfAnalyzerUnavailable, ensure_perf_analyzer, measure_point  # noqa: E402
+from loadtest.perf_analyzer import (  # noqa: E402
+    PerfAnalyzer,
+    PerfAnalyzerUnavailable,
+    ensure_perf_analyzer,
+    measure_point,
+)
 from loadtest.request_factory import RequestFactory, infer_inputs, model_entry  # noqa: E402
 from loadtest.server_stats import diff_reorch_metrics, scrape_metrics  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
@@ -615,7 +620,8 @@ def main() -> None:
     parser.add_argument("--capacity-s", type=float, default=3.0, help="closed-loop capacity probe length")
     parser.add_argument("--steady-loads", nargs="+", type=float, default=[0.3, 0.6, 0.85])
     parser.add_argument("--flood-s", type=float, default=2.0, help="length of the answers/s flood (Python client)")
-    parser.add_argument("--flood-requests", type=int, default=8000, help="requests of one answers/s flood (perf_analyzer)")
+    parser.add_argument("--flood-requests", type=int, default=8000,
+                        help="requests of one answers/s flood (perf_analyzer)")
     parser.add_argument("--flood-concurrency", type=int, default=64)
     parser.add_argument("--slo-ms", type=float, default=None, help="SLO of the goodput target (default: whole p99)")
     parser.add_argument("--quick", action="store_true", help="about 7 minutes: 3 s runs, budget 6.5 min")
