@@ -348,7 +348,9 @@ def measure_point(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, vari
 
     One measurement of ``requests`` requests (``--request-count``: no stabilisation windows, which
     a busy 2-core machine often fails; the caller's repeats judge stability). One input step of
-    ``seq_len`` (sequence models).
+    ``seq_len`` (sequence models). Throughput and latencies come from the per-request timestamps of
+    ``--profile-export-file``: in this mode 2.51's csv rate is the count over whole seconds
+    (4,000 requests read 1,995/s whether they took 1.1 or 2.0 s).
     """
     if (concurrency is None) == (rate_rps is None):
         raise StagebatchError("perf_analyzer load point: give exactly one of concurrency and rate_rps")
@@ -361,13 +363,22 @@ def measure_point(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, vari
         (work / "input.json").write_text(json.dumps(_input_data(factory, [seq_len])))
         args = ["-m", model, "-u", target.removeprefix("dns:///"), "-i", "grpc", "--async", *load,
                 "--request-count", str(requests), "--input-data", str(work / "input.json"),
-                "-f", str(work / "out.csv")]
+                "-f", str(work / "out.csv"), "--profile-export-file", str(work / "profile.json")]
         _run_checked(analyzer, args, timeout_s, work / "out.csv")
         header, *rows = [line.split(",") for line in (work / "out.csv").read_text().strip().splitlines()]
+        export = json.loads((work / "profile.json").read_text()) if (work / "profile.json").exists() else {}
+    answered = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])
+                if r.get("response_timestamps")]
     if not rows:
         raise StagebatchError("perf_analyzer wrote no measurement")
     row = dict(zip(header, rows[0]))
     compute_us = sum(float(row[f"Server Compute {part}"]) for part in ("Input", "Infer", "Output"))
-    return PointResult(throughput_rps=float(row["Inferences/Second"]), p50_ms=float(row["p50 latency"]) / 1000,
-                       p99_ms=float(row["p99 latency"]) / 1000, server_queue_ms=float(row["Server Queue"]) / 1000,
-                       server_compute_ms=compute_us / 1000)
+    result = PointResult(throughput_rps=float(row["Inferences/Second"]), p50_ms=float(row["p50 latency"]) / 1000,
+                         p99_ms=float(row["p99 latency"]) / 1000, server_queue_ms=float(row["Server Queue"]) / 1000,
+                         server_compute_ms=compute_us / 1000)
+    if answered:  # else the csv's own figures (an export without requests)
+        latencies_us = [(r["response_timestamps"][0] - r["timestamp"]) // 1000 for r in answered]
+        span_s = (max(r["response_timestamps"][-1] for r in answered) - min(r["timestamp"] for r in answered)) / 1e9
+        result.throughput_rps = len(answered) / span_s if span_s > 0 else float("nan")
+        result.p50_ms, result.p99_ms = percentile_us(latencies_us, 50) / 1000, percentile_us(latencies_us, 99) / 1000
+    return result

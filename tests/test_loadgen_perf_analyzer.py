@@ -115,20 +115,26 @@ class CsvAnalyzer(pa.PerfAnalyzer):
         self.args: list[str] = []
 
     def run(self, args, timeout_s):
+        """100 requests, one every 10 ms from t = 1 s, each answered after 2 ms (the last one after 20 ms)."""
         self.args = args
         if self.returncode == 0:
             pa.Path(args[args.index("-f") + 1]).write_text(self.CSV)
+            requests = [{"timestamp": 10**9 + i * 10**7, "response_timestamps": [10**9 + i * 10**7 + 2 * 10**6]}
+                        for i in range(100)]
+            requests[-1]["response_timestamps"] = [10**9 + 99 * 10**7 + 20 * 10**6]
+            export = json.dumps({"experiments": [{"requests": requests}]})
+            pa.Path(args[args.index("--profile-export-file") + 1]).write_text(export)
         return subprocess.CompletedProcess(args, self.returncode, "", "Thread [0] had error: boom")
 
 
-def test_measure_point_reads_throughput_and_server_times_of_a_fixed_request_count():
+def test_measure_point_takes_rate_and_latencies_from_the_request_timestamps_and_server_times_from_the_csv():
     entry = pa.model_entry(MANIFEST, "ident")
     analyzer = CsvAnalyzer()
     result = pa.measure_point(analyzer, "127.0.0.1:1", "ident_reorch", entry, "whole", concurrency=64, requests=500)
     assert analyzer.args[analyzer.args.index("-m") + 1] == "ident_reorch"
     assert analyzer.args[analyzer.args.index("--request-count") + 1] == "500"
-    assert result.throughput_rps == pytest.approx(1958.5) and result.p50_ms == pytest.approx(18.632)
-    assert result.p99_ms == pytest.approx(74.697) and "--request-rate-range" not in analyzer.args
+    assert result.throughput_rps == pytest.approx(100 / 1.01)  # 100 answers from 1.00 s to 2.01 s
+    assert result.p50_ms == pytest.approx(2.0) and "--request-rate-range" not in analyzer.args
     assert result.server_queue_ms == pytest.approx(13.099)
     assert result.server_compute_ms == pytest.approx((233 + 2002 + 1673) / 1000)
 
