@@ -191,6 +191,17 @@ def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str,
     return {"data": steps}
 
 
+def _run_checked(analyzer: PerfAnalyzer, args: list[str], timeout_s: float, produced: Path) -> None:
+    """Run perf_analyzer; StagebatchError (with its last lines) unless it exits 0 and writes ``produced``."""
+    try:
+        done = analyzer.run(args, timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from None
+    if done.returncode != 0 or not produced.exists():
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
+        raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{tail}")
+
+
 def run_schedule(
     analyzer: PerfAnalyzer,
     url: str,
@@ -231,13 +242,7 @@ def run_schedule(
             args.append("--streaming")
         if spec.variant in RECORD_VARIANTS:
             args += ["--request-parameter", f"{REORCH_RECORD_PARAMETER}:true:bool"]
-        try:
-            done = analyzer.run(args, timeout_s=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from None
-        if done.returncode != 0 or not (work / "profile.json").exists():
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
-            raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{tail}")
+        _run_checked(analyzer, args, timeout_s, work / "profile.json")
         export = json.loads((work / "profile.json").read_text())
     requests = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])]
     requests.sort(key=lambda r: r["timestamp"])
@@ -317,4 +322,61 @@ def cross_check(
         LOGGER.warning("load-generator cross-check skipped: %s", error)
         return result
     result.update(status="ok", perf_analyzer=reference.to_dict(), stagebatch=stagebatch_summary(ours.records, ours.duration_s))
+    return result
+
+
+@dataclass
+class PointResult:
+    """perf_analyzer's figures at one load point (one measurement of a fixed request count)."""
+
+    throughput_rps: float
+    p50_ms: float
+    p99_ms: float
+    server_queue_ms: float
+    server_compute_ms: float  # compute input + infer + output, per request, from Triton's statistics
+
+
+def measure_point(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, variant: str, *,
+                  concurrency: int | None = None, rate_rps: float | None = None, requests: int = 4000,
+                  seq_len: int | None = None, timeout_s: float = 120.0) -> PointResult:
+    """Drive the Triton model ``model`` with unary gRPC calls from perf_analyzer (async, C++: not the
+    limit a Python client is), with inputs made for ``variant`` of ``entry`` (a manifest entry, as
+    ``model_entry`` gives) and no request parameters (no record asked): either closed loop with
+    ``concurrency`` calls outstanding, or open loop at ``rate_rps`` with Poisson arrivals.
+
+    One measurement of ``requests`` requests (``--request-count``: no stabilisation windows, which
+    a busy 2-core machine often fails; the caller's repeats judge stability). One input step of
+    ``seq_len`` (sequence models). Throughput and latencies come from the per-request timestamps of
+    ``--profile-export-file``: in this mode 2.51's csv rate is the count over whole seconds
+    (4,000 requests read 1,995/s whether they took 1.1 or 2.0 s).
+    """
+    if (concurrency is None) == (rate_rps is None):
+        raise StagebatchError("perf_analyzer load point: give exactly one of concurrency and rate_rps")
+    target = parse_targets(url)[0]
+    factory = RequestFactory(entry, variant, seed=[0, 3, 0])
+    load = (["--concurrency-range", str(concurrency)] if concurrency is not None else
+            ["--request-rate-range", f"{rate_rps:.3f}", "--request-distribution", "poisson"])
+    with tempfile.TemporaryDirectory(prefix="stagebatch-pa-point-") as tmp:
+        work = Path(tmp)
+        (work / "input.json").write_text(json.dumps(_input_data(factory, [seq_len])))
+        args = ["-m", model, "-u", target.removeprefix("dns:///"), "-i", "grpc", "--async", *load,
+                "--request-count", str(requests), "--input-data", str(work / "input.json"),
+                "-f", str(work / "out.csv"), "--profile-export-file", str(work / "profile.json")]
+        _run_checked(analyzer, args, timeout_s, work / "out.csv")
+        header, *rows = [line.split(",") for line in (work / "out.csv").read_text().strip().splitlines()]
+        export = json.loads((work / "profile.json").read_text()) if (work / "profile.json").exists() else {}
+    answered = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])
+                if r.get("response_timestamps")]
+    if not rows:
+        raise StagebatchError("perf_analyzer wrote no measurement")
+    row = dict(zip(header, rows[0]))
+    compute_us = sum(float(row[f"Server Compute {part}"]) for part in ("Input", "Infer", "Output"))
+    result = PointResult(throughput_rps=float(row["Inferences/Second"]), p50_ms=float(row["p50 latency"]) / 1000,
+                         p99_ms=float(row["p99 latency"]) / 1000, server_queue_ms=float(row["Server Queue"]) / 1000,
+                         server_compute_ms=compute_us / 1000)
+    if answered:  # else the csv's own figures (an export without requests)
+        latencies_us = [(r["response_timestamps"][0] - r["timestamp"]) // 1000 for r in answered]
+        span_s = (max(r["response_timestamps"][-1] for r in answered) - min(r["timestamp"] for r in answered)) / 1e9
+        result.throughput_rps = len(answered) / span_s if span_s > 0 else float("nan")
+        result.p50_ms, result.p99_ms = percentile_us(latencies_us, 50) / 1000, percentile_us(latencies_us, 99) / 1000
     return result

@@ -108,3 +108,55 @@ def test_percentile_ratio_interval_widens_when_the_repeats_drift_apart():
     steady = pa.percentile_ratio([rng.lognormal(7.5, 0.5, 1000) for _ in range(4)], reference, 99)
     drifting = pa.percentile_ratio([rng.lognormal(7.5, 0.5, 1000) * f for f in (0.7, 1.0, 1.0, 1.4)], reference, 99)
     assert drifting[2] - drifting[1] > steady[2] - steady[1]
+
+
+class CsvAnalyzer(pa.PerfAnalyzer):
+    """Writes perf_analyzer 2.51's csv report (-f) for one closed-loop measurement, or fails."""
+
+    CSV = ("Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+           "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n"
+           "64,1958.5,8,1982,13099,233,2002,1673,1,18632,24991,38544,74697\n")
+
+    def __init__(self, returncode: int = 0) -> None:
+        super().__init__(pa.Path("perf_analyzer"), pa.Path("."))
+        self.returncode = returncode
+        self.args: list[str] = []
+
+    def run(self, args, timeout_s):
+        """100 requests, one every 10 ms from t = 1 s, each answered after 2 ms (the last one after 20 ms)."""
+        self.args = args
+        if self.returncode == 0:
+            pa.Path(args[args.index("-f") + 1]).write_text(self.CSV)
+            requests = [{"timestamp": 10**9 + i * 10**7, "response_timestamps": [10**9 + i * 10**7 + 2 * 10**6]}
+                        for i in range(100)]
+            requests[-1]["response_timestamps"] = [10**9 + 99 * 10**7 + 20 * 10**6]
+            export = json.dumps({"experiments": [{"requests": requests}]})
+            pa.Path(args[args.index("--profile-export-file") + 1]).write_text(export)
+        return subprocess.CompletedProcess(args, self.returncode, "", "Thread [0] had error: boom")
+
+
+def test_measure_point_takes_rate_and_latencies_from_the_request_timestamps_and_server_times_from_the_csv():
+    entry = pa.model_entry(MANIFEST, "ident")
+    analyzer = CsvAnalyzer()
+    result = pa.measure_point(analyzer, "127.0.0.1:1", "ident_reorch", entry, "whole", concurrency=64, requests=500)
+    assert analyzer.args[analyzer.args.index("-m") + 1] == "ident_reorch"
+    assert analyzer.args[analyzer.args.index("--request-count") + 1] == "500"
+    assert result.throughput_rps == pytest.approx(100 / 1.01)  # 100 answers from 1.00 s to 2.01 s
+    assert result.p50_ms == pytest.approx(2.0) and "--request-rate-range" not in analyzer.args
+    assert result.server_queue_ms == pytest.approx(13.099)
+    assert result.server_compute_ms == pytest.approx((233 + 2002 + 1673) / 1000)
+
+
+def test_measure_point_at_a_rate_sends_poisson_arrivals_without_a_concurrency():
+    analyzer = CsvAnalyzer()
+    pa.measure_point(analyzer, "127.0.0.1:1", "ident", pa.model_entry(MANIFEST, "ident"), "whole", rate_rps=12.5)
+    assert analyzer.args[analyzer.args.index("--request-rate-range") + 1] == "12.500"
+    assert "poisson" in analyzer.args and "--concurrency-range" not in analyzer.args
+    with pytest.raises(pa.StagebatchError, match="exactly one"):
+        pa.measure_point(analyzer, "127.0.0.1:1", "ident", pa.model_entry(MANIFEST, "ident"), "whole")
+
+
+def test_measure_point_raises_with_perf_analyzers_last_lines_when_it_fails():
+    entry = pa.model_entry(MANIFEST, "ident")
+    with pytest.raises(pa.StagebatchError, match=r"(?s)exit code 99.*boom"):
+        pa.measure_point(CsvAnalyzer(returncode=99), "127.0.0.1:1", "ident", entry, "whole", concurrency=1)

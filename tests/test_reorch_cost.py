@@ -11,7 +11,7 @@ from test_reorch_engine import Answers
 from backends.reorch.cost import FUSE, WHOLE, ArrivalMeter, CostModel, interpolate_ms
 from backends.reorch.engine import OVERLOADED, SUCCESS, ReorchEngine, default_inflight_rows
 from backends.reorch.executor import make_ort_executors
-from backends.reorch.metrics import OPERATIONS_TOTAL, CountingMetrics
+from backends.reorch.metrics import OPERATIONS_TOTAL, REQUESTS_TOTAL, CountingMetrics
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.scheduler import OPERATIONS, make_requests
 from backends.reorch.spec import StagesSpec
@@ -243,6 +243,19 @@ def test_run_inline_answers_a_batch_of_cheap_stages_in_order_with_one_invalid(tm
         np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
         assert answer.record["ops"] == [{"op": FUSE, "stage": 0}] and answer.record["batch_sizes"] == [3, 3, 3]
     assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] == 2
+
+
+def test_run_inline_builds_a_record_only_for_the_requests_that_ask(tmp_path):
+    engine, _, _, metrics = _engine(tmp_path, CHEAP)
+    rng = np.random.default_rng(3)
+    try:
+        answers = engine.run_inline([("asks", random_sequence_request(rng, 1, 3)),
+                                     ("plain", random_sequence_request(rng, 1, 5))], [True, False])
+    finally:
+        engine.close()
+    assert answers[0][1].record["ops"] == [{"op": FUSE, "stage": 0}] and answers[1][1].record == {}
+    assert [a.kind for _, a in answers] == [SUCCESS, SUCCESS]
+    assert metrics.counters[(REQUESTS_TOTAL, "success")] == 2
 
 
 def test_run_inline_declines_when_boundaries_may_pay(tmp_path):

@@ -52,7 +52,7 @@ class Answer:
     kind: str  # SUCCESS | INVALID | STAGE_ERROR | CANCELLED | SHUTDOWN | OVERLOADED
     message: str
     outputs: dict[str, np.ndarray] | None  # model outputs (SUCCESS only)
-    record: dict  # the per-request record (docs/architecture.md, REORCH_RECORD)
+    record: dict  # the per-request record (docs/architecture.md, REORCH_RECORD); {} where not asked (run_inline)
 
     @property
     def ok(self) -> bool:
@@ -219,10 +219,14 @@ class ReorchEngine:
         self._deliver(rejected + answers)
         self._pump()
 
-    def run_inline(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]]) -> list[tuple[Any, Answer]] | None:
+    def run_inline(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]],
+                   records: Sequence[bool] | None = None) -> list[tuple[Any, Answer]] | None:
         """Answer a whole dynamic-batcher batch here, running the chain fused, when the cost model says
         stage boundaries cannot pay (``fuse``) or cannot pay now (``whole``: nothing else inside, no
         load, no diversity). Returns one answer per item, in order; None: use ``submit`` instead.
+
+        ``records``: per item, whether its record is wanted (None: every item's). An answer nobody
+        asked the record of (and no trace file) carries an empty record: none is built.
 
         The caller (``model.py``) then returns the answers from ``execute``: one response message
         for the batch, exactly like the whole model, instead of one per request through its sender.
@@ -231,10 +235,12 @@ class ReorchEngine:
         # Shapes per request; value ranges once over the batch (a failure is then pinned per request).
         values_ok = True
         for spec in self.spec.inputs:
-            arrays = [t[spec.name].ravel() for _, t in items
+            if spec.value_range is None:
+                continue
+            arrays = [t[spec.name] for _, t in items
                       if spec.name in t and t[spec.name].dtype == spec.dtype]  # a wrong dtype fails validate
-            if spec.value_range is not None and arrays and \
-                    value_range_violation(np.concatenate(arrays), spec.value_range) is not None:
+            joined = arrays[0] if len(arrays) == 1 else np.concatenate([a.ravel() for a in arrays]) if arrays else None
+            if joined is not None and value_range_violation(joined, spec.value_range) is not None:
                 values_ok = False
         checked: list[tuple[Any, dict, tuple[int, int | None] | str]] = []
         for handle, tensors in items:
@@ -259,23 +265,27 @@ class ReorchEngine:
         exit_us = self._now_us()
         answers: list[tuple[Any, Answer]] = []
         produced = iter(per_member or [])
-        for handle, _, check in checked:
+        batch_sizes = [sum(rows)] * len(self.spec.stages)
+        output_names = [t.name for t in self.spec.outputs]
+        outcomes: Counter[str] = Counter()
+        for index, (handle, _, check) in enumerate(checked):
+            wanted = records is None or records[index] or self._trace is not None
             if isinstance(check, str):
-                answer = Answer(INVALID, check, None, Request(-1, 1, now, exit_us=now).record())
+                answer = Answer(INVALID, check, None, Request(-1, 1, now, exit_us=now).record() if wanted else {})
             else:
-                request = Request(-1, check[0], now, seq_len=check[1], stage0_entry_us=now, exit_us=exit_us,
-                                  ops=[{"op": decision, "stage": 0}],
-                                  batch_sizes=[sum(rows)] * len(self.spec.stages),
-                                  stage_times_us=[[0, c] for c in compute_us])
+                record = Request(-1, check[0], now, seq_len=check[1], stage0_entry_us=now, exit_us=exit_us,
+                                 ops=[{"op": decision, "stage": 0}], batch_sizes=list(batch_sizes),
+                                 stage_times_us=[[0, c] for c in compute_us]).record() if wanted else {}
                 if error is None:
                     outputs = next(produced)
-                    answer = Answer(SUCCESS, "", {t.name: outputs[t.name] for t in self.spec.outputs},
-                                    request.record())
+                    answer = Answer(SUCCESS, "", {name: outputs[name] for name in output_names}, record)
                 else:
-                    answer = Answer(STAGE_ERROR, f"stage {failed} failed: {error}", None, request.record())
-            self.metrics.outcome({SUCCESS: "success"}.get(answer.kind, "error"))
+                    answer = Answer(STAGE_ERROR, f"stage {failed} failed: {error}", None, record)
+            outcomes["success" if answer.ok else "error"] += 1
             self._write_trace(answer)
             answers.append((handle, answer))
+        for outcome, count in outcomes.items():
+            self.metrics.outcome(outcome, count)
         return answers
 
     def close(self, reason: str = "shutting down") -> None:

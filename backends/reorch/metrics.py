@@ -37,8 +37,8 @@ class CountingMetrics:
     def operation(self, operation: str, count: int = 1) -> None:
         self._add(OPERATIONS_TOTAL, operation, count)
 
-    def outcome(self, outcome: str) -> None:
-        self._add(REQUESTS_TOTAL, outcome, 1)
+    def outcome(self, outcome: str, count: int = 1) -> None:
+        self._add(REQUESTS_TOTAL, outcome, count)
 
     def stage_launch(self, stage: int, rows: int, queue_us: int) -> None:
         self._add(STAGE_EXECUTIONS_TOTAL, str(stage), 1)

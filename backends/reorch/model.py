@@ -97,7 +97,7 @@ class TritonPythonModel:
                 if tensor is not None:
                     tensors[name] = tensor.as_numpy()
             items.append(([request, wants_record(request.parameters())], tensors))
-        answers = self.engine.run_inline(items)
+        answers = self.engine.run_inline(items, [handle[1] for handle, _ in items])
         if answers is not None:  # the cost model ran the batch fused, here: one response message for all
             return [self._response(record_wanted, answer) for (_, record_wanted), answer in answers]
         for handle, tensors in items:
