@@ -96,6 +96,25 @@ def test_inline_decision_runs_steady_fixed_length_load_whole_even_with_requests_
     assert scheduler.inline_decision([1], [None], 3_001_000) == WHOLE
 
 
+def test_a_batch_inline_decision_declines_is_counted_once_when_it_enters_the_scheduler():
+    asked_first = make_scheduler("dva", latency_tables_ms=COSTLY)
+    entered_only = make_scheduler("dva", latency_tables_ms=COSTLY)
+    rng = np.random.default_rng(3)
+    next_id = declined = 0
+    for at, count in poisson_batches(rng, 1 / 2000, 2_000_000):
+        requests = make_requests([1] * count, at, first_id=next_id)
+        next_id += count
+        lengths = [8 + 56 * (i % 2) for i in range(count)]  # two or more: length diversity, declined
+        if asked_first.inline_decision([1] * count, lengths, at) is None:
+            asked_first.add_requests(requests, at, arrivals_noted=True)
+            declined += 1
+        entered_only.add_requests(make_requests([1] * count, at, first_id=next_id), at)
+        next_id += count
+    assert declined > 10
+    assert asked_first.arrivals.rates_per_us(2_000_000) == pytest.approx(entered_only.arrivals.rates_per_us(2_000_000))
+    assert asked_first.arrival_rate_per_us(2_000_000) == pytest.approx(entered_only.arrival_rate_per_us(2_000_000))
+
+
 def test_operations_tuple_names_the_new_decisions():
     assert OPERATIONS[:4] == ("new", "stretch", "split", "bucket") and {FUSE, WHOLE} <= set(OPERATIONS)
 

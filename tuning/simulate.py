@@ -541,7 +541,8 @@ class _Variant:
         for job in batch:
             self.jobs[job.request_id] = job
             requests.append(Request(job.request_id, 1, self.loop.now_us, seq_len=job.length))
-        self._answer(self.scheduler.add_requests(requests, self.loop.now_us))
+        # inline_decision has noted these arrivals (as ReorchEngine.submit after run_inline declines).
+        self._answer(self.scheduler.add_requests(requests, self.loop.now_us, arrivals_noted=True))
         self._schedule()
 
     def _schedule(self) -> None:

@@ -187,8 +187,11 @@ class ReorchEngine:
                                       f"[{self.spec.min_length}, {longest}] for this model")
         return rows, length
 
-    def submit(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]]) -> None:
-        """Take one dynamic-batcher batch of requests; bad ones are answered at once (INVALID)."""
+    def submit(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]], *, arrivals_noted: bool = False) -> None:
+        """Take one dynamic-batcher batch of requests; bad ones are answered at once (INVALID).
+
+        ``arrivals_noted``: ``run_inline`` declined this batch, and its cost model has counted the
+        arrivals already."""
         now = self._now_us()
         rejected: list[tuple[Any, Answer]] = []
         accepted: list[tuple[Any, Request, dict[str, np.ndarray]]] = []
@@ -214,7 +217,7 @@ class ReorchEngine:
                 self._handles[request.request_id] = handle
                 self._tensors[request.request_id] = tensors
                 admitted.append(request)
-            completions = self.scheduler.add_requests(admitted, now)
+            completions = self.scheduler.add_requests(admitted, now, arrivals_noted=arrivals_noted)
             answers = self._answers(completions)
         self._deliver(rejected + answers)
         self._pump()

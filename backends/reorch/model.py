@@ -105,7 +105,7 @@ class TritonPythonModel:
             for name, array in tensors.items():
                 # Copy: the request's buffers are released once execute returns.
                 tensors[name] = np.array(array, copy=True)
-        self.engine.submit(items)
+        self.engine.submit(items, arrivals_noted=True)  # run_inline has counted them
         return None
 
     def finalize(self):

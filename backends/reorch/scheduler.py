@@ -79,11 +79,16 @@ class StageScheduler:
         self._ids = itertools.count()
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def add_requests(self, requests: Iterable[Request], now_us: int) -> list[Completion]:
-        """Queue requests at the entry (one call per dynamic-batcher batch); answers them if closed."""
+    def add_requests(self, requests: Iterable[Request], now_us: int, *,
+                     arrivals_noted: bool = False) -> list[Completion]:
+        """Queue requests at the entry (one call per dynamic-batcher batch); answers them if closed.
+
+        ``arrivals_noted``: ``inline_decision`` was asked about this batch first and declined; it has
+        noted these arrivals already (counting them again would double the measured rate)."""
         completions = []
         requests = list(requests)
-        self.arrivals.note(len(requests), now_us)
+        if not arrivals_noted:
+            self.arrivals.note(len(requests), now_us)
         for request in requests:
             if request.request_id in self.requests:
                 raise ValueError(f"request id {request.request_id} is already in the scheduler")
@@ -98,7 +103,8 @@ class StageScheduler:
                 request.bucket = bucket_of(request.seq_len, self.bucket_bounds)  # provisional, for grouping
             self.requests[request.request_id] = request
             self.pending[request.request_id] = None
-            self._note_arrival(now_us)
+            if not arrivals_noted:
+                self._note_arrival(now_us)
         return completions
 
     def _note_arrival(self, now_us: int) -> None:
