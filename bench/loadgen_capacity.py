@@ -59,6 +59,7 @@ from loadtest.perf_analyzer import (
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
+from core.errors import StagebatchError
 from core.manifest import read_manifest
 from core.server import EmbeddedTriton
 
@@ -152,7 +153,10 @@ def run_point(analyzer, url: str, manifest: dict, point: Point, repeat: int, arg
     order = ("perf_analyzer", "ours") if repeat % 2 == 0 else ("ours", "perf_analyzer")
     for who in order:
         if who == "perf_analyzer":
-            reference = run_schedule(analyzer, url, plan).latencies_us
+            reference = replay(analyzer, url, plan)
+            if reference is None:
+                print(f"{point.label:>26} {repeat:6d} skipped: perf_analyzer failed twice (above)", flush=True)
+                return
         else:
             result = run_load(url, manifest, spec)
             ours = [r.latency_us for r in result.records if r.ok]
@@ -166,6 +170,17 @@ def run_point(analyzer, url: str, manifest: dict, point: Point, repeat: int, arg
     print(f"{point.label:>26} {repeat:6d} {' then '.join('pa' if o == 'perf_analyzer' else 'ours' for o in order):>12} "
           f"{' '.join(row)} {len(reference):6d} {len(ours):6d} {result.late_arrivals:5d} {result.loadgen_cpu_percent:4.0f}%",
           flush=True)
+
+
+def replay(analyzer, url: str, plan: LoadJob) -> list[int] | None:
+    """perf_analyzer's latencies for ``plan``'s schedule; one retry where a replay fails or hangs (2.51
+    was seen, rarely, never finishing a replay the same server answered on the retry); None after two."""
+    for attempt in (1, 2):
+        try:
+            return run_schedule(analyzer, url, plan, timeout_s=plan.spec.duration_s + plan.spec.warmup_s + 30.0).latencies_us
+        except StagebatchError as error:
+            print(f"perf_analyzer replay, attempt {attempt}: {error}", flush=True)
+    return None
 
 
 def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argparse.Namespace) -> None:
@@ -194,6 +209,9 @@ def verdicts(points: list[Point]) -> None:
     for point in points:
         for name, tolerance in TOLERANCE.items():
             ratios = point.repeat_ratios[name]
+            if not ratios:
+                print(f"{point.label:>26} {name:>4} no repeat measured (perf_analyzer failed)")
+                continue
             ratio, low, high = point.pooled(name)
             print(f"{point.label:>26} {name:>4} {statistics.median(ratios):10.3f} ({min(ratios):.3f}..{max(ratios):.3f})"
                   f"      {ratio:6.3f} [{low:.3f}, {high:.3f}] {sum(map(len, point.reference_runs)):6d} "

@@ -195,11 +195,16 @@ def _run_checked(analyzer: PerfAnalyzer, args: list[str], timeout_s: float, prod
     """Run perf_analyzer; StagebatchError (with its last lines) unless it exits 0 and writes ``produced``."""
     try:
         done = analyzer.run(args, timeout_s=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from None
+    except subprocess.TimeoutExpired as expired:
+        raise StagebatchError(f"perf_analyzer did not finish within {timeout_s:.0f} s; its last lines:\n"
+                              f"{_tail(expired.stdout, expired.stderr)}") from None
     if done.returncode != 0 or not produced.exists():
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
-        raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{tail}")
+        raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{_tail(done.stdout, done.stderr)}")
+
+
+def _tail(*outputs: str | bytes | None, lines: int = 8) -> str:
+    text = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o for o in outputs if o)
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def run_schedule(
