@@ -1,19 +1,16 @@
-"""The Triton gRPC client of the load generator: one ``grpc.aio`` event loop, no gevent; one :class:`RequestRecord` per request.
+"""The Triton gRPC client of the load generator: plain threads, no gevent; one :class:`RequestRecord` per request.
 
-It runs in the sender process (:mod:`loadtest.sender`), on that process's event loop (uvloop where
-installed), never in a gevent-patched Locust process: sending from gevent greenlets made every
-response hop from gRPC's threads to the gevent hub before its timestamp was taken, which added
-0.6-1 ms to every latency (issue 10). A thread per call kept the timestamps close but cost about
-270 µs of CPU per request (one thread switch or more each way); one event loop costs about half.
-Here:
+It runs in the sender process (:mod:`loadtest.sender`), never in a gevent-patched Locust process:
+sending from gevent greenlets made every response hop from gRPC's threads to the gevent hub before
+its timestamp was taken, which added 0.6-1 ms to every latency (issue 10). Here:
 
-* **unary** (``ModelInfer``): :meth:`TritonLoadClient.send` starts one task per request; the send
-  time is taken in that task just before the call is handed to gRPC, the end time as soon as the
-  call's result wakes it;
+* **unary** (``ModelInfer``): the scheduler thread hands each request to a pool of threads that
+  make one blocking call each (the pool grows when no thread is idle); an open-loop request may be
+  handed over early, and its thread waits for the scheduled time; the send time is taken on that
+  thread just before the call, the end time as soon as the call returns;
 * **stream** (``ModelStreamInfer``, the decoupled ``reorch`` variant): one bidirectional stream per
   target; the send time is taken when gRPC pulls the request off the queue to write it, the end
-  time by the stream's reader task as soon as the response arrives; responses are matched by
-  request id.
+  time by the reader thread as soon as the response arrives; responses are matched by request id.
 
 Requests are serialised once per distinct input (:meth:`RequestFactory.request_bytes`); each call
 only appends its id (and the run's constant parameters) as protobuf fields, which protobuf merges.
@@ -30,10 +27,11 @@ Latencies are raw integers in microseconds.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -62,16 +60,14 @@ _STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Triton's own client allows messages up to INT32_MAX; the default 4 MiB is too small for big tensors.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 # gRPC's EventEngine client (on by default in grpcio 1.6x-1.8x) moves every read and write through a
-# pool of event_engine threads first: more thread switches per request. Measured in the sender process
-# against the trivial model (2 shared cores, under contention): with blocking calls on threads, CPU per
-# request 500 -> 380 µs at 1,000 req/s; with the grpc.aio loop, 514 -> 380 µs at 1,000 req/s and no
-# change at 2,000 req/s. An experiment a later grpcio no longer knows is ignored. Set in the sender's
-# environment (read when grpc starts).
+# pool of event_engine threads before the waiting thread wakes: 2-3 more thread switches per request.
+# With it off, the thread that waits on a call polls the socket itself. Measured in the sender process
+# against the trivial model (2 shared cores, under contention): CPU per request 500 -> 380 µs with
+# blocking calls at 1,000 req/s, and a third of the late arrivals at 2,000 req/s. An experiment a later
+# grpcio no longer knows is ignored. Set in the sender's environment (read when grpc starts).
 GRPC_EXPERIMENTS_OFF = ("event_engine_client", "event_engine_listener", "event_engine_callback_cq", "event_engine_fork")
-STREAM_CLOSE_TIMEOUT_S = 5.0  # closing a stream still waiting for answers: then it is cancelled
-STREAM_END_WAIT_S = 0.5  # closing a stream with every request answered
-IDLE_POLL_S = 0.2  # how often a drain looks for streamed requests past the client timeout
-CANCELLED = "cancelled: the load generator stopped before the response arrived"
+MAX_UNARY_THREADS = 256
+PRESTARTED_UNARY_THREADS = 4
 _ID_TAG = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["id"].number << 3 | 2  # length-delimited
 
 
@@ -146,12 +142,12 @@ def sender_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {**environ, "GRPC_EXPERIMENTS": ",".join(experiments)}
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """An insecure ``grpc.aio`` channel to one target (``round_robin`` over a dns: name's addresses); call on the loop."""
+def open_channel(target: str) -> grpc.Channel:
+    """An insecure channel to one target (``round_robin`` over a dns: name's addresses)."""
     options = list(_CHANNEL_OPTIONS)
     if target.startswith("dns:"):
         options.append(("grpc.lb_policy_name", "round_robin"))
-    return grpc.aio.insecure_channel(target, options=options)
+    return grpc.insecure_channel(target, options=options)
 
 
 def _encode_id(request_id: str) -> bytes:
@@ -174,7 +170,7 @@ class StreamClosedError(Exception):
 class _Pending:
     """One request in flight (slots: created on the hot path)."""
 
-    __slots__ = ("done", "late_us", "payload", "request_id", "scheduled_ns", "seq_len", "start_ns", "t_send_us", "then")
+    __slots__ = ("late_us", "payload", "request_id", "scheduled_ns", "seq_len", "start_ns", "t_send_us", "then")
 
     def __init__(self, request_id: str, seq_len: int | None, payload: bytes, scheduled_ns: int | None,
                  then: Callable[[], None] | None) -> None:
@@ -186,7 +182,13 @@ class _Pending:
         self.start_ns = 0
         self.t_send_us = 0
         self.late_us = 0
-        self.done = False
+
+    def wait_until_due(self) -> None:
+        """Sleep until the scheduled time (the scheduler hands open-loop arrivals over a little ahead)."""
+        if self.scheduled_ns is not None:
+            delay_ns = self.scheduled_ns - time.perf_counter_ns()
+            if delay_ns > 0:
+                time.sleep(delay_ns / 1e9)
 
     def stamp(self) -> None:
         """Take the send time now (just before the request goes to gRPC)."""
@@ -206,37 +208,43 @@ class _ResponseStream:
             _STREAM_METHOD, request_serializer=None, response_deserializer=service_pb2.ModelStreamInferResponse.FromString
         )
         self._complete = complete
-        self._queue: asyncio.Queue | None = None
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue | None = None
         self._pending: dict[str, _Pending] = {}
         self._call: Any = None
-        self._reader: asyncio.Task | None = None
+        self._reader: threading.Thread | None = None
         self.unmatched_responses = 0  # responses whose id matched no waiting request
 
     def send(self, pending: _Pending) -> None:
-        if self._reader is None or self._reader.done():
-            self._open()
-        self._pending[pending.request_id] = pending
-        self._queue.put_nowait(pending)  # type: ignore[union-attr]
+        with self._lock:
+            if self._reader is None or not self._reader.is_alive():
+                self._open()
+            self._pending[pending.request_id] = pending
+            self._queue.put(pending)  # type: ignore[union-attr]
 
     def _open(self) -> None:
-        self._queue = requests = asyncio.Queue()
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue = requests
         self._pending = {}
         self._call = self._method(self._requests(requests))
-        self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pending))
+        self._reader = threading.Thread(target=self._read, args=(self._call, self._pending), daemon=True,
+                                        name="stagebatch-stream-reader")
+        self._reader.start()
 
-    async def _requests(self, requests: asyncio.Queue):
-        # consumed by gRPC's writer: the send time is when gRPC takes the request to write it
+    def _requests(self, requests: queue.SimpleQueue):
+        # runs in gRPC's request-consuming thread: the send time is when gRPC takes the request to write it
         while True:
-            pending = await requests.get()
+            pending = requests.get()
             if pending is self._CLOSE:
                 return
+            pending.wait_until_due()
             pending.stamp()
             yield pending.payload
 
-    async def _read(self, responses: Any, pending: dict[str, _Pending]) -> None:
+    def _read(self, responses: Any, pending: dict[str, _Pending]) -> None:
         reason = "the server closed the response stream"
         try:
-            async for response in responses:
+            for response in responses:
                 end_ns = time.perf_counter_ns()
                 request = pending.pop(response.infer_response.id, None)
                 if request is None and response.error_message and len(pending) == 1:
@@ -251,8 +259,6 @@ class _ResponseStream:
                     self._complete(request, end_ns, response.infer_response, None)
         except grpc.RpcError as error:
             reason = f"stream failed: {error.code().name}: {error.details()}"  # type: ignore[attr-defined]
-        except asyncio.CancelledError:
-            reason = "the stream was cancelled"
         except Exception as error:  # noqa: BLE001 - a failing stream must still answer every waiting request
             reason = f"stream failed: {type(error).__name__}: {error}"
         finally:
@@ -275,26 +281,76 @@ class _ResponseStream:
                 self._complete(request, now_ns, None, f"TimeoutError: no streamed response within "
                                                       f"client_timeout_s={timeout_ns / 1e9:g}")
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self._queue is not None:
-            self._queue.put_nowait(self._CLOSE)
+            self._queue.put(self._CLOSE)
         if self._reader is not None:
-            # a stream with nothing left to answer only has to see the end of the requests
-            wait_s = STREAM_CLOSE_TIMEOUT_S if self._pending else STREAM_END_WAIT_S
-            try:
-                await asyncio.wait_for(asyncio.shield(self._reader), wait_s)
-            except asyncio.TimeoutError:
+            self._reader.join(timeout=5)
+            if self._reader.is_alive() and self._call is not None:
                 self._call.cancel()
-                self._reader.cancel()
-                await asyncio.gather(self._reader, return_exceptions=True)
+                self._reader.join(timeout=5)
+
+
+class _UnaryWorkers:
+    """Threads that each make one blocking ``ModelInfer`` call at a time; a new one starts when none is idle.
+
+    A blocking call waits on its own completion queue with the GIL released, and its thread wakes
+    straight from gRPC's completion: measured against perf_analyzer, this kept p50 within a few
+    percent where ``future()`` callbacks (one polling thread for every call) and ``grpc.aio`` added
+    0.3-0.6 ms and delayed the sending thread.
+    """
+
+    _STOP = object()
+
+    def __init__(self, run: Callable[[Any, _Pending], None], max_threads: int) -> None:
+        self._run = run
+        self._max_threads = max_threads
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        for _ in range(min(PRESTARTED_UNARY_THREADS, max_threads)):
+            self._start()
+
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._work, daemon=True, name="stagebatch-unary")
+        self._threads.append(thread)
+        self._idle += 1
+        thread.start()
+
+    def submit(self, method: Any, pending: _Pending) -> None:
+        with self._lock:
+            if self._idle <= self._queue.qsize() and len(self._threads) < self._max_threads:
+                self._start()  # every thread is busy or claimed: one more
+        self._queue.put((method, pending))
+
+    def _work(self) -> None:
+        get, run, lock = self._queue.get, self._run, self._lock
+        while True:
+            item = get()
+            if item is self._STOP:
+                return
+            with lock:
+                self._idle -= 1
+            try:
+                run(*item)
+            finally:
+                with lock:
+                    self._idle += 1
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(self._STOP)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
 
 class TritonLoadClient:
-    """Sends requests of one model variant from an asyncio event loop; one :class:`RequestRecord` each.
+    """Sends requests of one model variant asynchronously and reports each one as a :class:`RequestRecord`.
 
-    Create it, and call every method, on the loop's thread. :meth:`send` returns at once;
-    ``on_record`` receives every record (success, error, timeout or cancellation) on that thread.
-    ``channels`` replaces the real ``grpc.aio`` channels (tests).
+    :meth:`send` returns at once; ``on_record`` receives every record (success, error, timeout or
+    cancellation) on the thread that made the call. ``channels`` replaces the real channels (tests);
+    ``max_threads`` bounds the unary calls in flight (more wait, and their lateness is recorded).
     """
 
     def __init__(
@@ -310,6 +366,7 @@ class TritonLoadClient:
         client_timeout_s: float = 60.0,
         worker: int = 0,
         channels: list[Any] | None = None,
+        max_threads: int = MAX_UNARY_THREADS,
     ) -> None:
         self.factory = factory
         self.model = model
@@ -323,7 +380,6 @@ class TritonLoadClient:
         self.wants_record = factory.variant in RECORD_VARIANTS
         self._ids = itertools.count()
         self._prefix = f"{worker}-"
-        self._loop = asyncio.get_running_loop()
         self._channels = channels if channels is not None else [open_channel(t) for t in parse_targets(grpc_url)]
         self._turn = itertools.cycle(range(len(self._channels)))
         self._unary = [
@@ -331,7 +387,7 @@ class TritonLoadClient:
             for channel in self._channels
         ]
         self._streams = [_ResponseStream(c, self._complete) for c in self._channels] if self.protocol == "stream" else []
-        self._calls: set[asyncio.Task] = set()  # unary calls in flight (the loop keeps only weak references)
+        self._workers = _UnaryWorkers(self._call_unary, max_threads)
         # the run's constant request parameters, serialised once and appended to every request
         params = service_pb2.ModelInferRequest()
         if priority:
@@ -341,19 +397,18 @@ class TritonLoadClient:
         if self.wants_record:
             params.parameters[REORCH_RECORD_PARAMETER].bool_param = True
         self._suffix = params.SerializeToString()
+        self._lock = threading.Condition()
         self._sent = 0
         self._completed = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._cancel_reason = CANCELLED
 
     # ---- connection ---------------------------------------------------------------------------
 
-    async def connect(self, timeout_s: float = 10.0) -> bool:
+    def connect(self, timeout_s: float = 10.0) -> bool:
         """Open every connection now, so the first request does not pay for it; False if not ready in time."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self._channels)), timeout_s)
-        except asyncio.TimeoutError:
+            for channel in self._channels:
+                grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
             return False
         return True
 
@@ -369,42 +424,38 @@ class TritonLoadClient:
 
     def send(self, seq_len: int | None, *, scheduled_ns: int | None = None,
              then: Callable[[], None] | None = None) -> None:
-        """Send one request now (on the loop's thread); ``scheduled_ns`` (``perf_counter_ns``) is when it was due.
+        """Send one request now, or at ``scheduled_ns`` (``perf_counter_ns``) if that is later.
 
-        Its record goes to ``on_record``, then ``then()`` runs (closed loop: the next request).
+        Its record goes to ``on_record``, then ``then()`` runs (closed loop). The thread that makes
+        the call waits for the scheduled time itself, so an open-loop scheduler may hand arrivals
+        over a little early and wake once for several of them.
         """
-        self._sent += 1
-        self._idle.clear()
-        request_id = self._prefix + str(next(self._ids))
-        pending = _Pending(request_id, seq_len, self.factory.request_bytes(seq_len) + self._suffix + _encode_id(request_id),
-                           scheduled_ns, then)  # fmt: skip
+        with self._lock:  # the factory's cache is shared by the scheduler and the closed-loop callbacks
+            self._sent += 1
+            request_id = self._prefix + str(next(self._ids))
+            template = self.factory.request_bytes(seq_len)
+        pending = _Pending(request_id, seq_len, template + self._suffix + _encode_id(request_id), scheduled_ns, then)
         turn = next(self._turn)
         if self._streams:
             self._streams[turn].send(pending)
             return
-        task = self._loop.create_task(self._call_unary(self._unary[turn], pending))
-        self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
+        self._workers.submit(self._unary[turn], pending)
 
-    async def _call_unary(self, method: Any, pending: _Pending) -> None:
-        pending.stamp()  # just before the call is handed to gRPC
+    def _call_unary(self, method: Any, pending: _Pending) -> None:
+        pending.wait_until_due()
+        pending.stamp()  # on the thread that makes the call, just before it
         try:
-            response = await method(pending.payload, timeout=self.client_timeout_s)
+            response = method(pending.payload, timeout=self.client_timeout_s)
         except grpc.RpcError as rpc_error:
             end_ns = time.perf_counter_ns()
             code = rpc_error.code()  # type: ignore[attr-defined]
             self._complete(pending, end_ns, None, f"{code.name if code else 'UNKNOWN'}: {rpc_error.details()}")  # type: ignore[attr-defined]
-        except asyncio.CancelledError:
-            self._complete(pending, time.perf_counter_ns(), None, self._cancel_reason)
         except Exception as other:  # noqa: BLE001 - a channel that cannot even start the call still yields one record
             self._complete(pending, time.perf_counter_ns(), None, f"{type(other).__name__}: {other}")
         else:
             self._complete(pending, time.perf_counter_ns(), response, None)
 
     def _complete(self, pending: _Pending, end_ns: int, response: Any, error: str | None) -> None:
-        if pending.done:
-            return  # answered already (a late response after a timeout or cancel): exactly one record
-        pending.done = True
         server = None
         if error is None and self.wants_record:
             try:
@@ -430,9 +481,10 @@ class TritonLoadClient:
         try:
             self.on_record(record)
         finally:
-            self._completed += 1
-            if self._completed == self._sent:
-                self._idle.set()
+            with self._lock:
+                self._completed += 1
+                if self._completed == self._sent:
+                    self._lock.notify_all()
             if pending.then is not None:
                 pending.then()
 
@@ -444,38 +496,33 @@ class TritonLoadClient:
         for stream in self._streams:
             stream.expire(now_ns, timeout_ns)
 
-    async def wait_idle(self, timeout_s: float) -> bool:
+    def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every sent request has its record; False if some are still in flight."""
         deadline = time.monotonic() + timeout_s
-        while self._completed < self._sent:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._idle.wait(), min(left, IDLE_POLL_S))
-            except asyncio.TimeoutError:
-                self.expire()
+        with self._lock:
+            while self._completed < self._sent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(timeout=min(left, 0.2))
+                self._lock.release()
+                try:
+                    self.expire()
+                finally:
+                    self._lock.acquire()
         return True
 
     def cancel_all(self, reason: str) -> None:
         """Record every request still waiting as failed with ``reason`` (the window closed long ago)."""
-        self._cancel_reason = reason
         for stream in self._streams:
             stream.fail_all(reason)
-        for task in list(self._calls):
-            task.cancel()
 
-    async def close(self) -> None:
-        """Close the streams and channels; every request still in flight gets its (cancelled) record."""
+    def close(self) -> None:
         for stream in self._streams:
-            await stream.close()
-        await asyncio.sleep(0)  # a call task cancelled before its first step would never write its record
-        calls = list(self._calls)
-        for task in calls:
-            task.cancel()
-        await asyncio.gather(*calls, return_exceptions=True)
+            stream.close()
         for channel in self._channels:
-            await channel.close()
+            channel.close()  # cancels the calls still in flight: each gets its record
+        self._workers.close()
 
 
 def reorch_record_bytes(response: service_pb2.ModelInferResponse) -> bytes | None:

@@ -1,22 +1,21 @@
-"""The sender process: sends one Locust process's share of a load run from one ``grpc.aio`` event loop (no gevent).
+"""The sender process: sends one Locust process's share of a load run from plain threads (no gevent).
 
 Locust keeps what it is good at (users, load shapes, distributed master/workers, events, web UI);
 the requests themselves leave from this separate, un-patched process, started by
-:class:`loadtest.session.LoadSession` (``python -m loadtest.sender``) before the run starts. Its
-main thread runs one event loop (uvloop where installed: :func:`new_event_loop`) that sends every
-request and takes every timestamp (see :mod:`loadtest.client`):
+:class:`loadtest.session.LoadSession` (``python -m loadtest.sender``) before the run starts:
 
-* open loop: a task walks this process's share of the precomputed arrival schedule; it sleeps
-  until the next arrival is due (the loop's timers tick in milliseconds) and sends every arrival
-  due by then; it never waits for a response, so no coordinated omission; an arrival sent late is
-  recorded with its lateness, never skipped;
+* open loop: the main thread walks this process's share of the precomputed arrival schedule and
+  hands each arrival to the client shortly before its time (:data:`HANDOVER_AHEAD_NS`; the thread
+  that makes the call waits for the time itself); it never waits for a response, so no coordinated
+  omission; an arrival sent late is recorded with its lateness, never skipped;
 * closed loop: each Locust user of the parent adds one chain here: request, answer, next request,
   until the window closes.
 
-Records go back to the parent in batches (length-prefixed pickles on stdout, written by a flush
-thread) while the run goes on; the ``REORCH_RECORD`` JSON stays unparsed here (the parent parses
-it). At ``start + warmup + duration`` the window closes; in-flight requests are waited for
-(bounded by the client timeout), then a summary frame ends the exchange.
+Timestamps are taken on the threads that make the calls (see :mod:`loadtest.client`). Records go back to the
+parent in batches (length-prefixed pickles on stdout) while the run goes on; the ``REORCH_RECORD``
+JSON stays unparsed here (the parent parses it). At ``start + warmup + duration`` the window
+closes; in-flight requests are waited for (bounded by the client timeout), then a summary frame
+ends the exchange.
 
 Frames parent -> sender: ``("plan", plan_json, process_index)``, ``("user",)``, ``("stop",)``.
 Frames sender -> parent: ``("ready",)``, ``("records", [dict, ...])``, ``("done", summary)``.
@@ -24,11 +23,11 @@ Frames sender -> parent: ``("ready",)``, ``("records", [dict, ...])``, ``("done"
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
 import pickle
+import queue
 import struct
 import sys
 import threading
@@ -39,12 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import psutil
 
-try:
-    import uvloop
-except ImportError:  # a platform without uvloop (Windows): asyncio's own loop sends, at more CPU per request
-    uvloop = None
-
-from loadtest.client import CANCELLED, RequestRecord, TritonLoadClient
+from loadtest.client import RequestRecord, TritonLoadClient
 from loadtest.driver import LoadJob
 from loadtest.request_factory import RequestFactory
 from loadtest.workloads import TraceArrivals, make_arrival_process, make_length_distribution
@@ -57,16 +51,14 @@ _LENGTH_BATCH = 1024
 # Records live until the end of the run; moving them out of the collector's reach every so often
 # keeps full garbage collections (which scan every live object) from pausing the sender.
 _GC_FREEZE_EVERY = 8192
+# Open loop: arrivals go to the client this long before they are due; the calling thread waits out
+# the rest (loadtest.client). At high rates the scheduler then wakes once for several arrivals
+# instead of once each, one thread switch less per request.
+HANDOVER_AHEAD_NS = 2_000_000
 CONNECT_TIMEOUT_S = 10.0
-_STOP_CHECK_S = 0.5  # the longest the sender sleeps before it looks whether the run was stopped
 FLUSH_INTERVAL_S = 1.0
 RECORDS_PER_FRAME = 256
 _HEADER = struct.Struct("<I")
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The sender's event loop: uvloop's where installed (less CPU per request), else asyncio's own."""
-    return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
 def write_frame(out: BinaryIO, message: Any) -> None:
@@ -107,11 +99,7 @@ def open_loop_schedule(plan: LoadJob) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 class Sender:
-    """Sends one process's share of a plan; see the module docstring. ``emit`` gets the outgoing frames.
-
-    :meth:`run` runs the whole exchange on a new event loop (:func:`new_event_loop`); :meth:`add_user`
-    and :meth:`stop` may be called from any thread.
-    """
+    """Sends one process's share of a plan; see the module docstring. ``emit`` gets the outgoing frames."""
 
     def __init__(self, plan: LoadJob, *, process_index: int, emit: Callable[[Any], None],
                  channels: list[Any] | None = None) -> None:
@@ -124,19 +112,25 @@ class Sender:
         self.scheduled = 0
         self.scheduled_in_window = 0
         self.cpu_percent = 0.0
-        self.client: TritonLoadClient | None = None
-        self._channels = channels
         self._emit = emit
         self._emitted = 0
-        self._stopping = False
+        self._stop = threading.Event()
         self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
         self._users_lock = threading.Lock()
         self._users_waiting = 0
         self._started = False
-        self._factory = RequestFactory(self.entry, spec.variant, rows=spec.rows,
-                                       seed=[spec.seed, _STREAM_VALUES, process_index])
+        self._user_turns: queue.SimpleQueue = queue.SimpleQueue()
+        factory = RequestFactory(self.entry, spec.variant, rows=spec.rows, seed=[spec.seed, _STREAM_VALUES, process_index])
+        self.client = TritonLoadClient(
+            plan.grpc_url, factory, model=spec.model, on_record=self.records.append, protocol=spec.protocol,
+            priority=spec.priority, timeout_us=spec.timeout_us, client_timeout_s=spec.client_timeout_s,
+            worker=process_index, channels=channels,
+        )  # fmt: skip
+        if channels is None and not self.client.connect(timeout_s=CONNECT_TIMEOUT_S):
+            self.warnings.append(
+                f"process {process_index}: no connection to {plan.grpc_url} within {CONNECT_TIMEOUT_S:.0f} s; "
+                "requests will be recorded as errors"
+            )
         self._length_rng = np.random.default_rng([spec.seed, _STREAM_LENGTHS, process_index])
         self._lengths_buffer: list[int] = []
         self._length_dist = (
@@ -156,12 +150,12 @@ class Sender:
     # ---- closed loop ---------------------------------------------------------------------------
 
     def add_user(self) -> None:
-        """One more closed-loop chain (now, or at the start if the run has not started); any thread."""
+        """One more closed-loop chain (now, or at the start if the run has not started)."""
         with self._users_lock:
             if not self._started:
                 self._users_waiting += 1
                 return
-        self._loop.call_soon_threadsafe(self._user_turn)  # type: ignore[union-attr]
+        self._user_turns.put(None)
 
     def _next_length(self) -> int | None:
         if not self.entry.has_sequence:
@@ -172,11 +166,16 @@ class Sender:
             self._lengths_buffer = self._length_dist.sample(self._length_rng, _LENGTH_BATCH).tolist()[::-1]
         return self._lengths_buffer.pop()
 
-    def _user_turn(self) -> None:
-        # a closed-loop chain's next request, sent when its previous one has its record (on the loop)
-        if self._closing or time.perf_counter_ns() >= self._end_ns:
-            return
-        self.client.send(self._next_length(), then=self._user_turn)  # type: ignore[union-attr]
+    def _run_users(self) -> None:
+        # one thread turns every finished closed-loop request into the next one (no recursion in callbacks)
+        again = self._user_turns.put
+        while True:
+            token = self._user_turns.get()
+            if token is _STOP or self._closing or time.perf_counter_ns() >= self._end_ns:
+                if token is _STOP:
+                    return
+                continue
+            self.client.send(self._next_length(), then=lambda: again(None))
 
     # ---- open loop -----------------------------------------------------------------------------
 
@@ -189,34 +188,28 @@ class Sender:
         my_lengths = lengths[mine].tolist() if lengths is not None else [None] * len(my_times)
         return (np.round(my_times * 1e9).astype(np.int64).tolist(), my_lengths)
 
-    async def _walk_schedule(self) -> None:
-        # wake when the next arrival is due (timers tick in milliseconds), send every arrival due by now
+    def _walk_schedule(self) -> None:
         assert self._schedule is not None
-        offsets_ns, lengths = self._schedule
-        send, start_ns, clock, count, total = self.client.send, self._start_ns, time.perf_counter_ns, 0, len(offsets_ns)  # type: ignore[union-attr]
-        while count < total and not self._stopping:
-            now_ns = clock()
-            due_ns = start_ns + offsets_ns[count]
-            if due_ns > now_ns:
-                await asyncio.sleep(min((due_ns - now_ns) / 1e9, _STOP_CHECK_S))
-                continue
-            while count < total and start_ns + offsets_ns[count] <= now_ns:
-                send(lengths[count], scheduled_ns=start_ns + offsets_ns[count])
-                count += 1
-                if count % _GC_FREEZE_EVERY == 0:
-                    gc.freeze()
+        send, start_ns = self.client.send, self._start_ns
+        for count, (offset_ns, seq_len) in enumerate(zip(*self._schedule)):
+            if self._stop.is_set():
+                break
+            due_ns = start_ns + offset_ns
+            delay_ns = due_ns - HANDOVER_AHEAD_NS - time.perf_counter_ns()
+            if delay_ns > 0:
+                time.sleep(delay_ns / 1e9)
+            send(seq_len, scheduled_ns=due_ns)
+            if count % _GC_FREEZE_EVERY == _GC_FREEZE_EVERY - 1:
+                gc.freeze()
 
     # ---- the run -------------------------------------------------------------------------------
 
-    async def _sleep_until(self, perf_ns: int) -> None:
-        while not self._stopping:
+    def _sleep_until(self, perf_ns: int) -> None:
+        while not self._stop.is_set():
             delay_s = (perf_ns - time.perf_counter_ns()) / 1e9
             if delay_s <= 0:
                 return
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(delay_s, _STOP_CHECK_S))  # type: ignore[union-attr]
-            except asyncio.TimeoutError:
-                pass
+            self._stop.wait(min(delay_s, 0.5))
 
     def _flush(self, final: bool = False) -> None:
         end = len(self.records)
@@ -225,7 +218,7 @@ class Sender:
             self._emit(("records", [vars(r) for r in chunk]))
             self._emitted += len(chunk)
             if not final:
-                time.sleep(0)  # let the event loop take its timestamps between chunks
+                time.sleep(0)  # let a waiting call thread take its timestamp between chunks
 
     def _flush_loop(self, stop: threading.Event) -> None:
         while not stop.wait(FLUSH_INTERVAL_S):
@@ -234,56 +227,37 @@ class Sender:
 
     def run(self) -> dict[str, Any]:
         """Send the share, drain, emit every record and the summary; return the summary."""
-        loop = new_event_loop()
-        try:
-            return loop.run_until_complete(self._run())
-        finally:
-            loop.close()
-
-    async def _run(self) -> dict[str, Any]:
-        spec = self.spec
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        if self._stopping:
-            self._wake.set()
-        self.client = client = TritonLoadClient(
-            self.plan.grpc_url, self._factory, model=spec.model, on_record=self.records.append, protocol=spec.protocol,
-            priority=spec.priority, timeout_us=spec.timeout_us, client_timeout_s=spec.client_timeout_s,
-            worker=self.process_index, channels=self._channels,
-        )  # fmt: skip
-        if self._channels is None and not await client.connect(timeout_s=CONNECT_TIMEOUT_S):
-            self.warnings.append(
-                f"process {self.process_index}: no connection to {self.plan.grpc_url} within {CONNECT_TIMEOUT_S:.0f} s; "
-                "requests will be recorded as errors"
-            )
-        gc.freeze()  # imports, plan, schedule and channels: long-lived
+        gc.freeze()  # imports, plan and schedule: long-lived
         flushing = threading.Event()
         flusher = threading.Thread(target=self._flush_loop, args=(flushing,), daemon=True, name="stagebatch-flush")
         flusher.start()
-        await self._sleep_until(self._start_ns)
+        users = threading.Thread(target=self._run_users, daemon=True, name="stagebatch-users")
+        users.start()
+        self._sleep_until(self._start_ns)
         cpu_start, wall_start = self._cpu_seconds(), time.perf_counter()
         with self._users_lock:
             self._started = True
-            waiting, self._users_waiting = self._users_waiting, 0
-        for _ in range(waiting):
-            self._user_turn()
+            for _ in range(self._users_waiting):
+                self._user_turns.put(None)
         if self._schedule is not None:
-            await self._walk_schedule()
-        await self._sleep_until(self._end_ns)
+            self._walk_schedule()
+        self._sleep_until(self._end_ns)
         wall_s = time.perf_counter() - wall_start
         self.cpu_percent = 100.0 * (self._cpu_seconds() - cpu_start) / wall_s if wall_s > 0 else 0.0
         self._closing = True
-        if not await client.wait_idle(spec.drain_timeout_s):
+        if not self.client.wait_idle(self.spec.drain_timeout_s):
             self.warnings.append(
-                f"process {self.process_index}: {client.inflight} requests still unanswered "
-                f"{spec.drain_timeout_s:.0f} s after the window closed; recorded as cancelled"
+                f"process {self.process_index}: {self.client.inflight} requests still unanswered "
+                f"{self.spec.drain_timeout_s:.0f} s after the window closed; recorded as cancelled"
             )
-            client.cancel_all(CANCELLED)
-        await client.close()  # cancels what is left; every request has its record
-        if client.unmatched_responses:
+            self.client.cancel_all("cancelled: the load generator stopped before the response arrived")
+        self.client.close()  # cancels what is left; every request has its record
+        self.client.wait_idle(5.0)
+        if self.client.unmatched_responses:
             self.warnings.append(
-                f"process {self.process_index}: {client.unmatched_responses} streamed responses matched no request"
+                f"process {self.process_index}: {self.client.unmatched_responses} streamed responses matched no request"
             )
+        self._user_turns.put(_STOP)
         flushing.set()
         flusher.join()
         self._flush(final=True)
@@ -292,14 +266,9 @@ class Sender:
         return summary
 
     def stop(self) -> None:
-        """Close the window now (Locust stopped early); any thread."""
+        """Close the window now (Locust stopped early)."""
         self._end_ns = min(self._end_ns, time.perf_counter_ns())
-        self._stopping = True
-        if self._loop is not None and self._wake is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:
-                pass  # the loop has finished already
+        self._stop.set()
 
     def summary(self) -> dict[str, Any]:
         late = sum(1 for r in self.records if r.late_us > self.spec.late_tolerance_us)
@@ -316,6 +285,9 @@ class Sender:
     def _cpu_seconds(self) -> float:
         times = self._process.cpu_times()
         return times.user + times.system
+
+
+_STOP = object()
 
 
 def _commands(source: BinaryIO, sender: Sender) -> None:
@@ -355,12 +327,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     try:
-        code = main()
+        sys.exit(main())
     except (BrokenPipeError, KeyboardInterrupt):
-        code = 0  # the parent went away: nothing left to report to
-    # Every frame is written and flushed. Leave now: the interpreter's shutdown (gRPC's threads and
-    # channels, the command thread blocked reading stdin) takes a while and can abort on the stdin
-    # lock, and the parent waits for this process to exit.
-    logging.shutdown()
-    sys.stderr.flush()
-    os._exit(code)
+        sys.exit(0)  # the parent went away: nothing left to report to

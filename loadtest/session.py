@@ -137,13 +137,10 @@ class LoadSession:
                     self._summary = frame[1]
                     break
         finally:
-            # the records and the summary are complete: hand them on before waiting for the process to exit
+            self._sender.close()
             self.done.set()
-            try:
-                if self._on_done is not None:
-                    self._on_done(self)
-            finally:
-                self._sender.close()
+            if self._on_done is not None:
+                self._on_done(self)
 
     def _record(self, record: RequestRecord) -> None:
         self.records.append(record)
