@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob, LoadResult, LoadSpec, run_load
 from loadtest.perf_analyzer import (
@@ -222,19 +221,6 @@ def verdicts(points: list[Point]) -> None:
 
 # ---- 3. generator capacity ------------------------------------------------------------------------
 
-def server_cpu_seconds() -> float:
-    """CPU seconds used so far by this process's tritonserver children and their Python stubs."""
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "triton" in child.name():
-                times = child.cpu_times()
-                total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def loadgen_capacity(args: argparse.Namespace) -> None:
     print(f"\n== 3. generator capacity: one sending process, open-loop constant rate, trivial model {TRIVIAL_MODEL!r} ==")
     print(f"{'rate/s':>8} {'achieved':>9} {'late':>6} {'late %':>7} {'late p50':>9} {'late p99':>9} {'errors':>6} "
@@ -245,9 +231,9 @@ def loadgen_capacity(args: argparse.Namespace) -> None:
             rate = args.loadgen_rate
             spec = LoadSpec(TRIVIAL_MODEL, "whole", ArrivalSpec("constant", rate_rps=rate), None,
                             duration_s=args.loadgen_s, warmup_s=1.0)
-            server_start, wall_start = server_cpu_seconds(), time.monotonic()
+            server_start, wall_start = server.cpu_seconds(), time.monotonic()
             result = run_load(server.grpc_url, manifest, spec)
-            server_cores = (server_cpu_seconds() - server_start) / (time.monotonic() - wall_start)
+            server_cores = (server.cpu_seconds() - server_start) / (time.monotonic() - wall_start)
             n = len(result.records)
             achieved = n / result.duration_s
             cpu_us = result.loadgen_cpu_percent / 100 * 1e6 / achieved if achieved else float("nan")

@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from core.model_config import read_model_config
 
@@ -181,21 +180,6 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
         span = max(done[i] for i in finished) - min(sent[i] for i in measured)
         outcome.throughput_rps = len(finished) / span if span > 0 else 0.0
     return outcome
-
-
-def server_cpu_s() -> float:
-    """CPU seconds (user + system) used so far by the server and its Python stubs (children of this process).
-
-    Less sensitive to other load on the machine than latency: per request it shows where the cost goes.
-    """
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.Error:  # exited meanwhile
-            continue
-        total += times.user + times.system
-    return total
 
 
 def triton_batching(url: str, model: str) -> tuple[int, int, int]:
@@ -376,8 +360,7 @@ class Comparison:
 
 @dataclass
 class Bench:
-    url: str
-    metrics_url: str
+    server: EmbeddedTriton
     manifest: dict
     args: argparse.Namespace
     policy: str
@@ -386,6 +369,14 @@ class Bench:
     comparisons: list[Comparison] = field(default_factory=list)
     analyzer: PerfAnalyzer | None = None
     analyzer_missing: str = ""  # why perf_analyzer cannot be had (then the Python client sends)
+
+    @property
+    def url(self) -> str:
+        return self.server.grpc_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self.server.metrics_url
 
     def __post_init__(self) -> None:
         try:
@@ -419,7 +410,7 @@ class Bench:
         order = variants if len(comparison.repeats) % 2 == 0 else variants[::-1]
         figures, ops = {}, ""
         for variant, model in order:
-            cpu_before, batching_before = server_cpu_s(), triton_batching(self.url, model)
+            cpu_before, batching_before = self.server.cpu_seconds(), triton_batching(self.url, model)
             metrics_before = scrape_metrics(self.metrics_url) if variant == "reorch" else ""
             if comparison.analyzer_rate_rps is not None:
                 assert self.analyzer is not None
@@ -433,7 +424,7 @@ class Bench:
                                             self.args.warmup_s, self.args.drain_s, streaming=False))
                 latency = {**summarize(outcome), "failed": len(outcome.errors) + outcome.unanswered,
                            "latencies": outcome.latencies_ms, "span_s": self._span(outcome)}
-            cpu_ms = (server_cpu_s() - cpu_before) * 1e3 / max(1, len(comparison.arrivals))
+            cpu_ms = (self.server.cpu_seconds() - cpu_before) * 1e3 / max(1, len(comparison.arrivals))
             served, executions, queue_ns = (after - before for after, before in
                                             zip(triton_batching(self.url, model), batching_before))
             if variant == "reorch":
@@ -587,7 +578,7 @@ def answers_on_built_model(args: argparse.Namespace, knobs: dict[str, str]) -> l
         try:
             with EmbeddedTriton(overlay, models=[args.answers_model, f"{args.answers_model}_reorch_{args.policy}"]) \
                     as server:
-                bench = Bench(server.grpc_url, server.metrics_url, manifest, args, args.policy)
+                bench = Bench(server, manifest, args, args.policy)
                 bench.answers(args.answers_model)
         finally:
             shutil.rmtree(overlay, ignore_errors=True)
@@ -660,7 +651,7 @@ def main() -> None:
         verdicts += answers_on_built_model(args, knobs)
     try:
         with EmbeddedTriton(overlay, models=served) as server:
-            bench = Bench(server.grpc_url, server.metrics_url, manifest, args, args.policy, verdicts=verdicts)
+            bench = Bench(server, manifest, args, args.policy, verdicts=verdicts)
             if own_answers:
                 bench.answers(args.answers_model)
             if "p50" in args.targets:

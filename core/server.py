@@ -37,6 +37,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from core.errors import ServerStartError
 from core.supervisor import ModelSupervisor, SupervisorPolicy
 
@@ -337,6 +339,26 @@ class EmbeddedTriton:
             return f"{what}: {details} (server log: {self.log_path})"
         tail = " | ".join(line for line in self.logs().strip().splitlines()[-5:])
         return f"{what}; last log lines: {tail} (server log: {self.log_path})"
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) used so far by tritonserver and its backend stubs (its child
+        processes): what serving costs, apart from the clients on the same machine. A stub that exited
+        meanwhile no longer counts."""
+        if self._process is None:
+            return 0.0
+        try:
+            server = psutil.Process(self._process.pid)
+            processes = [server, *server.children(recursive=True)]
+        except psutil.Error:  # the server exited
+            return 0.0
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # exited meanwhile
+                continue
+            total += times.user + times.system
+        return total
 
     def logs(self) -> str:
         """The server log so far."""

@@ -202,6 +202,22 @@ def _run_checked(analyzer: PerfAnalyzer, args: list[str], timeout_s: float, prod
         raise StagebatchError(f"perf_analyzer failed (exit code {done.returncode}):\n{_tail(done.stdout, done.stderr)}")
 
 
+def _exported_requests(path: Path) -> list[dict[str, Any]]:
+    """The requests of a ``--profile-export-file``, in the order they were sent (none if it is missing)."""
+    export = json.loads(path.read_text()) if path.exists() else {}
+    requests = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])]
+    requests.sort(key=lambda r: r["timestamp"])
+    return requests
+
+
+def _latencies_and_rate(answered: list[dict[str, Any]]) -> tuple[list[int], float]:
+    """Latency (µs, to the first response) of each answered exported request, and their rate (req/s)
+    from the first request sent to the last response."""
+    latencies_us = [(r["response_timestamps"][0] - r["timestamp"]) // 1000 for r in answered]
+    span_s = (max(r["response_timestamps"][-1] for r in answered) - min(r["timestamp"] for r in answered)) / 1e9
+    return latencies_us, len(answered) / span_s if span_s > 0 else float("nan")
+
+
 def _tail(*outputs: str | bytes | None, lines: int = 8) -> str:
     text = "".join(o.decode(errors="replace") if isinstance(o, bytes) else o for o in outputs if o)
     return "\n".join(text.strip().splitlines()[-lines:])
@@ -248,23 +264,20 @@ def run_schedule(
         if spec.variant in RECORD_VARIANTS:
             args += ["--request-parameter", f"{REORCH_RECORD_PARAMETER}:true:bool"]
         _run_checked(analyzer, args, timeout_s, work / "profile.json")
-        export = json.loads((work / "profile.json").read_text())
-    requests = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])]
-    requests.sort(key=lambda r: r["timestamp"])
+        requests = _exported_requests(work / "profile.json")
     if not requests:
         raise StagebatchError("perf_analyzer's profile export holds no requests")
     # perf_analyzer 2.51 may send a few requests past --request-count (its threads finish their
     # turn): the schedule's i-th arrival is the i-th request sent, and only those are measured
     in_window = times_s >= spec.warmup_s
     window = [r for r, keep in zip(requests, in_window) if keep and r.get("response_timestamps")]
-    latencies = [(r["response_timestamps"][0] - r["timestamp"]) // 1000 for r in window]
-    if not latencies:
+    if not window:
         raise StagebatchError("perf_analyzer answered no request of the measured window")
-    span_s = (max(r["response_timestamps"][-1] for r in window) - window[0]["timestamp"]) / 1e9
+    latencies, throughput_rps = _latencies_and_rate(window)
     return ScheduleResult(
         p50_ms=percentile_us(latencies, 50) / 1000,
         p99_ms=percentile_us(latencies, 99) / 1000,
-        throughput_rps=len(latencies) / span_s if span_s > 0 else float("nan"),
+        throughput_rps=throughput_rps,
         requests=len(latencies),
         latencies_us=latencies,
     )
@@ -369,9 +382,7 @@ def measure_point(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, vari
                 "-f", str(work / "out.csv"), "--profile-export-file", str(work / "profile.json")]
         _run_checked(analyzer, args, timeout_s, work / "out.csv")
         header, *rows = [line.split(",") for line in (work / "out.csv").read_text().strip().splitlines()]
-        export = json.loads((work / "profile.json").read_text()) if (work / "profile.json").exists() else {}
-    answered = [r for experiment in export.get("experiments", []) for r in experiment.get("requests", [])
-                if r.get("response_timestamps")]
+        answered = [r for r in _exported_requests(work / "profile.json") if r.get("response_timestamps")]
     if not rows:
         raise StagebatchError("perf_analyzer wrote no measurement")
     row = dict(zip(header, rows[0]))
@@ -380,8 +391,6 @@ def measure_point(analyzer: PerfAnalyzer, url: str, model: str, entry: Any, vari
                          p99_ms=float(row["p99 latency"]) / 1000, server_queue_ms=float(row["Server Queue"]) / 1000,
                          server_compute_ms=compute_us / 1000)
     if answered:  # else the csv's own figures (an export without requests)
-        latencies_us = [(r["response_timestamps"][0] - r["timestamp"]) // 1000 for r in answered]
-        span_s = (max(r["response_timestamps"][-1] for r in answered) - min(r["timestamp"] for r in answered)) / 1e9
-        result.throughput_rps = len(answered) / span_s if span_s > 0 else float("nan")
+        latencies_us, result.throughput_rps = _latencies_and_rate(answered)
         result.p50_ms, result.p99_ms = percentile_us(latencies_us, 50) / 1000, percentile_us(latencies_us, 99) / 1000
     return result

@@ -49,6 +49,16 @@ def test_unary_inference_returns_what_onnxruntime_returns(served):
     np.testing.assert_allclose(result, session.run(None, {"x": x})[0], rtol=1e-6)
 
 
+def test_cpu_seconds_counts_the_server_and_its_stubs_and_grows_with_requests(served):
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    x = np.ones((1, 4), dtype=np.float32)
+    before = served.cpu_seconds()
+    for _ in range(300):
+        client.infer("matmul", [_input("x", x, "FP32")])
+    assert before > 0 and served.cpu_seconds() > before
+    assert EmbeddedTriton(served.repository).cpu_seconds() == 0.0  # not started: nothing to count
+
+
 def test_requests_of_different_lengths_share_a_batch_and_get_their_own_rows_back(served):
     _, table = token_model(50)
     client = grpcclient.InferenceServerClient(served.grpc_url)
