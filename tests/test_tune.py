@@ -136,7 +136,7 @@ def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_
     options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
                           out=tmp_path / "out", top=1, confirm=2, repeats=2, extra_rounds=2,
                           space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
-                                            preferred=("none",), instance_counts=(1,)))
+                                            preferred=("none",), instance_counts=(1,), intra_op_threads=(None,)))
     state = tune_module.tune([built], options, say=lambda _: None)
     # default + 2 configurations in 2 full rounds, then 2 rounds of the leader (batch 4) and the default
     assert sorted(FakeConfirmer.calls) == sorted([(8, 0), (2, 0), (4, 0), (8, 1), (2, 1), (4, 1),
@@ -160,7 +160,7 @@ def test_tune_measures_only_the_better_half_after_the_halving_rounds(tmp_path, m
     options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
                           out=tmp_path / "out", top=1, confirm=2, repeats=3, extra_rounds=0, halving_after=2,
                           space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
-                                            preferred=("none",), instance_counts=(1,)))
+                                            preferred=("none",), instance_counts=(1,), intra_op_threads=(None,)))
     state = tune_module.tune([_built_model_m(tmp_path)], options, say=lambda _: None)
     assert [call for call in FakeConfirmer.calls if call[1] == 2] == [(8, 2), (4, 2)]  # batch 2 is behind: left out
     assert [r["repeats"] for r in state["results"]] == [3, 3, 2]
