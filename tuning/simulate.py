@@ -348,7 +348,7 @@ class _Device:
         self._waiting: deque[tuple[int, Callable[[], None]]] = deque()
         self.busy_us = 0
 
-    def run(self, duration_us: int, done: Callable[[], None], threads: int = 1) -> None:  # noqa: ARG002 - slots ignore threads
+    def run(self, duration_us: int, done: Callable[[], None], threads: int = 1) -> None:  # threads: unused by slots
         self._waiting.append((max(1, duration_us), done))
         self._start()
 
@@ -379,7 +379,7 @@ def core_shares(threads: Sequence[int], cores: float) -> list[float]:
     return shares
 
 
-class _SharedCores:
+class SharedCores:
     """``cores`` cores shared by every running launch (processor sharing), none waiting.
 
     A launch brings its duration alone (at its own thread count ``t``, which it can run in parallel on
@@ -529,7 +529,7 @@ class _Variant:
     def __init__(self, profile: ModelProfile, config: VariantConfig, settings: SimSettings, loop: _Loop,
                  finish: Callable[[_Job], None]) -> None:
         self.profile, self.config, self.settings, self.loop, self.finish = profile, config, settings, loop, finish
-        self.device = _SharedCores(loop, settings.cores) if settings.cores else _Device(loop, settings.device_slots)
+        self.device = SharedCores(loop, settings.cores) if settings.cores else _Device(loop, settings.device_slots)
         knob_threads = dict(config.knobs).get(THREADS_PARAMETER)
         self.threads = int(knob_threads) if knob_threads is not None else config.batcher.intra_op_threads
         self.stage_stats = [_StageStats() for _ in range(1 if config.variant == "whole" else profile.num_stages)]
