@@ -8,7 +8,13 @@ import textwrap
 import pytest
 
 from core.errors import ConfigValidationError
-from core.model_config import BatchingOverlay, DynamicBatching, TensorConfig, config_parameters, onnx_model_config
+from core.model_config import (
+    BatchingOverlay,
+    DynamicBatching,
+    TensorConfig,
+    config_parameters,
+    onnx_model_config,
+)
 from loadtest import characterization as runner
 from loadtest import rundir
 from loadtest.plan import load_plan, parse_plan
