@@ -197,6 +197,17 @@ def test_results_rank_the_configuration_most_surely_above_the_default_first_when
     assert [r["key"] for r in rows] == ["baseline", "steady", "lucky"]  # lucky's mean ratio is higher (1.67 > 1.25)
 
 
+def test_results_rank_a_configuration_measured_in_one_round_after_those_with_an_interval():
+    measurements = [{"key": "baseline", "repeat": r, "slo_rps": 100.0} for r in range(2)]
+    measurements += [{"key": "twice", "repeat": r, "slo_rps": v} for r, v in enumerate((110.0, 150.0))]
+    measurements += [{"key": "once", "repeat": 0, "slo_rps": 90.0}]
+    state = {"search": {"baseline": {}, "ranked": [{"key": "once"}, {"key": "twice"}]}, "measurements": measurements}
+    build = tune_module.Built(None, {}, profile_of([PLANTED]))
+    config = VariantConfig("whole", BatcherSettings(8, 100))
+    rows = tune_module._results(state, [("baseline", build, config), ("once", build, config), ("twice", build, config)])
+    assert [r["key"] for r in rows] == ["baseline", "twice", "once"]  # twice: 1.3x +- 2.5 (low end < 0.9)
+
+
 def test_bounded_shortens_the_window_when_a_fast_model_would_be_simulated_for_too_many_requests():
     workload = Workload(ArrivalSpec.parse("poisson:rate_rps=2000"), duration_s=10.0, warmup_s=1.0)
     short = bounded(workload, SearchOptions(max_requests=3000))

@@ -202,7 +202,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
                         "stopping")
                     break
                 for key, build, config in todo:
-                    if clock.left_s < _round_estimate_s(state, 1, options) * 0.5:
+                    if clock.left_s < _search_estimate_s(state, options):  # a search may not overrun the budget
                         say(f"  {clock.left_s:.0f} s left: {key} is not measured in round {repeat + 1}")
                         continue
                     k = build.profile.num_stages
@@ -242,10 +242,14 @@ def _round_members(state: dict[str, Any], to_confirm, repeat: int, options: Tune
     return [t for t in to_confirm if t[0] in chosen]
 
 
-def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
+def _search_estimate_s(state: dict[str, Any], options: TuneOptions) -> float:
+    """How long one capacity search on the server takes (the mean so far, else 4 probes)."""
     walls = [m["wall_s"] for m in state["measurements"] if m.get("wall_s")]
-    per = (sum(walls) / len(walls)) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)
-    return per * count * 0.8  # a later round may start if most of it fits
+    return (sum(walls) / len(walls)) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)
+
+
+def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
+    return _search_estimate_s(state, options) * count * 0.8  # a later round may start if most of it fits
 
 
 def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -> float:
@@ -307,10 +311,14 @@ def _evidence(row: dict[str, Any]) -> tuple[float, float]:
     """How surely a configuration beats the default: the low end of its paired ratio's 95% CI first.
 
     On a shared machine one round can measure a configuration 2x too fast; ranking by the mean would
-    crown it. Unmeasured configurations come last, in their simulated order.
+    crown it. A ratio from one round has no interval: it ranks after every one that has (one round is
+    the least evidence, not an interval of width 0). Unmeasured configurations come last, in their
+    simulated order.
     """
+    if row.get("vs_default") is not None and row.get("vs_default_ci95") is not None:
+        return 1.0, row["vs_default"] - row["vs_default_ci95"]
     if row.get("vs_default") is not None:
-        return 1.0, row["vs_default"] - (row.get("vs_default_ci95") or 0.0)
+        return 0.75, row["vs_default"]
     if row["measured_slo_rps"] is not None:
         return 0.5, row["measured_slo_rps"]
     return 0.0, row["simulated_slo_rps"] or 0.0
