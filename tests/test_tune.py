@@ -186,6 +186,14 @@ def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_config
     assert tune_module._start_rate(state, "unranked", ranked) == pytest.approx(0.8 * 180.0 * 50.0 / 150.0)
 
 
+def test_start_rate_starts_below_the_simulated_rate_when_the_default_has_not_passed_yet():
+    state = {"search": {"baseline": {"simulated_slo_rps": 250.0}}, "measurements": []}
+    assert tune_module._start_rate(state, "baseline", []) == pytest.approx(0.6 * 250.0)
+    state["measurements"] = [{"key": "baseline", "repeat": 0, "slo_rps": 0.0}]  # no probe passed
+    ranked = [{"key": "k4_ensemble", "simulated_slo_rps": 300.0}]
+    assert tune_module._start_rate(state, "k4_ensemble", ranked) == pytest.approx(0.6 * 300.0)
+
+
 def test_results_rank_the_configuration_most_surely_above_the_default_first_when_one_round_was_lucky():
     measurements = [{"key": "baseline", "repeat": r, "slo_rps": 40.0} for r in range(3)]
     measurements += [{"key": "steady", "repeat": r, "slo_rps": 50.0} for r in range(3)]
