@@ -73,8 +73,8 @@ def test_search_space_skips_queue_delays_for_batch_one_and_instances_for_reorch(
     assert len(configs) == 2 * 3 + 3  # whole: 3 batcher settings x 2 instance counts; reorch: 3
 
 
-def test_config_from_description_round_trips_a_reorch_configuration():
-    config = VariantConfig("reorch", BatcherSettings(8, 500, (4, 8), 1), "load", (("stretch_max_wait_us", 5000),))
+def test_config_from_description_round_trips_a_single_threaded_reorch_configuration():
+    config = VariantConfig("reorch", BatcherSettings(8, 500, (4, 8), 1, 1), "load", (("stretch_max_wait_us", 5000),))
     assert config_from_description(config.describe()) == config
 
 
