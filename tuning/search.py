@@ -290,7 +290,7 @@ def _threads_why(candidate: Candidate) -> str:
              if s.get("avg_batch_size")]
     rows = max(1, round(max(sizes))) if sizes else profile.max_batch_size
     slowdown = profile.thread_factor(threads, rows)
-    built = f"{profile.built_threads} (one per core)" if profile.built_threads == 0 else str(profile.built_threads)
+    built = "one per core, as built" if profile.built_threads == 0 else f"{profile.built_threads}, as built"
     at_once = {"whole": f"its {config.batcher.instance_count} instance(s)", "ensemble": "its stages",
                "reorch": "its stage launches"}[config.variant]
     return (f"runs onnxruntime with {threads} thread(s) per launch instead of {built}: a batch of {rows} takes "
