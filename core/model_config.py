@@ -40,6 +40,9 @@ CONFIG_FILE = "config.pbtxt"
 TARGETS = ("embedded", "gpu")  # embedded: Python backend + onnxruntime on CPU; gpu: onnxruntime backend, KIND_GPU
 TIMEOUT_ACTIONS = ("REJECT", "DELAY")
 ONNX_FILE = "model.onnx"  # the ONNX file in a model's version folder
+# onnxruntime's intra-op threads of a Python-backend model running onnxruntime (backends/onnx_runner and the
+# reorchestrator, whose ReorchKnobs field of this name writes the same parameter); 0 = onnxruntime's default
+THREADS_PARAMETER = "intra_op_threads"
 STAGES_FILE = "stages.json"  # the reorchestrator's description of its stages, in its version folder
 
 
@@ -224,7 +227,7 @@ def onnx_model_config(
         config["backend"] = "python"
         meta = {tensor.name: tensor.runner_meta() for tensor in [*inputs, *outputs] if tensor.runner_meta()}
         config["parameters"] = string_parameters(
-            {"onnx_file": ONNX_FILE, "intra_op_threads": intra_op_threads, "tensor_meta": meta}
+            {"onnx_file": ONNX_FILE, THREADS_PARAMETER: intra_op_threads, "tensor_meta": meta}
         )
     else:
         config["backend"] = "onnxruntime"
@@ -297,7 +300,7 @@ def config_parameters(config: Mapping[str, Any]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class BatchingOverlay:
-    """Request-batching knobs laid over a config as built; ``None`` leaves the built value."""
+    """Request-batching and instance knobs laid over a config as built; ``None`` leaves the built value."""
 
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
@@ -305,6 +308,7 @@ class BatchingOverlay:
     instance_count: int | None = None
     max_queue_size: int | None = None
     default_timeout_us: int | None = None
+    intra_op_threads: int | None = None  # onnxruntime threads of each instance (0: onnxruntime's default)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> BatchingOverlay:
@@ -383,6 +387,16 @@ def apply_batching(config: Mapping[str, Any], batching: BatchingOverlay) -> dict
             dynamic["default_queue_policy"] = queue.queue_policy_config()
         else:
             dynamic.pop("default_queue_policy", None)
+    if batching.intra_op_threads is not None:
+        if config.get("backend") != "python":
+            raise ConfigValidationError(
+                f"intra_op_threads={batching.intra_op_threads} for model {config.get('name')!r} (backend "
+                f"{config.get('backend') or config.get('platform')!r}): only the embedded target's Python-backend "
+                "models run onnxruntime with a thread count; leave intra_op_threads unset for this model")
+        if batching.intra_op_threads < 0:
+            raise ConfigValidationError(f"intra_op_threads={batching.intra_op_threads}: must be >= 0 "
+                                        "(0 = onnxruntime's default)")
+        config.setdefault("parameters", {}).update(string_parameters({THREADS_PARAMETER: batching.intra_op_threads}))
     return config
 
 

@@ -112,6 +112,24 @@ def test_batching_overlay_refuses_an_unknown_knob_naming_it():
         BatchingOverlay.from_mapping({"max_delay": 5})
 
 
+def test_batching_overlay_sets_intra_op_threads_of_a_python_model_and_leaves_it_when_unset():
+    built = onnx_model_config("m", target="embedded", max_batch_size=8, inputs=[TensorConfig("x", "float32", [3])],
+                              outputs=[TensorConfig("y", "float32", [3])], dynamic_batching=DynamicBatching(),
+                              intra_op_threads=0)
+    config = apply_batching(built, BatchingOverlay.from_mapping({"intra_op_threads": 1, "instance_count": 2}))
+    assert config_parameters(config)["intra_op_threads"] == "1"
+    assert config_parameters(built)["intra_op_threads"] == "0"  # the base is left as built
+    assert apply_batching(built, BatchingOverlay()) == built
+    render_model_config(config)
+
+
+def test_batching_overlay_refuses_intra_op_threads_for_a_model_without_onnxruntime_threads():
+    gpu = onnx_model_config("m", target="gpu", max_batch_size=4, inputs=[TensorConfig("x", "float32", [3])],
+                            outputs=[TensorConfig("y", "float32", [3])], dynamic_batching=DynamicBatching())
+    with pytest.raises(ConfigValidationError, match="intra_op_threads=1 for model 'm'"):
+        apply_batching(gpu, BatchingOverlay(intra_op_threads=1))
+
+
 def test_reorch_overlay_writes_knobs_as_reorch_knobs_renders_them_and_refuses_unknown_ones():
     config = apply_reorch({"name": "m_reorch"}, ReorchOverlay(knobs={"split_min_ratio": 2, "bucket_bounds": [4, 8]}),
                           BatchingOverlay())

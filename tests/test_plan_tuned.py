@@ -8,6 +8,13 @@ import textwrap
 import pytest
 
 from core.errors import ConfigValidationError
+from core.model_config import (
+    BatchingOverlay,
+    DynamicBatching,
+    TensorConfig,
+    config_parameters,
+    onnx_model_config,
+)
 from loadtest import characterization as runner
 from loadtest import rundir
 from loadtest.plan import load_plan, parse_plan
@@ -132,3 +139,18 @@ def test_characterization_runs_the_tuned_configuration_beside_the_default(tmp_pa
     assert tuned["point"]["batching"] == {"max_batch_size": 4, "max_queue_delay_us": 2000}
     assert tuned["comparison_key"] == next(p for p in points if not p["point"]["tuned"])["comparison_key"]
     assert "tuned:whole mbs4 qd2000" in (run_dir / "report.md").read_text()
+
+
+def test_tuned_threads_and_instances_reach_the_point_and_the_config_it_loads(tmp_path):
+    batching = {"max_batch_size": 8, "max_queue_delay_us": 0, "preferred_batch_sizes": [], "instance_count": 2,
+                "intra_op_threads": 1}
+    folder = write_tune(tmp_path / "tune", results=[RESULTS[0], {"key": "whole_mbs8_d0_i2_t1", "variant": "whole",
+                                                                 "batching": batching, "measured_slo_rps": 150.0}])
+    point = next(p for p in parse_plan(plan_text(folder), "tuned.yaml").points() if p.tuned)
+    assert point.batching == BatchingOverlay(8, 0, (), 2, intra_op_threads=1)
+    built = onnx_model_config("bert_base", target="embedded", max_batch_size=8, inputs=[TensorConfig("x", "float32", [3])],
+                              outputs=[TensorConfig("y", "float32", [3])], dynamic_batching=DynamicBatching(),
+                              intra_op_threads=0)
+    config = runner.point_configs(point, {"variants": {"whole": "bert_base"}}, {"bert_base": built})["bert_base"]
+    assert config_parameters(config)["intra_op_threads"] == "1"
+    assert config["instance_group"][0]["count"] == 2

@@ -73,8 +73,8 @@ def test_search_space_skips_queue_delays_for_batch_one_and_instances_for_reorch(
     assert len(configs) == 2 * 3 + 3  # whole: 3 batcher settings x 2 instance counts; reorch: 3
 
 
-def test_config_from_description_round_trips_a_reorch_configuration():
-    config = VariantConfig("reorch", BatcherSettings(8, 500, (4, 8), 1), "load", (("stretch_max_wait_us", 5000),))
+def test_config_from_description_round_trips_a_single_threaded_reorch_configuration():
+    config = VariantConfig("reorch", BatcherSettings(8, 500, (4, 8), 1, 1), "load", (("stretch_max_wait_us", 5000),))
     assert config_from_description(config.describe()) == config
 
 
@@ -136,7 +136,7 @@ def test_tune_measures_in_rounds_then_only_the_leader_writes_ready_repositories_
     options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
                           out=tmp_path / "out", top=1, confirm=2, repeats=2, extra_rounds=2,
                           space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
-                                            preferred=("none",), instance_counts=(1,)))
+                                            preferred=("none",), instance_counts=(1,), intra_op_threads=(None,)))
     state = tune_module.tune([built], options, say=lambda _: None)
     # default + 2 configurations in 2 full rounds, then 2 rounds of the leader (batch 4) and the default
     assert sorted(FakeConfirmer.calls) == sorted([(8, 0), (2, 0), (4, 0), (8, 1), (2, 1), (4, 1),
@@ -160,7 +160,7 @@ def test_tune_measures_only_the_better_half_after_the_halving_rounds(tmp_path, m
     options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
                           out=tmp_path / "out", top=1, confirm=2, repeats=3, extra_rounds=0, halving_after=2,
                           space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
-                                            preferred=("none",), instance_counts=(1,)))
+                                            preferred=("none",), instance_counts=(1,), intra_op_threads=(None,)))
     state = tune_module.tune([_built_model_m(tmp_path)], options, say=lambda _: None)
     assert [call for call in FakeConfirmer.calls if call[1] == 2] == [(8, 2), (4, 2)]  # batch 2 is behind: left out
     assert [r["repeats"] for r in state["results"]] == [3, 3, 2]
@@ -186,6 +186,14 @@ def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_config
     assert tune_module._start_rate(state, "unranked", ranked) == pytest.approx(0.8 * 180.0 * 50.0 / 150.0)
 
 
+def test_start_rate_starts_below_the_simulated_rate_when_the_default_has_not_passed_yet():
+    state = {"search": {"baseline": {"simulated_slo_rps": 250.0}}, "measurements": []}
+    assert tune_module._start_rate(state, "baseline", []) == pytest.approx(0.6 * 250.0)
+    state["measurements"] = [{"key": "baseline", "repeat": 0, "slo_rps": 0.0}]  # no probe passed
+    ranked = [{"key": "k4_ensemble", "simulated_slo_rps": 300.0}]
+    assert tune_module._start_rate(state, "k4_ensemble", ranked) == pytest.approx(0.6 * 300.0)
+
+
 def test_results_rank_the_configuration_most_surely_above_the_default_first_when_one_round_was_lucky():
     measurements = [{"key": "baseline", "repeat": r, "slo_rps": 40.0} for r in range(3)]
     measurements += [{"key": "steady", "repeat": r, "slo_rps": 50.0} for r in range(3)]
@@ -195,6 +203,17 @@ def test_results_rank_the_configuration_most_surely_above_the_default_first_when
     config = VariantConfig("whole", BatcherSettings(8, 100))
     rows = tune_module._results(state, [("baseline", build, config), ("lucky", build, config), ("steady", build, config)])
     assert [r["key"] for r in rows] == ["baseline", "steady", "lucky"]  # lucky's mean ratio is higher (1.67 > 1.25)
+
+
+def test_results_rank_a_configuration_measured_in_one_round_after_those_with_an_interval():
+    measurements = [{"key": "baseline", "repeat": r, "slo_rps": 100.0} for r in range(2)]
+    measurements += [{"key": "twice", "repeat": r, "slo_rps": v} for r, v in enumerate((110.0, 150.0))]
+    measurements += [{"key": "once", "repeat": 0, "slo_rps": 90.0}]
+    state = {"search": {"baseline": {}, "ranked": [{"key": "once"}, {"key": "twice"}]}, "measurements": measurements}
+    build = tune_module.Built(None, {}, profile_of([PLANTED]))
+    config = VariantConfig("whole", BatcherSettings(8, 100))
+    rows = tune_module._results(state, [("baseline", build, config), ("once", build, config), ("twice", build, config)])
+    assert [r["key"] for r in rows] == ["baseline", "twice", "once"]  # twice: 1.3x +- 2.5 (low end < 0.9)
 
 
 def test_bounded_shortens_the_window_when_a_fast_model_would_be_simulated_for_too_many_requests():

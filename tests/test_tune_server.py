@@ -13,6 +13,7 @@ from slicing.build import BuildOptions, build_repository
 from stagebatch.cli import main
 from tuning.calibrate import read_calibration
 from tuning.replay import SIMULATION_FILE, replay_run
+from tuning.threads import measure_thread_slowdown
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -71,6 +72,8 @@ def test_tune_confirms_and_writes_ready_repositories_within_its_budget(tiny_bert
     ready = sorted((out / "configs").iterdir())
     assert len(ready) == 1 and (ready[0] / "manifest.json").is_file() and (ready[0] / "tuned.json").is_file()
     assert "Why each won" in (out / "tune.md").read_text()
+    assert state["simulator"]["cores"] >= 1 and list(state["thread_slowdown"]["by_threads"]) == ["1"]
+    assert "Threads: the simulator shares" in (out / "tune.md").read_text()
     # resume: what was measured stays as it was; only the (configuration, round) pairs the budget left out run
     assert main(["tune", "--model", "bert_base", "--size", "tiny", "--slo-ms", "50", "--repository",
                  str(tiny_bert / "repo"), "--budget-minutes", "2.5", "--confirm", "1", "--top", "1",
@@ -80,3 +83,12 @@ def test_tune_confirms_and_writes_ready_repositories_within_its_budget(tiny_bert
     pairs = [(m["key"], m["repeat"]) for m in again["measurements"]]
     # no pair measured twice; 2 configurations x (2 rounds + 3 extra rounds of the leader) at most
     assert len(pairs) == len(set(pairs)) <= 2 * (2 + 3)
+
+
+def test_measure_thread_slowdown_times_each_thread_count_at_each_batch_size_of_a_built_model(tiny_bert):
+    repository = tiny_bert / "repo"
+    manifest = json.loads((repository / "manifest.json").read_text())
+    slowdown = measure_thread_slowdown(repository, manifest, "bert_base", threads=(1, 0), batch_sizes=(1, 8),
+                                       length=16, pairs=3, min_s=0.0)
+    assert list(slowdown) == [1]  # the count as built (0) is 1.0 by definition, not measured
+    assert list(slowdown[1]) == [1, 8] and all(value > 0 for value in slowdown[1].values())

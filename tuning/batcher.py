@@ -38,6 +38,9 @@ class BatcherSettings:
     max_queue_delay_us: int = 100
     preferred_batch_sizes: tuple[int, ...] = field(default=())
     instance_count: int = 1
+    intra_op_threads: int | None = None
+    """onnxruntime threads of each instance (``core.model_config.BatchingOverlay.intra_op_threads``;
+    None: as built, 0: onnxruntime's default, one per core)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(int(s) for s in self.preferred_batch_sizes)))
@@ -47,6 +50,9 @@ class BatcherSettings:
             raise BadParameterError(f"max_queue_delay_us={self.max_queue_delay_us}: must be >= 0")
         if self.instance_count < 1:
             raise BadParameterError(f"instance_count={self.instance_count}: must be >= 1")
+        if self.intra_op_threads is not None and self.intra_op_threads < 0:
+            raise BadParameterError(f"intra_op_threads={self.intra_op_threads}: must be >= 0 (0: onnxruntime's "
+                                    "default) or unset (as built)")
         bad = [s for s in self.preferred_batch_sizes if not 1 <= s <= self.max_batch_size]
         if bad:
             raise BadParameterError(f"preferred_batch_sizes {list(self.preferred_batch_sizes)}: {bad} outside "
@@ -54,8 +60,11 @@ class BatcherSettings:
 
     def to_batching(self) -> dict[str, Any]:
         """The same knobs as a plan point's ``batching`` dict (``core.model_config.apply_batching``)."""
-        return {"max_batch_size": self.max_batch_size, "max_queue_delay_us": self.max_queue_delay_us,
-                "preferred_batch_sizes": list(self.preferred_batch_sizes), "instance_count": self.instance_count}
+        out = {"max_batch_size": self.max_batch_size, "max_queue_delay_us": self.max_queue_delay_us,
+               "preferred_batch_sizes": list(self.preferred_batch_sizes), "instance_count": self.instance_count}
+        if self.intra_op_threads is not None:
+            out["intra_op_threads"] = self.intra_op_threads
+        return out
 
     @classmethod
     def from_batching(cls, batching: dict[str, Any], base: BatcherSettings) -> BatcherSettings:
@@ -63,7 +72,12 @@ class BatcherSettings:
         return cls(max_batch_size=int(batching.get("max_batch_size", base.max_batch_size)),
                    max_queue_delay_us=int(batching.get("max_queue_delay_us", base.max_queue_delay_us)),
                    preferred_batch_sizes=tuple(batching.get("preferred_batch_sizes", base.preferred_batch_sizes)),
-                   instance_count=int(batching.get("instance_count", base.instance_count)))
+                   instance_count=int(batching.get("instance_count", base.instance_count)),
+                   intra_op_threads=_optional_int(batching.get("intra_op_threads", base.intra_op_threads)))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 class DynamicBatcher:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +19,7 @@ from tuning.replay import replay_run
 from tuning.search import OBJECTIVES
 from tuning.simulate import SimSettings, VariantConfig, Workload
 from tuning.simulate import simulate as run_simulation
+from tuning.threads import measure_thread_slowdown
 from tuning.tune import TuneOptions, load_built
 from tuning.tune import tune as run_tune
 
@@ -58,6 +60,11 @@ def simulate(
     row_device_ms: Annotated[float, typer.Option(help="Device time every row adds to a launch (ms).")] = 0.0,
     request_overhead_ms: Annotated[float, typer.Option(help="Latency every request adds outside the server (ms).")] = 0.3,
     device_slots: Annotated[int, typer.Option(help="Launches that run at once without slowing each other.")] = 1,
+    cores: Annotated[int, typer.Option(help="Cores the launches share by their onnxruntime thread counts (0: the "
+                                            "--device-slots model instead).")] = 0,
+    intra_op_threads: Annotated[int | None, typer.Option(
+        help="onnxruntime threads per instance (default: as built; another count's slowdown is timed in-process "
+             "first, a few seconds).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Predict latency, throughput, goodput and batch sizes of a model's variants in virtual time."""
@@ -68,6 +75,8 @@ def simulate(
     console = Console(width=160)
     settings = (read_calibration(calibration) if calibration is not None
                 else _settings(launch_overhead_ms, row_device_ms, request_overhead_ms, device_slots))
+    if cores:
+        settings = dataclasses.replace(settings, cores=cores)
     if run is not None:
         document = replay_run(run, settings, calibrate=calibrate,
                               calibration_source=str(calibration) if calibration is not None else None,
@@ -81,10 +90,14 @@ def simulate(
         raise BadParameterError("give --model NAME (or --run RUN_DIR to simulate a characterization run)")
     built = load_built(repository, model)
     profile = built.profile
+    if intra_op_threads is not None and intra_op_threads != profile.built_threads:
+        profile = dataclasses.replace(profile, thread_slowdown=measure_thread_slowdown(
+            built.repository, built.manifest, model, threads=(intra_op_threads,), built_threads=profile.built_threads))
     base = profile.default_batcher()
     batcher = BatcherSettings(max_batch_size=max_batch_size or base.max_batch_size,
                               max_queue_delay_us=base.max_queue_delay_us if queue_delay_us is None else queue_delay_us,
-                              preferred_batch_sizes=tuple(preferred or ()), instance_count=instances)
+                              preferred_batch_sizes=tuple(preferred or ()), instance_count=instances,
+                              intra_op_threads=intra_op_threads)
     knobs = tuple(sorted(_knob(k) for k in knob or ()))
     configs = []
     for name in variant or ["whole", "ensemble", "reorch:dva"]:

@@ -1,8 +1,11 @@
 """The joint configuration space and its search by simulation (pure: no server).
 
 Space (``SearchSpace``): variant (whole / ensemble / reorch), for reorch the policy and its knobs,
-max batch size, max queue delay, preferred batch sizes and instance count. K and the cut balance come
-from the profiles at hand: every profile (one per built K) contributes its own candidates.
+max batch size, max queue delay, preferred batch sizes, instance count and onnxruntime threads per
+instance (as built, or 1: on a small CPU, two single-threaded instances or stages run side by side on
+the cores instead of taking turns on all of them). K and the cut balance come from the profiles at
+hand: every profile (one per built K) contributes its own candidates; a thread count only where the
+profile knows its slowdown (``ModelProfile.thread_slowdown``).
 
 Search (``search``), two rounds of simulation:
 
@@ -19,6 +22,7 @@ Search (``search``), two rounds of simulation:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -55,6 +59,7 @@ class SearchSpace:
     queue_delays_us: tuple[int, ...] = (0, 100, 500, 1000, 2000, 5000)
     preferred: tuple[str, ...] = PREFERRED_CHOICES
     instance_counts: tuple[int, ...] = (1, 2)
+    intra_op_threads: tuple[int | None, ...] = (None, 1)  # None: as built
     policies: tuple[str, ...] = POLICIES
     reorch_knobs: tuple[tuple[tuple[str, Any], ...], ...] = ((),)
 
@@ -67,7 +72,9 @@ class SearchSpace:
         """Every distinct configuration of this space that the profile's tables cover."""
         out: dict[str, VariantConfig] = {}
         sizes = sorted({s for s in self.max_batch_sizes if s <= profile.max_batch_size})
-        for variant in self.variants:
+        threads_known = dict.fromkeys(None if t == profile.built_threads else t for t in self.intra_op_threads
+                                      if t is None or t == profile.built_threads or t in profile.thread_slowdown)
+        for variant, threads in itertools.product(self.variants, threads_known):
             for size in sizes:
                 for delay in self.queue_delays_us:
                     if size == 1 and delay:
@@ -75,7 +82,7 @@ class SearchSpace:
                     for preferred in self.preferred:
                         sizes_pref = _preferred(preferred, size)
                         for instances in self.instance_counts:
-                            batcher = BatcherSettings(size, delay if size > 1 else 0, sizes_pref, instances)
+                            batcher = BatcherSettings(size, delay if size > 1 else 0, sizes_pref, instances, threads)
                             if variant != "reorch":
                                 config = VariantConfig(variant, batcher)
                                 out[repr(config)] = config
@@ -118,7 +125,7 @@ class Candidate:
             parts += [f"{k}{v}" for k, v in self.config.knobs]
         parts += [f"mbs{b.max_batch_size}", f"d{b.max_queue_delay_us}",
                   "p" + "-".join(map(str, b.preferred_batch_sizes)) if b.preferred_batch_sizes else "",
-                  f"i{b.instance_count}"]
+                  f"i{b.instance_count}", "" if b.intra_op_threads is None else f"t{b.intra_op_threads}"]
         return "_".join(p for p in parts if p)
 
     def describe(self) -> dict[str, Any]:
@@ -275,6 +282,22 @@ def diverse(ranked: Sequence[T], count: int, label: Callable[[T], str]) -> list[
     return sorted(chosen, key=ranked.index)
 
 
+def _threads_why(candidate: Candidate) -> str:
+    """What the configuration's onnxruntime thread count does (from the profile's measured slowdown)."""
+    config, profile = candidate.config, candidate.profile
+    threads = config.batcher.intra_op_threads
+    sizes = [s["avg_batch_size"] for s in (candidate.screen.stage_batches if candidate.screen else [])
+             if s.get("avg_batch_size")]
+    rows = max(1, round(max(sizes))) if sizes else profile.max_batch_size
+    slowdown = profile.thread_factor(threads, rows)
+    built = "one per core, as built" if profile.built_threads == 0 else f"{profile.built_threads}, as built"
+    at_once = {"whole": f"its {config.batcher.instance_count} instance(s)", "ensemble": "its stages",
+               "reorch": "its stage launches"}[config.variant]
+    return (f"runs onnxruntime with {threads} thread(s) per launch instead of {built}: a batch of {rows} takes "
+            f"{slowdown:.2f}x as long alone, but {at_once} run side by side on the cores instead of taking turns "
+            "on all of them")
+
+
 def why(candidate: Candidate, baseline_rps: float | None) -> str:
     """A sentence on what makes this configuration win (from its simulated behaviour)."""
     config = candidate.config
@@ -290,6 +313,8 @@ def why(candidate: Candidate, baseline_rps: float | None) -> str:
         bits.append(f"sends preferred sizes {list(b.preferred_batch_sizes)} at once")
     if b.instance_count > 1:
         bits.append(f"runs {b.instance_count} instances")
+    if b.intra_op_threads is not None:
+        bits.append(_threads_why(candidate))
     if config.variant == "reorch":
         ops = candidate.screen.operations if candidate.screen else {}
         used = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:3])

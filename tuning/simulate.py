@@ -11,9 +11,13 @@ specs (``loadtest.workloads.ArrivalSpec`` / ``LengthSpec``). Three variants:
   the real ``backends.reorch.scheduler.StageScheduler`` with the real policies and cost model; the
   simulator plays the executor: every launch takes the tables' time for its stages.
 
-Every launch runs on a shared *device* of ``device_slots`` slots (default 1: on a small CPU each
-onnxruntime call uses every core, so two launches at once only share them; a pipeline of stages adds
-no parallelism). A launch also pays ``launch_overhead_ms`` (Python backend, tensor copies).
+Every launch runs on a shared *device*: either ``device_slots`` slots (the default, 1: on a small CPU
+each onnxruntime call uses every core, so two launches at once only share them; a pipeline of stages
+adds no parallelism), or, with ``SimSettings.cores``, the machine's cores shared by thread count
+(processor sharing: ``core_shares``): a launch of ``t`` onnxruntime threads takes at most ``t``
+cores, and its time alone at ``t`` threads is the tables' time times the profile's measured
+``thread_slowdown`` (the tables are measured with the threads as built). A launch also pays
+``launch_overhead_ms`` (Python backend, tensor copies).
 
 Sequence models: a batch pads to its longest request; a stage's time scales linearly with that
 length relative to the length the tables were profiled at (see docs/tuning.md).
@@ -30,7 +34,7 @@ import itertools
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,7 @@ from loadtest.stats import LatencySummary, summarize
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from slicing.zoo import ZOO
 from core.errors import BadParameterError, ConfigValidationError
+from core.model_config import THREADS_PARAMETER
 from tuning.batcher import BatcherSettings, DynamicBatcher
 
 VARIANTS = ("whole", "ensemble", "reorch")
@@ -72,6 +77,10 @@ class ModelProfile:
     min_length: int = 1
     profiled_length: int | None = None  # the length the tables were measured at (sequence models)
     whole_graph: bool = False  # the reorchestrator runs a fused whole chain on the whole model's graph
+    built_threads: int = 0  # onnxruntime threads the tables were measured with, as built (0: one per core)
+    thread_slowdown: Mapping[int, Mapping[int, float]] = field(default_factory=dict)
+    """Per onnxruntime thread count other than as built: batch size -> a launch's time at that count
+    relative to the tables' (measured by ``tuning.threads``; sizes in between are interpolated)."""
 
     @classmethod
     def from_manifest_entry(cls, name: str, entry: Mapping[str, Any]) -> ModelProfile:
@@ -118,6 +127,19 @@ class ModelProfile:
 
     def whole_ms(self, rows: int, pad_to: int | None = None) -> float:
         return self.stages_ms(0, self.num_stages - 1, rows, pad_to)
+
+    def thread_factor(self, threads: int | None, rows: int) -> float:
+        """A launch's time at ``threads`` onnxruntime threads relative to the tables' (None: as built)."""
+        if threads is None or threads == self.built_threads:
+            return 1.0
+        table = self.thread_slowdown.get(threads)
+        if not table:
+            raise BadParameterError(
+                f"intra_op_threads={threads} for {self.name!r}: its tables were measured with {self.built_threads} "
+                f"(0: one per core) and no slowdown at {threads} thread(s) is known (measured: "
+                f"{sorted(self.thread_slowdown) or 'none'}); measure it with tuning.threads.measure_thread_slowdown "
+                "(stagebatch tune does at its start) or leave intra_op_threads unset")
+        return interpolate_ms(dict(table), rows)
 
     def default_batcher(self) -> BatcherSettings:
         """The dynamic batcher as built (max batch size and queue delay of the build, one instance)."""
@@ -224,7 +246,10 @@ class SimSettings:
     compute_scale: float = 1.0
     """The tables' time is multiplied by this in the server (shared cores, in-server tensor handling)."""
     device_slots: int = 1
-    """Launches that run at the same time without slowing each other (1 on a small CPU)."""
+    """Launches that run at the same time without slowing each other (1 on a small CPU); unused with ``cores``."""
+    cores: int = 0
+    """0: the device has ``device_slots`` slots. N > 0: launches share N cores by their onnxruntime
+    thread counts (``core_shares``), and ``device_slots`` is not used."""
     drain_s: float = 5.0
     """How long the simulation continues after the last arrival before it counts the rest as failed."""
     variant_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -244,6 +269,8 @@ class SimSettings:
     def __post_init__(self) -> None:
         if self.device_slots < 1:
             raise BadParameterError(f"device_slots={self.device_slots}: must be >= 1")
+        if self.cores < 0:
+            raise BadParameterError(f"cores={self.cores}: must be >= 0 (0: the device_slots model)")
         if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms, self.inline_overhead_ms,
                self.handoff_ms, self.inline_request_overhead_ms) < 0:
             raise BadParameterError("launch_overhead_ms, request_overhead_ms, row_device_ms, inline_overhead_ms, "
@@ -321,7 +348,7 @@ class _Device:
         self._waiting: deque[tuple[int, Callable[[], None]]] = deque()
         self.busy_us = 0
 
-    def run(self, duration_us: int, done: Callable[[], None]) -> None:
+    def run(self, duration_us: int, done: Callable[[], None], threads: int = 1) -> None:  # threads: unused by slots
         self._waiting.append((max(1, duration_us), done))
         self._start()
 
@@ -336,6 +363,74 @@ class _Device:
         self.busy -= 1
         self._start()
         done()
+
+
+def core_shares(threads: Sequence[int], cores: float) -> list[float]:
+    """The cores each running launch gets: max-min fair, a launch of ``t`` threads taking at most ``t``.
+
+    E.g. 2 cores and launches of (1, 2) threads: (1, 1); of (1, 1, 2): (2/3, 2/3, 2/3); of (1,): (1,).
+    """
+    shares = [0.0] * len(threads)
+    left = float(cores)
+    order = sorted(range(len(threads)), key=lambda i: threads[i])
+    for position, i in enumerate(order):
+        shares[i] = min(float(threads[i]), left / (len(order) - position))
+        left -= shares[i]
+    return shares
+
+
+class SharedCores:
+    """``cores`` cores shared by every running launch (processor sharing), none waiting.
+
+    A launch brings its duration alone (at its own thread count ``t``, which it can run in parallel on
+    at most ``t`` cores) and is given ``core_shares``' share ``c``; it then progresses at
+    ``min(1, c / t)`` of its speed alone: its ``t`` threads take turns on the ``c`` cores they get. So
+    two 1-thread launches on 2 cores each run as fast as alone, and two 2-thread launches each at half
+    speed (no faster together than one after the other). Shares change whenever a launch starts or ends.
+    """
+
+    def __init__(self, loop: _Loop, cores: int) -> None:
+        self.loop, self.cores = loop, cores
+        self._running: dict[int, list] = {}  # id -> [remaining alone µs, threads, rate, done]
+        self._ids = itertools.count()
+        self._since_us = 0
+        self._version = 0
+        self.busy_us = 0
+
+    def run(self, duration_us: int, done: Callable[[], None], threads: int = 1) -> None:
+        self._advance()
+        duration = max(1, duration_us)
+        self.busy_us += duration
+        self._running[next(self._ids)] = [float(duration), min(max(1, threads), self.cores), 1.0, done]
+        self._reschedule()
+
+    def _advance(self) -> None:
+        elapsed = self.loop.now_us - self._since_us
+        if elapsed > 0:
+            for entry in self._running.values():
+                entry[0] -= elapsed * entry[2]
+        self._since_us = self.loop.now_us
+
+    def _reschedule(self) -> None:
+        self._version += 1
+        if not self._running:
+            return
+        entries = list(self._running.values())
+        for entry, share in zip(entries, core_shares([e[1] for e in entries], self.cores)):
+            entry[2] = min(1.0, share / entry[1])
+        soonest = min(max(0.0, e[0]) / e[2] for e in entries)
+        version = self._version
+        self.loop.at(self.loop.now_us + max(1, math.ceil(soonest - 1e-6)), lambda: self._tick(version))
+
+    def _tick(self, version: int) -> None:
+        if version != self._version:
+            return  # the shares changed since this was set
+        self._advance()
+        finished = [key for key, entry in self._running.items() if entry[0] <= 1e-6]
+        dones = [self._running.pop(key)[3] for key in finished]
+        self._reschedule()
+        for done in dones:
+            done()
 
 
 @dataclass
@@ -434,7 +529,9 @@ class _Variant:
     def __init__(self, profile: ModelProfile, config: VariantConfig, settings: SimSettings, loop: _Loop,
                  finish: Callable[[_Job], None]) -> None:
         self.profile, self.config, self.settings, self.loop, self.finish = profile, config, settings, loop, finish
-        self.device = _Device(loop, settings.device_slots)
+        self.device = SharedCores(loop, settings.cores) if settings.cores else _Device(loop, settings.device_slots)
+        knob_threads = dict(config.knobs).get(THREADS_PARAMETER)
+        self.threads = int(knob_threads) if knob_threads is not None else config.batcher.intra_op_threads
         self.stage_stats = [_StageStats() for _ in range(1 if config.variant == "whole" else profile.num_stages)]
         last = profile.num_stages - 1
         if config.variant == "whole":
@@ -452,12 +549,18 @@ class _Variant:
         def finished() -> None:
             done(batch)
             release()
-        self.device.run(duration_us, finished)
+        self.device.run(duration_us, finished, self._device_threads())
+
+    def _device_threads(self) -> int:
+        """The cores a launch of this configuration can use at once (its onnxruntime threads)."""
+        threads = self.profile.built_threads if self.threads is None else self.threads
+        return threads or max(1, self.settings.cores)
 
     def _cost_us(self, first: int, last: int, rows: int, pad_to: int | None) -> int:
         """Device time of one launch of stages ``first..last`` (recorded in the stages' statistics).
 
-        Each stage takes ``compute_scale`` x its table's time; the launch overhead is paid once per
+        Each stage takes ``compute_scale`` x its table's time x the thread slowdown of the
+        configuration's ``intra_op_threads`` (``ModelProfile.thread_factor``); the launch overhead is paid once per
         launch; stage 0 also pays ``row_device_ms`` per row. The time is booked as the server's
         statistics book it: Triton's per model; the reorchestrator's metrics count the launch at
         its first stage and book a fused run of the whole chain on stage 0 where the whole model's
@@ -469,8 +572,9 @@ class _Variant:
         if self.config.variant == "whole" or (whole_chain and self.profile.whole_graph):
             parts = [(0, sum(table for _, table in parts))]
         total_ms = 0.0
+        slowdown = self.profile.thread_factor(self.threads, rows)
         for stage, table_ms in parts:
-            ms = (s.compute_scale * table_ms + s.launch_overhead_ms / len(parts)
+            ms = (s.compute_scale * slowdown * table_ms + s.launch_overhead_ms / len(parts)
                   + (s.row_device_ms * rows if stage == 0 else 0.0))
             self.stage_stats[stage].add(rows, ms, table_ms, launch=stage == first)
             total_ms += ms
@@ -530,7 +634,8 @@ class _Variant:
         front model (its ``execute`` time) and, without a launch, on stage 0 (as the engine's metrics)."""
         s = self.settings
         table_ms = self.profile.whole_ms(rows, pad_to)
-        ms = s.compute_scale * table_ms + s.inline_overhead_ms + s.row_device_ms * rows
+        ms = (s.compute_scale * self.profile.thread_factor(self.threads, rows) * table_ms + s.inline_overhead_ms
+              + s.row_device_ms * rows)
         self.front_stats.add(rows, ms, table_ms)
         self.front_stats.inline_rows += rows
         self.stage_stats[0].add(rows, ms, table_ms, launch=False)
@@ -549,7 +654,7 @@ class _Variant:
         now = self.loop.now_us
         for launch in self.scheduler.schedule(now):
             duration = self._cost_us(launch.stage, launch.final_stage, launch.rows, launch.pad_to)
-            self.device.run(duration, lambda launch=launch: self._launch_done(launch))
+            self.device.run(duration, lambda launch=launch: self._launch_done(launch), self._device_threads())
         timer = self.scheduler.next_timer_us()
         if timer is not None and self._timer_at != timer:
             self._timer_at = timer

@@ -2,7 +2,10 @@
 
 Steps, each checked against the budget's clock before it starts:
 
-1. profiles: the built model's manifest (one profile per built K; ``--stages`` builds more Ks);
+1. profiles: the built model's manifest (one profile per built K; ``--stages`` builds more Ks), and
+   how much slower the model runs with each thread count of the space than as built
+   (``tuning.threads``: in-process, a few seconds; the simulator then shares the machine's cores
+   among launches by their thread counts, ``SimSettings.cores``);
 2. search (``tuning.search``): screen every configuration in simulation, rank the best by simulated
    capacity within the SLO;
 3. confirm (``tuning.confirm``): the default whole model and the best ``confirm`` configurations are
@@ -24,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,14 +38,17 @@ from loadtest.rundir import write_json
 from loadtest.tuned import BASELINE_KEY, TUNE_FILE
 from core.errors import ConfigValidationError
 from core.manifest import read_manifest
+from core.model_config import THREADS_PARAMETER, config_parameters, read_model_config
 from tuning.batcher import BatcherSettings
 from tuning.confirm import Confirmer, mean_ci95, write_ready_repository
 from tuning.search import SearchOptions, SearchSpace, check_slo, diverse, search, why
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload
+from tuning.threads import measure_thread_slowdown
 
 REPORT_FILE = "tune.md"
 CONFIGS_DIR = "configs"
 SEARCH_SHARE = 0.3  # at most this share of the budget goes to the simulated search
+UNKNOWN_SPEED = 0.75  # the machine's speed against the simulation before the default is measured (see _start_rate)
 
 
 @dataclass
@@ -69,14 +76,42 @@ class TuneOptions:
     probe_s: float = 5.0
     probe_warmup_s: float = 1.5
     space: SearchSpace = field(default_factory=SearchSpace)
-    settings: SimSettings = field(default_factory=SimSettings)
+    settings: SimSettings = field(default_factory=SimSettings)  # cores 0: this machine's (os.cpu_count())
     measure: bool = True  # False: simulate only (no server)
 
 
 def load_built(repository: Path, model: str) -> Built:
+    """The model's profile in ``repository``, with the onnxruntime threads its whole model was built with."""
     manifest = read_manifest(repository)
     entry = manifest.model(model)
-    return Built(Path(repository), manifest.raw, ModelProfile.from_manifest_entry(model, entry.raw))
+    profile = ModelProfile.from_manifest_entry(model, entry.raw)
+    whole = Path(repository) / entry.raw.get("variants", {}).get("whole", model) / "config.pbtxt"
+    threads = config_parameters(read_model_config(whole)).get(THREADS_PARAMETER) if whole.is_file() else None
+    if threads is not None:
+        profile = dataclasses.replace(profile, built_threads=int(threads))
+    return Built(Path(repository), manifest.raw, profile)
+
+
+def with_thread_slowdown(builds: list[Built], state: dict[str, Any], space: SearchSpace,
+                         say: Callable[[str], None]) -> list[Built]:
+    """``builds`` whose profiles know the slowdown of every thread count of ``space`` (measured on the
+    first build's model once, kept in ``state["thread_slowdown"]`` for resume; every K shares it)."""
+    first = builds[0].profile
+    asked = [t for t in space.intra_op_threads if t is not None and t != first.built_threads]
+    if not asked:
+        return builds
+    if "thread_slowdown" not in state:
+        began = time.monotonic()
+        measured = measure_thread_slowdown(builds[0].repository, builds[0].manifest, first.name, threads=asked,
+                                           built_threads=first.built_threads)
+        state["thread_slowdown"] = {"built_threads": first.built_threads, "seconds": round(time.monotonic() - began, 1),
+                                    "by_threads": {str(t): {str(b): f for b, f in table.items()}
+                                                   for t, table in measured.items()}}
+        say(f"time at fewer onnxruntime threads than as built ({first.built_threads}), per batch size: "
+            f"{state['thread_slowdown']['by_threads']} ({state['thread_slowdown']['seconds']} s)")
+    slowdown = {int(t): {int(b): float(f) for b, f in table.items()}
+                for t, table in state["thread_slowdown"]["by_threads"].items()}
+    return [dataclasses.replace(b, profile=dataclasses.replace(b.profile, thread_slowdown=slowdown)) for b in builds]
 
 
 def config_from_description(data: dict[str, Any]) -> VariantConfig:
@@ -117,13 +152,16 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
         if state.get("model") != options.model or state.get("slo_ms") != options.slo_ms:
             raise ConfigValidationError(f"--resume {out}: it tuned {state.get('model')} at {state.get('slo_ms')} ms, "
                                         f"not {options.model} at {options.slo_ms} ms; use a new --out")
-    floor_ms = check_slo(builds[0].profile, options.slo_ms, options.settings)
+    settings = options.settings if options.settings.cores else dataclasses.replace(options.settings,
+                                                                                    cores=os.cpu_count() or 1)
+    floor_ms = check_slo(builds[0].profile, options.slo_ms, settings)
+    builds = with_thread_slowdown(builds, state, options.space, say)
     by_k = {b.profile.num_stages: b for b in builds}
     state.update({"model": options.model, "slo_ms": options.slo_ms, "objective": options.objective,
                   "budget_s": options.budget_s, "batch1_latency_ms": round(floor_ms, 3),
                   "workload": {"arrival": options.workload.arrival.kind,
                                "lengths": options.workload.lengths.to_dict() if options.workload.lengths else None},
-                  "simulator": dataclasses.asdict(options.settings)})
+                  "simulator": dataclasses.asdict(settings)})
     state.setdefault("measurements", [])
 
     def save() -> None:
@@ -133,7 +171,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
     if "search" not in state:
         search_deadline = options.budget_s * SEARCH_SHARE
         ordered, facts = search([b.profile for b in builds], options.workload, space=options.space,
-                                settings=options.settings, options=SearchOptions(objective=options.objective),
+                                settings=settings, options=SearchOptions(objective=options.objective),
                                 progress=say, deadline=lambda: clock.used_s > search_deadline)
         base_rps = facts["baseline"].get("simulated_slo_rps")
         state["search"] = {**facts, "search_s": round(clock.used_s, 1),
@@ -165,7 +203,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
                         "stopping")
                     break
                 for key, build, config in todo:
-                    if clock.left_s < _round_estimate_s(state, 1, options) * 0.5:
+                    if clock.left_s < _search_estimate_s(state, options):  # a search may not overrun the budget
                         say(f"  {clock.left_s:.0f} s left: {key} is not measured in round {repeat + 1}")
                         continue
                     k = build.profile.num_stages
@@ -205,10 +243,14 @@ def _round_members(state: dict[str, Any], to_confirm, repeat: int, options: Tune
     return [t for t in to_confirm if t[0] in chosen]
 
 
-def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
+def _search_estimate_s(state: dict[str, Any], options: TuneOptions) -> float:
+    """How long one capacity search on the server takes (the mean so far, else 4 probes)."""
     walls = [m["wall_s"] for m in state["measurements"] if m.get("wall_s")]
-    per = (sum(walls) / len(walls)) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)
-    return per * count * 0.8  # a later round may start if most of it fits
+    return (sum(walls) / len(walls)) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)
+
+
+def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
+    return _search_estimate_s(state, options) * count * 0.8  # a later round may start if most of it fits
 
 
 def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -> float:
@@ -233,7 +275,10 @@ def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -
     if not simulated:
         return 20.0
     baseline_measured = measured_mean(BASELINE_KEY)
-    speed = baseline_measured / baseline_simulated if baseline_measured and baseline_simulated else 1.0
+    # Unknown speed (nothing of the default measured yet): start at 0.6x the simulated rate. Uncalibrated, the
+    # simulator put bert_base small at 252 req/s where about 130 passed; a probe far above capacity times
+    # requests out and the search spends its probes coming down, while one below costs a probe or two going up.
+    speed = baseline_measured / baseline_simulated if baseline_measured and baseline_simulated else UNKNOWN_SPEED
     return 0.8 * simulated * speed
 
 
@@ -270,10 +315,14 @@ def _evidence(row: dict[str, Any]) -> tuple[float, float]:
     """How surely a configuration beats the default: the low end of its paired ratio's 95% CI first.
 
     On a shared machine one round can measure a configuration 2x too fast; ranking by the mean would
-    crown it. Unmeasured configurations come last, in their simulated order.
+    crown it. A ratio from one round has no interval: it ranks after every one that has (one round is
+    the least evidence, not an interval of width 0). Unmeasured configurations come last, in their
+    simulated order.
     """
+    if row.get("vs_default") is not None and row.get("vs_default_ci95") is not None:
+        return 1.0, row["vs_default"] - row["vs_default_ci95"]
     if row.get("vs_default") is not None:
-        return 1.0, row["vs_default"] - (row.get("vs_default_ci95") or 0.0)
+        return 0.75, row["vs_default"]
     if row["measured_slo_rps"] is not None:
         return 0.5, row["measured_slo_rps"]
     return 0.0, row["simulated_slo_rps"] or 0.0
@@ -310,6 +359,25 @@ def _ratio(row: dict[str, Any]) -> str:
     return f"{row['vs_default']:.2f}x" + (f" ± {half:.2f}" if half is not None else "")
 
 
+def _threads_text(batching: dict[str, Any]) -> str:
+    threads = batching.get("intra_op_threads")
+    return "" if threads is None else f" of {threads} onnxruntime thread(s)"
+
+
+def _threads_note(state: dict[str, Any]) -> str:
+    """How the simulator saw the cores and the thread counts (``tune.json``'s ``thread_slowdown``)."""
+    cores = state.get("simulator", {}).get("cores")
+    measured = state.get("thread_slowdown")
+    if not cores or not measured:
+        return ""
+    built = measured["built_threads"]
+    tables = "; ".join(f"at {t} thread(s) " + ", ".join(f"{f:.2f}x" for f in table.values())
+                       + f" (batch {', '.join(table)})" for t, table in measured["by_threads"].items())
+    return (f" Threads: the simulator shares {cores} cores among the launches running at once by their "
+            f"onnxruntime thread counts; a launch alone takes, relative to the threads as built "
+            f"({built}{' = one per core' if built == 0 else ''}), {tables} (measured in-process at the start).")
+
+
 def report_markdown(state: dict[str, Any]) -> str:
     """The report section: the tuned configurations, their measured goodput and why each won."""
     search_facts = state["search"]
@@ -324,7 +392,7 @@ def report_markdown(state: dict[str, Any]) -> str:
                 if state["measurements"] else "nothing was measured (simulation only). ")
              + f"Batch-1 latency "
              f"(the SLO floor): {state['batch1_latency_ms']} ms. Used {state.get('used_s', 0) / 60:.1f} of "
-             f"{state['budget_s'] / 60:.0f} min."), "",
+             f"{state['budget_s'] / 60:.0f} min." + _threads_note(state)), "",
              "| rank | configuration | variant | K | goodput req/s (measured) | simulated | vs default | rounds |",
              "|---|---|---|---|---|---|---|---|"]
     rank = 0
@@ -339,7 +407,8 @@ def report_markdown(state: dict[str, Any]) -> str:
             b = row["batching"]
             knobs = f", policy {row['reorch']['policy']}" if row.get("reorch") else ""
             lines.append(f"- `{row['key']}` (max batch {b['max_batch_size']}, delay {b['max_queue_delay_us']} µs, "
-                         f"preferred {b['preferred_batch_sizes'] or 'none'}, {b['instance_count']} instance(s){knobs}): "
+                         f"preferred {b['preferred_batch_sizes'] or 'none'}, {b['instance_count']} instance(s)"
+                         f"{_threads_text(b)}{knobs}): "
                          f"{row['why']}." + (f" Ready repository: `{row['repository']}`." if row.get("repository") else ""))
     lines += ["", "Measured on a shared machine unless stated otherwise; re-run on a quiet one for final figures.", ""]
     return "\n".join(lines)
