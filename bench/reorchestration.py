@@ -250,13 +250,18 @@ def summarize(outcome: Outcome) -> dict:
 
 
 def reorch_summary(metrics_url: str, model: str, before_text: str) -> str:
-    """What ``model`` (a reorch variant) did since ``before_text`` (a metrics scrape): its operations and
-    rows per launch of each stage (inline runs count as operations, not launches)."""
+    """What ``model`` (a reorch variant) did since ``before_text`` (a metrics scrape): its operations,
+    rows per launch of each stage, the batches run inline (fused inside ``execute``, no launch) and the
+    per-launch overhead its fuse decision uses."""
     delta = diff_reorch_metrics(before_text, scrape_metrics(metrics_url), model)
     ops = " ".join(f"{op} {count:.0f}" for op, count in delta.operations.items() if count >= 1)
     rows = "/".join(f"{values['samples'] / values['executions']:.1f}" for _, values in sorted(delta.stages.items())
                     if values.get("executions"))
-    return f"ops {ops or 'none'}" + (f", rows per launch by stage {rows}" if rows else "")
+    inline = delta.to_dict()["inline"]
+    return (f"ops {ops or 'none'}" + (f", rows per launch by stage {rows}" if rows else "")
+            + (f", inline {inline['executions']:.0f} batches of {inline['avg_batch_size']:.1f} rows"
+               if inline.get("executions") else "")
+            + (f", launch overhead {delta.launch_overhead_us:.0f} us" if delta.launch_overhead_us else ""))
 
 
 def overlay_repository(repository: Path, manifest: dict, models: list[str], policies: list[str],

@@ -9,7 +9,7 @@ Statistics come from ``client.get_inference_statistics(name, as_json=True)``: pe
 ``inference_count``, ``execution_count``, ``inference_stats.{success,fail,queue,compute_input,
 compute_infer,compute_output}`` as ``{count, ns}`` and ``batch_stats`` (one entry per batch size the
 model executed, with the number of executions). Reorchestrator metrics are the
-``stagebatch_reorch_*`` families named in docs/architecture.md.
+``stagebatch_reorch_*`` families, named once in ``backends.reorch.metrics``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,19 @@ import re
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from backends.reorch.metrics import (
+    INLINE_COMPUTE_US_TOTAL,
+    INLINE_EXECUTIONS_TOTAL,
+    INLINE_SAMPLES_TOTAL,
+    LAUNCH_OVERHEAD_US,
+    OPERATIONS_TOTAL,
+    REQUESTS_TOTAL,
+    STAGE_COMPUTE_US_TOTAL,
+    STAGE_EXECUTIONS_TOTAL,
+    STAGE_QUEUE_US_TOTAL,
+    STAGE_SAMPLES_TOTAL,
+)
 
 _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
 
@@ -181,7 +194,9 @@ class ReorchDelta:
     requests: dict[str, float] = field(default_factory=dict)  # success|error|cancelled -> count
     stages: dict[int, dict[str, float]] = field(
         default_factory=dict
-    )  # stage -> executions, samples, queue_us, compute_us
+    )  # stage -> executions, samples, queue_us, compute_us (stage launches only)
+    inline: dict[str, float] = field(default_factory=dict)  # executions, samples, compute_us run fused in execute
+    launch_overhead_us: float | None = None  # the fuse decision's per-launch overhead at the end (a gauge)
 
     def to_dict(self) -> dict:
         """JSON-ready, with average batch size per stage."""
@@ -192,19 +207,31 @@ class ReorchDelta:
                 **values,
                 "avg_batch_size": values.get("samples", 0) / executions if executions else None,
             }
+        executions = self.inline.get("executions", 0)
         return {
             "model": self.model,
             "operations": self.operations,
             "requests": self.requests,
             "stages": stages,
+            "inline": {
+                **self.inline,
+                "avg_batch_size": self.inline.get("samples", 0) / executions if executions else None,
+                "avg_compute_us": self.inline.get("compute_us", 0) / executions if executions else None,
+            },
+            "launch_overhead_us": self.launch_overhead_us,
         }
 
 
 _STAGE_METRICS = {
-    "stagebatch_reorch_stage_executions_total": "executions",
-    "stagebatch_reorch_stage_samples_total": "samples",
-    "stagebatch_reorch_stage_queue_us_total": "queue_us",
-    "stagebatch_reorch_stage_compute_us_total": "compute_us",
+    STAGE_EXECUTIONS_TOTAL: "executions",
+    STAGE_SAMPLES_TOTAL: "samples",
+    STAGE_QUEUE_US_TOTAL: "queue_us",
+    STAGE_COMPUTE_US_TOTAL: "compute_us",
+}
+_INLINE_METRICS = {
+    INLINE_EXECUTIONS_TOTAL: "executions",
+    INLINE_SAMPLES_TOTAL: "samples",
+    INLINE_COMPUTE_US_TOTAL: "compute_us",
 }
 
 
@@ -217,12 +244,15 @@ def diff_reorch_metrics(before_text: str, after_text: str, model: str) -> Reorch
         label = dict(labels)
         if label.get("model") != model:
             continue
+        if name == LAUNCH_OVERHEAD_US:
+            delta.launch_overhead_us = value
+            continue
         change = value - before.get((name, labels), 0.0)
-        if name == "stagebatch_reorch_operations_total":
+        if name == OPERATIONS_TOTAL:
             delta.operations[label.get("operation", "?")] = (
                 delta.operations.get(label.get("operation", "?"), 0) + change
             )
-        elif name == "stagebatch_reorch_requests_total":
+        elif name == REQUESTS_TOTAL:
             delta.requests[label.get("outcome", "?")] = (
                 delta.requests.get(label.get("outcome", "?"), 0) + change
             )
@@ -230,4 +260,7 @@ def diff_reorch_metrics(before_text: str, after_text: str, model: str) -> Reorch
             stage = delta.stages.setdefault(int(label["stage"]), {})
             key = _STAGE_METRICS[name]
             stage[key] = stage.get(key, 0) + change
+        elif name in _INLINE_METRICS:
+            key = _INLINE_METRICS[name]
+            delta.inline[key] = delta.inline.get(key, 0) + change
     return delta

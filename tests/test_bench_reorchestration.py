@@ -41,3 +41,22 @@ def test_comparison_is_decided_when_the_interval_excludes_the_limit():
 def test_comparison_is_undecided_while_the_interval_holds_the_limit_or_has_one_repeat():
     assert not _steady_comparison([0.8, 1.3, 1.05])[0].decided
     assert not _steady_comparison([0.9])[0].decided
+
+
+def test_reorch_summary_reads_inline_runs_and_the_launch_overhead_apart_from_the_stages(monkeypatch):
+    before = 'stagebatch_reorch_inline_executions_total{model="m_reorch"} 2\n'
+    after = "\n".join([
+        'stagebatch_reorch_operations_total{model="m_reorch",operation="fuse"} 12',
+        'stagebatch_reorch_inline_executions_total{model="m_reorch"} 6',
+        'stagebatch_reorch_inline_samples_total{model="m_reorch"} 10',
+        'stagebatch_reorch_inline_compute_us_total{model="m_reorch"} 4000',
+        'stagebatch_reorch_stage_executions_total{model="m_reorch",stage="0"} 2',
+        'stagebatch_reorch_stage_samples_total{model="m_reorch",stage="0"} 6',
+        'stagebatch_reorch_launch_overhead_us{model="m_reorch"} 276',
+    ])
+    monkeypatch.setattr(bench, "scrape_metrics", lambda url: after)
+    summary = bench.reorch_summary("http://unused", "m_reorch", before)
+    assert summary == ("ops fuse 12, rows per launch by stage 3.0, inline 4 batches of 2.5 rows, "
+                       "launch overhead 276 us")
+    delta = bench.diff_reorch_metrics(before, after, "m_reorch").to_dict()
+    assert delta["inline"]["avg_compute_us"] == pytest.approx(1000.0) and delta["stages"]["0"]["executions"] == 2

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from reorch_models import random_sequence_request, write_sequence_chain
 from reorch_sim import Simulation, make_scheduler
 from test_reorch_engine import Answers
 
-from backends.reorch.cost import FUSE, WHOLE, ArrivalMeter, CostModel, interpolate_ms
+from backends.reorch.cost import FUSE, FUSE_OFF, FUSE_ON, WHOLE, ArrivalMeter, CostModel, FuseDecision, interpolate_ms
 from backends.reorch.engine import OVERLOADED, SUCCESS, ReorchEngine, default_inflight_rows
 from backends.reorch.executor import make_ort_executors
-from backends.reorch.metrics import OPERATIONS_TOTAL, REQUESTS_TOTAL, CountingMetrics
+from backends.reorch.metrics import (
+    INLINE_COMPUTE_US_TOTAL,
+    INLINE_EXECUTIONS_TOTAL,
+    INLINE_SAMPLES_TOTAL,
+    OPERATIONS_TOTAL,
+    REQUESTS_TOTAL,
+    STAGE_COMPUTE_US_TOTAL,
+    STAGE_EXECUTIONS_TOTAL,
+    CountingMetrics,
+)
 from backends.reorch.policies import ReorchKnobs
 from backends.reorch.scheduler import OPERATIONS, make_requests
 from backends.reorch.spec import StagesSpec
 
 CHEAP = [{1: 0.02, 8: 0.05}] * 3  # 20 µs stages: boundaries (150 µs each) cannot pay
-COSTLY = [{1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0}] * 3  # 2 ms stages
+COSTLY = [{1: 3.0, 2: 4.0, 4: 6.0, 8: 10.0}] * 3  # 3 ms stages: 450 µs of boundaries is half the allowed 900
 
 
 def test_interpolate_ms_is_linear_between_and_beyond_measured_sizes():
@@ -28,10 +39,54 @@ def test_interpolate_ms_is_linear_between_and_beyond_measured_sizes():
     assert interpolate_ms({2: 3.0}, 4) == pytest.approx(6.0)
 
 
-def test_fuse_always_when_stages_are_too_cheap_for_the_boundary_overhead():
-    assert CostModel.from_tables(CHEAP).fuse_always()
-    assert not CostModel.from_tables(COSTLY).fuse_always()
-    assert not CostModel.from_tables([{}, {}, {}]).fuse_always()  # no tables: no decision
+def test_fuse_decision_starts_fused_when_stages_are_too_cheap_for_the_boundary_overhead():
+    assert FuseDecision(CostModel.from_tables(CHEAP)).fused
+    assert not FuseDecision(CostModel.from_tables(COSTLY)).fused
+    assert not FuseDecision(CostModel.from_tables([{}, {}, {}])).fused  # no tables: no decision
+    assert CostModel.from_tables(COSTLY).fuse_ratio() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("chain_ms", [4.09, 5.45, 4.63])  # lstm small's batch-1 chain in three builds
+def test_fuse_decision_is_the_same_for_every_build_of_a_chain_near_the_threshold(chain_ms):
+    # 3 stages x 150 µs = 450 µs against 10% of the chain: 409 / 545 / 463 µs. One threshold put the
+    # three builds on different sides (fused, staged, staged); inside the band they all start fused.
+    tables = [{1: chain_ms / 3, 8: chain_ms}] * 3
+    assert FuseDecision(CostModel.from_tables(tables), margin=0.25).fused
+    assert CostModel.from_tables(tables).fuse_ratio() > 1.0 - 0.25
+
+
+def test_fuse_decision_switches_on_only_once_enough_launches_measure_an_overhead_above_the_band():
+    decision = FuseDecision(CostModel.from_tables(COSTLY), margin=0.25, window=8, min_samples=4)
+    allowed_us = 0.1 * 9000 / 3  # per launch: 300 µs keeps the ratio at 1
+    assert [decision.note_launch(allowed_us * 1.4) for _ in range(3)] == [None] * 3  # too few samples
+    assert decision.overhead_us == 150.0 and not decision.fused  # still the prior
+    assert decision.note_launch(allowed_us * 1.4) == FUSE_ON
+    assert decision.fused and decision.overhead_us == pytest.approx(allowed_us * 1.4)
+    assert decision.note_launch(allowed_us * 1.4) is None  # counted once
+
+
+def test_fuse_decision_does_not_flap_on_measurements_around_the_threshold():
+    decision = FuseDecision(CostModel.from_tables(COSTLY), margin=0.25, window=8, min_samples=4)
+    allowed_us = 300.0
+    rng = np.random.default_rng(5)
+    switches = [decision.note_launch(allowed_us * rng.uniform(0.8, 1.2)) for _ in range(500)]
+    assert switches.count(None) == 500 and not decision.fused
+    switches = [decision.note_launch(allowed_us * rng.uniform(1.3, 2.0)) for _ in range(100)]  # above the band
+    assert switches.count(FUSE_ON) == 1
+    switches = [decision.note_launch(allowed_us * rng.uniform(0.8, 1.2)) for _ in range(500)]
+    assert switches.count(None) == 500 and decision.fused  # back inside the band: it stays on
+    switches = [decision.note_launch(allowed_us * rng.uniform(0.2, 0.6)) for _ in range(100)]  # below it
+    assert switches.count(FUSE_OFF) == 1 and not decision.fused
+
+
+def test_scheduler_counts_a_measured_fuse_switch_and_fuses_the_next_batches():
+    scheduler = make_scheduler("dva", latency_tables_ms=COSTLY)
+    assert scheduler.inline_decision([1], [None], 0) == WHOLE  # idle, staged chain: like the whole model
+    for _ in range(scheduler.fuse.min_samples):
+        scheduler.note_launch_overhead(2_000.0)  # 3 x 2 ms of overhead against a 9 ms chain
+    assert scheduler.operation_counts[FUSE_ON] == 1 and scheduler.operation_counts[FUSE_OFF] == 0
+    assert scheduler.inline_decision([1, 1], [5, 40], 1_000) == FUSE  # even with length diversity
+    assert make_scheduler("pipeline", latency_tables_ms=COSTLY).fuse is None  # no cost model: nothing to decide
 
 
 @pytest.mark.parametrize("busy, waiting, diverse, rate, steady, want", [
@@ -39,7 +94,7 @@ def test_fuse_always_when_stages_are_too_cheap_for_the_boundary_overhead():
     (True, 0, False, 0.0, False, False),  # another batch is in the pipeline during a burst: stretch may pay
     (False, 3, False, 0.0, False, False),  # requests wait behind this batch during a burst
     (False, 0, True, 0.0, False, False),  # length diversity the policy uses (bucketing)
-    (False, 0, False, 1 / 1000, False, False),  # a burst: ~6 arrivals expected during the 6 ms chain
+    (False, 0, False, 1 / 1000, False, False),  # a burst: ~9 arrivals expected during the 9 ms chain
     (True, 3, False, 1 / 1000, True, True),  # the same load, steady: nothing to gain from boundaries
     (False, 0, True, 1 / 1000, True, False),  # steady, but lengths differ: bucketing may pay
 ])
@@ -86,7 +141,7 @@ def test_arrival_meter_calls_steady_poisson_load_steady_and_an_on_off_source_bur
 
 
 def test_inline_decision_runs_steady_fixed_length_load_whole_even_with_requests_inside():
-    scheduler = make_scheduler("dva", latency_tables_ms=COSTLY)  # a 6 ms chain: boundaries could pay
+    scheduler = make_scheduler("dva", latency_tables_ms=COSTLY)  # a 9 ms chain: boundaries could pay
     rng = np.random.default_rng(1)
     decisions = [scheduler.inline_decision([1] * count, [None] * count, at)
                  for at, count in poisson_batches(rng, 1 / 1000, 3_000_000)]  # ~6 arrivals per chain
@@ -116,7 +171,8 @@ def test_a_batch_inline_decision_declines_is_counted_once_when_it_enters_the_sch
 
 
 def test_operations_tuple_names_the_new_decisions():
-    assert OPERATIONS[:4] == ("new", "stretch", "split", "bucket") and {FUSE, WHOLE} <= set(OPERATIONS)
+    assert OPERATIONS[:4] == ("new", "stretch", "split", "bucket")
+    assert {FUSE, WHOLE, FUSE_ON, FUSE_OFF} <= set(OPERATIONS)
 
 
 def test_scheduler_fuses_every_batch_of_cheap_stages_under_dva():
@@ -141,7 +197,7 @@ def test_scheduler_runs_a_lone_request_whole_and_pipelines_under_a_burst():
     assert scheduler.operation_counts[WHOLE] == 1 and scheduler.operation_counts["new"] == 0
     burst = make_requests([1] * 40, 0, first_id=100)
     for i, request in enumerate(burst):
-        sim.arrive(1_000_000 + i * 100, [request])  # 10 per ms: a chain of 6+ ms sees many arrive
+        sim.arrive(1_000_000 + i * 100, [request])  # 10 per ms: a chain of 9+ ms sees many arrive
     sim.run()
     assert scheduler.operation_counts["new"] + scheduler.operation_counts["stretch"] > 0
     assert len(sim.completions) == 41
@@ -158,15 +214,49 @@ def test_cost_model_applies_to_dva_by_default_and_where_switched_on(policy, mode
     assert (decided > 0) is want_decisions
 
 
-def _engine(tmp_path, tables, **knob_values):
+def _engine(tmp_path, tables, clock_us=None, **knob_values):
     entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
     for stage, table in zip(entry["stages"], tables):
         stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
     spec = StagesSpec.from_manifest_entry("seqm", entry)
     answers, metrics = Answers(), CountingMetrics()
+    extra = {"clock_us": clock_us} if clock_us is not None else {}
     engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8, **knob_values), make_ort_executors(spec, tmp_path),
-                          answers, metrics=metrics)
+                          answers, metrics=metrics, **extra)
     return engine, answers, reference, metrics
+
+
+class SteppingClock:
+    """A fake clock (µs) that moves ``step_us`` on every reading: every launch looks that slow."""
+
+    def __init__(self, step_us: int) -> None:
+        self.now_us, self.step_us = 0, step_us
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self.now_us += self.step_us
+            return self.now_us
+
+
+def test_engine_measures_its_launch_overhead_and_switches_to_fused_once(tmp_path):
+    # Stages far too slow to fuse by the prior (COSTLY), but every launch takes 2 ms more than its compute
+    # by the fake clock: after min_samples launches the decision switches on, once, and later batches fuse.
+    engine, answers, _, metrics = _engine(tmp_path, COSTLY, clock_us=SteppingClock(1_000), cost_model="on")
+    rng = np.random.default_rng(7)
+    try:
+        needed = engine.scheduler.fuse.min_samples
+        for index in range(needed):
+            engine.submit([(index, random_sequence_request(rng, 1, 6))])
+            answers.wait(index + 1)
+        launches = metrics.counters[(STAGE_EXECUTIONS_TOTAL, "0")]
+        inline = engine.run_inline([("after", random_sequence_request(rng, 1, 5)),
+                                    ("long", random_sequence_request(rng, 1, 30))])
+    finally:
+        engine.close()
+    assert launches >= 1 and metrics.counters[(OPERATIONS_TOTAL, FUSE_ON)] == 1
+    assert engine.scheduler.fuse.fused and metrics.launch_overhead_us > 1_000
+    assert [answer.record["ops"] for _, answer in inline] == [[{"op": FUSE, "stage": 0}]] * 2
 
 
 def test_fused_chain_returns_the_whole_models_outputs_and_counts_fuse(tmp_path):
@@ -240,6 +330,19 @@ def test_a_failure_inside_a_fused_chain_names_its_stage_and_later_batches_go_on(
         engine.close()
     assert "stage 1 failed: MemoryError" in answers.by_handle["failed"].message
     assert answers.by_handle["later"].kind == SUCCESS
+
+
+def test_inline_runs_have_their_own_metrics_and_stage_0_books_only_its_launches(tmp_path):
+    engine, answers, _, metrics = _engine(tmp_path, CHEAP)
+    rng = np.random.default_rng(8)
+    try:
+        engine.run_inline([("a", random_sequence_request(rng, 2, 6)), ("b", random_sequence_request(rng, 1, 4))])
+        engine.run_inline([("c", random_sequence_request(rng, 1, 6))])
+    finally:
+        engine.close()
+    assert metrics.counters[(INLINE_EXECUTIONS_TOTAL, "")] == 2 and metrics.counters[(INLINE_SAMPLES_TOTAL, "")] == 4
+    assert metrics.counters[(INLINE_COMPUTE_US_TOTAL, "")] > 0
+    assert metrics.counters[(STAGE_EXECUTIONS_TOTAL, "0")] == 0 and metrics.counters[(STAGE_COMPUTE_US_TOTAL, "0")] == 0
 
 
 def test_run_inline_answers_a_batch_of_cheap_stages_in_order_with_one_invalid(tmp_path):

@@ -4,10 +4,13 @@ Pure (no clock, no threads). It reads the stages' measured latency tables (``lat
 size per stage, from the manifest through ``stages.json``) and the live queue state the scheduler
 passes in, and makes two decisions, each counted as an operation:
 
-- **fuse** (static): the stages are too cheap for the per-stage overhead of re-forming (one launch,
+- **fuse**: the stages are too cheap for the per-stage overhead of re-forming (one launch,
   one feed build and one split per stage, plus scheduling under the lock). If ``K`` stage launches
   would add more than ``fuse_max_overhead_share`` of the chain's own batch-1 latency, every batch
-  runs the whole chain as one fused stage (no boundary, no re-forming);
+  runs the whole chain as one fused stage (no boundary, no re-forming). ``FuseDecision`` keeps this
+  decision: it starts from the ``stage_overhead_us`` prior and then uses the per-launch overhead
+  the engine measures, with a hysteresis band (``fuse_margin``) around the threshold, so that
+  neither the build's noisy latency tables nor measurement noise flip it back and forth;
 - **whole** (per batch): the stage boundaries can only cost, because there is neither length nor
   load diversity: the batch's rows have no length spread the policy would use (no bucketing) and
   either the load is steady (no burst: ``ArrivalMeter``), or no other batch is in the pipeline,
@@ -23,10 +26,14 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 FUSE, WHOLE = "fuse", "whole"
+# The fuse decision switching: on (every batch fused from now on) and off (batches may use stages again).
+FUSE_ON, FUSE_OFF = "fuse_on", "fuse_off"
 
 
 def interpolate_ms(table: Mapping[int, float], rows: int) -> float:
@@ -62,12 +69,15 @@ class CostModel:
         """Estimated latency of the whole chain on a batch of ``rows`` (µs)."""
         return sum(interpolate_ms(table, rows) for table in self.latency_tables_ms) * 1000.0
 
-    def fuse_always(self) -> bool:
-        """Static: are the stage boundaries too expensive for these stages?"""
+    def fuse_ratio(self, overhead_us: float | None = None) -> float:
+        """``K`` launches' overhead over the share of the chain's batch-1 latency they may cost: above 1
+        the stage boundaries are too expensive for these stages. ``overhead_us``: one launch's
+        overhead (default: the ``stage_overhead_us`` prior). 0 without tables or with one stage."""
         if not self.has_tables or len(self.latency_tables_ms) < 2:
-            return False
-        overhead_us = len(self.latency_tables_ms) * self.stage_overhead_us
-        return overhead_us > self.fuse_max_overhead_share * self.chain_us(1)
+            return 0.0
+        per_launch = self.stage_overhead_us if overhead_us is None else overhead_us
+        allowed = self.fuse_max_overhead_share * self.chain_us(1)
+        return math.inf if allowed <= 0 else len(self.latency_tables_ms) * per_launch / allowed
 
     def run_whole(self, rows: int, *, pipeline_busy: bool, waiting_behind: int, diverse: bool,
                   arrival_rate_per_us: float, steady: bool = False) -> bool:
@@ -82,6 +92,55 @@ class CostModel:
         if pipeline_busy or waiting_behind > 0:
             return False
         return arrival_rate_per_us * self.chain_us(rows) < self.whole_max_arrivals
+
+
+class FuseDecision:
+    """Whether every batch runs the whole chain fused: the ``fuse`` decision, robust to noise.
+
+    The ratio ``CostModel.fuse_ratio`` compares K launches' overhead with the share of the chain's
+    batch-1 latency (from the build's tables) they may cost. A band of ``margin`` around 1 keeps the
+    current state: the decision switches on above ``1 + margin`` and off below ``1 - margin``.
+    Inside the band at the start it is on: fused runs cost what the whole model costs, so the safe
+    side ("never lose"). The build's tables vary by 15-35% at batch 1 between builds, so a single
+    threshold decided by one build's profile flipped lstm between fused and staged (docs/reorch.md).
+
+    The per-launch overhead starts at the ``stage_overhead_us`` prior; once ``min_samples``
+    launches were measured (``note_launch``: a launch's wall time minus its compute time) it is the
+    median of the last ``window`` of them. Only launches through the engine's stages are measured,
+    so while every batch runs fused no new sample arrives and the decision stays: it cannot flap.
+    """
+
+    def __init__(self, cost: CostModel, margin: float = 0.25, window: int = 64, min_samples: int = 16) -> None:
+        self.cost = cost
+        self.margin = margin
+        self.min_samples = max(1, min_samples)
+        self._samples: deque[float] = deque(maxlen=max(window, self.min_samples))
+        self.fused = cost.fuse_ratio() > 1.0 - margin
+
+    @property
+    def overhead_us(self) -> float:
+        """One launch's overhead as the decision uses it: measured where enough samples, else the prior."""
+        if len(self._samples) < self.min_samples:
+            return self.cost.stage_overhead_us
+        return statistics.median(self._samples)
+
+    @property
+    def measured_launches(self) -> int:
+        return len(self._samples)
+
+    def note_launch(self, overhead_us: float) -> str | None:
+        """One launch's measured overhead (µs); returns FUSE_ON or FUSE_OFF where the decision switched."""
+        self._samples.append(max(0.0, float(overhead_us)))
+        if len(self._samples) < self.min_samples:
+            return None
+        ratio = self.cost.fuse_ratio(self.overhead_us)
+        if not self.fused and ratio > 1.0 + self.margin:
+            self.fused = True
+            return FUSE_ON
+        if self.fused and ratio < 1.0 - self.margin:
+            self.fused = False
+            return FUSE_OFF
+        return None
 
 
 class ArrivalMeter:

@@ -245,22 +245,24 @@ class ReorchEngine:
             joined = arrays[0] if len(arrays) == 1 else np.concatenate([a.ravel() for a in arrays]) if arrays else None
             if joined is not None and value_range_violation(joined, spec.value_range) is not None:
                 values_ok = False
-        checked: list[tuple[Any, dict, tuple[int, int | None] | str]] = []
+        # Served, each call comes after an idle wait for the next batch, with cold caches: every Python
+        # step here costs several times its warm cost (docs/reorch.md), so the path stays short.
+        checked: list[tuple[Any, Mapping[str, np.ndarray], tuple[int, int | None] | str]] = []
         for handle, tensors in items:
             try:
-                checked.append((handle, dict(tensors), self.validate(tensors, check_values=not values_ok)))
+                checked.append((handle, tensors, self.validate(tensors, check_values=not values_ok)))
             except BadRequestError as error:
-                checked.append((handle, dict(tensors), str(error)))
+                checked.append((handle, tensors, str(error)))
         valid = [c for c in checked if not isinstance(c[2], str)]
+        rows = [c[2][0] for c in valid]
+        lengths = [c[2][1] for c in valid]
         with self._lock:
             if self._closing:
                 return None
-            decision = self.scheduler.inline_decision([c[2][0] for c in valid], [c[2][1] for c in valid], now)
+            decision = self.scheduler.inline_decision(rows, lengths, now)
             if decision is None:
                 return None
             self._report_operations()
-        rows = [c[2][0] for c in valid]
-        lengths = [c[2][1] for c in valid]
         pad_to = max((n for n in lengths if n is not None), default=None)
         compute_us: list[int] = []
         per_member, error, failed = (self._run_stages(0, len(self.spec.stages) - 1, [c[1] for c in valid], pad_to,
@@ -268,27 +270,26 @@ class ReorchEngine:
         exit_us = self._now_us()
         answers: list[tuple[Any, Answer]] = []
         produced = iter(per_member or [])
-        batch_sizes = [sum(rows)] * len(self.spec.stages)
         output_names = [t.name for t in self.spec.outputs]
-        outcomes: Counter[str] = Counter()
+        succeeded = 0
         for index, (handle, _, check) in enumerate(checked):
             wanted = records is None or records[index] or self._trace is not None
             if isinstance(check, str):
                 answer = Answer(INVALID, check, None, Request(-1, 1, now, exit_us=now).record() if wanted else {})
             else:
                 record = Request(-1, check[0], now, seq_len=check[1], stage0_entry_us=now, exit_us=exit_us,
-                                 ops=[{"op": decision, "stage": 0}], batch_sizes=list(batch_sizes),
+                                 ops=[{"op": decision, "stage": 0}], batch_sizes=[sum(rows)] * len(self.spec.stages),
                                  stage_times_us=[[0, c] for c in compute_us]).record() if wanted else {}
                 if error is None:
                     outputs = next(produced)
                     answer = Answer(SUCCESS, "", {name: outputs[name] for name in output_names}, record)
+                    succeeded += 1
                 else:
                     answer = Answer(STAGE_ERROR, f"stage {failed} failed: {error}", None, record)
-            outcomes["success" if answer.ok else "error"] += 1
-            self._write_trace(answer)
+            if self._trace is not None:
+                self._write_trace(answer)
             answers.append((handle, answer))
-        for outcome, count in outcomes.items():
-            self.metrics.outcome(outcome, count)
+        self.metrics.inline_run(sum(rows), sum(compute_us), succeeded, len(checked) - succeeded)
         return answers
 
     def close(self, reason: str = "shutting down") -> None:
@@ -320,6 +321,7 @@ class ReorchEngine:
         """Launch what may run now. With ``after`` (a launch that just finished), the launch that
         continues its requests into the next stage is returned instead of submitted, so the
         finishing thread runs it itself: no thread hand-off on the critical path."""
+        pumped_us = self._now_us()  # a launch's wall time (its overhead's measure) starts here
         with self._lock:
             if self._closing:
                 return None
@@ -329,7 +331,7 @@ class ReorchEngine:
                 members = [self._tensors[r] for r in launch.request_ids]
                 rows = [self.scheduler.requests[r].rows for r in launch.request_ids]
                 lengths = [self.scheduler.requests[r].seq_len for r in launch.request_ids]
-                jobs.append((launch, members, rows, lengths))
+                jobs.append((launch, members, rows, lengths, pumped_us))
             self._report_operations()
             self._wake.notify_all()  # a hold deadline may have appeared
         inline = None
@@ -347,8 +349,8 @@ class ReorchEngine:
         return inline
 
     def _run_launch(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
-                    lengths: list[int | None]) -> None:
-        job: tuple | None = (launch, members, rows, lengths)
+                    lengths: list[int | None], pumped_us: int) -> None:
+        job: tuple | None = (launch, members, rows, lengths, pumped_us)
         while job is not None:
             job = self._run_one(*job)
 
@@ -358,7 +360,8 @@ class ReorchEngine:
         """Run stages first..last on one batch; a fused run keeps the batch's tensors whole between stages.
 
         Returns (per-member tensors still needed after ``last``, or None; the error, if a stage raised;
-        the index of the last stage run). Appends each stage's compute time (µs) to ``compute_us``.
+        the index of the last stage run). Appends each stage's compute time (µs: feeds, graph, split)
+        to ``compute_us``; the caller books it (stage launches and inline runs have their own metrics).
         """
         if self.whole is not None and first == 0 and last == len(self.spec.stages) - 1:
             return self._run_whole(members, pad_to, rows, lengths, compute_us)
@@ -386,19 +389,22 @@ class ReorchEngine:
                 return None, error, index
             finally:
                 compute_us.append(int((time.perf_counter() - started) * 1e6))
-                self.metrics.stage_compute(index, compute_us[-1])
         return None, "no stage ran", index
 
     def _run_whole(self, members: list[dict[str, np.ndarray]], pad_to: int | None, rows: list[int],
                    lengths: list[int | None], compute_us: list[int]
                    ) -> tuple[list[dict[str, np.ndarray]] | None, str | None, int]:
-        """``_run_stages`` of the whole chain on the whole model's graph. Its compute time is booked on
-        stage 0 (the other stages get 0), so a request's stage times still add up; a failure is
-        reported as stage 0's, naming the whole graph."""
+        """``_run_stages`` of the whole chain on the whole model's graph. Its compute time is stage 0's
+        (the other stages get 0), so a request's stage times still add up; a failure is reported as
+        stage 0's, naming the whole graph."""
         assert self.whole is not None
         last = len(self.spec.stages) - 1
         started = time.perf_counter()
         try:
+            if len(members) == 1 and pad_to == lengths[0]:
+                # One request at its own length: its tensors are the feeds, the outputs its answer.
+                outputs = self.whole.run(members[0])
+                return [{name: outputs[name] for name in self.whole.stage.outputs}], None, last
             outputs = self.whole.run(build_feeds(self.spec, self.whole.stage, members, pad_to))
             return split_outputs(self.spec, self.whole.stage, outputs, rows, lengths), None, last
         except Exception as exc:  # fails exactly this batch, like a stage
@@ -406,16 +412,16 @@ class ReorchEngine:
             LOGGER.warning("fused chain failed for a batch of %d rows: %s", sum(rows), error)
             return None, error, 0
         finally:
-            elapsed_us = int((time.perf_counter() - started) * 1e6)
-            compute_us.extend([elapsed_us] + [0] * last)
-            self.metrics.stage_compute(0, elapsed_us)
+            compute_us.extend([int((time.perf_counter() - started) * 1e6)] + [0] * last)
 
     def _run_one(self, launch: StageLaunch, members: list[dict[str, np.ndarray]], rows: list[int],
-                 lengths: list[int | None]) -> tuple | None:
+                 lengths: list[int | None], pumped_us: int) -> tuple | None:
         last = launch.final_stage
         compute_us: list[int] = []
         per_member, error, index = self._run_stages(launch.stage, last, members, launch.pad_to, rows, lengths,
                                                     compute_us)
+        for stage, stage_us in enumerate(compute_us, start=launch.stage):
+            self.metrics.stage_compute(stage, stage_us)
         cancelled = self._probe_cancelled(launch.request_ids) if error is None else []
         with self._lock:
             if self._closing:
@@ -434,6 +440,11 @@ class ReorchEngine:
             completions += self.scheduler.on_stage_done(launch.launch_id, now, error,
                                                         failed_stage=index if error is not None else None,
                                                         compute_us=compute_us)
+            if error is None:
+                # What this launch cost beyond its compute: hand-off, scheduling, waiting for a core.
+                self.scheduler.note_launch_overhead(self._now_us() - pumped_us - sum(compute_us))
+                if self.scheduler.fuse is not None:
+                    self.metrics.launch_overhead(self.scheduler.fuse.overhead_us)
             answers = self._answers(completions)
         self._deliver(answers)
         return self._pump(after=launch)

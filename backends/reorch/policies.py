@@ -79,6 +79,10 @@ class ReorchKnobs:
     """Cost model: what one stage boundary costs (launch, feed build, split, scheduling), microseconds."""
     fuse_max_overhead_share: float = 0.1
     """Cost model: fuse every batch when K boundaries would add more than this share of the chain at batch 1."""
+    fuse_margin: float = 0.25
+    """Cost model: hysteresis of the fuse decision, as a fraction of its threshold: it switches on above
+    (1 + this) x the threshold and off below (1 - this) x it, with the measured per-launch overhead; in between
+    it stays (at the start: on). Keeps the decision from flipping on the build's noisy tables."""
     whole_max_arrivals: float = 0.5
     """Cost model: run a batch as the whole chain when fewer requests are expected during it (and no diversity)."""
     burst_rate_ratio: float = 2.0
@@ -118,6 +122,7 @@ class ReorchKnobs:
         need(self.cost_model in COST_MODEL_MODES, "cost_model", f"must be one of {', '.join(COST_MODEL_MODES)}")
         need(self.stage_overhead_us >= 0, "stage_overhead_us", "must be >= 0")
         need(self.fuse_max_overhead_share >= 0, "fuse_max_overhead_share", "must be >= 0")
+        need(0 <= self.fuse_margin < 1, "fuse_margin", "must be in [0, 1)")
         need(self.whole_max_arrivals >= 0, "whole_max_arrivals", "must be >= 0 (0 = only under steady load)")
         need(self.burst_rate_ratio >= 0, "burst_rate_ratio", "must be >= 0 (0 = never bursty)")
         need(self.burst_window_ms > 0, "burst_window_ms", "must be > 0")

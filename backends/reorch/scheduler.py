@@ -29,7 +29,9 @@ Never-lose decisions of the cost model (``cost.py``; the default policy only), c
 operations above:
 
 - **fuse**: the stages are too cheap for the per-stage overhead: every batch runs the whole chain
-  as one launch (a *fused* batch: no boundary, no re-forming);
+  as one launch (a *fused* batch: no boundary, no re-forming). The decision (``FuseDecision``)
+  uses the per-launch overhead the caller measures (``note_launch_overhead``); its switches are
+  counted as **fuse_on** and **fuse_off**;
 - **whole**: this batch can gain nothing from boundaries now (no length diversity, and steady
   load or no load): it runs the chain fused, like the whole model.
 """
@@ -40,12 +42,12 @@ import itertools
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 
-from .cost import FUSE, WHOLE, ArrivalMeter
+from .cost import FUSE, FUSE_OFF, FUSE_ON, WHOLE, ArrivalMeter, FuseDecision
 from .policies import Policy, bucket_of, default_bucket_bounds
 from .state import Batch, BatchState, Completion, MergePlan, Request, StageLaunch
 
 # Every operation name, in the order reports show them (metrics label ``operation``; the one list).
-OPERATIONS = ("new", "stretch", "split", "bucket", FUSE, WHOLE)
+OPERATIONS = ("new", "stretch", "split", "bucket", FUSE, WHOLE, FUSE_ON, FUSE_OFF)
 ARRIVAL_EWMA_WEIGHT = 0.1  # weight of the newest inter-arrival gap in the arrival-rate estimate
 ENTRY_SCAN_WINDOW = 256  # pending requests a new batch is chosen from (oldest first)
 
@@ -72,7 +74,7 @@ class StageScheduler:
         self.operation_counts: Counter[str] = Counter()
         self.closed_reason: str | None = None
         self.cost = policy.cost
-        self._fuse_always = self.cost is not None and self.cost.fuse_always()
+        self.fuse = FuseDecision(self.cost, self.knobs.fuse_margin) if self.cost is not None else None
         self._last_arrival_us: int | None = None
         self._arrival_gap_us: float | None = None  # EWMA of the gap between arrivals
         self.arrivals = ArrivalMeter(self.knobs.burst_window_ms * 1000, self.knobs.burst_rate_ratio)
@@ -106,6 +108,19 @@ class StageScheduler:
             if not arrivals_noted:
                 self._note_arrival(now_us)
         return completions
+
+    def note_launch_overhead(self, overhead_us: float) -> None:
+        """One launch's measured overhead (its wall time minus its compute time, µs): the fuse decision's
+        evidence. A switch of the decision is counted (FUSE_ON, FUSE_OFF)."""
+        if self.fuse is None:
+            return
+        switched = self.fuse.note_launch(overhead_us)
+        if switched is not None:
+            self.operation_counts[switched] += 1
+
+    @property
+    def _fuse_always(self) -> bool:
+        return self.fuse is not None and self.fuse.fused
 
     def _note_arrival(self, now_us: int) -> None:
         if self._last_arrival_us is not None:
@@ -293,30 +308,27 @@ class StageScheduler:
         """Whether a whole dynamic-batcher batch may run the chain at once, inside the caller (FUSE or
         WHOLE), instead of entering the scheduler: the cost model says fuse always, or nothing else is
         inside and the batch gains nothing from boundaries, or the load is steady and the batch has no
-        length diversity (batches already inside go on meanwhile). Notes the arrivals and counts the
-        decision."""
+        length diversity (batches already inside go on meanwhile). Notes the arrivals (not while every
+        batch is fused: nothing reads them then) and counts the decision."""
+        if self._fuse_always and self.closed_reason is None:
+            self.operation_counts[FUSE] += 1
+            return FUSE
         for _ in rows:
             self._note_arrival(now_us)
         self.arrivals.note(len(rows), now_us)
         if self.cost is None or self.num_stages < 2 or self.closed_reason is not None:
             return None
-        decision = None
-        if self._fuse_always:
-            decision = FUSE
-        else:
-            known = [(r, n) for r, n in zip(rows, lengths) if n is not None]
-            diverse = False
-            if len(known) > 1:
-                padded = sum(r for r, _ in known) * max(n for _, n in known)
-                diverse = 1.0 - sum(r * n for r, n in known) / padded >= self.knobs.bucket_min_saving
-            if sum(rows) <= self.knobs.max_batch_rows and self.cost.run_whole(
-                    sum(rows), pipeline_busy=bool(self.requests), waiting_behind=0, diverse=diverse,
-                    arrival_rate_per_us=self.arrival_rate_per_us(now_us),
-                    steady=not self.arrivals.bursty(now_us)):
-                decision = WHOLE
-        if decision is not None:
-            self.operation_counts[decision] += 1
-        return decision
+        known = [(r, n) for r, n in zip(rows, lengths) if n is not None]
+        diverse = False
+        if len(known) > 1:
+            padded = sum(r for r, _ in known) * max(n for _, n in known)
+            diverse = 1.0 - sum(r * n for r, n in known) / padded >= self.knobs.bucket_min_saving
+        if sum(rows) > self.knobs.max_batch_rows or not self.cost.run_whole(
+                sum(rows), pipeline_busy=bool(self.requests), waiting_behind=0, diverse=diverse,
+                arrival_rate_per_us=self.arrival_rate_per_us(now_us), steady=not self.arrivals.bursty(now_us)):
+            return None
+        self.operation_counts[WHOLE] += 1
+        return WHOLE
 
     def _fused_decision(self, group_rows: int, waiting_behind: int, bucketed: bool, now_us: int) -> str | None:
         """FUSE or WHOLE when the cost model says the next batch gains nothing from boundaries, else None."""
