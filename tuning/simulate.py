@@ -437,9 +437,11 @@ class SharedCores:
 class _StageStats:
     """What one stage's launches did (batch sizes, device time, and the tables' share of it).
 
-    ``booked`` adds time without a launch: the reorchestrator's metrics book the compute of a batch
-    run inline (inside the front model's ``execute``) on stage 0 without counting a launch there, and
-    the simulator averages the same way (``unlaunched_ms`` says how much of it there is).
+    ``add(..., launch=False)`` adds time without a launch: the simulator books the compute of a batch
+    run inline (inside the front model's ``execute``) on stage 0 without counting a launch there
+    (``unlaunched_ms`` says how much of it there is), so calibration leaves that stage's time alone.
+    The engine books the same time on its own inline metrics (``server.reorch.inline`` of a run);
+    runs made before it did so hold it in stage 0's compute.
     """
 
     sizes: Counter = field(default_factory=Counter)
