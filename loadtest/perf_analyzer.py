@@ -40,7 +40,7 @@ from loadtest.client import DEFAULT_PROTOCOL, RECORD_VARIANTS, REORCH_RECORD_PAR
 from loadtest.driver import LoadJob, LoadSpec, run_load
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.sender import open_loop_schedule
-from loadtest.stats import bootstrap_difference, percentile_us
+from loadtest.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_difference, percentile_us
 from core.errors import StagebatchError
 
 LOGGER = logging.getLogger(__name__)
@@ -297,6 +297,28 @@ def percentile_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequenc
         return float("nan"), float("nan"), float("nan")
     log_ratio = bootstrap_difference(reference_runs, ours_runs, lambda x: float(np.log(np.percentile(x, q))), **bootstrap)
     return float(np.exp(log_ratio.estimate)), float(np.exp(log_ratio.low)), float(np.exp(log_ratio.high))
+
+
+def median_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequence[Sequence[int]], q: float, *,
+                 confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """The median over paired runs of the per-run ratio of ``q``-th percentiles (ours / reference),
+    and its percentile-bootstrap interval.
+
+    ``ours_runs[i]`` and ``reference_runs[i]`` are one pair: both generators on the same schedule,
+    back to back, so the machine's drift between pairs cancels inside each ratio. The interval
+    resamples the pairs (each pair's ratio already carries its own sampling noise). Pairs with an
+    empty side are left out; NaNs when none is left.
+    """
+    ratios = np.array([np.percentile(ours, q) / np.percentile(ref, q)
+                       for ours, ref in zip(ours_runs, reference_runs) if len(ours) and len(ref)])
+    if not ratios.size:
+        return float("nan"), float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(ratios.size, size=(resamples, ratios.size))
+    medians = np.median(ratios[picks], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(np.median(ratios)), float(low), float(high)
 
 
 def stagebatch_summary(records: list, duration_s: float) -> dict[str, float]:

@@ -110,6 +110,22 @@ def test_percentile_ratio_interval_widens_when_the_repeats_drift_apart():
     assert drifting[2] - drifting[1] > steady[2] - steady[1]
 
 
+def test_median_ratio_cancels_drift_that_both_generators_of_a_pair_share():
+    rng = np.random.default_rng(3)
+    drift = (0.6, 0.8, 1.0, 1.2, 1.5, 1.9)  # the machine slows down and speeds up between pairs
+    reference = [rng.lognormal(7.5, 0.3, 2000) * f for f in drift]
+    ours = [rng.lognormal(7.5, 0.3, 2000) * f * 1.2 for f in drift]
+    ratio, low, high = pa.median_ratio(ours, reference, 50)
+    assert ratio == pytest.approx(1.2, rel=0.03) and low <= ratio <= high and high - low < 0.1
+    pooled, pooled_low, pooled_high = pa.percentile_ratio(ours, reference, 50)
+    assert pooled_high - pooled_low > high - low  # the unpaired pooled interval carries the drift
+
+
+def test_median_ratio_leaves_out_pairs_with_an_empty_side():
+    assert pa.median_ratio([[2.0, 2.0], []], [[1.0, 1.0], [1.0]], 50) == (2.0, 2.0, 2.0)
+    assert all(np.isnan(pa.median_ratio([[]], [[1.0]], 50)))
+
+
 class CsvAnalyzer(pa.PerfAnalyzer):
     """Writes perf_analyzer 2.51's csv report (-f) for one closed-loop measurement, or fails."""
 
