@@ -71,8 +71,10 @@ class FakeAnalyzer(pa.PerfAnalyzer):
     def __init__(self, extra: int) -> None:
         super().__init__(pa.Path("perf_analyzer"), pa.Path("."))
         self.extra = extra
+        self.args: list[str] = []
 
     def run(self, args, timeout_s):
+        self.args = args
         count = int(args[args.index("--request-count") + 1])
         gaps_us = [int(v) for v in open(args[args.index("--request-intervals") + 1]).read().split()]
         sent_ns, requests = 10**12, []
@@ -91,6 +93,15 @@ def test_run_schedule_measures_the_scheduled_requests_after_the_warmup_only_when
     result = pa.run_schedule(FakeAnalyzer(extra=5), "127.0.0.1:1", plan)
     assert result.requests == 100  # the 150 scheduled arrivals less the 50 of the warm-up; not the 5 extra
     assert result.p99_ms == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("protocol", "threads"), [("unary", "64"), ("stream", "1")])
+def test_run_schedule_streams_on_one_thread_and_one_stream_like_the_sender(protocol, threads):
+    spec = LoadSpec("ident", "whole", ArrivalSpec("constant", rate_rps=100), None, duration_s=0.5, protocol=protocol)
+    analyzer = FakeAnalyzer(extra=0)
+    pa.run_schedule(analyzer, "127.0.0.1:1", LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["ident"]))
+    assert analyzer.args[analyzer.args.index("--max-threads") + 1] == threads
+    assert ("--streaming" in analyzer.args) == (protocol == "stream")
 
 
 def test_percentile_ratio_is_one_for_the_same_samples_and_finds_a_scaled_tail():
