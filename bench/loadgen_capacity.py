@@ -21,9 +21,10 @@ One command, about 11 minutes on a quiet 2-core machine (it prints its duration;
    server's mean time per request from Triton's statistics). Per point, the verdict of the issue's
    done-when: the **median over pairs of the per-pair ratio**, p50 within 1.00 +- 0.05 and p99
    within 1.00 +- 0.10, ``met`` or ``MISSED``, ``decided`` when its 95% interval (resampling pairs)
-   lies on one side of the band's edge, else ``undecided``. Beside it the ratio of the pooled
-   percentiles with its interval (:func:`loadtest.perf_analyzer.percentile_ratio`), and how many
-   pairs (and requests per generator) this run's spread says a +-band interval takes.
+   lies on one side of the band's edge and there are at least 6 pairs, else ``undecided``. Beside
+   it the ratio of the pooled percentiles with its interval
+   (:func:`loadtest.perf_analyzer.percentile_ratio`), and how many pairs (and requests per
+   generator) this run's spread says a +-band interval takes.
 3. **Generator capacity**: open-loop constant rate against a trivial model (``ident``, y = x + 1)
    from one sending process at ``--loadgen-rate`` (3,000 req/s): late arrivals (sent > 2 ms behind
    schedule), lateness p50/p99, the sender's CPU and its CPU cost per request, and the cores the
@@ -73,6 +74,9 @@ TRIVIAL_MODEL = "ident"
 TOLERANCE = {"p50": 0.05, "p99": 0.10}
 QUANTILE = {"p50": 50, "p99": 99}
 MAX_LATE_FRACTION = 0.05
+# Fewest pairs whose median can decide: all 6 ratios on one side of a band edge happen by chance
+# with probability 2 / 2**6 = 0.03 (a sign test), so 6 can; 3 pairs cannot (0.25).
+MIN_PAIRS_TO_DECIDE = 6
 CALLS = {"unary": "whole", "stream": "reorch"}  # protocol -> the variant it is measured on
 
 
@@ -244,11 +248,14 @@ def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argp
             run_pair(analyzer, url, manifest, point, pair, args)
 
 
-def verdict(ratio: float, low: float, high: float, tolerance: float) -> str:
-    """``met``/``MISSED`` on the ratio, and whether its interval decides it."""
+def verdict(ratio: float, low: float, high: float, tolerance: float, pairs: int) -> str:
+    """``met``/``MISSED`` on the ratio, and whether its interval decides it (never with fewer than
+    :data:`MIN_PAIRS_TO_DECIDE` pairs: a bootstrap of the median of 3 values only spans those 3)."""
     met = abs(ratio - 1) <= tolerance
     inside = [abs(bound - 1) <= tolerance for bound in (low, high)]
     decided = all(inside) if met else not any(inside) and (low - 1) * (high - 1) > 0
+    if pairs < MIN_PAIRS_TO_DECIDE:
+        return f"{'met' if met else 'MISSED'} (undecided: {pairs} < {MIN_PAIRS_TO_DECIDE} pairs)"
     return f"{'met' if met else 'MISSED'} ({'decided' if decided else 'undecided'})"
 
 
@@ -277,7 +284,7 @@ def verdicts(points: list[Point]) -> None:
             per_generator = needed * sum(len(w.latencies_us) for w in point.reference) // len(point.reference)
             print(f"{point.label:>26} {name:>4} {median:6.3f} [{low:.3f}, {high:.3f}]  {pooled:6.3f} "
                   f"[{pooled_low:.3f}, {pooled_high:.3f}]  {min(ratios):.2f}..{max(ratios):.2f} {len(ratios):5d} "
-                  f"{needed:10d} {per_generator:7d}  1.00+-{tolerance:.2f}  {name} {verdict(median, low, high, tolerance)}")
+                  f"{needed:10d} {per_generator:7d}  1.00+-{tolerance:.2f}  {name} {verdict(median, low, high, tolerance, len(ratios))}")
         print(f"{'':>26} per-pair ratios p50: {' '.join(f'{r:.2f}' for r in point.ratios('p50'))}; "
               f"p99: {' '.join(f'{r:.2f}' for r in point.ratios('p99'))}")
         shares = [(r.client_share_us, o.client_share_us) for r, o in zip(point.reference, point.ours)]
