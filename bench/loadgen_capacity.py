@@ -192,6 +192,9 @@ class ServerTime:
         count = after["success_count"] - self._before.get("success_count", 0)
         return (after["success_ns"] - self._before.get("success_ns", 0)) / count / 1000 if count else float("nan")
 
+    def close(self) -> None:
+        self._client.close()
+
 
 def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: argparse.Namespace) -> None:
     spec = spec_for(point.protocol, ArrivalSpec("poisson", rate_rps=point.rate_rps), args, seed=args.seed + pair,
@@ -206,11 +209,13 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
             reference = replay(analyzer, url, plan)
             if reference is None:
                 print(f"{point.label:>26} {pair:4d} skipped: perf_analyzer failed twice (above)", flush=True)
+                server.close()
                 return
             windows[who] = Window(reference, server.mean_us())
         else:
             result = run_load(url, manifest, spec)
             windows[who] = Window([r.latency_us for r in result.records if r.ok], server.mean_us())
+    server.close()
     reference, ours = windows["perf_analyzer"], windows["ours"]
     point.reference.append(reference)
     point.ours.append(ours)
