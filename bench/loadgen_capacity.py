@@ -203,19 +203,20 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
     server = ServerTime(url, plan.entry().triton_name(spec.variant))
     order = ("perf_analyzer", "ours") if pair % 2 == 0 else ("ours", "perf_analyzer")
     windows = {}
-    for who in order:
-        server.start()
-        if who == "perf_analyzer":
-            reference = replay(analyzer, url, plan)
-            if reference is None:
-                print(f"{point.label:>26} {pair:4d} skipped: perf_analyzer failed twice (above)", flush=True)
-                server.close()
-                return
-            windows[who] = Window(reference, server.mean_us())
-        else:
-            result = run_load(url, manifest, spec)
-            windows[who] = Window([r.latency_us for r in result.records if r.ok], server.mean_us())
-    server.close()
+    try:
+        for who in order:
+            server.start()
+            if who == "perf_analyzer":
+                reference = replay(analyzer, url, plan)
+                if reference is None:
+                    print(f"{point.label:>26} {pair:4d} skipped: perf_analyzer failed twice (above)", flush=True)
+                    return
+                windows[who] = Window(reference, server.mean_us())
+            else:
+                result = run_load(url, manifest, spec)
+                windows[who] = Window([r.latency_us for r in result.records if r.ok], server.mean_us())
+    finally:
+        server.close()
     reference, ours = windows["perf_analyzer"], windows["ours"]
     point.reference.append(reference)
     point.ours.append(ours)
