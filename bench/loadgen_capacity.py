@@ -1,7 +1,7 @@
 """Benchmark: is the load generator as faithful as perf_analyzer, and how much can one process send?
 
-One command, about 9 minutes on a quiet 2-core machine (``--quick``: about 2 minutes, checks
-the script and gives rough figures):
+One command, about 11 minutes on a quiet 2-core machine (it prints its duration; ``--quick``: about
+2 minutes, checks the script and gives rough figures):
 
 1. **Model capacity**: the tiny ``bert_base`` (built here with ``stagebatch build``), fixed length
    16, open-loop constant-rate probes through :func:`loadtest.driver.run_load` (doubling, then
@@ -11,17 +11,20 @@ the script and gives rough figures):
    the window's last quarter at most twice that of its first quarter plus 2 ms). ``--capacity
    unary=R`` skips the probes for a protocol.
 2. **Fidelity** at four points: unary to ``whole`` and streaming to ``reorch``, each at ``--rate``
-   (100 req/s, ``--duration-s`` 20 s per run) and at ``--multiple`` (0.5) x its capacity
-   (``--multiple-duration-s`` 5 s per run). Poisson arrivals; perf_analyzer 2.51 (Triton's C++
-   generator, ``--request-intervals``) and this project's generator send the *same schedule*, over
-   the same measured window. Interleaved: every repeat visits every point, and the order of the
-   two generators alternates. Repeated ``--repeats`` (3) times with a new schedule. Printed per
-   run: p50/p99 of both and their ratios (ours / perf_analyzer); per point: the median, range and
-   list of the per-repeat ratios, and the ratio of the percentiles of all repeats' requests pooled
-   with its 95% interval, which resamples the repeats and then the requests inside each (so it
-   covers the machine's drift between repeats as well as sampling noise). The verdict takes the
-   pooled ratio: p50 within 1.00 +- 0.05, p99 within 1.00 +- 0.10, printed ``met`` or ``MISSED``,
-   ``decided`` when the whole interval lies on one side of the band's edge, else ``undecided``.
+   (100 req/s, ``--duration-s`` 10 s windows) and at ``--multiple`` (0.5) x its capacity
+   (``--multiple-duration-s`` 2 s windows). Poisson arrivals. A *pair* is perf_analyzer 2.51
+   (Triton's C++ generator, ``--request-intervals``) and this project's generator sending the same
+   schedule back to back, over the same measured window, in alternating order; ``--pairs`` (8)
+   pairs per point, each with a new schedule, and the pairs visit the points in turn, so the
+   machine's drift falls inside no ratio but lands between pairs. Printed per pair: p50/p99 of both,
+   their ratios (ours / perf_analyzer), and each generator's client share (mean latency minus the
+   server's mean time per request from Triton's statistics). Per point, the verdict of the issue's
+   done-when: the **median over pairs of the per-pair ratio**, p50 within 1.00 +- 0.05 and p99
+   within 1.00 +- 0.10, ``met`` or ``MISSED``, ``decided`` when its 95% interval (resampling pairs)
+   lies on one side of the band's edge and there are at least 6 pairs, else ``undecided``. Beside
+   it the ratio of the pooled percentiles with its interval
+   (:func:`loadtest.perf_analyzer.percentile_ratio`), and how many pairs (and requests per
+   generator) this run's spread says a +-band interval takes.
 3. **Generator capacity**: open-loop constant rate against a trivial model (``ident``, y = x + 1)
    from one sending process at ``--loadgen-rate`` (3,000 req/s): late arrivals (sent > 2 ms behind
    schedule), lateness p50/p99, the sender's CPU and its CPU cost per request, and the cores the
@@ -47,14 +50,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
 
 from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob, LoadResult, LoadSpec, run_load
 from loadtest.perf_analyzer import (
     PerfAnalyzerUnavailable,
     ensure_perf_analyzer,
+    median_ratio,
     percentile_ratio,
     run_schedule,
 )
+from loadtest.server_stats import snapshot_statistics
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
@@ -68,6 +74,9 @@ TRIVIAL_MODEL = "ident"
 TOLERANCE = {"p50": 0.05, "p99": 0.10}
 QUANTILE = {"p50": 50, "p99": 99}
 MAX_LATE_FRACTION = 0.05
+# Fewest pairs whose median can decide: all 6 ratios on one side of a band edge happen by chance
+# with probability 2 / 2**6 = 0.03 (a sign test), so 6 can; 3 pairs cannot (0.25).
+MIN_PAIRS_TO_DECIDE = 6
 CALLS = {"unary": "whole", "stream": "reorch"}  # protocol -> the variant it is measured on
 
 
@@ -130,45 +139,95 @@ def model_capacity(url: str, manifest: dict, protocol: str, args: argparse.Names
 # ---- 2. fidelity against perf_analyzer ------------------------------------------------------------
 
 @dataclass
+class Window:
+    """One generator's measured window of a pair: latencies, and the client's share of their mean."""
+
+    latencies_us: list[int]
+    server_mean_us: float  # the server's own mean time per request over the window (Triton statistics)
+
+    @property
+    def client_share_us(self) -> float:
+        """Mean client latency minus the server's mean request time: the client's and the network's share."""
+        return float(np.mean(self.latencies_us)) - self.server_mean_us if self.latencies_us else float("nan")
+
+
+@dataclass
 class Point:
-    """One fidelity point: each repeat's latencies of both generators, and the per-repeat ratios."""
+    """One fidelity point: its pairs of windows (perf_analyzer and ours on one schedule, back to back)."""
 
     protocol: str
     rate_rps: float
     label: str
-    duration_s: float  # measured seconds of each run at this point
-    reference_runs: list[list[int]] = field(default_factory=list)
-    ours_runs: list[list[int]] = field(default_factory=list)
-    repeat_ratios: dict[str, list[float]] = field(default_factory=lambda: {"p50": [], "p99": []})
+    duration_s: float  # measured seconds of each window at this point
+    reference: list[Window] = field(default_factory=list)
+    ours: list[Window] = field(default_factory=list)
+
+    def ratios(self, name: str) -> list[float]:
+        q = QUANTILE[name]
+        return [percentile_us(o.latencies_us, q) / percentile_us(r.latencies_us, q)
+                for o, r in zip(self.ours, self.reference)]
+
+    def median(self, name: str) -> tuple[float, float, float]:
+        return median_ratio([w.latencies_us for w in self.ours], [w.latencies_us for w in self.reference], QUANTILE[name])
 
     def pooled(self, name: str) -> tuple[float, float, float]:
-        return percentile_ratio(self.ours_runs, self.reference_runs, QUANTILE[name])
+        return percentile_ratio([w.latencies_us for w in self.ours], [w.latencies_us for w in self.reference],
+                                QUANTILE[name])
 
 
-def run_point(analyzer, url: str, manifest: dict, point: Point, repeat: int, args: argparse.Namespace) -> None:
-    spec = spec_for(point.protocol, ArrivalSpec("poisson", rate_rps=point.rate_rps), args, seed=args.seed + repeat,
+class ServerTime:
+    """The server's mean time per request of one model between two moments (Triton's statistics:
+    receipt to response, queue included), to split a client's latency into server and client shares."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self._client = grpcclient.InferenceServerClient(url)
+        self._model = model
+        self._before: dict = {}
+
+    def start(self) -> None:
+        self._before = snapshot_statistics(self._client, [self._model])[self._model]
+
+    def mean_us(self) -> float:
+        after = snapshot_statistics(self._client, [self._model])[self._model]
+        count = after["success_count"] - self._before.get("success_count", 0)
+        return (after["success_ns"] - self._before.get("success_ns", 0)) / count / 1000 if count else float("nan")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: argparse.Namespace) -> None:
+    spec = spec_for(point.protocol, ArrivalSpec("poisson", rate_rps=point.rate_rps), args, seed=args.seed + pair,
                     duration_s=point.duration_s)
     plan = LoadJob(url, spec, manifest["models"][MODEL], str(manifest.get("target", "embedded")))
-    order = ("perf_analyzer", "ours") if repeat % 2 == 0 else ("ours", "perf_analyzer")
-    for who in order:
-        if who == "perf_analyzer":
-            reference = replay(analyzer, url, plan)
-            if reference is None:
-                print(f"{point.label:>26} {repeat:6d} skipped: perf_analyzer failed twice (above)", flush=True)
-                return
-        else:
-            result = run_load(url, manifest, spec)
-            ours = [r.latency_us for r in result.records if r.ok]
-    point.reference_runs.append(reference)
-    point.ours_runs.append(ours)
+    server = ServerTime(url, plan.entry().triton_name(spec.variant))
+    order = ("perf_analyzer", "ours") if pair % 2 == 0 else ("ours", "perf_analyzer")
+    windows = {}
+    try:
+        for who in order:
+            server.start()
+            if who == "perf_analyzer":
+                reference = replay(analyzer, url, plan)
+                if reference is None:
+                    print(f"{point.label:>26} {pair:4d} skipped: perf_analyzer failed twice (above)", flush=True)
+                    return
+                windows[who] = Window(reference, server.mean_us())
+            else:
+                result = run_load(url, manifest, spec)
+                windows[who] = Window([r.latency_us for r in result.records if r.ok], server.mean_us())
+    finally:
+        server.close()
+    reference, ours = windows["perf_analyzer"], windows["ours"]
+    point.reference.append(reference)
+    point.ours.append(ours)
     row = []
     for name in ("p50", "p99"):
-        pa_ms, ours_ms = percentile_us(reference, QUANTILE[name]) / 1000, percentile_us(ours, QUANTILE[name]) / 1000
-        point.repeat_ratios[name].append(ours_ms / pa_ms)
-        row.append(f"{pa_ms:8.3f} {ours_ms:8.3f} {ours_ms / pa_ms:6.3f}")
-    print(f"{point.label:>26} {repeat:6d} {' then '.join('pa' if o == 'perf_analyzer' else 'ours' for o in order):>12} "
-          f"{' '.join(row)} {len(reference):6d} {len(ours):6d} {result.late_arrivals:5d} {result.loadgen_cpu_percent:4.0f}%",
-          flush=True)
+        q = QUANTILE[name]
+        pa_ms, ours_ms = percentile_us(reference.latencies_us, q) / 1000, percentile_us(ours.latencies_us, q) / 1000
+        row.append(f"{pa_ms:7.3f} {ours_ms:7.3f} {ours_ms / pa_ms:6.3f}")
+    print(f"{point.label:>26} {pair:4d} {'pa,ours' if order[0] == 'perf_analyzer' else 'ours,pa':>7} {' '.join(row)} "
+          f"{reference.client_share_us:6.0f} {ours.client_share_us:6.0f} {len(reference.latencies_us):5d} "
+          f"{len(ours.latencies_us):5d} {result.late_arrivals:4d} {result.loadgen_cpu_percent:4.0f}%", flush=True)
 
 
 def replay(analyzer, url: str, plan: LoadJob) -> list[int] | None:
@@ -183,40 +242,62 @@ def replay(analyzer, url: str, plan: LoadJob) -> list[int] | None:
 
 
 def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argparse.Namespace) -> None:
-    print(f"\n== 2. fidelity: Poisson arrivals, the same schedule for both generators, {args.repeats} repeats; "
-          f"each repeat visits every point, the generators' order alternates ==")
-    print(f"{'point':>26} {'repeat':>6} {'order':>12} {'pa p50':>8} {'ours p50':>8} {'ratio':>6} "
-          f"{'pa p99':>8} {'ours p99':>8} {'ratio':>6} {'n pa':>6} {'n ours':>6} {'late':>5} {'cpu':>5}")
-    for repeat in range(args.repeats):
+    print(f"\n== 2. fidelity: Poisson arrivals; {args.pairs} pairs per point: perf_analyzer (pa) and ours on one "
+          "schedule, back to back, the order alternating; pairs visit the points in turn ==")
+    print("client = mean latency minus the server's mean time per request (Triton statistics, warm-up included), µs")
+    print(f"{'point':>26} {'pair':>4} {'order':>7} {'pa p50':>7} {'our p50':>7} {'ratio':>6} "
+          f"{'pa p99':>7} {'our p99':>7} {'ratio':>6} {'client':>6} {'client':>6} {'n pa':>5} {'n our':>5} "
+          f"{'late':>4} {'cpu':>5}")
+    print(f"{'':>26} {'':>4} {'':>7} {'':>7} {'':>7} {'':>6} {'':>7} {'':>7} {'':>6} {'pa':>6} {'ours':>6}")
+    for pair in range(args.pairs):
         for point in points:
-            run_point(analyzer, url, manifest, point, repeat, args)
+            run_pair(analyzer, url, manifest, point, pair, args)
 
 
-def verdict(ratio: float, low: float, high: float, tolerance: float) -> str:
-    """``met``/``MISSED`` on the pooled ratio, and whether its 95% interval decides it."""
+def verdict(ratio: float, low: float, high: float, tolerance: float, pairs: int) -> str:
+    """``met``/``MISSED`` on the ratio, and whether its interval decides it (never with fewer than
+    :data:`MIN_PAIRS_TO_DECIDE` pairs: a bootstrap of the median of 3 values only spans those 3)."""
     met = abs(ratio - 1) <= tolerance
     inside = [abs(bound - 1) <= tolerance for bound in (low, high)]
     decided = all(inside) if met else not any(inside) and (low - 1) * (high - 1) > 0
-    return f"{'met' if met else 'MISSED'} ({'decided' if decided else 'undecided: the interval crosses the band edge'})"
+    if pairs < MIN_PAIRS_TO_DECIDE:
+        return f"{'met' if met else 'MISSED'} (undecided: {pairs} < {MIN_PAIRS_TO_DECIDE} pairs)"
+    return f"{'met' if met else 'MISSED'} ({'decided' if decided else 'undecided'})"
+
+
+def pairs_needed(pairs: int, low: float, high: float, tolerance: float) -> int:
+    """Pairs for a 95% interval of the median ratio about ``+-tolerance`` wide (it narrows as 1/sqrt(pairs))."""
+    if not (low > 0 and high > 0) or high == low:
+        return pairs
+    half_width = (np.log(high) - np.log(low)) / 2
+    return max(2, int(np.ceil(pairs * (half_width / np.log1p(tolerance)) ** 2)))
 
 
 def verdicts(points: list[Point]) -> None:
-    print("\n== targets: ours / perf_analyzer; verdict on the pooled ratio; its 95% interval resamples repeats, "
-          "then requests ==")
-    print(f"{'point':>26} {'pct':>4} {'per repeat: median (range)':>28} {'pooled [95% CI]':>24} {'n pa':>6} "
-          f"{'n ours':>6}  band         verdict")
+    print("\n== targets (issue 10): median over pairs of the per-pair ratio ours / perf_analyzer, 95% intervals "
+          "(median: resampling pairs; pooled: the percentile of all pairs' requests, resampling pairs, then requests) ==")
+    print(f"{'point':>26} {'pct':>4} {'median [95% CI]':>23} {'pooled [95% CI]':>23} {'range':>13} {'pairs':>5} "
+          f"{'for +-band':>10} {'req/gen':>7}  band        verdict (on the median)")
     for point in points:
         for name, tolerance in TOLERANCE.items():
-            ratios = point.repeat_ratios[name]
+            ratios = point.ratios(name)
             if not ratios:
-                print(f"{point.label:>26} {name:>4} no repeat measured (perf_analyzer failed)")
+                print(f"{point.label:>26} {name:>4} no pair measured (perf_analyzer failed)")
                 continue
-            ratio, low, high = point.pooled(name)
-            print(f"{point.label:>26} {name:>4} {statistics.median(ratios):10.3f} ({min(ratios):.3f}..{max(ratios):.3f})"
-                  f"      {ratio:6.3f} [{low:.3f}, {high:.3f}] {sum(map(len, point.reference_runs)):6d} "
-                  f"{sum(map(len, point.ours_runs)):6d}  1.00 +- {tolerance:.2f}  {name} {verdict(ratio, low, high, tolerance)}")
-        print(f"{'':>26} {'':>4} per-repeat ratios p50: {' '.join(f'{r:.3f}' for r in point.repeat_ratios['p50'])}; "
-              f"p99: {' '.join(f'{r:.3f}' for r in point.repeat_ratios['p99'])}")
+            median, low, high = point.median(name)
+            pooled, pooled_low, pooled_high = point.pooled(name)
+            needed = pairs_needed(len(ratios), low, high, tolerance)
+            per_generator = needed * sum(len(w.latencies_us) for w in point.reference) // len(point.reference)
+            print(f"{point.label:>26} {name:>4} {median:6.3f} [{low:.3f}, {high:.3f}]  {pooled:6.3f} "
+                  f"[{pooled_low:.3f}, {pooled_high:.3f}]  {min(ratios):.2f}..{max(ratios):.2f} {len(ratios):5d} "
+                  f"{needed:10d} {per_generator:7d}  1.00+-{tolerance:.2f}  {name} {verdict(median, low, high, tolerance, len(ratios))}")
+        print(f"{'':>26} per-pair ratios p50: {' '.join(f'{r:.2f}' for r in point.ratios('p50'))}; "
+              f"p99: {' '.join(f'{r:.2f}' for r in point.ratios('p99'))}")
+        shares = [(r.client_share_us, o.client_share_us) for r, o in zip(point.reference, point.ours)]
+        print(f"{'':>26} client share (mean latency - server's mean), median over pairs: perf_analyzer "
+              f"{np.median([s[0] for s in shares]):.0f} µs, ours {np.median([s[1] for s in shares]):.0f} µs")
+    print("for +-band: pairs this point would need for a median interval of +-band (from this run's spread); "
+          "req/gen: requests per generator that takes")
 
 
 # ---- 3. generator capacity ------------------------------------------------------------------------
@@ -268,11 +349,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--multiple", type=float, default=0.5, help="second rate: this multiple of the capacity")
     parser.add_argument("--protocols", nargs="+", default=list(CALLS), choices=list(CALLS))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--duration-s", type=float, default=20.0, help="measured seconds of each fidelity run at --rate")
-    parser.add_argument("--multiple-duration-s", type=float, default=5.0,
-                        help="measured seconds of each fidelity run at --multiple x capacity")
-    parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--pairs", type=int, default=8, help="pairs of windows (perf_analyzer, ours) per point")
+    parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds of each window at --rate")
+    parser.add_argument("--multiple-duration-s", type=float, default=2.0,
+                        help="measured seconds of each window at --multiple x capacity")
+    parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--probe-s", type=float, default=2.0, help="measured seconds of each capacity probe")
     parser.add_argument("--capacity-start", type=float, default=400.0)
     parser.add_argument("--capacity-probes", type=int, default=5)
@@ -286,7 +367,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs while developing (rough figures)")
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.duration_s, args.multiple_duration_s, args.probe_s, args.capacity_probes = 2, 4.0, 2.0, 1.5, 3
+        args.pairs, args.duration_s, args.multiple_duration_s, args.probe_s, args.capacity_probes = 3, 3.0, 1.0, 1.5, 3
         args.loadgen_s = 3.0
     known = parse_capacities(args.capacity)
     started = time.monotonic()
@@ -320,7 +401,7 @@ def main() -> None:
         verdicts(points)
     elif not args.skip_fidelity:
         print("fidelity: skipped (perf_analyzer unavailable, see above)")
-    print(f"total {time.monotonic() - started:.0f} s")
+    print(f"bench duration: {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from loadtest.client import DEFAULT_PROTOCOL, RECORD_VARIANTS, REORCH_RECORD_PAR
 from loadtest.driver import LoadJob, LoadSpec, run_load
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.sender import open_loop_schedule
-from loadtest.stats import bootstrap_difference, percentile_us
+from loadtest.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_difference, percentile_us
 from core.errors import StagebatchError
 
 LOGGER = logging.getLogger(__name__)
@@ -181,6 +181,14 @@ class ScheduleResult:
                 "requests": self.requests}
 
 
+# perf_analyzer's --max-threads per protocol. Streaming, each of its threads opens its own stream and
+# sends its share of the schedule on it; with 64 threads (64 streams of about 11 req/s each at
+# 700 req/s) it read about 1.2x the p50 of one thread on the same schedule on the 2-core machine
+# (median of 8 rounds, under contention), and that made this project's generator, which sends on one
+# stream, read 0.77x of it (docs/loadgen.md). One thread, one stream, like the sender.
+REPLAY_THREADS = {"unary": 64, "stream": 1}
+
+
 def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str, Any]:
     steps = []
     for seq_len in lengths:
@@ -229,11 +237,14 @@ def run_schedule(
     plan: LoadJob,
     *,
     timeout_s: float | None = None,
+    max_threads: int | None = None,
 ) -> ScheduleResult:
     """Replay ``plan``'s open-loop schedule with perf_analyzer; summarise the measured window.
 
     ``timeout_s`` (default: the schedule's duration plus a minute) bounds the replay: perf_analyzer
     2.51 with ``--streaming`` was seen waiting for ever on the (non-decoupled) reorchestrator.
+    ``max_threads``: perf_analyzer's worker threads (default :data:`REPLAY_THREADS` of the protocol;
+    when streaming, each thread has its own stream).
     """
     spec = plan.spec
     timeout_s = timeout_s if timeout_s is not None else spec.duration_s + 60.0
@@ -248,6 +259,7 @@ def run_schedule(
     # one data step per distinct length, picked in schedule order (perf_analyzer cycles its steps)
     step_lengths = lengths.tolist() if lengths is not None and len(distinct) > 1 else distinct
     protocol = spec.protocol or DEFAULT_PROTOCOL[spec.variant]
+    max_threads = max_threads or REPLAY_THREADS[protocol]
     with tempfile.TemporaryDirectory(prefix="stagebatch-pa-run-") as tmp:
         work = Path(tmp)
         (work / "intervals.txt").write_text("\n".join(str(v) for v in intervals_us.tolist()) + "\n")
@@ -257,7 +269,7 @@ def run_schedule(
             "-b", str(spec.rows),
             "--request-intervals", str(work / "intervals.txt"), "--request-count", str(len(times_s)),
             "--input-data", str(work / "input.json"), "--profile-export-file", str(work / "profile.json"),
-            "--max-threads", "64",
+            "--max-threads", str(max_threads),
         ]  # fmt: skip
         if protocol == "stream":
             args.append("--streaming")
@@ -297,6 +309,28 @@ def percentile_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequenc
         return float("nan"), float("nan"), float("nan")
     log_ratio = bootstrap_difference(reference_runs, ours_runs, lambda x: float(np.log(np.percentile(x, q))), **bootstrap)
     return float(np.exp(log_ratio.estimate)), float(np.exp(log_ratio.low)), float(np.exp(log_ratio.high))
+
+
+def median_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequence[Sequence[int]], q: float, *,
+                 confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """The median over paired runs of the per-run ratio of ``q``-th percentiles (ours / reference),
+    and its percentile-bootstrap interval.
+
+    ``ours_runs[i]`` and ``reference_runs[i]`` are one pair: both generators on the same schedule,
+    back to back, so the machine's drift between pairs cancels inside each ratio. The interval
+    resamples the pairs (each pair's ratio already carries its own sampling noise). Pairs with an
+    empty side are left out; NaNs when none is left.
+    """
+    ratios = np.array([np.percentile(ours, q) / np.percentile(ref, q)
+                       for ours, ref in zip(ours_runs, reference_runs) if len(ours) and len(ref)])
+    if not ratios.size:
+        return float("nan"), float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(ratios.size, size=(resamples, ratios.size))
+    medians = np.median(ratios[picks], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(np.median(ratios)), float(low), float(high)
 
 
 def stagebatch_summary(records: list, duration_s: float) -> dict[str, float]:

@@ -71,8 +71,10 @@ class FakeAnalyzer(pa.PerfAnalyzer):
     def __init__(self, extra: int) -> None:
         super().__init__(pa.Path("perf_analyzer"), pa.Path("."))
         self.extra = extra
+        self.args: list[str] = []
 
     def run(self, args, timeout_s):
+        self.args = args
         count = int(args[args.index("--request-count") + 1])
         gaps_us = [int(v) for v in open(args[args.index("--request-intervals") + 1]).read().split()]
         sent_ns, requests = 10**12, []
@@ -93,6 +95,15 @@ def test_run_schedule_measures_the_scheduled_requests_after_the_warmup_only_when
     assert result.p99_ms == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("protocol", "threads"), [("unary", "64"), ("stream", "1")])
+def test_run_schedule_streams_on_one_thread_and_one_stream_like_the_sender(protocol, threads):
+    spec = LoadSpec("ident", "whole", ArrivalSpec("constant", rate_rps=100), None, duration_s=0.5, protocol=protocol)
+    analyzer = FakeAnalyzer(extra=0)
+    pa.run_schedule(analyzer, "127.0.0.1:1", LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["ident"]))
+    assert analyzer.args[analyzer.args.index("--max-threads") + 1] == threads
+    assert ("--streaming" in analyzer.args) == (protocol == "stream")
+
+
 def test_percentile_ratio_is_one_for_the_same_samples_and_finds_a_scaled_tail():
     rng = np.random.default_rng(1)
     reference = [rng.lognormal(7.5, 0.5, 1000) for _ in range(3)]
@@ -108,6 +119,22 @@ def test_percentile_ratio_interval_widens_when_the_repeats_drift_apart():
     steady = pa.percentile_ratio([rng.lognormal(7.5, 0.5, 1000) for _ in range(4)], reference, 99)
     drifting = pa.percentile_ratio([rng.lognormal(7.5, 0.5, 1000) * f for f in (0.7, 1.0, 1.0, 1.4)], reference, 99)
     assert drifting[2] - drifting[1] > steady[2] - steady[1]
+
+
+def test_median_ratio_cancels_drift_that_both_generators_of_a_pair_share():
+    rng = np.random.default_rng(3)
+    drift = (0.6, 0.8, 1.0, 1.2, 1.5, 1.9)  # the machine slows down and speeds up between pairs
+    reference = [rng.lognormal(7.5, 0.3, 2000) * f for f in drift]
+    ours = [rng.lognormal(7.5, 0.3, 2000) * f * 1.2 for f in drift]
+    ratio, low, high = pa.median_ratio(ours, reference, 50)
+    assert ratio == pytest.approx(1.2, rel=0.03) and low <= ratio <= high and high - low < 0.1
+    _, pooled_low, pooled_high = pa.percentile_ratio(ours, reference, 50)
+    assert pooled_high - pooled_low > high - low  # the unpaired pooled interval carries the drift
+
+
+def test_median_ratio_leaves_out_pairs_with_an_empty_side():
+    assert pa.median_ratio([[2.0, 2.0], []], [[1.0, 1.0], [1.0]], 50) == (2.0, 2.0, 2.0)
+    assert all(np.isnan(pa.median_ratio([[]], [[1.0]], 50)))
 
 
 class CsvAnalyzer(pa.PerfAnalyzer):
