@@ -166,6 +166,30 @@ def test_tune_measures_only_the_better_half_after_the_halving_rounds(tmp_path, m
     assert [r["repeats"] for r in state["results"]] == [3, 3, 2]
 
 
+class NoisyConfirmer(FakeConfirmer):
+    """Batch 4 measures far above the default in one round and at it in the other (mean 1.5x, a wide
+    interval); batch 2 measures 0.95x every round (a narrow interval)."""
+
+    def rate_within_slo(self, config, start_rps, seed):
+        FakeConfirmer.calls.append((config.batcher.max_batch_size, seed))
+        rate = {8: 40.0, 2: 38.0, 4: (80.0 if seed % 2 == 0 else 40.0)}[config.batcher.max_batch_size]
+        return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
+
+
+def test_tune_keeps_measuring_the_configuration_with_the_highest_mean_ratio_when_its_interval_is_wide(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_module, "Confirmer", NoisyConfirmer)
+    FakeConfirmer.calls = []
+    options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
+                          out=tmp_path / "out", top=1, confirm=2, repeats=2, extra_rounds=2, halving_after=2,
+                          space=SearchSpace(variants=("whole",), max_batch_sizes=(2, 4), queue_delays_us=(0,),
+                                            preferred=("none",), instance_counts=(1,), intra_op_threads=(None,)))
+    tune_module.tune([_built_model_m(tmp_path)], options, say=lambda _: None)
+    # after two rounds batch 4 reads 1.5x (interval 1.0..2.0 wide), batch 2 0.95x with no spread: the
+    # extra rounds go to batch 4, whose interval more rounds can narrow
+    assert sorted(call for call in FakeConfirmer.calls if call[1] >= 2) == [(4, 2), (4, 3), (8, 2), (8, 3)]
+
+
 def test_search_ranks_the_best_of_every_variant_when_one_variant_fills_the_kept_places():
     space = SearchSpace(variants=("whole", "ensemble"), max_batch_sizes=(2, 4, 8), queue_delays_us=(0, 2000),
                         preferred=("none",), instance_counts=(1,))
