@@ -245,3 +245,14 @@ def test_bounded_shortens_the_window_when_a_fast_model_would_be_simulated_for_to
     short = bounded(workload, SearchOptions(max_requests=3000))
     assert (short.duration_s, short.warmup_s) == pytest.approx((1.5, 0.15))
     assert bounded(workload.with_rate(100.0), SearchOptions(max_requests=3000)).duration_s == 10.0
+
+
+def test_search_reserve_is_the_longest_search_so_far_and_the_closing_time_when_searches_vary(tmp_path):
+    options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
+                          out=tmp_path)
+    state = {"measurements": [{"key": "baseline", "repeat": 0, "wall_s": 30.0},
+                              {"key": "a", "repeat": 0, "wall_s": 62.5}, {"key": "b", "repeat": 0, "wall_s": 50.0}]}
+    # the mean (47.5 s) let a 62.5 s search start with 50 s left: the run ended 6 s over its budget
+    assert tune_module._search_reserve_s(state, options) == pytest.approx(62.5 + tune_module.CLOSING_S)
+    fresh = tune_module._search_reserve_s({"measurements": []}, options)
+    assert fresh == pytest.approx(4 * (options.probe_s + options.probe_warmup_s + 2) + tune_module.CLOSING_S)

@@ -48,6 +48,7 @@ from tuning.threads import measure_thread_slowdown
 REPORT_FILE = "tune.md"
 CONFIGS_DIR = "configs"
 SEARCH_SHARE = 0.3  # at most this share of the budget goes to the simulated search
+CLOSING_S = 5.0  # kept for writing the report and the ready repositories after the last search
 UNKNOWN_SPEED = 0.75  # the machine's speed against the simulation before the default is measured (see _start_rate)
 
 
@@ -203,7 +204,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
                         "stopping")
                     break
                 for key, build, config in todo:
-                    if clock.left_s < _search_estimate_s(state, options):  # a search may not overrun the budget
+                    if clock.left_s < _search_reserve_s(state, options):  # a search may not overrun the budget
                         say(f"  {clock.left_s:.0f} s left: {key} is not measured in round {repeat + 1}")
                         continue
                     k = build.profile.num_stages
@@ -252,6 +253,14 @@ def _search_estimate_s(state: dict[str, Any], options: TuneOptions) -> float:
     """How long one capacity search on the server takes (the mean so far, else 4 probes)."""
     walls = [m["wall_s"] for m in state["measurements"] if m.get("wall_s")]
     return (sum(walls) / len(walls)) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)
+
+
+def _search_reserve_s(state: dict[str, Any], options: TuneOptions) -> float:
+    """The time a search may start with: the longest one so far (else 4 probes), and the time to write
+    the results after it. The mean was not enough: a quiet 15-minute run started its last search with
+    50 s left, the search took 62.5 s, and the run ended 6 s over its budget."""
+    walls = [m["wall_s"] for m in state["measurements"] if m.get("wall_s")]
+    return (max(walls) if walls else 4 * (options.probe_s + options.probe_warmup_s + 2)) + CLOSING_S
 
 
 def _round_estimate_s(state: dict[str, Any], count: int, options: TuneOptions) -> float:
