@@ -57,6 +57,7 @@ from loadtest.perf_analyzer import (
     PerfAnalyzerUnavailable,
     ensure_perf_analyzer,
     median_ratio,
+    pair_ratios,
     percentile_ratio,
     run_schedule,
 )
@@ -163,9 +164,8 @@ class Point:
     ours: list[Window] = field(default_factory=list)
 
     def ratios(self, name: str) -> list[float]:
-        q = QUANTILE[name]
-        return [percentile_us(o.latencies_us, q) / percentile_us(r.latencies_us, q)
-                for o, r in zip(self.ours, self.reference)]
+        return pair_ratios([w.latencies_us for w in self.ours], [w.latencies_us for w in self.reference],
+                           QUANTILE[name])
 
     def median(self, name: str) -> tuple[float, float, float]:
         return median_ratio([w.latencies_us for w in self.ours], [w.latencies_us for w in self.reference], QUANTILE[name])

@@ -311,10 +311,17 @@ def percentile_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequenc
     return float(np.exp(log_ratio.estimate)), float(np.exp(log_ratio.low)), float(np.exp(log_ratio.high))
 
 
+def pair_ratios(ours_runs: Sequence[Sequence[int]], reference_runs: Sequence[Sequence[int]], q: float) -> list[float]:
+    """Per pair, the ratio of the ``q``-th percentiles (nearest rank, as each window's own figures),
+    ours / reference; pairs with an empty side are left out."""
+    return [percentile_us(ours, q) / percentile_us(ref, q)
+            for ours, ref in zip(ours_runs, reference_runs) if len(ours) and len(ref)]
+
+
 def median_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequence[Sequence[int]], q: float, *,
                  confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
-    """The median over paired runs of the per-run ratio of ``q``-th percentiles (ours / reference),
+    """The median over paired runs of the per-run ratio of ``q``-th percentiles (``pair_ratios``),
     and its percentile-bootstrap interval.
 
     ``ours_runs[i]`` and ``reference_runs[i]`` are one pair: both generators on the same schedule,
@@ -322,8 +329,7 @@ def median_ratio(ours_runs: Sequence[Sequence[int]], reference_runs: Sequence[Se
     resamples the pairs (each pair's ratio already carries its own sampling noise). Pairs with an
     empty side are left out; NaNs when none is left.
     """
-    ratios = np.array([np.percentile(ours, q) / np.percentile(ref, q)
-                       for ours, ref in zip(ours_runs, reference_runs) if len(ours) and len(ref)])
+    ratios = np.array(pair_ratios(ours_runs, reference_runs, q))
     if not ratios.size:
         return float("nan"), float("nan"), float("nan")
     picks = np.random.default_rng(seed).integers(ratios.size, size=(resamples, ratios.size))
