@@ -11,7 +11,7 @@ from loadtest.rundir import append_point, start_run_files, write_json
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import BadParameterError, ConfigValidationError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
-from tuning.calibrate import read_calibration, rescaled
+from tuning.calibrate import client_slowdown, read_calibration, rescaled, slowed
 from tuning.replay import SIMULATION_FILE, replay_run, run_manifest
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
@@ -315,3 +315,40 @@ def test_calibration_fits_the_outside_time_of_each_answer_path_from_the_reorches
     fitted = read_calibration(run).for_variant("reorch", "m")
     assert fitted.inline_request_overhead_ms == pytest.approx(3.0 - 1.0, abs=0.01)
     assert fitted.request_overhead_ms == pytest.approx(8.0 - 1.0, abs=0.01)
+
+
+def test_calibration_fits_a_model_on_its_lightest_points_when_none_formed_batches_of_one(tmp_path):
+    # a fast model batches 2 rows already at its lightest point: its own launch cost is fitted from that
+    # point instead of being left to the defaults (or to other models' costs)
+    stage = {"avg_batch_size": 2.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    heavier = {"avg_batch_size": 6.0, "avg_queue_us": 50000.0, "avg_compute_us": 90000.0}
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 7.0, [stage], 7.0),
+                                                          _point("whole", 300.0, 200.0, [heavier], 200.0)])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    # 20 req/s at constant spacing with no queue delay: the simulator forms batches of 1 (table 1 ms)
+    assert read_calibration(run).for_variant("whole", "m").launch_overhead_ms == pytest.approx(2.0, abs=0.01)
+
+
+@pytest.mark.parametrize(("percent", "cores", "factor"), [(50.0, 2, 4 / 3), (None, 2, 1.0), (50.0, 0, 1.0),
+                                                          (300.0, 2, 2.0)])
+def test_client_slowdown_is_the_share_of_the_cores_the_server_kept(percent, cores, factor):
+    record = {"loadgen": {"cpu_percent": percent}} if percent is not None else {}
+    assert client_slowdown(record, cores) == pytest.approx(factor)
+
+
+def test_calibration_divides_out_the_load_generators_share_of_the_cores(tmp_path):
+    # the sender took a whole core of 2: the server's 3 ms launch ran at half speed, so it costs 1.5 ms alone
+    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    point = {**_point("whole", 20.0, 7.0, [stage], 7.0), "loadgen": {"cpu_percent": 100.0}}
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [point])
+    write_json(run / "environment.json", {"repository": str(tmp_path / "repo"), "hardware": {"cpu_cores_logical": 2}})
+    document = replay_run(run, NO_OVERHEAD, calibrate=True)
+    assert read_calibration(run).for_variant("whole", "m").launch_overhead_ms == pytest.approx(0.5, abs=0.01)
+    assert document["points"][0]["simulated"]["p50_ms"] == pytest.approx(7.0, abs=0.05)  # replayed at half speed too
+
+
+def test_slowed_scales_every_device_cost_and_leaves_the_request_overheads():
+    settings = SimSettings(launch_overhead_ms=1.0, request_overhead_ms=2.0,
+                           variant_overrides={"m:whole": {"launch_overhead_ms": 3.0, "request_overhead_ms": 4.0}})
+    doubled = slowed(settings, 2.0).for_variant("whole", "m")
+    assert (doubled.launch_overhead_ms, doubled.compute_scale, doubled.request_overhead_ms) == (6.0, 2.0, 4.0)

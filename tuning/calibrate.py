@@ -8,7 +8,10 @@ choose; it is measured in every run (``points.jsonl``: per point, per stage, Tri
 or the reorchestrator's metrics: average batch size, queue time and compute time; and the client's
 latency). Per model and variant (``MODEL:VARIANT``, and a pooled ``VARIANT`` fallback), from the
 stable points whose stages formed batches of at most ``LIGHT_BATCH`` rows on average (there the
-launches hardly overlap and the load generator hardly competes, so the times are costs):
+launches hardly overlap, so the times are costs), or from that key's lightest points where none is
+that light (a fast model batches already at half its capacity). The load generator shares the cores:
+each point's measured times are divided by its :func:`client_slowdown`, and every point is simulated
+with its device costs multiplied by it (:func:`slowed`), so the fitted costs are the server's own:
 
 - ``launch_overhead_ms``: the mean excess of the measured compute time of each stage (per request as
   Triton averages it, per launch for the reorchestrator) over the tables' time of the batches the
@@ -55,7 +58,9 @@ LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at 
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
 INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
-METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows: launch_overhead_ms = mean of "
+METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows (else its lightest points); "
+          "every measured time divided by the point's load-generator slowdown (cores / (cores - sender cores)): "
+          "launch_overhead_ms = mean of "
           "measured per-stage compute (Triton statistics / reorch metrics) minus the tables' time of the simulated "
           "batches; request_overhead_ms = median(client latency - server queue and compute), for the reorchestrator "
           "per answer path (inline / response sender) from its per-request records; reorch inline_overhead_ms = the "
@@ -117,14 +122,29 @@ def _outside_ms(record: dict[str, Any], requests: list[dict] | None, front: dict
     return record["client"]["avg_ms"] - in_server_us / 1000.0, None
 
 
-def _light(record: dict[str, Any], front: dict[str, Any] | None) -> bool:
-    """Every stage (and the reorchestrator's front model) formed batches of at most ``LIGHT_BATCH`` rows."""
+def _largest_batch(record: dict[str, Any], front: dict[str, Any] | None) -> float:
+    """The largest average batch (rows) any stage or the reorchestrator's front model formed at a point."""
     stages = ((record.get("server") or {}).get("stages")) or []
     sizes = [s.get("avg_batch_size") or 1.0 for s in stages] + ([front.get("avg_batch_size") or 1.0] if front else [])
-    return all(size <= LIGHT_BATCH for size in sizes)
+    return max(sizes, default=1.0)
 
 
-def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tuple[dict[str, list], ...]:
+def _light_limits(jobs) -> dict[str, float]:
+    """Per MODEL:VARIANT, the largest average batch a point may have formed to be fitted on:
+    ``LIGHT_BATCH``, or the lightest of that key's timed points where none is that light.
+
+    A model as fast as lstm small forms batches of about 2 rows already at half its capacity; without
+    its own points it took the costs pooled over the other models (3.3 ms per launch, where its own
+    launches cost about what its tables say) and was predicted 50% too slow at light load."""
+    lightest: dict[str, float] = {}
+    for record, (profile, config, _) in jobs:
+        front = front_model_stats(record) if config.variant == "reorch" else None
+        key = f"{profile.name}:{config.variant}"
+        lightest[key] = min(lightest.get(key, float("inf")), _largest_batch(record, front))
+    return {key: max(LIGHT_BATCH, value) for key, value in lightest.items()}
+
+
+def _observations(jobs, settings: SimSettings, requests: dict[int, list], cores: int) -> tuple[dict[str, list], ...]:
     """Per MODEL:VARIANT: (table ms, measured compute ms) pairs of launches; outside-the-server
     latencies (ms); the reorchestrator front's (simulated hand-off share, measured minus simulated
     inline time per request, ms); and the points without any per-stage or front times."""
@@ -133,6 +153,7 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
     outside_inline: dict[str, list] = defaultdict(list)
     handoff: dict[str, list] = defaultdict(list)
     latency_only: dict[str, list] = defaultdict(list)
+    light_limits = _light_limits(jobs)
     for record, job in jobs:
         profile, config, workload = job
         key = f"{profile.name}:{config.variant}"
@@ -143,22 +164,23 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list]) -> tup
         if not stage_timed and not front_timed:
             latency_only[key].append((record, job))
             continue
-        if not _light(record, front):
+        if _largest_batch(record, front) > light_limits.get(key, LIGHT_BATCH):
             continue  # launches overlap, requests queue and the load generator competes: times are not costs
+        factor = client_slowdown(record, cores)
         point_settings = settings.for_variant(config.variant, profile.name)
-        result = simulate(profile, config, workload, settings)
+        result = simulate(profile, config, workload, slowed(settings, factor))
         per_request = config.variant != "reorch"  # Triton averages compute per request; reorch per launch
         for simulated, measured in zip(result.stage_batches, measured_stages if stage_timed else []):
             table = simulated["row_avg_table_ms" if per_request else "avg_table_ms"]
             if table is None or measured.get("avg_compute_us") is None or simulated.get("unlaunched_ms"):
                 continue  # no launch here, or time of inline runs booked without one: not a launch's cost
-            compute[key].append((table, measured["avg_compute_us"] / 1000.0))
+            compute[key].append((table, measured["avg_compute_us"] / 1000.0 / factor))
         handed = 0.0
         if front_timed:
             simulated_front = result.stage_batches[-1]
             handed = 1.0 - (simulated_front.get("inline_share") or 0.0)
-            inline_ms = (simulated_front.get("row_avg_launch_ms") or 0.0) - point_settings.handoff_ms * handed
-            handoff[key].append((handed, front["avg_compute_us"] / 1000.0 - inline_ms))
+            inline_ms = (simulated_front.get("row_avg_launch_ms") or 0.0) / factor - point_settings.handoff_ms * handed
+            handoff[key].append((handed, front["avg_compute_us"] / 1000.0 / factor - inline_ms))
         through, inline = _outside_ms(record, requests.get(record.get("index")), front if front_timed else None,
                                       handed, point_settings.handoff_ms)
         for values, value in ((outside[key], through), (outside_inline[key], inline)):
@@ -182,10 +204,14 @@ def usable(record: dict[str, Any]) -> bool:
 
 
 def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None = None,
-        error: Callable[[list, SimSettings], dict[str, float]] | None = None) -> tuple[SimSettings, dict[str, Any]]:
+        error: Callable[[list, SimSettings], dict[str, float]] | None = None,
+        cores: int = 0) -> tuple[SimSettings, dict[str, Any]]:
     """Fitted settings and the fit's facts from ``(point record, (profile, config, workload))`` pairs.
 
     ``requests``: the run's per-request rows by point index (``loadtest.rundir.read_requests``).
+    ``cores``: the run machine's cores; each point's measured times are divided by its
+    :func:`client_slowdown` (the load generator's share of the cores), so the fitted costs are the
+    server's own (0: not corrected).
     ``error(jobs, settings)``: median |p50 error| per variant; with it, ``device_slots`` (1 or 2: do
     launches of different models overlap on the cores?) is chosen per variant by the smaller error.
     """
@@ -194,8 +220,8 @@ def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None 
         raise ConfigValidationError("no stable point with server statistics per stage to calibrate from; "
                                     "calibrate from a characterization run whose points were sustained")
     if error is None:
-        return _fit_costs(jobs, base or SimSettings(), requests or {})
-    fits = {slots: _fit_costs(jobs, dataclasses.replace(base or SimSettings(), device_slots=slots), requests or {})
+        return _fit_costs(jobs, base or SimSettings(), requests or {}, cores)
+    fits = {slots: _fit_costs(jobs, dataclasses.replace(base or SimSettings(), device_slots=slots), requests or {}, cores)
             for slots in DEVICE_SLOTS}
     errors = {slots: error(jobs, settings) for slots, (settings, _) in fits.items()}
     overrides: dict[str, dict[str, float]] = {}
@@ -209,11 +235,11 @@ def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None 
     return dataclasses.replace(base or SimSettings(), variant_overrides=overrides), facts
 
 
-def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimSettings, dict[str, Any]]:
+def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int) -> tuple[SimSettings, dict[str, Any]]:
     settings = dataclasses.replace(base, variant_overrides={})
     facts: dict[str, Any] = {}
     for _ in range(ITERATIONS):
-        compute, (outside, outside_inline), handoff, latency_only = _observations(jobs, settings, requests)
+        compute, (outside, outside_inline), handoff, latency_only = _observations(jobs, settings, requests, cores)
         overrides: dict[str, dict[str, float]] = {}
 
         def outside_all_of(variant: str) -> list[float]:
@@ -241,7 +267,7 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list]) -> tuple[SimS
         settings = _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides))
     for key, points in latency_only.items():
         if key not in overrides:
-            overrides[key], facts[key] = _fit_outside_only(key, points, settings)
+            overrides[key], facts[key] = _fit_outside_only(key, points, settings, cores)
     return _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides)), facts
 
 
@@ -264,7 +290,8 @@ def _with_inline_costs(settings: SimSettings) -> SimSettings:
     return dataclasses.replace(settings, variant_overrides=overrides)
 
 
-def _fit_outside_only(key: str, points: list, settings: SimSettings) -> tuple[dict[str, float], dict[str, Any]]:
+def _fit_outside_only(key: str, points: list, settings: SimSettings,
+                      cores: int) -> tuple[dict[str, float], dict[str, Any]]:
     """A model and variant whose points hold no per-stage times (e.g. the reorchestrator's fused chain
     reports none): the launch cost of the variant's other models (else the defaults) and, as the time
     outside, the median of the client's average latency minus the simulated one without it."""
@@ -272,7 +299,8 @@ def _fit_outside_only(key: str, points: list, settings: SimSettings) -> tuple[di
     launch = settings.variant_overrides.get(variant, {}).get("launch_overhead_ms", settings.launch_overhead_ms)
     trial = dataclasses.replace(settings, variant_overrides={
         **settings.variant_overrides, key: {**_values(launch, [0.0])}})
-    gaps = [record["client"]["avg_ms"] - simulate(*job, trial).summary.avg_ms for record, job in points]
+    gaps = [record["client"]["avg_ms"] - simulate(*job, slowed(trial, client_slowdown(record, cores))).summary.avg_ms
+            for record, job in points]
     return _values(launch, gaps), {"latency_only_points": len(points),
                                    "launch_overhead_from": variant if variant in settings.variant_overrides
                                    else "defaults"}
@@ -285,6 +313,33 @@ def _values(launch_ms: float, outside_ms: list[float], handoff_ms: float = 0.0) 
 
 
 DEVICE_COSTS = ("launch_overhead_ms", "compute_scale", "row_device_ms", "inline_overhead_ms", "handoff_ms")
+MAX_CLIENT_SHARE = 0.5  # the load generator is never taken to hold more than this share of the machine's cores
+
+
+def client_slowdown(record: dict[str, Any], cores: int) -> float:
+    """How much slower the server's CPU work ran at a point because the load generator shared the cores.
+
+    The run records the busiest sender process's CPU (``loadgen.cpu_percent``, percent of one core).
+    On a machine of ``cores`` cores the server had ``cores - client`` of them: its launches take
+    ``cores / (cores - client)`` times what they take alone. On 2 cores the sender takes 8% of a core
+    at 100 req/s and 35% at 1,000 req/s (lstm small), so the factor goes from 1.04 to 1.2 across a
+    run; a constant cost fitted at light load leaves the fast models' capacity too high. 1 where the
+    run did not record it or the core count is unknown."""
+    percent = (record.get("loadgen") or {}).get("cpu_percent")
+    if not percent or cores <= 0:
+        return 1.0
+    client = min(float(percent) / 100.0, MAX_CLIENT_SHARE * cores)
+    return cores / (cores - client)
+
+
+def slowed(settings: SimSettings, factor: float) -> SimSettings:
+    """``settings`` with every device cost (base and per variant) multiplied by ``factor``."""
+    if factor == 1.0:
+        return settings
+    scaled = {k: getattr(settings, k) * factor for k in DEVICE_COSTS}
+    overrides = {key: {**values, **{k: values[k] * factor for k in DEVICE_COSTS if k in values}}
+                 for key, values in settings.variant_overrides.items()}
+    return dataclasses.replace(settings, variant_overrides=overrides, **scaled)
 
 
 def whole_capacity_rps(capacity: dict[str, Any] | None) -> dict[str, float]:

@@ -27,7 +27,16 @@ from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import ConfigValidationError
 from core.manifest import find_manifest
 from tuning.batcher import BatcherSettings
-from tuning.calibrate import fit, front_model_stats, rescaled, usable, whole_capacity_rps, write_calibration
+from tuning.calibrate import (
+    client_slowdown,
+    fit,
+    front_model_stats,
+    rescaled,
+    slowed,
+    usable,
+    whole_capacity_rps,
+    write_calibration,
+)
 from tuning.simulate import FRONT, LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 SCHEMA_VERSION = 1
@@ -55,6 +64,11 @@ def run_manifest(run_dir: Path) -> dict[str, Any]:
             return found.raw
     raise ConfigValidationError(f"{run_dir}: no manifest.json in the run's repository ({', '.join(map(str, candidates))}); "
                                 "the repository must still exist to simulate the run")
+
+
+def run_cores(run_dir: Path) -> int:
+    """The logical cores of the machine the run measured on (``environment.json``; 0 when not recorded)."""
+    return int((read_environment(run_dir).get("hardware") or {}).get("cpu_cores_logical") or 0)
 
 
 def point_config(point: dict[str, Any], profile: ModelProfile) -> VariantConfig:
@@ -129,7 +143,7 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 3)
 
 
-def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
+def _evaluate(jobs, settings: SimSettings, cores: int) -> list[dict[str, Any]]:
     rows = []
     for record, stub, job in jobs:
         row = dict(stub)
@@ -138,7 +152,7 @@ def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
             continue
         profile, config, workload = job
         try:
-            result = simulate(profile, config, workload, settings)
+            result = simulate(profile, config, workload, slowed(settings, client_slowdown(record, cores)))
         except Exception as error:  # noqa: BLE001 - as above
             row["skipped"] = f"{type(error).__name__}: {error}"
             continue
@@ -162,10 +176,10 @@ def _evaluate(jobs, settings: SimSettings) -> list[dict[str, Any]]:
     return rows
 
 
-def _variant_errors(jobs, settings: SimSettings) -> dict[str, float]:
+def _variant_errors(jobs, settings: SimSettings, cores: int) -> dict[str, float]:
     """Median |p50 error| per variant over ``(record, job)`` pairs (for the calibration's choices)."""
     rows = _evaluate([(record, {"variant": record["point"]["variant"], "stable": True}, job) for record, job in jobs],
-                     settings)
+                     settings, cores)
     return {variant: figures["stable_median_abs_error_p50"]
             for variant, figures in summarize_errors(rows)["per_variant"].items()}
 
@@ -183,17 +197,19 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
     run_dir = Path(run_dir)
     settings = settings or SimSettings()
     jobs = _replayable(run_dir)
+    cores = run_cores(run_dir)
     if calibrate:
         requests_path = run_dir / REQUESTS_FILE
         requests = read_requests(requests_path) if requests_path.is_file() else {}
-        settings, facts = fit([(record, job) for record, _, job in jobs], settings, requests, error=_variant_errors)
+        settings, facts = fit([(record, job) for record, _, job in jobs], settings, requests,
+                              error=lambda pairs, trial: _variant_errors(pairs, trial, cores), cores=cores)
         used = [record["point"]["point_id"] for record, _, job in jobs if job is not None and usable(record)]
         settings = dataclasses.replace(settings, reference_capacity_rps=whole_capacity_rps(read_capacity(run_dir)))
         calibration_source = str(write_calibration(run_dir, settings, facts, used))
     speed: dict[str, float] = {}
     if not calibrate and settings.reference_capacity_rps:
         settings, speed = rescaled(settings, whole_capacity_rps(read_capacity(run_dir)))
-    rows = _evaluate(jobs, settings)
+    rows = _evaluate(jobs, settings, cores)
     document: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "settings": dataclasses.asdict(settings),
                                 "costs": {"source": calibration_source or "defaults (not calibrated)",
                                                 "in_sample": calibrate, "machine_speed_factor": speed},
