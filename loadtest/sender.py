@@ -41,12 +41,11 @@ import psutil
 from loadtest.client import RequestRecord, TritonLoadClient
 from loadtest.driver import LoadJob
 from loadtest.request_factory import RequestFactory
-from loadtest.workloads import TraceArrivals, make_arrival_process, make_length_distribution
+from loadtest.workloads import STREAM_LENGTHS, STREAM_VALUES, arrival_schedule, make_length_distribution, stream_rng
 
 LOGGER = logging.getLogger("loadtest.sender")
 
 # Independent random streams of one seed (numpy SeedSequence entropy lists).
-_STREAM_ARRIVALS, _STREAM_LENGTHS, _STREAM_VALUES = 1, 2, 3
 _LENGTH_BATCH = 1024
 # Records live until the end of the run; moving them out of the collector's reach every so often
 # keeps full garbage collections (which scan every live object) from pausing the sender.
@@ -81,21 +80,9 @@ def read_frame(source: BinaryIO) -> Any:
 
 def open_loop_schedule(plan: LoadJob) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole run's arrival times (s from start) and lengths, identical in every process."""
-    spec = plan.spec
-    entry = plan.entry()
-    total_s = spec.warmup_s + spec.duration_s
-    process = make_arrival_process(spec.arrival)
-    times = process.arrival_times_s(total_s, np.random.default_rng([spec.seed, _STREAM_ARRIVALS]))
-    lengths = None
-    if entry.has_sequence:
-        if spec.lengths is not None:
-            dist = make_length_distribution(spec.lengths, min_length=entry.min_length, max_length=entry.max_length)
-            lengths = dist.sample(np.random.default_rng([spec.seed, _STREAM_LENGTHS]), len(times))
-        elif isinstance(process, TraceArrivals) and process.lengths(total_s) is not None:
-            lengths = process.lengths(total_s)
-        else:
-            lengths = np.full(len(times), entry.max_length, dtype=np.int64)
-    return times, lengths
+    spec, entry = plan.spec, plan.entry()
+    return arrival_schedule(spec.arrival, spec.lengths, spec.seed, spec.warmup_s + spec.duration_s,
+                            sequence=(entry.min_length, entry.max_length) if entry.has_sequence else None)
 
 
 class Sender:
@@ -120,7 +107,7 @@ class Sender:
         self._users_waiting = 0
         self._started = False
         self._user_turns: queue.SimpleQueue = queue.SimpleQueue()
-        factory = RequestFactory(self.entry, spec.variant, rows=spec.rows, seed=[spec.seed, _STREAM_VALUES, process_index])
+        factory = RequestFactory(self.entry, spec.variant, rows=spec.rows, seed=[spec.seed, STREAM_VALUES, process_index])
         self.client = TritonLoadClient(
             plan.grpc_url, factory, model=spec.model, on_record=self.records.append, protocol=spec.protocol,
             priority=spec.priority, timeout_us=spec.timeout_us, client_timeout_s=spec.client_timeout_s,
@@ -131,7 +118,7 @@ class Sender:
                 f"process {process_index}: no connection to {plan.grpc_url} within {CONNECT_TIMEOUT_S:.0f} s; "
                 "requests will be recorded as errors"
             )
-        self._length_rng = np.random.default_rng([spec.seed, _STREAM_LENGTHS, process_index])
+        self._length_rng = stream_rng(spec.seed, STREAM_LENGTHS, process_index)
         self._lengths_buffer: list[int] = []
         self._length_dist = (
             make_length_distribution(spec.lengths, min_length=self.entry.min_length, max_length=self.entry.max_length)

@@ -746,3 +746,35 @@ def make_length_distribution(
 ) -> LengthDistribution:
     """The distribution of ``spec`` for a model accepting lengths in [min_length, max_length]."""
     return LENGTHS[spec.kind].from_spec(spec, _LengthBounds(min_length, max_length), base_dir)
+
+
+# ---- a run's seeded streams: what the load generator sends and the simulator replays ----
+
+STREAM_ARRIVALS, STREAM_LENGTHS, STREAM_VALUES = 1, 2, 3  # keys of a run's independent random streams
+
+
+def stream_rng(seed: int, stream: int, *more: int) -> np.random.Generator:
+    """The generator of one of a run's seeded streams (``more``: e.g. the sending process's index)."""
+    return np.random.default_rng([seed, stream, *more])
+
+
+def arrival_schedule(arrival: ArrivalSpec, lengths: LengthSpec | None, seed: int, total_s: float, *,
+                       sequence: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A run's arrival times (s from its start, warm-up included) and each arrival's sequence length.
+
+    Every sending process draws the same schedule (process k of N sends arrivals k, k+N, ...), and the
+    simulator replays it (``tuning.simulate``). ``sequence``: the model's (min, max) length, None for a
+    model without a sequence input (lengths None). Lengths come from ``lengths``, else from a trace's
+    ``seq_len`` column, else every request has the maximum length.
+    """
+    process = make_arrival_process(arrival)
+    times = process.arrival_times_s(total_s, stream_rng(seed, STREAM_ARRIVALS))
+    if sequence is None:
+        return times, None
+    min_length, max_length = sequence
+    if lengths is not None:
+        distribution = make_length_distribution(lengths, min_length=min_length, max_length=max_length)
+        return times, distribution.sample(stream_rng(seed, STREAM_LENGTHS), len(times))
+    if isinstance(process, TraceArrivals) and process.lengths(total_s) is not None:
+        return times, process.lengths(total_s)
+    return times, np.full(len(times), max_length, dtype=np.int64)

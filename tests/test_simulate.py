@@ -12,7 +12,7 @@ from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import BadParameterError, ConfigValidationError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
 from tuning.calibrate import client_slowdown, read_calibration, rescaled, slowed
-from tuning.replay import SIMULATION_FILE, replay_run, run_manifest
+from tuning.replay import SIMULATION_FILE, point_workload, replay_run, run_manifest
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 NO_OVERHEAD = SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0)
@@ -352,3 +352,25 @@ def test_slowed_scales_every_device_cost_and_leaves_the_request_overheads():
                            variant_overrides={"m:whole": {"launch_overhead_ms": 3.0, "request_overhead_ms": 4.0}})
     doubled = slowed(settings, 2.0).for_variant("whole", "m")
     assert (doubled.launch_overhead_ms, doubled.compute_scale, doubled.request_overhead_ms) == (6.0, 2.0, 4.0)
+
+
+def test_simulate_replays_the_load_generators_own_arrivals_and_lengths():
+    # the same seed gives the simulator the schedule the sender draws (loadtest.workloads.arrival_schedule)
+    from loadtest.workloads import arrival_schedule
+
+    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 1.0, 8: 3.0}], sequence={
+        "input": "input_ids", "axis": 1, "max_length": 64, "min_length": 1}))
+    arrival, lengths = ArrivalSpec("poisson", rate_rps=50.0), LengthSpec("uniform", min_length=1, max_length=64)
+    workload = Workload(arrival=arrival, lengths=lengths, duration_s=2.0, warmup_s=0.0, seed=7)
+    result = simulate(profile, VariantConfig("whole", BatcherSettings(max_batch_size=8)), workload, NO_OVERHEAD)
+    times, drawn = arrival_schedule(arrival, lengths, 7, 2.0, sequence=(1, 64))
+    assert result.offered_rps == pytest.approx(len(times) / 2.0)
+    assert len(set(drawn.tolist())) > 1  # lengths vary: the sender's lengths stream, not one fixed length
+
+
+def test_replay_simulates_the_warm_up_and_then_the_points_whole_window():
+    # a point's duration_s is its measured window after the warm-up; the simulator's includes the warm-up
+    point = _point("whole", 25.0, 1.0, [], 1.0)["point"]
+    point.update(duration_s=4.0, warmup_s=1.0)
+    workload = point_workload(point)
+    assert (workload.duration_s, workload.warmup_s) == (5.0, 1.0)

@@ -82,9 +82,12 @@ def point_config(point: dict[str, Any], profile: ModelProfile) -> VariantConfig:
 
 
 def point_workload(point: dict[str, Any]) -> Workload:
+    """What the point sent: a point's ``duration_s`` is its measured window, after ``warmup_s``; the
+    simulator's ``duration_s`` holds both (its window is ``[warmup_s, duration_s)``)."""
     arrival = _spec(ArrivalSpec, point["arrival"])
+    warmup_s = float(point.get("warmup_s", 0.0))
     return Workload(arrival=arrival, lengths=_spec(LengthSpec, point.get("lengths")),
-                    duration_s=float(point["duration_s"]), warmup_s=float(point.get("warmup_s", 0.0)),
+                    duration_s=warmup_s + float(point["duration_s"]), warmup_s=warmup_s,
                     slo_ms=float(point["slo_ms"]), seed=int(point.get("seed", 0)))
 
 

@@ -47,7 +47,7 @@ from backends.reorch.state import Request, StageLaunch
 from backends.reorch.spec import StagesSpec
 from loadtest.stability import assess
 from loadtest.stats import LatencySummary, summarize
-from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
+from loadtest.workloads import ArrivalSpec, LengthSpec, arrival_schedule, make_length_distribution
 from slicing.zoo import ZOO
 from core.errors import BadParameterError, ConfigValidationError
 from core.model_config import THREADS_PARAMETER
@@ -205,7 +205,12 @@ class VariantConfig:
 
 @dataclass(frozen=True)
 class Workload:
-    """Arrivals and lengths (plan specs), the measured window and the SLO."""
+    """Arrivals and lengths (plan specs), the measured window and the SLO.
+
+    ``duration_s`` is the whole simulated time, warm-up included; the window is ``[warmup_s,
+    duration_s)``. (A load run's ``duration_s`` is its window alone, after its warm-up.) Open-loop
+    arrivals and lengths are the load generator's own schedule for ``seed``
+    (``loadtest.workloads.arrival_schedule``)."""
 
     arrival: ArrivalSpec
     lengths: LengthSpec | None = None
@@ -722,10 +727,12 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
     variant = _Variant(profile, config, settings, loop, finish)
     length_pool: list[int | None] = []
 
-    def issue(at_us: int) -> None:
-        if not length_pool:
-            length_pool.extend(reversed(_lengths(profile, workload, rng, 1024)))
-        job = _Job(len(jobs), at_us, length_pool.pop())
+    def issue(at_us: int, length: int | None = None) -> None:
+        if closed:
+            if not length_pool:
+                length_pool.extend(reversed(_lengths(profile, workload, rng, 1024)))
+            length = length_pool.pop()
+        job = _Job(len(jobs), at_us, length)
         jobs.append(job)
         loop.at(at_us, lambda job=job: variant.submit(job))
 
@@ -733,9 +740,12 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
         for _ in range(workload.arrival.users):
             issue(0)
     else:
-        times_s = make_arrival_process(workload.arrival).arrival_times_s(workload.duration_s, rng)
-        for t in times_s:
-            issue(_us(float(t) * 1000.0))
+        # the load generator's own schedule for this seed: a replayed run sees the arrivals it measured
+        times_s, lengths = arrival_schedule(
+            workload.arrival, workload.lengths, workload.seed, workload.duration_s,
+            sequence=(profile.min_length, int(profile.max_length)) if profile.is_sequence else None)
+        for index, t in enumerate(times_s):
+            issue(_us(float(t) * 1000.0), None if lengths is None else int(lengths[index]))
     loop.run(duration_us + _us(settings.drain_s * 1000.0))
 
     window_start_us = _us(workload.warmup_s * 1000.0)
