@@ -96,6 +96,7 @@ class FakeConfirmer:
     """Stands in for the server: a configuration's rate within the SLO is 10 x its max batch size."""
 
     calls: ClassVar[list] = []
+    growths: ClassVar[list] = []
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -106,8 +107,9 @@ class FakeConfirmer:
     def __exit__(self, *exc_info) -> None:
         pass
 
-    def rate_within_slo(self, config, start_rps, seed):
+    def rate_within_slo(self, config, start_rps, seed, growth=1.5):
         FakeConfirmer.calls.append((config.batcher.max_batch_size, seed))
+        FakeConfirmer.growths.append((config.batcher.max_batch_size, seed, growth))
         rate = 10.0 * config.batcher.max_batch_size + seed
         return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
 
@@ -170,7 +172,7 @@ class NoisyConfirmer(FakeConfirmer):
     """Batch 4 measures far above the default in one round and at it in the other (mean 1.5x, a wide
     interval); batch 2 measures 0.95x every round (a narrow interval)."""
 
-    def rate_within_slo(self, config, start_rps, seed):
+    def rate_within_slo(self, config, start_rps, seed, growth=1.5):
         FakeConfirmer.calls.append((config.batcher.max_batch_size, seed))
         rate = {8: 40.0, 2: 38.0, 4: (80.0 if seed % 2 == 0 else 40.0)}[config.batcher.max_batch_size]
         return CapacityResult(rate, rate, 100.0, 99, "server", [Probe(rate, True, rate, 5.0)])
@@ -205,7 +207,7 @@ def test_start_rate_follows_the_machine_speed_the_default_measured_when_a_config
              "measurements": [{"key": "baseline", "repeat": 0, "slo_rps": 50.0}]}
     ranked = [{"key": "k3_ensemble", "simulated_slo_rps": 270.0}]
     assert tune_module._start_rate(state, "k3_ensemble", ranked) == pytest.approx(0.8 * 270.0 * 50.0 / 150.0)
-    assert tune_module._start_rate(state, "baseline", ranked) == pytest.approx(45.0)  # measured before
+    assert tune_module._start_rate(state, "baseline", ranked) == pytest.approx(47.5)  # measured before: just below it
     state["search"]["screen_rps"] = 180.0
     assert tune_module._start_rate(state, "unranked", ranked) == pytest.approx(0.8 * 180.0 * 50.0 / 150.0)
 
@@ -256,3 +258,17 @@ def test_search_reserve_is_the_longest_search_so_far_and_the_closing_time_when_s
     assert tune_module._search_reserve_s(state, options) == pytest.approx(62.5 + tune_module.CLOSING_S)
     fresh = tune_module._search_reserve_s({"measurements": []}, options)
     assert fresh == pytest.approx(4 * (options.probe_s + options.probe_warmup_s + 2) + tune_module.CLOSING_S)
+
+
+def test_tune_refines_a_configuration_measured_before_with_small_steps(tmp_path, monkeypatch):
+    built = _built_model_m(tmp_path)
+    monkeypatch.setattr(tune_module, "Confirmer", FakeConfirmer)
+    FakeConfirmer.calls, FakeConfirmer.growths = [], []
+    options = TuneOptions(model="m", slo_ms=100.0, workload=Workload(ArrivalSpec.parse("poisson:rate_rps=1"), slo_ms=100.0),
+                          out=tmp_path / "out", top=1, confirm=1, repeats=2, extra_rounds=0,
+                          space=SearchSpace(variants=("whole",), max_batch_sizes=(4,), queue_delays_us=(0,),
+                                            preferred=("none",), instance_counts=(1,), intra_op_threads=(None,)))
+    tune_module.tune([built], options, say=lambda _: None)
+    first = [g for _, seed, g in FakeConfirmer.growths if seed == 0]
+    later = [g for _, seed, g in FakeConfirmer.growths if seed == 1]
+    assert set(first) == {1.5} and later and set(later) == {1.15}

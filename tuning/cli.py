@@ -134,7 +134,7 @@ def tune(
     confirm: Annotated[int, typer.Option(help="Configurations measured on the server besides the default.")] = 3,
     repeats: Annotated[int, typer.Option(help="Measurement rounds at most (each measures every configuration).")] = 3,
     extra_rounds: Annotated[int, typer.Option(help="Rounds after those, while time is left, of only the leader "
-                                                   "and the default (they narrow the leader's interval).")] = 3,
+                                                   "and the default (they narrow the leader's interval).")] = 8,
     halving_after: Annotated[int, typer.Option(help="Rounds that measure every configuration; later rounds measure "
                                                     "the better half so far (and the default).")] = 2,
     repository: Annotated[Path, typer.Option("--repository", "-r", help="Built repository (manifest.json).")] = Path(

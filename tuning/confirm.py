@@ -33,6 +33,9 @@ from core.model_config import read_model_config, write_model_config
 from core.server import EmbeddedTriton
 from tuning.simulate import VariantConfig, Workload
 
+FIRST_GROWTH = 1.5  # a configuration's first search brackets upwards by this factor per passing probe
+REFINE_GROWTH = 1.15  # a later search starts just below the earlier mean and steps by this (see tuning.tune)
+
 # Two-sided 95% Student-t quantiles by degrees of freedom (1..10); beyond that the normal 1.96 is close.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -166,10 +169,12 @@ class Confirmer:
                  f"{'-' if p99 is None else f'{p99:.1f}'} ms: {'pass' + note if passed else reason}")
         return Probe(rate_rps, passed, verdict.achieved_rps, p99, reason)
 
-    def rate_within_slo(self, config: VariantConfig, start_rps: float, seed: int) -> CapacityResult:
-        """The highest rate this configuration sustains with p99 within the SLO (one capacity search)."""
+    def rate_within_slo(self, config: VariantConfig, start_rps: float, seed: int,
+                        growth: float = FIRST_GROWTH) -> CapacityResult:
+        """The highest rate this configuration sustains with p99 within the SLO (one capacity search from
+        ``start_rps``, multiplying the rate by ``growth`` while probes pass)."""
         self._load(config)
-        settings = SearchSettings(start_rps=max(1.0, start_rps), growth=1.5, tolerance=self.tolerance,
+        settings = SearchSettings(start_rps=max(1.0, start_rps), growth=growth, tolerance=self.tolerance,
                                   max_probes=self.max_probes)
         return search_capacity(lambda rate: self._probe(config, rate, seed), slo_ms=self.workload.slo_ms,
                                percentile=99, settings=settings)
