@@ -182,3 +182,12 @@ def test_simulation_section_shows_the_pooled_error_when_the_run_repeated_points(
     content = SimulationSection().build(report_lib.RunData(tmp_path, {}, simulation={"points": [], "summary": summary}))
     pooled = content.paragraphs[-1]
     assert "repeats pooled" in pooled and "15.0%" in pooled and "whole 15.0%" in pooled
+
+
+def test_simulation_section_shows_the_cross_validated_error_as_the_prediction(tmp_path):
+    summary = {"stable_points": 3, "stable_median_abs_error_p50": 0.2, "repeat_noise_p50": None, "per_variant": {},
+               "cross_validated": {"folds": 5, "points": 3, "left_out": 1, "median_abs_error_p50": 0.31,
+                                   "per_variant_median_abs_error_p50": {"whole": 0.31}}}
+    content = SimulationSection().build(report_lib.RunData(tmp_path, {}, simulation={"points": [], "summary": summary}))
+    cross = next(p for p in content.paragraphs if "cross-validation" in p)
+    assert "31.0%" in cross and "whole 31.0%" in cross and "1 points could not be predicted" in cross

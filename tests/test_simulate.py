@@ -374,3 +374,18 @@ def test_replay_simulates_the_warm_up_and_then_the_points_whole_window():
     point.update(duration_s=4.0, warmup_s=1.0)
     workload = point_workload(point)
     assert (workload.duration_s, workload.warmup_s) == (5.0, 1.0)
+
+
+def test_calibration_cross_validates_each_point_with_costs_fitted_to_the_others(tmp_path):
+    # five light points whose server added 2 ms per launch and 4 ms outside: every fold's fit finds the same
+    # costs, so each held-out point is predicted as well as it is fitted; one point alone cannot be
+    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    points = [_point("whole", rate, 7.0, [stage], 7.0) for rate in (10.0, 12.0, 14.0, 16.0, 18.0)]
+    document = replay_run(_run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], points), NO_OVERHEAD, calibrate=True)
+    cross = document["summary"]["cross_validated"]
+    assert (cross["folds"], cross["points"], cross["left_out"]) == (5, 5, 0)
+    assert cross["median_abs_error_p50"] < 0.02
+    (tmp_path / "one").mkdir()
+    alone = replay_run(_run_with_points(tmp_path / "one", [{1: 1.0, 8: 3.0}], points[:1]), NO_OVERHEAD,
+                       calibrate=True)["summary"]["cross_validated"]
+    assert (alone["points"], alone["left_out"]) == (0, 1)

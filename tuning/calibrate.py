@@ -55,6 +55,7 @@ CALIBRATION_FILE = "calibration.json"
 SCHEMA_VERSION = 1
 ITERATIONS = 3
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
+LIGHT_LOAD = 0.6  # ... or, for a model batching more even at light load, on its lightest points up to this x capacity
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
 INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
@@ -131,13 +132,17 @@ def _largest_batch(record: dict[str, Any], front: dict[str, Any] | None) -> floa
 
 def _light_limits(jobs) -> dict[str, float]:
     """Per MODEL:VARIANT, the largest average batch a point may have formed to be fitted on:
-    ``LIGHT_BATCH``, or the lightest of that key's timed points where none is that light.
+    ``LIGHT_BATCH``, or the lightest of that key's points run at most ``LIGHT_LOAD`` x capacity where
+    none is that light (none: the key takes the variant's pooled costs).
 
     A model as fast as lstm small forms batches of about 2 rows already at half its capacity; without
     its own points it took the costs pooled over the other models (3.3 ms per launch, where its own
     launches cost about what its tables say) and was predicted 50% too slow at light load."""
     lightest: dict[str, float] = {}
     for record, (profile, config, _) in jobs:
+        multiple = (record.get("load") or {}).get("multiple")
+        if multiple is not None and multiple > LIGHT_LOAD:
+            continue  # near capacity the launches overlap and queue: those times are contention, not costs
         front = front_model_stats(record) if config.variant == "reorch" else None
         key = f"{profile.name}:{config.variant}"
         lightest[key] = min(lightest.get(key, float("inf")), _largest_batch(record, front))

@@ -207,6 +207,12 @@ def _print_error_summary(console, document: dict, run: Path) -> None:
                   f"{_pct(summary['stable_median_abs_error_avg'])}; every point: p50 {_pct(summary['median_abs_error_p50'])}"
                   f"; repeats of the same point differ by {_pct(summary['repeat_noise_p50'])} (median |p50 error| of a repeat "
                   f"against the others: the run's own noise); wrote {run / 'simulation.json'}", highlight=False)
+    cross = summary.get("cross_validated")
+    if cross and cross.get("median_abs_error_p50") is not None:
+        per_variant = ", ".join(f"{v} {_pct(e)}" for v, e in cross["per_variant_median_abs_error_p50"].items())
+        console.print(f"  predicted ({cross['folds']}-fold cross-validation, each point with costs fitted to the others): "
+                      f"p50 {_pct(cross['median_abs_error_p50'])} over {cross['points']} stable points ({per_variant})",
+                      highlight=False)
 
 
 def _knob(text: str) -> tuple[str, str]:

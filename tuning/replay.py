@@ -40,6 +40,7 @@ from tuning.calibrate import (
 from tuning.simulate import FRONT, LATENCY_SOURCE_WHOLE, ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 SCHEMA_VERSION = 1
+CROSS_VALIDATION_FOLDS = 5
 ERROR_TARGET = 0.25  # the issue's bar: median relative error of p50 over the stable points
 COMPARED = ("p50_ms", "avg_ms", "p99_ms", "throughput_rps")
 
@@ -198,7 +199,7 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
     from: another run's ``calibration.json`` makes the error a prediction).
     """
     run_dir = Path(run_dir)
-    settings = settings or SimSettings()
+    settings = base = settings or SimSettings()
     jobs = _replayable(run_dir)
     cores = run_cores(run_dir)
     if calibrate:
@@ -213,11 +214,14 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
     if not calibrate and settings.reference_capacity_rps:
         settings, speed = rescaled(settings, whole_capacity_rps(read_capacity(run_dir)))
     rows = _evaluate(jobs, settings, cores)
+    summary = summarize_errors(rows)
+    if calibrate:
+        summary["cross_validated"] = cross_validated_errors(jobs, base, requests, cores)
     document: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "settings": dataclasses.asdict(settings),
                                 "costs": {"source": calibration_source or "defaults (not calibrated)",
                                                 "in_sample": calibrate, "machine_speed_factor": speed},
                                 "whole_latency_source": LATENCY_SOURCE_WHOLE, "points": rows,
-                                "summary": summarize_errors(rows)}
+                                "summary": summary}
     if progress:
         for row in rows:
             if "error" in row and row["error"]["p50"] is not None:
@@ -230,6 +234,40 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
                 progress(f"{row['point_id']}: {row.get('skipped', 'no p50')}")
     write_json(run_dir / SIMULATION_FILE, document)
     return document
+
+
+def cross_validated_errors(jobs, base: SimSettings, requests: dict[int, list], cores: int,
+                           folds: int = CROSS_VALIDATION_FOLDS) -> dict[str, Any]:
+    """The calibrated simulator's error as a prediction: ``folds``-fold cross-validation over the stable points.
+
+    The stable points are dealt round robin (in run order) into ``folds`` groups; each group is
+    simulated with the costs fitted to the run's other points, so no point's own measurement enters
+    the costs it is predicted with. A group whose other points cannot be fitted is left out (said in
+    ``left_out``)."""
+    stable = [i for i, (record, _, job) in enumerate(jobs) if job is not None and usable(record)]
+    predicted: list[dict[str, Any]] = []
+    left_out = 0
+    for fold in range(folds):
+        held = set(stable[fold::folds])
+        if not held:
+            continue
+        training = [(record, job) for i, (record, _, job) in enumerate(jobs) if i not in held]
+        try:
+            fitted, _ = fit(training, base, requests, error=lambda pairs, trial: _variant_errors(pairs, trial, cores),
+                            cores=cores)
+        except ConfigValidationError:
+            left_out += len(held)
+            continue
+        predicted += _evaluate([jobs[i] for i in sorted(held)], fitted, cores)
+    errors = [abs(r["error"]["p50"]) for r in predicted if "error" in r and r["error"].get("p50") is not None]
+    per_variant = {}
+    for variant in sorted({r["variant"] for r in predicted if "error" in r}):
+        values = [abs(r["error"]["p50"]) for r in predicted if r["variant"] == variant and "error" in r
+                  and r["error"].get("p50") is not None]
+        per_variant[variant] = round(statistics.median(values), 4) if values else None
+    return {"folds": folds, "points": len(errors), "left_out": left_out,
+            "median_abs_error_p50": round(statistics.median(errors), 4) if errors else None,
+            "per_variant_median_abs_error_p50": per_variant}
 
 
 def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -303,6 +303,18 @@ class SimulationSection(Section):
             f"Per variant: {per_variant or 'n/a'}. The run's own repeat-to-repeat spread of p50: "
             f"{_percent(summary.get('repeat_noise_p50'))} (no prediction can be closer than the run is to itself)."
         )
+        cross = summary.get("cross_validated")
+        if cross and cross.get("median_abs_error_p50") is not None:
+            per_variant_cv = ", ".join(f"{variant} {_percent(value)}"
+                                       for variant, value in (cross.get("per_variant_median_abs_error_p50") or {}).items())
+            content.paragraphs.append(
+                f"As a prediction ({cross.get('folds')}-fold cross-validation: each stable point simulated with the "
+                f"costs fitted to the run's other points, so its own measurement is not in them): median |error| of "
+                f"p50 {_percent(cross['median_abs_error_p50'])} over {cross.get('points')} points; per variant: "
+                f"{per_variant_cv or 'n/a'}"
+                + (f"; {cross['left_out']} points could not be predicted (their folds left nothing to fit)"
+                   if cross.get("left_out") else "") + "."
+            )
         if summary.get("pooled_median_abs_error_p50") is not None:
             content.paragraphs.append(
                 f"With each repeated point's repeats pooled (the median of its measured p50s against the median "
