@@ -389,3 +389,19 @@ def test_calibration_cross_validates_each_point_with_costs_fitted_to_the_others(
     alone = replay_run(_run_with_points(tmp_path / "one", [{1: 1.0, 8: 3.0}], points[:1]), NO_OVERHEAD,
                        calibrate=True)["summary"]["cross_validated"]
     assert (alone["points"], alone["left_out"]) == (0, 1)
+
+
+def test_calibration_measures_inline_answers_outside_time_against_the_front_models_whole_execute(tmp_path):
+    # every answer inline: the records start inside execute (2 ms of arrival-to-exit), but Triton timed the
+    # whole execute at 4 ms and the front queue at 1 ms; the client saw 6 ms: 1 ms outside, not 3
+    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 2000.0}
+    record = _reorch_point(20.0, 6.0, [stage, stage], 4000.0)
+    record["server"]["models"]["m_reorch"]["avg_queue_us"] = 1000.0
+    run = _run_with_points(tmp_path, [{1: 0.5, 8: 1.5}] * 2, [record])
+    inline = {"arrival_us": 0, "stage0_entry_us": 0, "exit_us": 2000, "ops": [{"op": "whole", "stage": 0}]}
+    with open(run / "requests.csv", "a", newline="") as handle:
+        writer = csv.writer(handle)
+        for _ in range(10):
+            writer.writerow([0, 0, 6000, 1, "", 1, 0, "", "", json.dumps(inline)])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    assert read_calibration(run).for_variant("reorch", "m").inline_request_overhead_ms == pytest.approx(1.0, abs=0.01)

@@ -55,6 +55,7 @@ CALIBRATION_FILE = "calibration.json"
 SCHEMA_VERSION = 1
 ITERATIONS = 3
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
+MOSTLY_INLINE = 0.9  # a point whose reorchestrator answered at least this share inline: its front model's time is theirs
 LIGHT_LOAD = 0.6  # ... or, for a model batching more even at light load, on its lightest points up to this x capacity
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
 INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them
@@ -109,14 +110,23 @@ def _outside_ms(record: dict[str, Any], requests: list[dict] | None, front: dict
     for the ``handed`` share, the stages'.
     """
     front_queue_us = (front.get("avg_queue_us") or 0.0) if front else 0.0
-    timed = [(_ran_inline(r["server"]), r["latency_us"] - (r["server"]["exit_us"] - r["server"]["arrival_us"]))
+    timed = [(_ran_inline(r["server"]), r["latency_us"], r["server"]["exit_us"] - r["server"]["arrival_us"])
              for r in requests or ()
              if r["ok"] and r.get("server") and "exit_us" in r["server"] and "arrival_us" in r["server"]]
     if timed:
-        through = [v for inline, v in timed if not inline]
-        inline = [v for inline, v in timed if inline]
-        return ((statistics.fmean(through) - front_queue_us) / 1000.0 - handoff_ms if through else None,
-                (statistics.fmean(inline) - front_queue_us) / 1000.0 if inline else None)
+        through = [latency - inside for inline, latency, inside in timed if not inline]
+        inline = [(latency, inside) for ran_inline, latency, inside in timed if ran_inline]
+        inline_ms = None
+        if inline and front is not None and front.get("avg_compute_us") is not None \
+                and len(inline) >= MOSTLY_INLINE * len(timed):
+            # The records start inside execute, after the request was read; the simulator books the whole
+            # execute as the launch (inline_overhead_ms is the whole model's launch cost). Triton's own
+            # compute of the front model holds all of it: the outside time is measured like the whole model's.
+            inline_ms = (statistics.fmean(latency for latency, _ in inline) - front_queue_us
+                         - front["avg_compute_us"]) / 1000.0
+        elif inline:
+            inline_ms = (statistics.fmean(latency - inside for latency, inside in inline) - front_queue_us) / 1000.0
+        return ((statistics.fmean(through) - front_queue_us) / 1000.0 - handoff_ms if through else None, inline_ms)
     stages_us = sum((s.get("avg_compute_us") or 0.0) + (s.get("avg_queue_us") or 0.0)
                     for s in record["server"]["stages"])
     in_server_us = stages_us if front is None else front_queue_us + front["avg_compute_us"] + handed * stages_us
