@@ -7,7 +7,9 @@ and judges it (``loadtest.characterization`` runs it through ``loadtest.driver.r
 
 1. **Bracket.** From ``start_rps``, multiply the rate by ``growth`` while probes are sustained. A probe
    that is not sustained closes the bracket; its achieved throughput (what the server completed while
-   overloaded) is a good estimate of capacity, so the next probe goes just below it.
+   overloaded) is a good estimate of capacity, so the next probe goes just below it. A probe that
+   kept up and failed on its latency percentile alone (the SLO of ``stagebatch tune``) says nothing
+   of where the percentile passes: the search divides its rate by ``growth`` instead.
 2. **Bisect** (geometric midpoint) between the highest sustained rate and the lowest unsustained
    one until they are within ``tolerance`` of each other or ``max_probes`` probes ran.
 
@@ -31,6 +33,7 @@ DEFAULT_GROWTH = 3.0
 DEFAULT_TOLERANCE = 0.08  # stop when the bracket is this narrow (relative)
 DEFAULT_MAX_PROBES = 8
 BELOW_ACHIEVED = 0.9  # after an overloaded probe, try this share of what it achieved
+KEPT_UP = 0.95  # a failed probe that completed at least this share of its offered rate failed on latency alone
 LIMITED_BY_SERVER = "server"
 LIMITED_BY_LOADGEN = "load_generator"
 WHOLE_LABEL = "whole"
@@ -113,6 +116,14 @@ def bracket(probes: list[Probe]) -> tuple[float | None, Probe | None]:
     return lo, (min(failed, key=lambda p: p.rate_rps) if failed else None)
 
 
+def _overloaded(probe: Probe) -> bool:
+    """The probe's server fell behind (it completed less than ``KEPT_UP`` of the offered rate): what it
+    achieved estimates capacity. A probe that kept up and failed on its latency percentile alone says
+    nothing of where the percentile passes: its achieved rate is just the offered one (a search that
+    went down by ``BELOW_ACHIEVED`` from it took 7% steps: five probes from 72 to 58 req/s, none passing)."""
+    return probe.achieved_rps < KEPT_UP * probe.rate_rps
+
+
 def next_rate(probes: list[Probe], settings: SearchSettings) -> float | None:
     """The rate of the next probe, or None when the search is done (pure)."""
     if len(probes) >= settings.max_probes:
@@ -128,12 +139,12 @@ def next_rate(probes: list[Probe], settings: SearchSettings) -> float | None:
         return None
     if lo is None:  # bracketing downwards: go below what the overloaded probe achieved
         estimate = BELOW_ACHIEVED * hi_probe.achieved_rps
-        rate = estimate if 0 < estimate < hi else hi / settings.growth
+        rate = estimate if _overloaded(hi_probe) and 0 < estimate < hi else hi / settings.growth
         return None if rate < settings.min_rps else rate
     rate = math.sqrt(lo * hi)
     # the first probe inside the bracket aims just under what the overloaded probe achieved
     last = probes[-1]
-    if not last.stable and last is hi_probe:
+    if not last.stable and last is hi_probe and _overloaded(last):
         estimate = BELOW_ACHIEVED * last.achieved_rps
         if lo < estimate < hi and (hi / estimate - 1) > settings.tolerance / 2:
             rate = estimate

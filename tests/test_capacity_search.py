@@ -83,3 +83,16 @@ def test_capacity_settings_refuse_nonsense():
         capacity.SearchSettings(growth=1)
     with pytest.raises(ConfigValidationError, match="start_rps"):
         capacity.SearchSettings(start_rps=0)
+
+
+def test_search_goes_down_by_its_growth_factor_when_a_probe_kept_up_but_missed_the_latency_limit():
+    # the server keeps up at every rate, but p99 passes only at 40 req/s and below: from 72 req/s the search
+    # must not creep down by 10% of the achieved rate (every probe failing) but step by the growth factor
+    def probe(rate):
+        return capacity.Probe(rate, rate <= 40.0, rate, 30.0 if rate <= 40.0 else 150.0,
+                              None if rate <= 40.0 else "p99 above the SLO")
+
+    settings = capacity.SearchSettings(start_rps=72.0, growth=1.5, max_probes=6)
+    result = capacity.search_capacity(probe, slo_ms=100, settings=settings)
+    assert [round(p.rate_rps, 1) for p in result.probes[:2]] == [72.0, 48.0]
+    assert result.sustained_rps is not None and result.sustained_rps >= 40.0 / (1 + settings.tolerance)
