@@ -129,6 +129,16 @@ def test_fused_runs_execute_the_whole_models_graph_and_book_it_on_stage_0(built)
         np.testing.assert_allclose(answer.outputs["logits"], want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_scratch_deploy_of_a_built_entry_keeps_the_whole_graph(built, tmp_path):
+    # As bench/reorchestration.py deploys NAME_reorch_<policy>: the entry's variants name only the
+    # reorch variant. Before, stages.json then named no whole graph (fused runs chained the stages).
+    out, manifest = built
+    entry = {**manifest["models"]["lstm"], "variants": {"reorch": "lstm_reorch_dva"}}
+    spec = StagesSpec.from_manifest_entry("lstm", entry)
+    assert spec.whole_onnx == "lstm/1/model.onnx"
+    assert make_whole_executor(spec, out) is not None
+
+
 def test_no_whole_executor_where_the_repository_lacks_the_whole_graph(built, tmp_path):
     out, manifest = built
     spec = StagesSpec.from_manifest_entry("lstm", manifest["models"]["lstm"])

@@ -57,3 +57,16 @@ def test_missing_stage_file_and_broken_chain_are_refused(tmp_path):
     entry["stages"][2]["inputs"] = ["stage9_out0"]
     with pytest.raises(ConfigValidationError, match="chain contract"):
         write_reorch_model(tmp_path, "seqm", entry, max_batch_size=8, queue_delay_us=0)
+
+
+def test_whole_graph_is_found_where_the_entry_lists_only_the_reorch_variant():
+    # A scratch deploy (bench/reorchestration.py's overlay) passes the entry with ``variants`` replaced
+    # by the reorch variant's name alone; the whole graph then still lies under the model's own name.
+    # Before, whole_onnx came out empty and every fused run chained the stage graphs.
+    from backends.reorch.spec import whole_onnx_path
+
+    stages = [{"index": 0, "model_name": "m_stage0", "onnx": "m_stage0/1/model.onnx"}]
+    assert whole_onnx_path({"stages": stages, "variants": {"reorch": "m_reorch_dva"}}, "m") == "m/1/model.onnx"
+    assert whole_onnx_path({"stages": stages, "variants": {"whole": "w", "reorch": "r"}}, "m") == "w/1/model.onnx"
+    assert whole_onnx_path({"stages": stages, "onnx": "x/model.onnx"}, "m") == "x/model.onnx"
+    assert whole_onnx_path({"stages": [{"index": 0, "onnx": "elsewhere.onnx"}]}, "m") == ""  # not the layout

@@ -91,6 +91,8 @@ def make_whole_executor(spec: StagesSpec, repository_root: Path | str, *, intra_
     repository has no such graph or it does not take the model's inputs and give its outputs (fused
     runs then chain the stage graphs)."""
     if not spec.whole_onnx:
+        LOGGER.warning("stages.json names no whole-model graph (whole_onnx): fused runs chain the %d stage graphs, "
+                       "which costs more than the whole model", len(spec.stages))
         return None
     path = Path(repository_root) / spec.whole_onnx
     if not path.is_file():

@@ -75,15 +75,20 @@ class TensorSpec:
         return out
 
 
-def whole_onnx_path(entry: dict[str, Any]) -> str:
+def whole_onnx_path(entry: dict[str, Any], model: str = "") -> str:
     """The whole model's graph of a manifest entry, relative to the repository root ("" if unknown).
 
     The entry's own ``onnx`` where it has one; else the whole-model variant laid out as the stages
     are (a stage's ``onnx`` is ``<its model_name>/...``: the same path under the whole model's name).
+    The whole variant's name is ``variants.whole``, or the model's own name ``model`` where the entry
+    does not list it (the repository's default layout). An entry whose ``variants`` were replaced by
+    only the reorch variant's name (a scratch deploy) otherwise lost the whole graph, and its fused
+    runs chained the K stage graphs: on resnet50 small 0.5-0.6 ms more CPU per request than the whole
+    model (docs/reorch.md, "Why reorch cost more CPU than the whole model").
     """
     if entry.get("onnx"):
         return str(entry["onnx"])
-    whole = (entry.get("variants") or {}).get("whole")
+    whole = (entry.get("variants") or {}).get("whole") or model
     stages = entry.get("stages") or []
     first = stages[0] if stages else {}
     prefix = f"{first.get('model_name', '')}/"
@@ -190,7 +195,7 @@ class StagesSpec:
                                         "schema in docs/architecture.md)") from None
         return cls(model, max_batch, inputs, outputs, stages, tensors,
                    max_length=sequence.get("max_length"), min_length=int(sequence.get("min_length", 1)),
-                   whole_onnx=whole_onnx_path(entry))
+                   whole_onnx=whole_onnx_path(entry, model))
 
     def to_json(self) -> str:
         return json.dumps({

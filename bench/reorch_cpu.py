@@ -1,0 +1,209 @@
+"""Server CPU per request, by process and by thread, for the whole model against its reorchestrator.
+
+Serves a built repository with the embedded server (the whole model and ``NAME_reorch_dva``, deployed
+from this checkout's ``backends``; with ``--baseline-backends DIR`` also ``NAME_reorch_base`` from
+another copy of the package, e.g. main's). Drives each variant in turn with perf_analyzer at one
+fixed open-loop rate (Poisson, one row per request, unary gRPC, no record asked), variants interleaved
+with the order alternating per round, and reads the CPU time of tritonserver and of each Python stub
+process (``/proc/PID/stat``, the stub's model from its command line) and of each stub thread
+(``/proc/PID/task/*/stat``, by thread name) before and after each run. Prints, per round and as
+means with 95% confidence intervals over the rounds, the p50 and the CPU ms per request.
+
+    python bench/reorch_cpu.py --repository results/quick-a/repository --models resnet50 --rate 27 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from reorchestration import T95, overlay_repository  # noqa: E402
+
+from core.manifest import read_manifest  # noqa: E402
+from core.server import EmbeddedTriton  # noqa: E402
+from loadtest.perf_analyzer import ensure_perf_analyzer, measure_point  # noqa: E402
+from loadtest.request_factory import model_entry  # noqa: E402
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def read_cpu_s(stat_path: str) -> tuple[str, float]:
+    """(name, user + system CPU seconds) of a /proc/.../stat file."""
+    with open(stat_path) as handle:
+        text = handle.read()
+    name = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return name, (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(c) for c in handle.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def stub_model(pid: int) -> str | None:
+    """The model a ``triton_python_backend_stub`` process serves, from its command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not argv or "triton_python_backend_stub" not in argv[0]:
+        return None
+    for arg in argv[1:]:
+        match = re.search(r"/([^/]+)/\d+/model\.py$", arg)
+        if match:
+            return match.group(1)
+    return None
+
+
+def snapshot(server_pid: int, stubs: dict[str, int]) -> dict[str, dict[str, float]]:
+    """{process label: {"total": s, "thread:NAME": s summed over threads of that name}}."""
+    result: dict[str, dict[str, float]] = {}
+    for label, pid in [("tritonserver", server_pid), *stubs.items()]:
+        _, total = read_cpu_s(f"/proc/{pid}/stat")
+        threads: dict[str, float] = defaultdict(float)
+        # Python 3.10 does not name native threads: a stub's threads are told apart by creation order
+        # (thread ids ascending; #0 is the stub's main thread, which runs execute).
+        for order, task in enumerate(sorted(os.listdir(f"/proc/{pid}/task"), key=int)):
+            try:
+                name, seconds = read_cpu_s(f"/proc/{pid}/task/{task}/stat")
+            except (OSError, ValueError):
+                continue  # a thread that ended meanwhile
+            threads[f"thread:{order:02d} {re.sub(r'[0-9]+$', '#', name)}"] += seconds
+        result[label] = {"total": total, **threads}
+    return result
+
+
+def mean_ci(values: list[float]) -> str:
+    clean = [v for v in values if math.isfinite(v)]
+    if not clean:
+        return "n/a"
+    mean = statistics.fmean(clean)
+    if len(clean) < 2:
+        return f"{mean:.3f}"
+    half = T95.get(len(clean) - 1, 1.96) * statistics.stdev(clean) / math.sqrt(len(clean))
+    return f"{mean:.3f} ({mean - half:.3f}..{mean + half:.3f})"
+
+
+def deploy_baseline(overlay: Path, name: str, backends: Path, entry: dict) -> str:
+    """A copy of ``NAME_reorch_dva`` named ``NAME_reorch_base`` whose glue, package and ``stages.json``
+    come from ``backends`` (its ``StagesSpec`` writes stages.json from the entry as the overlay passes it)."""
+    source, target = overlay / f"{name}_reorch_dva", overlay / f"{name}_reorch_base"
+    shutil.copytree(source, target)
+    config = target / "config.pbtxt"
+    config.write_text(config.read_text().replace(f'name: "{name}_reorch_dva"', f'name: "{name}_reorch_base"'))
+    version = target / "1"
+    shutil.rmtree(version / "backends")
+    shutil.copytree(backends, version / "backends", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(backends / "reorch" / "model.py", version / "model.py")
+    script = ("import json, sys; from backends.reorch.spec import StagesSpec; "
+              "spec = StagesSpec.from_manifest_entry(sys.argv[1], json.loads(sys.argv[2])); "
+              "spec.max_batch_size = int(sys.argv[3]); print(spec.to_json())")
+    entry = {**entry, "variants": {"reorch": f"{name}_reorch_dva"}}  # as overlay_repository passes it
+    done = subprocess.run([sys.executable, "-c", script, name, json.dumps(entry), str(entry["max_batch_size"])],
+                          env={**os.environ, "PYTHONPATH": str(backends.parent)}, cwd=backends.parent, capture_output=True, text=True,
+                          check=True)
+    (version / "stages.json").write_text(done.stdout)
+    return target.name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--models", nargs="+", default=["resnet50"])
+    parser.add_argument("--rate", type=float, nargs="+", required=True,
+                        help="requests/s per model (one value, or one per model)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per run")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
+    parser.add_argument("--baseline-backends", type=Path, default=None,
+                        help="another backends/ package to deploy as NAME_reorch_base")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--threads", action="store_true", help="print the per-thread CPU too")
+    args = parser.parse_args()
+    rates = args.rate if len(args.rate) == len(args.models) else args.rate[:1] * len(args.models)
+    manifest = read_manifest(args.repository).raw
+    knobs = dict(item.split("=", 1) for item in args.knob)
+    overlay = overlay_repository(args.repository, manifest, args.models, ["dva"], 100, knobs)
+    variants = {}
+    for name in args.models:
+        models = [name, f"{name}_reorch_dva"]
+        if args.baseline_backends:
+            models.append(deploy_baseline(overlay, name, args.baseline_backends.resolve(), manifest["models"][name]))
+        variants[name] = models
+    analyzer = ensure_perf_analyzer()
+    served = [m for models in variants.values() for m in models]
+    try:
+        with EmbeddedTriton(overlay, models=served) as server:
+            server_pid = server._process.pid  # noqa: SLF001 (diagnostic)
+            stubs = {}
+            for pid in children(server_pid):
+                model = stub_model(pid)
+                if model:
+                    stubs[model] = pid
+            print(f"# stubs: {stubs}; {args.requests} requests per run, Poisson, {args.rounds} rounds, "
+                  f"order alternating", flush=True)
+            for name, rate in zip(args.models, rates):
+                entry = model_entry(manifest, name)
+                seq_len = (args.seq_len or min(64, entry.max_length)) if entry.has_sequence else None
+                models = variants[name]
+                per: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in models}
+                for model in models:  # warm-up
+                    measure_point(analyzer, server.grpc_url, model, entry, "reorch" if "reorch" in model else "whole",
+                                  rate_rps=rate, requests=max(50, args.requests // 4), seq_len=seq_len)
+                for round_index in range(args.rounds):
+                    order = models if round_index % 2 == 0 else models[::-1]
+                    for model in order:
+                        before = snapshot(server_pid, stubs)
+                        point = measure_point(analyzer, server.grpc_url, model, entry,
+                                              "reorch" if "reorch" in model else "whole", rate_rps=rate,
+                                              requests=args.requests, seq_len=seq_len)
+                        after = snapshot(server_pid, stubs)
+                        figures = per[model]
+                        figures["p50_ms"].append(point.p50_ms)
+                        figures["achieved_rps"].append(point.throughput_rps)
+                        for label in ("tritonserver", model):
+                            for key, value in after[label].items():
+                                spent = value - before[label].get(key, 0.0)
+                                tag = "server" if label == "tritonserver" else "stub"
+                                figures[f"{tag} {key}"].append(spent * 1000 / args.requests)
+                        print(f"{name} round {round_index} {model:>20}: p50 {point.p50_ms:.2f} ms, "
+                              f"{point.throughput_rps:.1f} req/s; CPU ms/request server "
+                              f"{figures['server total'][-1]:.3f}, stub {figures['stub total'][-1]:.3f}", flush=True)
+                print(f"\n## {name} at {rate:g} req/s: means over {args.rounds} rounds (95% CI)")
+                keys = sorted({k for m in models for k in per[m]},
+                              key=lambda k: (k.startswith("stub thread") or k.startswith("server thread"), k))
+                for key in keys:
+                    if "thread:" in key and not args.threads:
+                        continue
+                    row = [mean_ci(per[m].get(key, [])) for m in models]
+                    if "thread:" in key and all(v.startswith("0.000") or v == "n/a" for v in row):
+                        continue
+                    print(f"{key:>40}: " + " | ".join(f"{m} {v}" for m, v in zip(models, row)))
+                print(flush=True)
+    finally:
+        shutil.rmtree(overlay, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
