@@ -284,7 +284,8 @@ def overlay_repository(repository: Path, manifest: dict, models: list[str], poli
             "intra_op_threads", {}).get("string_value")
         same_threads = {"intra_op_threads": threads} if threads is not None else {}
         for policy in policies:
-            write_reorch_model(overlay, name, {**entry, "variants": {"reorch": f"{name}_reorch_{policy}"}},
+            write_reorch_model(overlay, name, {**entry, "variants": {**entry.get("variants", {}),
+                                                                    "reorch": f"{name}_reorch_{policy}"}},
                                target="embedded", max_batch_size=int(entry["max_batch_size"]),
                                queue_delay_us=queue_delay_us, policy=policy,
                                knobs={"max_batch_rows": int(entry["max_batch_size"]), **same_threads, **knobs})
