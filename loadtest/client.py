@@ -2,24 +2,31 @@
 
 It runs in the sender process (:mod:`loadtest.sender`), never in a gevent-patched Locust process:
 sending from gevent greenlets made every response hop from gRPC's threads to the gevent hub before
-its timestamp was taken, which added 0.6-1 ms to every latency (issue 10). Here:
+its timestamp was taken, which added 0.6-1 ms to every latency (issue 10).
 
-* **unary** (``ModelInfer``): the scheduler thread hands each request to a pool of threads that
-  make one blocking call each (the pool grows when no thread is idle); an open-loop request may be
-  handed over early, and its thread waits for the scheduled time; the send time is taken on that
-  thread just before the call, the end time as soon as the call returns;
-* **stream** (``ModelStreamInfer``, the decoupled ``reorch`` variant): one bidirectional stream per
-  target; the send time is taken when gRPC pulls the request off the queue to write it, the end
-  time by the reader thread as soon as the response arrives; responses are matched by request id.
+Two transports (``transport``, :data:`TRANSPORTS`):
+
+* **h2** (the default, :mod:`loadtest.h2c`): gRPC framed by hand over cleartext HTTP/2 on a plain
+  socket. A request due now is written by the thread that sends it; one handed over ahead of its
+  time goes to a writer thread that waits for the time. The send time is taken just before the
+  socket write, the end time by the connection's reader thread right after the ``recv`` that
+  completed the response, before anything is parsed. Unary calls get one HTTP/2 stream each;
+  ``stream`` calls share one long-lived ``ModelStreamInfer`` stream per target, matched by request
+  id. It costs a fraction of grpcio's CPU per request (docs/loadgen.md).
+* **grpcio**: unary calls from a pool of threads that make one blocking call each (the pool grows
+  when no thread is idle; the send time is taken on that thread just before the call, the end
+  time as soon as it returns); ``stream`` calls on one bidirectional stream per target (the send
+  time when gRPC pulls the request off the queue to write it, the end time on the reader thread).
 
 Requests are serialised once per distinct input (:meth:`RequestFactory.request_bytes`); each call
 only appends its id (and the run's constant parameters) as protobuf fields, which protobuf merges.
 The ``REORCH_RECORD`` JSON is not parsed on the hot path: the record keeps its raw bytes in
 ``server`` until :func:`finish_record` parses it after the window.
 
-The server address may be one ``host:port``, a comma-separated list of them (one channel each,
-requests spread round robin), or one ``dns:///host:port`` (gRPC's ``round_robin`` policy over the
-addresses the name resolves to); see :func:`parse_targets`.
+The server address may be one ``host:port``, a comma-separated list of them (one channel or h2c
+connection each, requests spread round robin), or one ``dns:///host:port`` (round robin over the
+addresses the name resolves to: gRPC's ``round_robin`` policy, or one h2c connection per address);
+see :func:`parse_targets`.
 
 Every call produces exactly one record, also when it fails, times out or is cancelled.
 Latencies are raw integers in microseconds.
