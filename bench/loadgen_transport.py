@@ -15,6 +15,8 @@ Against the embedded server serving the trivial ``ident`` model (``loadtest.tiny
 
     .venv/bin/python bench/loadgen_transport.py                 # about 8 minutes
     .venv/bin/python bench/loadgen_transport.py --rounds 2 --duration-s 3 --skip-capacity   # a smoke run
+    .venv/bin/python bench/loadgen_transport.py --repository results/quick-a/repository --model bert_base \
+        --skip-capacity          # part 1 against a built model's whole variant, fixed length 16
 
 On a shared 2-core machine the figures are indicative only: compare within a round.
 """
@@ -35,16 +37,17 @@ from loadtest.perf_analyzer import PerfAnalyzerUnavailable, ensure_perf_analyzer
 from loadtest.server_stats import snapshot_statistics
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
-from loadtest.workloads import ArrivalSpec
+from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import StagebatchError
+from core.manifest import read_manifest
 from core.server import EmbeddedTriton
 
-MODEL = "ident"
 GENERATORS = ("pa", "grpcio", "h2")
+SEQ_LEN = 16  # the fixed length of --repository's model
 
 
-def server_mean_us(client, before: dict) -> float:
-    after = snapshot_statistics(client, [MODEL])[MODEL]
+def server_mean_us(client, model: str, before: dict) -> float:
+    after = snapshot_statistics(client, [model])[model]
     count = after["success_count"] - before.get("success_count", 0)
     return (after["success_ns"] - before.get("success_ns", 0)) / count / 1000 if count else float("nan")
 
@@ -55,9 +58,10 @@ def children_cpu_s() -> float:
 
 
 def one_window(who: str, analyzer, url: str, manifest: dict, spec: LoadSpec, stats_client) -> dict:
-    before = snapshot_statistics(stats_client, [MODEL])[MODEL]
+    triton_name = manifest["models"][spec.model]["variants"]["whole"]
+    before = snapshot_statistics(stats_client, [triton_name])[triton_name]
     if who == "pa":
-        plan = LoadJob(url, spec, manifest["models"][MODEL], str(manifest.get("target", "embedded")))
+        plan = LoadJob(url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))
         cpu_before = children_cpu_s()
         result = run_schedule(analyzer, url, plan, timeout_s=spec.duration_s + spec.warmup_s + 60.0)
         scheduled = spec.arrival.rate_rps * (spec.duration_s + spec.warmup_s)
@@ -69,11 +73,12 @@ def one_window(who: str, analyzer, url: str, manifest: dict, spec: LoadSpec, sta
         cpu_us = run.loadgen_cpu_percent / 100 * 1e6 / achieved if achieved else float("nan")
         late = run.late_arrivals
     return {"latencies": latencies, "cpu_us": cpu_us, "late": late,
-            "client_us": float(np.mean(latencies)) - server_mean_us(stats_client, before) if latencies else float("nan")}
+            "client_us": float(np.mean(latencies)) - server_mean_us(stats_client, triton_name, before) if latencies
+            else float("nan")}
 
 
 def fidelity(analyzer, url: str, manifest: dict, args: argparse.Namespace) -> None:
-    print(f"\n== 1. {args.rate:.0f} req/s Poisson to {MODEL!r}, {args.duration_s:g} s windows, {args.rounds} rounds; "
+    print(f"\n== 1. {args.rate:.0f} req/s Poisson to {args.model!r}, {args.duration_s:g} s windows, {args.rounds} rounds; "
           "order rotates ==")
     print(f"{'protocol':>8} {'round':>5} {'gen':>7} {'p50 ms':>7} {'p99 ms':>7} {'r p50':>6} {'r p99':>6} "
           f"{'cpu µs/req':>10} {'client µs':>9} {'n':>5} {'late':>4}")
@@ -82,7 +87,7 @@ def fidelity(analyzer, url: str, manifest: dict, args: argparse.Namespace) -> No
     try:
         for round_index in range(args.rounds):
             for protocol in args.protocols:
-                spec = LoadSpec(MODEL, "whole", ArrivalSpec("poisson", rate_rps=args.rate), None,
+                spec = LoadSpec(args.model, "whole", ArrivalSpec("poisson", rate_rps=args.rate), args.lengths,
                                 duration_s=args.duration_s, warmup_s=args.warmup_s, seed=args.seed + round_index,
                                 protocol=protocol)
                 shift = round_index % len(GENERATORS)
@@ -128,14 +133,14 @@ def fidelity(analyzer, url: str, manifest: dict, args: argparse.Namespace) -> No
 
 
 def capacity(url: str, manifest: dict, args: argparse.Namespace) -> None:
-    print(f"\n== 2. one sender process, open loop, constant {args.loadgen_rate:.0f} req/s to {MODEL!r}, "
+    print(f"\n== 2. one sender process, open loop, constant {args.loadgen_rate:.0f} req/s to {args.model!r}, "
           f"{args.loadgen_s:g} s windows ==")
     print(f"{'round':>5} {'transport':>9} {'achieved':>8} {'late %':>7} {'late p50':>8} {'late p99':>8} {'errors':>6} "
           f"{'cpu':>5} {'cpu µs/req':>10} {'lat p50':>8}")
     for round_index in range(args.loadgen_rounds):
         order = ("grpcio", "h2") if round_index % 2 == 0 else ("h2", "grpcio")
         for transport in order:
-            spec = LoadSpec(MODEL, "whole", ArrivalSpec("constant", rate_rps=args.loadgen_rate), None,
+            spec = LoadSpec(args.model, "whole", ArrivalSpec("constant", rate_rps=args.loadgen_rate), args.lengths,
                             duration_s=args.loadgen_s, warmup_s=1.0, transport=transport)
             result = run_load(url, manifest, spec)
             n = len(result.records)
@@ -160,14 +165,26 @@ def main() -> None:
     parser.add_argument("--loadgen-s", type=float, default=5.0)
     parser.add_argument("--loadgen-rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="a built model repository (manifest.json) instead of the tiny models")
+    parser.add_argument("--model", default="ident", help="the model whose whole variant is measured")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-capacity", action="store_true")
     args = parser.parse_args()
     started = time.monotonic()
     print("(figures measured on a shared machine are indicative only)")
     with tempfile.TemporaryDirectory(prefix="loadgen-transport-") as tmp:
-        manifest = build_repository(Path(tmp) / "repo")
-        with EmbeddedTriton(Path(tmp) / "repo", models=[MODEL]) as server:
+        if args.repository is not None:
+            repository = args.repository
+            manifest = read_manifest(repository).raw
+        else:
+            repository = Path(tmp) / "repo"
+            manifest = build_repository(repository)
+        if args.model not in manifest["models"]:
+            parser.error(f"--model {args.model!r}: the manifest has {', '.join(sorted(manifest['models']))}")
+        entry = manifest["models"][args.model]
+        args.lengths = LengthSpec("fixed", length=SEQ_LEN) if entry.get("sequence") else None
+        with EmbeddedTriton(repository, models=[entry["variants"]["whole"]]) as server:
             if not args.skip_fidelity:
                 try:
                     analyzer = ensure_perf_analyzer()

@@ -367,6 +367,7 @@ class _H2Target:
         self._connect_timeout_s = connect_timeout_s
         self._addresses: list[tuple[str, int]] = []
         self._connections: list[H2cConnection | None] = []
+        self._retired: list[H2cConnection] = []
         self._turn = 0
         self._lock = threading.Lock()
         self.closed = False
@@ -385,18 +386,22 @@ class _H2Target:
             index = self._turn = (self._turn + 1) % len(self._addresses)
             connection = self._connections[index]
             if connection is None or not connection.usable:
+                if connection is not None and connection.closed_reason is None:
+                    self._retired.append(connection)  # going away: its calls in flight still finish there
+                self._retired = [c for c in self._retired if c.closed_reason is None]
                 host, port = self._addresses[index]
                 connection = self._connections[index] = H2cConnection(host, port, connect_timeout_s=self._connect_timeout_s)
             return connection
 
     def connections(self) -> list[H2cConnection]:
+        """Every connection that may still have calls in flight."""
         with self._lock:
-            return [c for c in self._connections if c is not None]
+            return [c for c in self._connections if c is not None] + self._retired
 
     def close(self, reason: str) -> None:
         with self._lock:
             self.closed = True
-            connections = [c for c in self._connections if c is not None]
+            connections = [c for c in self._connections if c is not None] + self._retired
         for connection in connections:
             connection.close(reason)
 
