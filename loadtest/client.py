@@ -80,6 +80,8 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_rece
 # grpcio no longer knows is ignored. Set in the sender's environment (read when grpc starts).
 GRPC_EXPERIMENTS_OFF = ("event_engine_client", "event_engine_listener", "event_engine_callback_cq", "event_engine_fork")
 MAX_UNARY_THREADS = 256
+# h2: after a failed connect, requests fail at once with its error for this long before the next try
+H2_RECONNECT_BACKOFF_S = 1.0
 PRESTARTED_UNARY_THREADS = 4
 _ID_TAG = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["id"].number << 3 | 2  # length-delimited
 
@@ -368,11 +370,12 @@ class _H2Target:
         self._addresses: list[tuple[str, int]] = []
         self._connections: list[H2cConnection | None] = []
         self._retired: list[H2cConnection] = []
+        self._failed: tuple[float, str] | None = None  # when the last connect failed, and why
         self._turn = 0
         self._lock = threading.Lock()
         self.closed = False
 
-    def connection(self) -> H2cConnection:
+    def connection(self, connect_timeout_s: float | None = None) -> H2cConnection:
         """A usable connection (opened now if need be); :class:`H2cError` if none can be had."""
         with self._lock:
             if self.closed:
@@ -389,8 +392,17 @@ class _H2Target:
                 if connection is not None and connection.closed_reason is None:
                     self._retired.append(connection)  # going away: its calls in flight still finish there
                 self._retired = [c for c in self._retired if c.closed_reason is None]
+                now = time.monotonic()
+                if self._failed is not None and now - self._failed[0] < H2_RECONNECT_BACKOFF_S:
+                    raise H2cError(self._failed[1])  # fail fast: a dead server costs no connect timeout per request
                 host, port = self._addresses[index]
-                connection = self._connections[index] = H2cConnection(host, port, connect_timeout_s=self._connect_timeout_s)
+                try:
+                    connection = H2cConnection(host, port, connect_timeout_s=connect_timeout_s or self._connect_timeout_s)
+                except H2cError as error:
+                    self._failed = (time.monotonic(), str(error))
+                    raise
+                self._failed = None
+                self._connections[index] = connection
             return connection
 
     def connections(self) -> list[H2cConnection]:
@@ -612,7 +624,7 @@ class TritonLoadClient:
         if self.transport == "h2":
             try:
                 for target in self._targets:
-                    target.connection()
+                    target.connection(timeout_s)
             except H2cError as error:
                 LOGGER.warning("%s", error)
                 return False

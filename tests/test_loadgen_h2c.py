@@ -320,3 +320,20 @@ def test_request_headers_decode_to_the_grpc_call():
     assert headers == {":method": "POST", ":scheme": "http", ":path": "/inference.GRPCInferenceService/ModelInfer",
                        ":authority": "h:1", "content-type": "application/grpc", "te": "trailers",
                        "user-agent": "stagebatch-h2c", "grpc-timeout": "60000m"}
+
+
+def test_h2c_a_server_that_never_speaks_http2_fails_fast_after_the_first_try():
+    records: list[RequestRecord] = []
+    factory = RequestFactory(model_entry(MANIFEST, "seq"), "whole", seed=0)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections (backlog), never answers
+        client = TritonLoadClient(f"127.0.0.1:{silent.getsockname()[1]}", factory, model="seq",
+                                  on_record=records.append, transport="h2")
+        started = time.monotonic()
+        assert not client.connect(timeout_s=0.3)
+        for _ in range(3):
+            client.send(4)
+        assert client.wait_idle(5.0)
+        elapsed = time.monotonic() - started
+        client.close()
+    assert len(records) == 3 and all("no HTTP/2 SETTINGS" in r.error for r in records), [r.error for r in records]
+    assert elapsed < 0.3 + 1.0  # no connect timeout per request: they fail with the last error
