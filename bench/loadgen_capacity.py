@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from loadtest.client import TRANSPORTS
 from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob, LoadResult, LoadSpec, run_load
 from loadtest.perf_analyzer import (
     PerfAnalyzerUnavailable,
@@ -94,7 +95,7 @@ def spec_for(protocol: str, arrival: ArrivalSpec, args: argparse.Namespace, *, s
              duration_s: float | None = None, warmup_s: float | None = None) -> LoadSpec:
     return LoadSpec(MODEL, CALLS[protocol], arrival, LengthSpec("fixed", length=SEQ_LEN),
                     duration_s=duration_s or args.duration_s, warmup_s=args.warmup_s if warmup_s is None else warmup_s,
-                    seed=seed, protocol=protocol)
+                    seed=seed, protocol=protocol, transport=args.transport)
 
 
 # ---- 1. model capacity ----------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def loadgen_capacity(args: argparse.Namespace) -> None:
         with EmbeddedTriton(Path(tmp) / "repo", models=[TRIVIAL_MODEL]) as server:
             rate = args.loadgen_rate
             spec = LoadSpec(TRIVIAL_MODEL, "whole", ArrivalSpec("constant", rate_rps=rate), None,
-                            duration_s=args.loadgen_s, warmup_s=1.0)
+                            duration_s=args.loadgen_s, warmup_s=1.0, transport=args.transport)
             server_start, wall_start = server.cpu_seconds(), time.monotonic()
             result = run_load(server.grpc_url, manifest, spec)
             server_cores = (server.cpu_seconds() - server_start) / (time.monotonic() - wall_start)
@@ -362,6 +363,8 @@ def main() -> None:
     parser.add_argument("--loadgen-rate", type=float, default=3000.0)
     parser.add_argument("--loadgen-s", type=float, default=8.0, help="measured seconds of the generator-capacity run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transport", default="", choices=["", *TRANSPORTS],
+                        help="our generator's transport (default: loadtest.client.DEFAULT_TRANSPORT)")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-loadgen-capacity", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short runs while developing (rough figures)")

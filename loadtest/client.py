@@ -2,24 +2,31 @@
 
 It runs in the sender process (:mod:`loadtest.sender`), never in a gevent-patched Locust process:
 sending from gevent greenlets made every response hop from gRPC's threads to the gevent hub before
-its timestamp was taken, which added 0.6-1 ms to every latency (issue 10). Here:
+its timestamp was taken, which added 0.6-1 ms to every latency (issue 10).
 
-* **unary** (``ModelInfer``): the scheduler thread hands each request to a pool of threads that
-  make one blocking call each (the pool grows when no thread is idle); an open-loop request may be
-  handed over early, and its thread waits for the scheduled time; the send time is taken on that
-  thread just before the call, the end time as soon as the call returns;
-* **stream** (``ModelStreamInfer``, the decoupled ``reorch`` variant): one bidirectional stream per
-  target; the send time is taken when gRPC pulls the request off the queue to write it, the end
-  time by the reader thread as soon as the response arrives; responses are matched by request id.
+Two transports (``transport``, :data:`TRANSPORTS`):
+
+* **h2** (the default, :mod:`loadtest.h2c`): gRPC framed by hand over cleartext HTTP/2 on a plain
+  socket. A request due now is written by the thread that sends it; one handed over ahead of its
+  time goes to a writer thread that waits for the time. The send time is taken just before the
+  socket write, the end time by the connection's reader thread right after the ``recv`` that
+  completed the response, before anything is parsed. Unary calls get one HTTP/2 stream each;
+  ``stream`` calls share one long-lived ``ModelStreamInfer`` stream per target, matched by request
+  id. It costs a fraction of grpcio's CPU per request (docs/loadgen.md).
+* **grpcio**: unary calls from a pool of threads that make one blocking call each (the pool grows
+  when no thread is idle; the send time is taken on that thread just before the call, the end
+  time as soon as it returns); ``stream`` calls on one bidirectional stream per target (the send
+  time when gRPC pulls the request off the queue to write it, the end time on the reader thread).
 
 Requests are serialised once per distinct input (:meth:`RequestFactory.request_bytes`); each call
 only appends its id (and the run's constant parameters) as protobuf fields, which protobuf merges.
 The ``REORCH_RECORD`` JSON is not parsed on the hot path: the record keeps its raw bytes in
 ``server`` until :func:`finish_record` parses it after the window.
 
-The server address may be one ``host:port``, a comma-separated list of them (one channel each,
-requests spread round robin), or one ``dns:///host:port`` (gRPC's ``round_robin`` policy over the
-addresses the name resolves to); see :func:`parse_targets`.
+The server address may be one ``host:port``, a comma-separated list of them (one channel or h2c
+connection each, requests spread round robin), or one ``dns:///host:port`` (round robin over the
+addresses the name resolves to: gRPC's ``round_robin`` policy, or one h2c connection per address);
+see :func:`parse_targets`.
 
 Every call produces exactly one record, also when it fails, times out or is cancelled.
 Latencies are raw integers in microseconds.
@@ -40,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from tritonclient.grpc import service_pb2
 
+from loadtest.h2c import Call, H2cConnection, H2cError, request_headers, split_target
 from loadtest.request_factory import REORCH_RECORD_OUTPUT
 from core.errors import ConfigValidationError
 
@@ -49,6 +57,11 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 PROTOCOLS = ("unary", "stream")
+# How requests travel: "h2" is loadtest.h2c (gRPC framed by hand on a plain socket, one reader thread
+# per connection), "grpcio" the grpc package (blocking calls from a thread pool; one bidirectional
+# stream per target). h2 is the default: measured in docs/loadgen.md ("How requests are sent").
+TRANSPORTS = ("h2", "grpcio")
+DEFAULT_TRANSPORT = "h2"
 # The protocol a variant gets when the run does not say: unary for all, since the reorchestrator
 # answers unary ModelInfer too (it is not decoupled; docs/reorch.md). Streaming stays available.
 DEFAULT_PROTOCOL = {"whole": "unary", "ensemble": "unary", "reorch": "unary"}
@@ -67,6 +80,8 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_rece
 # grpcio no longer knows is ignored. Set in the sender's environment (read when grpc starts).
 GRPC_EXPERIMENTS_OFF = ("event_engine_client", "event_engine_listener", "event_engine_callback_cq", "event_engine_fork")
 MAX_UNARY_THREADS = 256
+# h2: after a failed connect, requests fail at once with its error for this long before the next try
+H2_RECONNECT_BACKOFF_S = 1.0
 PRESTARTED_UNARY_THREADS = 4
 _ID_TAG = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["id"].number << 3 | 2  # length-delimited
 
@@ -345,6 +360,187 @@ class _UnaryWorkers:
             thread.join(timeout=5)
 
 
+class _H2Target:
+    """The h2c connections to one target (one per address a ``dns:`` name resolves to, used in turn),
+    each reopened when it has closed or is going away."""
+
+    def __init__(self, target: str, connect_timeout_s: float = 10.0) -> None:
+        self._target = target
+        self._connect_timeout_s = connect_timeout_s
+        self._addresses: list[tuple[str, int]] = []
+        self._connections: list[H2cConnection | None] = []
+        self._retired: list[H2cConnection] = []
+        self._failed: tuple[float, str] | None = None  # when the last connect failed, and why
+        self._turn = 0
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def connection(self, connect_timeout_s: float | None = None) -> H2cConnection:
+        """A usable connection (opened now if need be); :class:`H2cError` if none can be had."""
+        with self._lock:
+            if self.closed:
+                raise H2cError("the client is closed")
+            if not self._addresses:
+                try:
+                    self._addresses = split_target(self._target)
+                except (OSError, ValueError) as error:
+                    raise H2cError(f"cannot resolve {self._target}: {error}") from None
+                self._connections = [None] * len(self._addresses)
+            index = self._turn = (self._turn + 1) % len(self._addresses)
+            connection = self._connections[index]
+            if connection is None or not connection.usable:
+                if connection is not None and connection.closed_reason is None:
+                    self._retired.append(connection)  # going away: its calls in flight still finish there
+                self._retired = [c for c in self._retired if c.closed_reason is None]
+                now = time.monotonic()
+                if self._failed is not None and now - self._failed[0] < H2_RECONNECT_BACKOFF_S:
+                    raise H2cError(self._failed[1])  # fail fast: a dead server costs no connect timeout per request
+                host, port = self._addresses[index]
+                try:
+                    connection = H2cConnection(host, port, connect_timeout_s=connect_timeout_s or self._connect_timeout_s)
+                except H2cError as error:
+                    self._failed = (time.monotonic(), str(error))
+                    raise
+                self._failed = None
+                self._connections[index] = connection
+            return connection
+
+    def connections(self) -> list[H2cConnection]:
+        """Every connection that may still have calls in flight."""
+        with self._lock:
+            return [c for c in self._connections if c is not None] + self._retired
+
+    def close(self, reason: str) -> None:
+        with self._lock:
+            self.closed = True
+            connections = [c for c in self._connections if c is not None] + self._retired
+        for connection in connections:
+            connection.close(reason)
+
+
+class _H2Stream:
+    """One ``ModelStreamInfer`` call over h2c shared by all requests to one target, reopened after it ends."""
+
+    def __init__(self, target: _H2Target, headers: Callable[[str], bytes],
+                 complete: Callable[[_Pending, int, Any, str | None], None]) -> None:
+        self._target = target
+        self._headers = headers
+        self._complete = complete
+        self._lock = threading.Lock()
+        self._call: Call | None = None
+        self._connection: H2cConnection | None = None
+        self._pending: dict[str, _Pending] = {}
+        self.unmatched_responses = 0
+
+    def _open(self) -> tuple[H2cConnection, Call]:
+        # holds self._lock
+        connection = self._target.connection()
+        pending: dict[str, _Pending] = {}
+        call = Call(lambda end_ns, body, error: self._ended(pending, end_ns, error),
+                    on_message=lambda end_ns, body: self._message(pending, end_ns, body))
+        connection.start(call, self._headers(connection.authority))
+        self._connection, self._call, self._pending = connection, call, pending
+        return connection, call
+
+    def send(self, pending: _Pending) -> None:
+        with self._lock:
+            try:
+                if self._call is None or self._call.ended:
+                    self._open()
+            except H2cError as error:
+                pending.stamp()
+                self._complete(pending, time.perf_counter_ns(), None, f"UNAVAILABLE: {error}")
+                return
+            connection, call, waiting = self._connection, self._call, self._pending
+            waiting[pending.request_id] = pending
+        # outside the lock: a send waiting for flow control must not block the reader's matching
+        if not connection.send_message(call, pending.payload, stamp=pending.stamp):  # type: ignore[union-attr, arg-type]
+            with self._lock:
+                failed = waiting.pop(pending.request_id, None) is not None
+            if failed:
+                if not pending.start_ns:
+                    pending.stamp()
+                self._complete(pending, time.perf_counter_ns(), None,
+                               f"{StreamClosedError.__name__}: the stream ended before the request was sent")
+
+    def _message(self, pending: dict[str, _Pending], end_ns: int, body: bytes) -> None:
+        response = service_pb2.ModelStreamInferResponse.FromString(body)
+        with self._lock:
+            request = pending.pop(response.infer_response.id, None)
+            if request is None and response.error_message and len(pending) == 1:
+                # an error without a usable id can only belong to the one waiting request
+                request = pending.pop(next(iter(pending)))
+        if request is None:
+            self.unmatched_responses += 1
+        elif response.error_message:
+            self._complete(request, end_ns, None, response.error_message)
+        else:
+            self._complete(request, end_ns, response.infer_response, None)
+
+    def _ended(self, pending: dict[str, _Pending], end_ns: int, error: str | None) -> None:
+        self.fail_all(f"{StreamClosedError.__name__}: {error or 'the server ended the response stream'}", pending, end_ns)
+
+    def fail_all(self, reason: str, pending: dict[str, _Pending] | None = None, end_ns: int | None = None) -> None:
+        with self._lock:
+            pending = self._pending if pending is None else pending
+            requests = [pending.pop(request_id) for request_id in list(pending)]
+        end_ns = end_ns or time.perf_counter_ns()
+        for request in requests:
+            if not request.start_ns:
+                request.stamp()
+            self._complete(request, end_ns, None, reason)
+
+    def expire(self, now_ns: int, timeout_ns: int) -> None:
+        """Fail the requests waiting longer than the client timeout."""
+        with self._lock:
+            late = [rid for rid, r in self._pending.items() if r.start_ns and now_ns - r.start_ns > timeout_ns]
+            requests = [self._pending.pop(rid) for rid in late]
+        for request in requests:
+            self._complete(request, now_ns, None, f"TimeoutError: no streamed response within "
+                                                  f"client_timeout_s={timeout_ns / 1e9:g}")
+
+    def close(self, wait_s: float = 5.0) -> None:
+        """Half-close the stream; wait a little for the server to end it."""
+        with self._lock:
+            connection, call = self._connection, self._call
+        if connection is None or call is None:
+            return
+        connection.finish(call)
+        deadline = time.monotonic() + wait_s
+        while not call.ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not call.ended:
+            connection.cancel(call, f"{StreamClosedError.__name__}: the client closed the stream")
+
+
+class _H2Writer:
+    """The thread that sends requests handed over ahead of their time, each when it is due."""
+
+    _STOP = object()
+
+    def __init__(self, send: Callable[[int, _Pending], None]) -> None:
+        self._send = send
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, daemon=True, name="stagebatch-h2-writer")
+        self._thread.start()
+
+    def submit(self, turn: int, pending: _Pending) -> None:
+        self._queue.put((turn, pending))
+
+    def _work(self) -> None:
+        get, send = self._queue.get, self._send
+        while True:
+            item = get()
+            if item is self._STOP:
+                return
+            item[1].wait_until_due()
+            send(*item)
+
+    def close(self) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join(timeout=5)
+
+
 class TritonLoadClient:
     """Sends requests of one model variant asynchronously and reports each one as a :class:`RequestRecord`.
 
@@ -367,6 +563,7 @@ class TritonLoadClient:
         worker: int = 0,
         channels: list[Any] | None = None,
         max_threads: int = MAX_UNARY_THREADS,
+        transport: str = "",
     ) -> None:
         self.factory = factory
         self.model = model
@@ -374,20 +571,39 @@ class TritonLoadClient:
         self.protocol = protocol or DEFAULT_PROTOCOL[factory.variant]
         if self.protocol not in PROTOCOLS:
             raise ConfigValidationError(f"protocol {self.protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
+        # fake grpcio channels (tests) imply grpcio
+        self.transport = transport or ("grpcio" if channels is not None else DEFAULT_TRANSPORT)
+        if self.transport not in TRANSPORTS:
+            raise ConfigValidationError(f"transport {self.transport!r} is unknown; choose one of {', '.join(TRANSPORTS)}")
+        if self.transport == "h2" and channels is not None:
+            raise ConfigValidationError("channels are grpcio channels: give transport='grpcio' with them")
         self.on_record = on_record
         self.client_timeout_s = client_timeout_s
         self.worker = worker
         self.wants_record = factory.variant in RECORD_VARIANTS
         self._ids = itertools.count()
         self._prefix = f"{worker}-"
-        self._channels = channels if channels is not None else [open_channel(t) for t in parse_targets(grpc_url)]
-        self._turn = itertools.cycle(range(len(self._channels)))
-        self._unary = [
-            channel.unary_unary(_INFER_METHOD, request_serializer=None, response_deserializer=None)
-            for channel in self._channels
-        ]
-        self._streams = [_ResponseStream(c, self._complete) for c in self._channels] if self.protocol == "stream" else []
-        self._workers = _UnaryWorkers(self._call_unary, max_threads)
+        self._channels: list[Any] = []
+        self._unary: list[Any] = []
+        self._streams: list[Any] = []
+        self._targets: list[_H2Target] = []
+        if self.transport == "h2":
+            self._targets = [_H2Target(t) for t in parse_targets(grpc_url)]
+            self._unary_headers: dict[str, bytes] = {}
+            if self.protocol == "stream":
+                self._streams = [_H2Stream(t, self._stream_headers, self._complete) for t in self._targets]
+            self._writer = _H2Writer(self._send_h2)
+            self._turn = itertools.cycle(range(len(self._targets)))
+        else:
+            self._channels = channels if channels is not None else [open_channel(t) for t in parse_targets(grpc_url)]
+            self._turn = itertools.cycle(range(len(self._channels)))
+            self._unary = [
+                channel.unary_unary(_INFER_METHOD, request_serializer=None, response_deserializer=None)
+                for channel in self._channels
+            ]
+            if self.protocol == "stream":
+                self._streams = [_ResponseStream(c, self._complete) for c in self._channels]
+            self._workers = _UnaryWorkers(self._call_unary, max_threads)
         # the run's constant request parameters, serialised once and appended to every request
         params = service_pb2.ModelInferRequest()
         if priority:
@@ -405,6 +621,14 @@ class TritonLoadClient:
 
     def connect(self, timeout_s: float = 10.0) -> bool:
         """Open every connection now, so the first request does not pay for it; False if not ready in time."""
+        if self.transport == "h2":
+            try:
+                for target in self._targets:
+                    target.connection(timeout_s)
+            except H2cError as error:
+                LOGGER.warning("%s", error)
+                return False
+            return True
         try:
             for channel in self._channels:
                 grpc.channel_ready_future(channel).result(timeout=timeout_s)
@@ -436,10 +660,36 @@ class TritonLoadClient:
             template = self.factory.request_bytes(seq_len)
         pending = _Pending(request_id, seq_len, template + self._suffix + _encode_id(request_id), scheduled_ns, then)
         turn = next(self._turn)
+        if self.transport == "h2":
+            if scheduled_ns is not None and scheduled_ns > time.perf_counter_ns():
+                self._writer.submit(turn, pending)  # it sends when due
+            else:
+                self._send_h2(turn, pending)
+            return
         if self._streams:
             self._streams[turn].send(pending)
             return
         self._workers.submit(self._unary[turn], pending)
+
+    def _stream_headers(self, authority: str) -> bytes:
+        return request_headers(_STREAM_METHOD, authority)
+
+    def _send_h2(self, turn: int, pending: _Pending) -> None:
+        if self._streams:
+            self._streams[turn].send(pending)
+            return
+        try:
+            connection = self._targets[turn].connection()
+        except H2cError as error:
+            pending.stamp()
+            self._complete(pending, time.perf_counter_ns(), None, f"UNAVAILABLE: {error}")
+            return
+        headers = self._unary_headers.get(connection.authority)
+        if headers is None:
+            headers = self._unary_headers[connection.authority] = request_headers(
+                _INFER_METHOD, connection.authority, self.client_timeout_s)
+        call = Call(lambda end_ns, body, error: self._complete(pending, end_ns, body, error), context=pending)
+        connection.start(call, headers, pending.payload, stamp=pending.stamp)
 
     def _call_unary(self, method: Any, pending: _Pending) -> None:
         pending.wait_until_due()
@@ -495,6 +745,13 @@ class TritonLoadClient:
         now_ns, timeout_ns = time.perf_counter_ns(), int(self.client_timeout_s * 1e9)
         for stream in self._streams:
             stream.expire(now_ns, timeout_ns)
+        for target in self._targets:
+            for connection in target.connections():
+                for call in connection.open_calls:
+                    request = call.context
+                    if isinstance(request, _Pending) and request.start_ns and now_ns - request.start_ns > timeout_ns:
+                        connection.cancel(call, f"DEADLINE_EXCEEDED: no response within "
+                                                f"client_timeout_s={self.client_timeout_s:g}")
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every sent request has its record; False if some are still in flight."""
@@ -516,13 +773,22 @@ class TritonLoadClient:
         """Record every request still waiting as failed with ``reason`` (the window closed long ago)."""
         for stream in self._streams:
             stream.fail_all(reason)
+        for target in self._targets:
+            for connection in target.connections():
+                for call in connection.open_calls:
+                    connection.cancel(call, reason)
 
     def close(self) -> None:
+        if self.transport == "h2":
+            self._writer.close()
         for stream in self._streams:
             stream.close()
+        for target in self._targets:
+            target.close("CANCELLED: the load generator closed the connection")  # each open call gets its record
         for channel in self._channels:
             channel.close()  # cancels the calls still in flight: each gets its record
-        self._workers.close()
+        if self.transport == "grpcio":
+            self._workers.close()
 
 
 def reorch_record_bytes(response: service_pb2.ModelInferResponse) -> bytes | None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.client import PROTOCOLS, RequestRecord, parse_targets
+from loadtest.client import PROTOCOLS, TRANSPORTS, RequestRecord, parse_targets
 from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from core.errors import ConfigValidationError, StagebatchError
@@ -58,7 +58,8 @@ class LoadSpec:
     ``duration_s`` is the measured window; it follows ``warmup_s`` seconds whose requests are sent
     but not returned. ``priority``/``timeout_us`` are Triton's per-request priority (1 = highest, 0 =
     the model's default) and server-side queue timeout (0 = none). ``protocol`` is ``unary``
-    (``ModelInfer``) or ``stream`` (``ModelStreamInfer``); empty means the variant's default. ``client_timeout_s`` bounds each
+    (``ModelInfer``) or ``stream`` (``ModelStreamInfer``); empty means the variant's default. ``transport``
+    is how they travel: ``h2`` (:mod:`loadtest.h2c`) or ``grpcio``; empty means the default. ``client_timeout_s`` bounds each
     request on the client: a request unanswered by then is recorded as an error. An open-loop
     arrival sent more than ``late_tolerance_us`` after its scheduled time counts as late.
     """
@@ -78,6 +79,7 @@ class LoadSpec:
     client_timeout_s: float = 60.0
     late_tolerance_us: int = 2000
     protocol: str = ""  # unary | stream; "" = the variant's default (loadtest.client.DEFAULT_PROTOCOL)
+    transport: str = ""  # h2 | grpcio; "" = loadtest.client.DEFAULT_TRANSPORT
 
     def __post_init__(self) -> None:
         if isinstance(self.arrival, dict):
@@ -95,6 +97,8 @@ class LoadSpec:
             (self.late_tolerance_us >= 0, f"late_tolerance_us must be >= 0 (got {self.late_tolerance_us})"),
             (self.protocol in ("", *PROTOCOLS),
              f"protocol {self.protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)} (or leave it empty)"),
+            (self.transport in ("", *TRANSPORTS),
+             f"transport {self.transport!r} is unknown; choose one of {', '.join(TRANSPORTS)} (or leave it empty)"),
         ]
         for ok, message in checks:
             if not ok:

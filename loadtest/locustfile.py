@@ -85,6 +85,8 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--sb-timeout-us", env_var="STAGEBATCH_TIMEOUT_US", type=int, default=0)
     group.add_argument("--sb-protocol", env_var="STAGEBATCH_PROTOCOL", default="", choices=["", "unary", "stream"],
                        help="gRPC call: 'unary' (ModelInfer) or 'stream' (ModelStreamInfer); default: the variant's")
+    group.add_argument("--sb-transport", env_var="STAGEBATCH_TRANSPORT", default="", choices=["", "h2", "grpcio"],
+                       help="how requests travel: 'h2' (the load generator's own HTTP/2 framing, the default) or 'grpcio'")
     group.add_argument("--sb-records", env_var="STAGEBATCH_RECORDS", default="",
                        help="write every request's raw record (JSON lines) to this file")
     # set by the master (or the driver) and forwarded to workers in Locust's spawn message
@@ -122,6 +124,7 @@ def plan_from_options(options: Any, host: str | None) -> LoadJob:
         lengths=LengthSpec.parse(options.sb_lengths) if options.sb_lengths else None,
         duration_s=duration_s, warmup_s=options.sb_warmup, seed=options.sb_seed, rows=options.sb_rows,
         priority=options.sb_priority, timeout_us=options.sb_timeout_us, protocol=options.sb_protocol,
+        transport=options.sb_transport,
     )  # fmt: skip
     validate_spec(manifest, spec)
     return LoadJob(grpc_url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))

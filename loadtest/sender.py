@@ -111,7 +111,7 @@ class Sender:
         self.client = TritonLoadClient(
             plan.grpc_url, factory, model=spec.model, on_record=self.records.append, protocol=spec.protocol,
             priority=spec.priority, timeout_us=spec.timeout_us, client_timeout_s=spec.client_timeout_s,
-            worker=process_index, channels=channels,
+            worker=process_index, channels=channels, transport=spec.transport,
         )  # fmt: skip
         if channels is None and not self.client.connect(timeout_s=CONNECT_TIMEOUT_S):
             self.warnings.append(

@@ -170,3 +170,16 @@ def test_client_sends_a_request_handed_over_early_not_before_its_scheduled_time(
     assert [r.ok for r in records] == [True, True]
     entered = sorted(entered_ns for _, entered_ns, _ in channel.held)
     assert all(entered_ns >= scheduled_ns for entered_ns, scheduled_ns in zip(entered, due_ns))
+
+
+def test_client_and_spec_reject_an_unknown_transport_and_fake_channels_on_h2():
+    from loadtest.driver import LoadSpec
+    from loadtest.workloads import ArrivalSpec
+
+    with pytest.raises(ConfigValidationError, match="transport 'quic' is unknown"):
+        _client("whole", "unary", [FakeChannel()], [], transport="quic")
+    with pytest.raises(ConfigValidationError, match="give transport='grpcio'"):
+        _client("whole", "unary", [FakeChannel()], [], transport="h2")
+    with pytest.raises(ConfigValidationError, match="transport 'quic' is unknown"):
+        LoadSpec("seq", "whole", ArrivalSpec("poisson", rate_rps=1), None, duration_s=1, transport="quic")
+    assert _client("whole", "unary", [FakeChannel()], []).transport == "grpcio"  # fake channels imply grpcio
