@@ -38,7 +38,7 @@ def locust_command(command: list[str]) -> list[str]:
 @pytest.mark.parametrize("variant", ["whole", "reorch"])
 def test_headless_master_and_two_workers_as_composed(tiny_repository: Path, tmp_path: Path, variant: str) -> None:
     compose = load_compose({
-        "LOCUST_HEADLESS": "true", "LOCUST_USERS": "4", "LOCUST_SPAWN_RATE": "4", "LOCUST_RUN_TIME": "6s",
+        "LOCUST_HEADLESS": "true", "LOCUST_USERS": "4", "LOCUST_SPAWN_RATE": "4", "LOCUST_RUN_TIME": "9s",
         "LOCUST_EXPECT_WORKERS": "2", "STAGEBATCH_MODEL": "lstm", "STAGEBATCH_VARIANT": variant,
         "STAGEBATCH_LENGTHS": "uniform:min_length=2,max_length=16", "STAGEBATCH_DURATION_S": "3",
     })
