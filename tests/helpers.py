@@ -108,3 +108,19 @@ def tiny_plan_folder(root: Path, plan_text: str) -> Path:
     plan = root / "plan.yaml"
     plan.write_text(plan_text)
     return plan
+
+
+def seq_manifest(max_length: int) -> dict:
+    """A manifest holding the token model ``seq`` (whole and reorch variants) of the load generator's tests."""
+    return {
+        "target": "embedded",
+        "models": {
+            "seq": {
+                "max_batch_size": 8, "variants": {"whole": "seq", "reorch": "seq_reorch"},
+                "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1], "value_range": [0, 100],
+                            "sequence_axis": 1}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
+                "sequence": {"max_length": max_length, "min_length": 1},
+            }
+        },
+    }  # fmt: skip

@@ -18,19 +18,9 @@ from loadtest.client import (
 )
 from loadtest.request_factory import RequestFactory, model_entry
 from core.errors import ConfigValidationError
+from tests.helpers import seq_manifest
 
-MANIFEST = {
-    "target": "embedded",
-    "models": {
-        "seq": {
-            "max_batch_size": 8, "variants": {"whole": "seq", "reorch": "seq_reorch"},
-            "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1], "value_range": [0, 100],
-                        "sequence_axis": 1}],
-            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-            "sequence": {"max_length": 32, "min_length": 1},
-        }
-    },
-}  # fmt: skip
+MANIFEST = seq_manifest(max_length=32)
 DELAY_S = 0.02
 
 

@@ -15,19 +15,9 @@ from tritonclient.grpc import service_pb2
 from loadtest import h2c
 from loadtest.client import RequestRecord, TritonLoadClient
 from loadtest.request_factory import RequestFactory, model_entry
+from tests.helpers import seq_manifest
 
-MANIFEST = {
-    "target": "embedded",
-    "models": {
-        "seq": {
-            "max_batch_size": 8, "variants": {"whole": "seq", "reorch": "seq_reorch"},
-            "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1], "value_range": [0, 100],
-                        "sequence_axis": 1}],
-            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-            "sequence": {"max_length": 4096, "min_length": 1},
-        }
-    },
-}  # fmt: skip
+MANIFEST = seq_manifest(max_length=4096)
 DELAY_S = 0.02
 
 

@@ -182,12 +182,16 @@ def test_calibration_fits_the_launch_cost_and_outside_time_when_the_server_adds_
     assert read_calibration(run).for_variant("reorch", "m").launch_overhead_ms == 0.0  # no reorch point: unfitted
 
 
-def test_calibration_ignores_heavy_points_when_their_launches_overlap(tmp_path):
-    light = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+@pytest.mark.parametrize("light_batch", [1.0, 2.0])
+def test_calibration_fits_the_lightest_points_and_ignores_heavy_ones_whose_launches_overlap(tmp_path, light_batch):
+    # light_batch 2.0: a fast model batches 2 rows already at its lightest point; its own launch cost is fitted
+    # from that point instead of being left to the defaults (or to other models' costs)
+    light = {"avg_batch_size": light_batch, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
     heavy = {"avg_batch_size": 6.0, "avg_queue_us": 50000.0, "avg_compute_us": 90000.0}
     run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 7.0, [light], 7.0),
                                                           _point("whole", 300.0, 200.0, [heavy], 200.0)])
     replay_run(run, NO_OVERHEAD, calibrate=True)
+    # 20 req/s at constant spacing with no queue delay: the simulator forms batches of 1 (table 1 ms)
     assert read_calibration(run).for_variant("whole", "m").launch_overhead_ms == pytest.approx(2.0, abs=0.01)
 
 
@@ -298,35 +302,31 @@ def test_simulate_adds_the_inline_answer_path_cost_to_requests_the_reorchestrato
     assert result.summary.p50_ms == pytest.approx(1.0 + 2.0, abs=0.01)  # the chain alone, then the inline path
 
 
+def _reorch_run_with_records(tmp_path, p50_ms, front_compute_us, requests):
+    """A run of one light reorch point (front queue 1 ms) and its per-request rows: (server record, latency µs)."""
+    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 2000.0}
+    record = _reorch_point(20.0, p50_ms, [stage, stage], front_compute_us)
+    record["server"]["models"]["m_reorch"]["avg_queue_us"] = 1000.0
+    run = _run_with_points(tmp_path, [{1: 0.5, 8: 1.5}] * 2, [record])
+    with open(run / "requests.csv", "a", newline="") as handle:
+        writer = csv.writer(handle)
+        for server, latency_us in requests:
+            writer.writerow([0, 0, latency_us, 1, "", 1, 0, "", "", json.dumps(server)])
+    return run
+
+
+INLINE_RECORD = {"arrival_us": 0, "stage0_entry_us": 0, "exit_us": 2000, "ops": [{"op": "whole", "stage": 0}]}
+
+
 def test_calibration_fits_the_outside_time_of_each_answer_path_from_the_reorchestrator_records(tmp_path):
     # records: inline answers spent 3 ms outside their arrival-to-exit time, the others 8 ms; the front
     # model queued each for 1 ms (modelled by the simulator, so not outside)
-    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 2000.0}
-    record = _reorch_point(20.0, 7.0, [stage, stage], 2000.0)
-    record["server"]["models"]["m_reorch"]["avg_queue_us"] = 1000.0
-    run = _run_with_points(tmp_path, [{1: 0.5, 8: 1.5}] * 2, [record])
-    inline = {"arrival_us": 0, "stage0_entry_us": 0, "exit_us": 2000, "ops": [{"op": "whole", "stage": 0}]}
     handed = {"arrival_us": 0, "stage0_entry_us": 50, "exit_us": 4000, "ops": [{"op": "new", "stage": 0}]}
-    with open(run / "requests.csv", "a", newline="") as handle:
-        writer = csv.writer(handle)
-        for server, latency_us in ((inline, 5000), (handed, 12000)):
-            writer.writerow([0, 0, latency_us, 1, "", 1, 0, "", "", json.dumps(server)])
+    run = _reorch_run_with_records(tmp_path, 7.0, 2000.0, [(INLINE_RECORD, 5000), (handed, 12000)])
     replay_run(run, NO_OVERHEAD, calibrate=True)
     fitted = read_calibration(run).for_variant("reorch", "m")
     assert fitted.inline_request_overhead_ms == pytest.approx(3.0 - 1.0, abs=0.01)
     assert fitted.request_overhead_ms == pytest.approx(8.0 - 1.0, abs=0.01)
-
-
-def test_calibration_fits_a_model_on_its_lightest_points_when_none_formed_batches_of_one(tmp_path):
-    # a fast model batches 2 rows already at its lightest point: its own launch cost is fitted from that
-    # point instead of being left to the defaults (or to other models' costs)
-    stage = {"avg_batch_size": 2.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
-    heavier = {"avg_batch_size": 6.0, "avg_queue_us": 50000.0, "avg_compute_us": 90000.0}
-    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 7.0, [stage], 7.0),
-                                                          _point("whole", 300.0, 200.0, [heavier], 200.0)])
-    replay_run(run, NO_OVERHEAD, calibrate=True)
-    # 20 req/s at constant spacing with no queue delay: the simulator forms batches of 1 (table 1 ms)
-    assert read_calibration(run).for_variant("whole", "m").launch_overhead_ms == pytest.approx(2.0, abs=0.01)
 
 
 @pytest.mark.parametrize(("percent", "cores", "factor"), [(50.0, 2, 4 / 3), (None, 2, 1.0), (50.0, 0, 1.0),
@@ -394,14 +394,6 @@ def test_calibration_cross_validates_each_point_with_costs_fitted_to_the_others(
 def test_calibration_measures_inline_answers_outside_time_against_the_front_models_whole_execute(tmp_path):
     # every answer inline: the records start inside execute (2 ms of arrival-to-exit), but Triton timed the
     # whole execute at 4 ms and the front queue at 1 ms; the client saw 6 ms: 1 ms outside, not 3
-    stage = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 2000.0}
-    record = _reorch_point(20.0, 6.0, [stage, stage], 4000.0)
-    record["server"]["models"]["m_reorch"]["avg_queue_us"] = 1000.0
-    run = _run_with_points(tmp_path, [{1: 0.5, 8: 1.5}] * 2, [record])
-    inline = {"arrival_us": 0, "stage0_entry_us": 0, "exit_us": 2000, "ops": [{"op": "whole", "stage": 0}]}
-    with open(run / "requests.csv", "a", newline="") as handle:
-        writer = csv.writer(handle)
-        for _ in range(10):
-            writer.writerow([0, 0, 6000, 1, "", 1, 0, "", "", json.dumps(inline)])
+    run = _reorch_run_with_records(tmp_path, 6.0, 4000.0, [(INLINE_RECORD, 6000)] * 10)
     replay_run(run, NO_OVERHEAD, calibrate=True)
     assert read_calibration(run).for_variant("reorch", "m").inline_request_overhead_ms == pytest.approx(1.0, abs=0.01)
