@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,9 @@ CLOSING_S = 5.0  # kept for writing the report and the ready repositories after 
 REFINE_START = 0.95  # a configuration measured before starts its next search at this share of its mean: with
 # REFINE_GROWTH the bracket usually closes in 3 probes instead of 5 (0.9 and x1.5: a passing probe, one far
 # above capacity, then bisections), so the same budget gives the leader more paired rounds
+REFINE_JITTER = 0.04  # ... times a factor within +-this, drawn per configuration and round: without it the
+# searches of two configurations land on the same grid (0.95 x mean x 1.15^k) and their rounds tie (a quiet
+# run read 1.442 three rounds running), which narrows the paired interval below the searches' resolution
 UNKNOWN_SPEED = 0.75  # the machine's speed against the simulation before the default is measured (see _start_rate)
 
 
@@ -216,7 +220,7 @@ def tune(builds: list[Built], options: TuneOptions, *, resume: bool = False,
                             build.repository, build.manifest, options.model, options.workload,
                             log_path=out / f"tritonserver.k{k}.log", probe_s=options.probe_s,
                             warmup_s=options.probe_warmup_s, say=say))
-                    start = _start_rate(state, key, ranked)
+                    start = _start_rate(state, key, ranked, repeat)
                     growth = REFINE_GROWTH if _measured_mean(state, key) else FIRST_GROWTH
                     say(f"  round {repeat + 1} {key}: searching from {start:.1f} req/s (x{growth:g} per pass)")
                     began = time.monotonic()
@@ -277,14 +281,21 @@ def _measured_mean(state: dict[str, Any], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]]) -> float:
+def _refine_jitter(key: str, repeat: int) -> float:
+    """A factor in [1 - REFINE_JITTER, 1 + REFINE_JITTER], the same for a configuration and round on every
+    run (so a resumed tuning starts where the first would have)."""
+    digest = hashlib.sha256(f"{key}/{repeat}".encode()).digest()
+    return 1.0 + REFINE_JITTER * (2.0 * int.from_bytes(digest[:8], "big") / 2**64 - 1.0)
+
+
+def _start_rate(state: dict[str, Any], key: str, ranked: list[dict[str, Any]], repeat: int = 0) -> float:
     """Where a configuration's capacity search starts: near what it measured before, else near its
     simulated rate, corrected by how the default whole model measured against its own simulation (the
     machine's speed now: a search that starts far above the passing rate can spend every probe
     coming down to it)."""
     earlier = _measured_mean(state, key)
     if earlier:
-        return REFINE_START * earlier
+        return REFINE_START * earlier * _refine_jitter(key, repeat)
     baseline_simulated = state["search"]["baseline"].get("simulated_slo_rps")
     if key == BASELINE_KEY:
         simulated = baseline_simulated
