@@ -30,7 +30,7 @@ if [ -z "$out" ]; then
 fi
 
 status=0
-.venv/bin/stagebatch characterize "${plan[@]}" "${args[@]}" || status=$?
+.venv/bin/stagebatch characterize ${plan[@]+"${plan[@]}"} "${args[@]}" || status=$?
 if [ "$status" -ne 0 ] && [ "$status" -ne 1 ]; then
     exit "$status"  # interrupted or refused; exit 1 means some points failed and the report was written
 fi
