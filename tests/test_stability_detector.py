@@ -112,3 +112,20 @@ def test_capacity_counts_a_late_generator_that_kept_the_rate_as_sustained():
         row["t_send_us"] += 1_500_000
     verdict = stability.assess(rows, START_US, 6)
     assert not verdict.rate_kept and not verdict.sustained
+
+
+def test_stability_reports_a_standing_queue_when_the_server_only_keeps_pace_with_a_backlog():
+    # 200 requests already queued at the window's start (the warm-up built them), then arrivals at exactly
+    # the service rate: completions keep up and the backlog does not grow, but it never drains either
+    arrivals = np.concatenate([np.full(200, 0.0), np.arange(0.0, 6.0, 0.01)])
+    rows = _queue(arrivals, service_s=0.01)
+    verdict = stability.assess(rows, START_US, 6)
+    assert not verdict.stable
+    assert verdict.unstable_reason.startswith(stability.REASON_STANDING)
+    assert not verdict.limited_by_load_generator
+
+
+def test_stability_is_stable_at_high_but_sustainable_load_when_the_queue_stays_short():
+    rows = _queue(_poisson(90, 6, seed=5), service_s=0.01)  # 90% utilization: a short, fluctuating queue
+    verdict = stability.assess(rows, START_US, 6)
+    assert verdict.stable, verdict.unstable_reason

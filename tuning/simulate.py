@@ -45,7 +45,7 @@ from backends.reorch.policies import ReorchKnobs, StageContext, create_policy
 from backends.reorch.scheduler import StageScheduler
 from backends.reorch.state import Request, StageLaunch
 from backends.reorch.spec import StagesSpec
-from loadtest.stability import assess
+from loadtest.stability import arrival_period_s, assess
 from loadtest.stats import LatencySummary, summarize
 from loadtest.workloads import ArrivalSpec, LengthSpec, arrival_schedule, make_length_distribution
 from slicing.zoo import ZOO
@@ -763,7 +763,7 @@ def simulate(profile: ModelProfile, config: VariantConfig, workload: Workload,
     if not rows:
         raise BadParameterError(f"the workload sends no request in the measured window ({workload.warmup_s} s to "
                                 f"{workload.duration_s} s); raise the rate or the duration")
-    verdict = assess(rows, window_start_us, window_s)
+    verdict = assess(rows, window_start_us, window_s, period_s=arrival_period_s(workload.arrival.to_dict()))
     summary = summarize([r["latency_us"] for r in rows], [r["ok"] for r in rows], window_s, workload.slo_ms)
     operations = dict(variant.scheduler.operation_counts) if config.variant == "reorch" else {}
     return SimResult(config=config, summary=summary, stable=verdict.stable, unstable_reason=verdict.unstable_reason,
