@@ -745,13 +745,16 @@ class TritonLoadClient:
         now_ns, timeout_ns = time.perf_counter_ns(), int(self.client_timeout_s * 1e9)
         for stream in self._streams:
             stream.expire(now_ns, timeout_ns)
-        for target in self._targets:
-            for connection in target.connections():
-                for call in connection.open_calls:
-                    request = call.context
-                    if isinstance(request, _Pending) and request.start_ns and now_ns - request.start_ns > timeout_ns:
-                        connection.cancel(call, f"DEADLINE_EXCEEDED: no response within "
-                                                f"client_timeout_s={self.client_timeout_s:g}")
+        for connection, call in self._h2_open_calls():
+            request = call.context
+            if isinstance(request, _Pending) and request.start_ns and now_ns - request.start_ns > timeout_ns:
+                connection.cancel(call, f"DEADLINE_EXCEEDED: no response within "
+                                        f"client_timeout_s={self.client_timeout_s:g}")
+
+    def _h2_open_calls(self) -> list[tuple[H2cConnection, Call]]:
+        """Every h2 call not yet ended, with its connection (a snapshot)."""
+        return [(connection, call) for target in self._targets for connection in target.connections()
+                for call in connection.open_calls]
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every sent request has its record; False if some are still in flight."""
@@ -773,10 +776,8 @@ class TritonLoadClient:
         """Record every request still waiting as failed with ``reason`` (the window closed long ago)."""
         for stream in self._streams:
             stream.fail_all(reason)
-        for target in self._targets:
-            for connection in target.connections():
-                for call in connection.open_calls:
-                    connection.cancel(call, reason)
+        for connection, call in self._h2_open_calls():
+            connection.cancel(call, reason)
 
     def close(self) -> None:
         if self.transport == "h2":

@@ -205,8 +205,7 @@ def replay_run(run_dir: str | Path, settings: SimSettings | None = None, *, cali
     if calibrate:
         requests_path = run_dir / REQUESTS_FILE
         requests = read_requests(requests_path) if requests_path.is_file() else {}
-        settings, facts = fit([(record, job) for record, _, job in jobs], settings, requests,
-                              error=lambda pairs, trial: _variant_errors(pairs, trial, cores), cores=cores)
+        settings, facts = _fit_run([(record, job) for record, _, job in jobs], settings, requests, cores)
         used = [record["point"]["point_id"] for record, _, job in jobs if job is not None and usable(record)]
         settings = dataclasses.replace(settings, reference_capacity_rps=whole_capacity_rps(read_capacity(run_dir)))
         calibration_source = str(write_calibration(run_dir, settings, facts, used))
@@ -253,21 +252,21 @@ def cross_validated_errors(jobs, base: SimSettings, requests: dict[int, list], c
             continue
         training = [(record, job) for i, (record, _, job) in enumerate(jobs) if i not in held]
         try:
-            fitted, _ = fit(training, base, requests, error=lambda pairs, trial: _variant_errors(pairs, trial, cores),
-                            cores=cores)
+            fitted, _ = _fit_run(training, base, requests, cores)
         except ConfigValidationError:
             left_out += len(held)
             continue
         predicted += _evaluate([jobs[i] for i in sorted(held)], fitted, cores)
-    errors = [abs(r["error"]["p50"]) for r in predicted if "error" in r and r["error"].get("p50") is not None]
-    per_variant = {}
-    for variant in sorted({r["variant"] for r in predicted if "error" in r}):
-        values = [abs(r["error"]["p50"]) for r in predicted if r["variant"] == variant and "error" in r
-                  and r["error"].get("p50") is not None]
-        per_variant[variant] = round(statistics.median(values), 4) if values else None
-    return {"folds": folds, "points": len(errors), "left_out": left_out,
-            "median_abs_error_p50": round(statistics.median(errors), 4) if errors else None,
-            "per_variant_median_abs_error_p50": per_variant}
+    summary = summarize_errors(predicted)  # every predicted point is stable: its stable figures are the ones
+    return {"folds": folds, "points": summary["stable_points"], "left_out": left_out,
+            "median_abs_error_p50": summary["stable_median_abs_error_p50"],
+            "per_variant_median_abs_error_p50": {variant: figures["stable_median_abs_error_p50"]
+                                                 for variant, figures in summary["per_variant"].items()}}
+
+
+def _fit_run(pairs, base: SimSettings, requests: dict[int, list], cores: int) -> tuple[SimSettings, dict[str, Any]]:
+    """``tuning.calibrate.fit`` of ``(record, job)`` pairs, choosing the device slots by this module's p50 errors."""
+    return fit(pairs, base, requests, error=lambda chosen, trial: _variant_errors(chosen, trial, cores), cores=cores)
 
 
 def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
