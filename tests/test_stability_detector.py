@@ -125,6 +125,16 @@ def test_stability_reports_a_standing_queue_when_the_server_only_keeps_pace_with
     assert not verdict.limited_by_load_generator
 
 
+def test_stability_reports_a_standing_queue_of_a_seventh_of_a_sub_windows_arrivals():
+    # the quiet runs' reorchestrator at 1.0x capacity: 64-81 of about 404 arrivals per sub-window waiting at
+    # every look (p50 227 ms, 7 ms at 0.6x); here 30 of 200, with arrivals at the service rate after them
+    arrivals = np.concatenate([np.full(30, 0.0), np.arange(0.0, 6.0, 0.01)])
+    verdict = stability.assess(_queue(arrivals, service_s=0.01), START_US, 6)
+    assert not verdict.stable and verdict.unstable_reason.startswith(stability.REASON_STANDING)
+    arrivals = np.concatenate([np.full(15, 0.0), np.arange(0.0, 6.0, 0.01)])  # 15 of 200: below a tenth
+    assert stability.assess(_queue(arrivals, service_s=0.01), START_US, 6).stable
+
+
 def test_stability_is_stable_at_high_but_sustainable_load_when_the_queue_stays_short():
     rows = _queue(_poisson(90, 6, seed=5), service_s=0.01)  # 90% utilization: a short, fluctuating queue
     verdict = stability.assess(rows, START_US, 6)
