@@ -12,7 +12,7 @@ from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.errors import BadParameterError, ConfigValidationError
 from tuning.batcher import BatcherSettings, DynamicBatcher, batch_formation
 from tuning.calibrate import client_slowdown, read_calibration, rescaled, slowed
-from tuning.replay import SIMULATION_FILE, point_config, point_workload, replay_run, run_manifest
+from tuning.replay import SIMULATION_FILE, point_workload, replay_run, run_manifest
 from tuning.simulate import ModelProfile, SimSettings, VariantConfig, Workload, simulate
 
 NO_OVERHEAD = SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0)
@@ -397,35 +397,3 @@ def test_calibration_measures_inline_answers_outside_time_against_the_front_mode
     run = _reorch_run_with_records(tmp_path, 6.0, 4000.0, [(INLINE_RECORD, 6000)] * 10)
     replay_run(run, NO_OVERHEAD, calibrate=True)
     assert read_calibration(run).for_variant("reorch", "m").inline_request_overhead_ms == pytest.approx(1.0, abs=0.01)
-
-
-def test_answer_work_delays_the_launches_after_it_not_its_own_request():
-    # a 1 ms launch of one row every 2.5 ms: 1 ms of answer work per row fits between arrivals and costs no
-    # latency; 2 ms does not (3 ms of device time a request), and the model serves one request per 3 ms
-    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 1.0}], max_batch=1))
-    workload = Workload(ArrivalSpec.parse("constant:rate_rps=400"), duration_s=3.0, warmup_s=0.5)
-    config = VariantConfig("whole", BatcherSettings(1, 0))
-    fits = simulate(profile, config, workload, SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0,
-                                                          answer_device_ms=1.0))
-    assert fits.summary.p50_ms == pytest.approx(1.0, abs=0.01)
-    overloaded = simulate(profile, config, workload, SimSettings(launch_overhead_ms=0.0, request_overhead_ms=0.0,
-                                                                answer_device_ms=2.0))
-    assert overloaded.achieved_rps == pytest.approx(1000.0 / 3.0, rel=0.05)
-    assert overloaded.achieved_rps < 0.85 * 400.0
-
-
-def test_calibration_fits_the_answer_work_to_the_throughput_of_an_overloaded_point(tmp_path):
-    # launches cost what the tables say (the light point), yet at 400 req/s the server completed only 250
-    # req/s in batches of 8 (3 ms each): 8 / (3 + 8 x answer) rows per ms = 0.25, so answer is about 3.6 ms a row
-    # (a little less: completions lag the window's arrivals, in the run and in the replay alike)
-    light = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 1000.0}
-    over = {**_point("whole", 400.0, 900.0, [{"avg_batch_size": 8.0, "avg_queue_us": 5e5, "avg_compute_us": 3000.0}],
-                     900.0), "stable": False, "offered_rps": 400.0, "achieved_rps": 250.0}
-    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 1.0, [light], 1.0), over])
-    replay_run(run, NO_OVERHEAD, calibrate=True)
-    fitted = read_calibration(run).for_variant("whole", "m")
-    assert fitted.launch_overhead_ms == pytest.approx(0.0, abs=0.01)
-    assert 3.0 < fitted.answer_device_ms < 3.7
-    profile = ModelProfile.from_manifest_entry("m", manifest_entry([{1: 1.0, 8: 3.0}]))
-    replayed = simulate(profile, point_config(over["point"], profile), point_workload(over["point"]), fitted)
-    assert replayed.achieved_rps == pytest.approx(250.0, rel=0.05)

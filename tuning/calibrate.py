@@ -24,12 +24,6 @@ with its device costs multiplied by it (:func:`slowed`), so the fitted costs are
   inline run is the whole model's work on the same path); ``inline_request_overhead_ms`` and
   ``request_overhead_ms`` are the outside times of the requests answered inline and of the others,
   from its per-request records; ``handoff_ms`` is fitted from the front model's compute per request;
-- ``answer_device_ms``: the device time each row of a launch costs outside it (the server's request
-  handling), fitted per key so that the simulated throughput of its *overloaded* points (those whose
-  client completed under ``SATURATED`` of the offered rate: the plan's points above capacity) is the
-  measured one. At light load it costs no latency; near capacity it is the gap between the launches'
-  time and the throughput (bert_base small: batches of 8 took 22.4 ms, 2.8 ms a row, yet 300 rows/s
-  was the most it served, 3.3 ms a row). Keys without such a point take their variant's median;
 - ``device_slots``: 1 or 2 per variant, whichever predicts the run's stable points better;
 - ``reference_capacity_rps``: the whole model's capacity from the run's ``capacity.json``, so that
   another run's capacity rescales the device costs to its machine speed (:func:`rescaled`).
@@ -63,22 +57,16 @@ ITERATIONS = 3
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
 MOSTLY_INLINE = 0.9  # a point whose reorchestrator answered at least this share inline: its front model's time is theirs
 LIGHT_LOAD = 0.6  # ... or, for a model batching more even at light load, on its lightest points up to this x capacity
-SATURATED = 0.95  # a point whose client completed under this share of the offered rate ran over capacity
-ANSWER_BOUNDS_MS = (0.0, 4.0)  # the bisection's range for answer_device_ms
-ANSWER_STEPS = 8  # bisection steps: 4 ms / 2^8 = 16 us
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
 INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
-ANSWER_CHOICES = (True, False)  # with the fitted answer_device_ms (first: it wins a tie), or without
 METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows (else its lightest points); "
           "every measured time divided by the point's load-generator slowdown (cores / (cores - sender cores)): "
           "launch_overhead_ms = mean of "
           "measured per-stage compute (Triton statistics / reorch metrics) minus the tables' time of the simulated "
           "batches; request_overhead_ms = median(client latency - server queue and compute), for the reorchestrator "
           "per answer path (inline / response sender) from its per-request records; reorch inline_overhead_ms = the "
-          "whole model's launch_overhead_ms; handoff_ms from the front model's compute; answer_device_ms by bisection "
-          "so the simulated throughput of the key's overloaded points (client under 95% of the offered rate) matches "
-          "the measured one (else the variant's median); device_slots (1 or 2) "
+          "whole model's launch_overhead_ms; handoff_ms from the front model's compute; device_slots (1 or 2) "
           "by the smaller median |p50 error|")
 
 
@@ -225,59 +213,6 @@ def _fit_handoff(observations: list[tuple[float, float]], default: float) -> flo
     return max(0.0, sum(share * excess for share, excess in observations) / weight)
 
 
-def saturated(record: dict[str, Any]) -> bool:
-    """A point run over capacity: unstable, and its measured window completed under ``SATURATED`` of the
-    rate it offered (a bursty point ends its window with a burst in flight: it is judged stable)."""
-    offered, achieved = record.get("offered_rps"), record.get("achieved_rps")
-    return (record.get("status", "ok") == "ok" and not record.get("stable") and bool(offered)
-            and achieved is not None and achieved < SATURATED * offered)
-
-
-def _with_answer(settings: SimSettings, key: str, value: float) -> SimSettings:
-    overrides = dict(settings.variant_overrides)
-    overrides[key] = {**overrides.get(key, {}), "answer_device_ms": value}
-    return dataclasses.replace(settings, variant_overrides=overrides)
-
-
-def _fit_answer(key: str, points: list, settings: SimSettings, cores: int) -> float:
-    """``answer_device_ms`` of ``key`` by bisection: the value at which the mean log ratio of simulated to
-    measured throughput over its overloaded ``points`` is 0 (more answer work, less throughput)."""
-    def excess(value: float) -> float:
-        trial = _with_answer(settings, key, value)
-        return statistics.fmean(
-            np.log(max(simulate(*job, slowed(trial, client_slowdown(record, cores))).achieved_rps, 1e-3)
-                   / record["achieved_rps"]) for record, job in points)
-    low, high = ANSWER_BOUNDS_MS
-    if excess(low) <= 0:
-        return low  # the launches alone already serve no more than was measured
-    if excess(high) > 0:
-        return high
-    for _ in range(ANSWER_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if excess(middle) > 0 else (low, middle)
-    return (low + high) / 2
-
-
-def _fit_answers(settings: SimSettings, overloaded: list, cores: int, facts: dict[str, Any]) -> SimSettings:
-    """Every key's ``answer_device_ms`` from its overloaded points; the others take their variant's median."""
-    by_key: dict[str, list] = defaultdict(list)
-    for record, job in overloaded:
-        by_key[f"{job[0].name}:{job[1].variant}"].append((record, job))
-    fitted: dict[str, float] = {}
-    for key, points in sorted(by_key.items()):
-        if key in settings.variant_overrides:
-            fitted[key] = round(_fit_answer(key, points, settings, cores), 4)
-            facts.setdefault(key, {})["overloaded_points"] = len(points)
-    for key, value in fitted.items():
-        settings = _with_answer(settings, key, value)
-    for key in settings.variant_overrides:
-        variant = key.split(":", 1)[-1]
-        values = [v for k, v in fitted.items() if k.endswith(f":{variant}")]
-        if key not in fitted and values:
-            settings = _with_answer(settings, key, round(statistics.median(values), 4))
-    return settings
-
-
 def usable(record: dict[str, Any]) -> bool:
     """A point the calibration may use: stable, with the client's figures."""
     return bool(record.get("stable") and (record.get("client") or {}).get("avg_ms") is not None)
@@ -293,44 +228,29 @@ def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None 
     :func:`client_slowdown` (the load generator's share of the cores), so the fitted costs are the
     server's own (0: not corrected).
     ``error(jobs, settings)``: median |p50 error| per variant; with it, ``device_slots`` (1 or 2: do
-    launches of different models overlap on the cores?) and whether the fitted ``answer_device_ms`` is
-    used (it fits the overloaded points' throughput; where it makes the variant's stable points worse,
-    the contention near capacity is not per request) are chosen per variant by the smallest error.
+    launches of different models overlap on the cores?) is chosen per variant by the smaller error.
     """
-    overloaded = [(record, job) for record, job in jobs if job is not None and saturated(record)]
     jobs = [(record, job) for record, job in jobs if job is not None and usable(record)]
     if not jobs:
         raise ConfigValidationError("no stable point with server statistics per stage to calibrate from; "
                                     "calibrate from a characterization run whose points were sustained")
     if error is None:
-        return _fit_costs(jobs, base or SimSettings(), requests or {}, cores, overloaded)
-    fits = {slots: _fit_costs(jobs, dataclasses.replace(base or SimSettings(), device_slots=slots), requests or {}, cores,
-                              overloaded)
+        return _fit_costs(jobs, base or SimSettings(), requests or {}, cores)
+    fits = {slots: _fit_costs(jobs, dataclasses.replace(base or SimSettings(), device_slots=slots), requests or {}, cores)
             for slots in DEVICE_SLOTS}
-    candidates = {(slots, answered): (_without_answers(settings) if not answered else settings, facts)
-                  for slots, (settings, facts) in fits.items() for answered in ANSWER_CHOICES}
-    errors = {choice: error(jobs, settings) for choice, (settings, _) in candidates.items()}
+    errors = {slots: error(jobs, settings) for slots, (settings, _) in fits.items()}
     overrides: dict[str, dict[str, float]] = {}
     facts: dict[str, Any] = {}
     for key in fits[DEVICE_SLOTS[0]][0].variant_overrides:
         variant = key.split(":", 1)[-1]
-        choice = min(candidates, key=lambda c: errors[c].get(variant, float("inf")))
-        overrides[key] = {**candidates[choice][0].variant_overrides[key], "device_slots": choice[0]}
-        if key in candidates[choice][1]:
-            facts[key] = {**candidates[choice][1][key], "p50_error_by_choice": {
-                f"device_slots={slots} answer_device_ms={'fitted' if answered else 0}": errors[slots, answered].get(variant)
-                for slots, answered in errors}}
+        slots = min(DEVICE_SLOTS, key=lambda n: errors[n].get(variant, float("inf")))
+        overrides[key] = {**fits[slots][0].variant_overrides[key], "device_slots": slots}
+        if key in fits[slots][1]:
+            facts[key] = {**fits[slots][1][key], "device_slots_p50_error": {n: errors[n].get(variant) for n in errors}}
     return dataclasses.replace(base or SimSettings(), variant_overrides=overrides), facts
 
 
-def _without_answers(settings: SimSettings) -> SimSettings:
-    """``settings`` with no answer work on the device (every key's ``answer_device_ms`` 0)."""
-    return dataclasses.replace(settings, variant_overrides={
-        key: {**values, "answer_device_ms": 0.0} for key, values in settings.variant_overrides.items()})
-
-
-def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int,
-               overloaded: list) -> tuple[SimSettings, dict[str, Any]]:
+def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int) -> tuple[SimSettings, dict[str, Any]]:
     settings = dataclasses.replace(base, variant_overrides={})
     facts: dict[str, Any] = {}
     for _ in range(ITERATIONS):
@@ -363,8 +283,7 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int,
     for key, points in latency_only.items():
         if key not in overrides:
             overrides[key], facts[key] = _fit_outside_only(key, points, settings, cores)
-    settings = _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides))
-    return _fit_answers(settings, overloaded, cores, facts), facts
+    return _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides)), facts
 
 
 def _with_inline_costs(settings: SimSettings) -> SimSettings:
@@ -408,8 +327,7 @@ def _values(launch_ms: float, outside_ms: list[float], handoff_ms: float = 0.0) 
             "row_device_ms": 0.0, "handoff_ms": round(handoff_ms, 3)}
 
 
-DEVICE_COSTS = ("launch_overhead_ms", "compute_scale", "row_device_ms", "inline_overhead_ms", "handoff_ms",
-                "answer_device_ms")
+DEVICE_COSTS = ("launch_overhead_ms", "compute_scale", "row_device_ms", "inline_overhead_ms", "handoff_ms")
 MAX_CLIENT_SHARE = 0.5  # the load generator is never taken to hold more than this share of the machine's cores
 
 

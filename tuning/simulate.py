@@ -248,12 +248,6 @@ class SimSettings:
     front model's ``execute``, as the whole model answers; the others go through its response sender)."""
     row_device_ms: float = 0.0
     """Device time every row adds to the launch that takes it in (stage 0 or the whole model)."""
-    answer_device_ms: float = 0.0
-    """Device time every row of a launch costs right after it, outside the launch: the server's work
-    around each request (gRPC, Triton's request and response handling, the Python backend's copies)
-    and the client's receive. It delays the launches after it, not its own request (whose time
-    outside the server is ``request_overhead_ms``): it is what near capacity separates the launches'
-    time from the throughput (``tuning.calibrate`` fits it to the run's overloaded points)."""
     compute_scale: float = 1.0
     """The tables' time is multiplied by this in the server (shared cores, in-server tensor handling)."""
     device_slots: int = 1
@@ -283,9 +277,9 @@ class SimSettings:
         if self.cores < 0:
             raise BadParameterError(f"cores={self.cores}: must be >= 0 (0: the device_slots model)")
         if min(self.launch_overhead_ms, self.request_overhead_ms, self.row_device_ms, self.inline_overhead_ms,
-               self.handoff_ms, self.inline_request_overhead_ms, self.answer_device_ms) < 0:
+               self.handoff_ms, self.inline_request_overhead_ms) < 0:
             raise BadParameterError("launch_overhead_ms, request_overhead_ms, row_device_ms, inline_overhead_ms, "
-                                    "handoff_ms, inline_request_overhead_ms and answer_device_ms must be >= 0")
+                                    "handoff_ms and inline_request_overhead_ms must be >= 0")
         if self.compute_scale <= 0:
             raise BadParameterError(f"compute_scale={self.compute_scale}: must be > 0")
 
@@ -527,10 +521,6 @@ class _BatchedModel:
         self.pump()
 
 
-def _nothing() -> None:
-    pass
-
-
 def _pad(batch: list[_Job]) -> int | None:
     lengths = [j.length for j in batch if j.length is not None]
     return max(lengths) if lengths else None
@@ -564,16 +554,9 @@ class _Variant:
     def _on_device(self, duration_us: int, batch: list[_Job], done: Callable[[list[_Job]], None],
                    release: Callable[[], None]) -> None:
         def finished() -> None:
-            self._answer_work(len(batch))
             done(batch)
             release()
         self.device.run(duration_us, finished, self._device_threads())
-
-    def _answer_work(self, rows: int) -> None:
-        """Book ``answer_device_ms`` per row on the device after a launch (one thread: the server's
-        request handling is not onnxruntime's parallel work); nothing waits for it."""
-        if self.settings.answer_device_ms > 0:
-            self.device.run(_us(self.settings.answer_device_ms * rows), _nothing, 1)
 
     def _device_threads(self) -> int:
         """The cores a launch of this configuration can use at once (its onnxruntime threads)."""
@@ -685,7 +668,6 @@ class _Variant:
             self.loop.at(timer, self._schedule)
 
     def _launch_done(self, launch: StageLaunch) -> None:
-        self._answer_work(launch.rows)
         self._answer(self.scheduler.on_stage_done(launch.launch_id, self.loop.now_us))
         self._schedule()
 
