@@ -397,3 +397,33 @@ def test_calibration_measures_inline_answers_outside_time_against_the_front_mode
     run = _reorch_run_with_records(tmp_path, 6.0, 4000.0, [(INLINE_RECORD, 6000)] * 10)
     replay_run(run, NO_OVERHEAD, calibrate=True)
     assert read_calibration(run).for_variant("reorch", "m").inline_request_overhead_ms == pytest.approx(1.0, abs=0.01)
+
+
+def test_calibration_fits_how_launches_grow_with_the_tables_from_the_light_and_the_overloaded_points(tmp_path):
+    # the server's launch = 1 ms + 2 x the tables' time: 3 ms at batch 1 (table 1 ms), 7 ms at batch 8 (table
+    # 3 ms); the light point alone reads 2 ms per launch at the tables' scale, which batches of 8 would then
+    # take as 5 ms
+    light = {"avg_batch_size": 1.0, "avg_queue_us": 0.0, "avg_compute_us": 3000.0}
+    over = {**_point("whole", 4000.0, 900.0, [{"avg_batch_size": 8.0, "avg_queue_us": 5e5, "avg_compute_us": 7000.0}],
+                     900.0), "stable": False, "offered_rps": 4000.0, "achieved_rps": 1100.0}
+    run = _run_with_points(tmp_path, [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 3.0, [light], 3.0), over])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    fitted = read_calibration(run).for_variant("whole", "m")
+    assert fitted.compute_scale == pytest.approx(2.0, abs=0.05)
+    assert fitted.launch_overhead_ms == pytest.approx(1.0, abs=0.05)
+    (tmp_path / "light").mkdir()
+    alone = _run_with_points(tmp_path / "light", [{1: 1.0, 8: 3.0}], [_point("whole", 20.0, 3.0, [light], 3.0)])
+    replay_run(alone, NO_OVERHEAD, calibrate=True)
+    assert read_calibration(alone).for_variant("whole", "m").compute_scale == 1.0  # nothing to tell a slope by
+
+
+def test_calibration_fits_the_reorchestrators_stage_launches_where_only_heavy_points_made_any(tmp_path):
+    # pipeline runs every stage as its own launch; the only point that did was heavy (batches of 4 at 0.9x):
+    # its launches are the only observation of their cost, 6 ms against 0.5 ms of table
+    stage = {"avg_batch_size": 4.0, "avg_queue_us": 0.0, "avg_compute_us": 6000.0}
+    record = _reorch_point(20.0, 20.0, [stage, stage], 100.0)
+    record["point"]["reorch"] = {"policy": "pipeline"}
+    record["load"] = {"multiple": 0.9}
+    run = _run_with_points(tmp_path, [{1: 0.5, 8: 1.5}] * 2, [record])
+    replay_run(run, NO_OVERHEAD, calibrate=True)
+    assert read_calibration(run).for_variant("reorch", "m").launch_overhead_ms == pytest.approx(5.5, abs=0.1)

@@ -13,9 +13,15 @@ that light (a fast model batches already at half its capacity). The load generat
 each point's measured times are divided by its :func:`client_slowdown`, and every point is simulated
 with its device costs multiplied by it (:func:`slowed`), so the fitted costs are the server's own:
 
+- ``compute_scale`` per model (:func:`_batch_scales`): how the server's launch time grows with the
+  tables' time, from the whole model's light points together with its *overloaded* ones (unstable,
+  under ``SATURATED`` of the offered rate completed: batches of about ``max_batch_size``), by least
+  squares; 1 where the run has no overloaded point;
 - ``launch_overhead_ms``: the mean excess of the measured compute time of each stage (per request as
-  Triton averages it, per launch for the reorchestrator) over the tables' time of the batches the
-  simulator forms at that point. The batches depend on the costs, so the fit is repeated;
+  Triton averages it, per launch for the reorchestrator) over ``compute_scale`` x the tables' time of
+  the batches the simulator forms at that point. The batches depend on the costs, so the fit is
+  repeated. The reorchestrator's stage launches (not its inline runs) happen only where its policy
+  splits batches, which light points do not: where no light point has any, its heavy points' are used;
 - ``request_overhead_ms``: the median over those points of what a request spends outside the
   server's queues and stages (the client's average latency minus the server's; for the
   reorchestrator, each request's own arrival-to-exit record);
@@ -57,28 +63,30 @@ ITERATIONS = 3
 LIGHT_BATCH = 1.5  # costs are fitted on points whose stages form batches of at most this many rows on average
 MOSTLY_INLINE = 0.9  # a point whose reorchestrator answered at least this share inline: its front model's time is theirs
 LIGHT_LOAD = 0.6  # ... or, for a model batching more even at light load, on its lightest points up to this x capacity
+SATURATED = 0.95  # a point whose window completed under this share of the offered rate ran over capacity
+MAX_BATCH_SCALE = 3.0  # a fitted compute_scale stays within [1/3, 3]
+MIN_TABLE_SPREAD = 1.5  # the overloaded points' tables must be this many times the light points' to fit a slope
 MIN_HANDOFF_WEIGHT = 0.5  # sum of squared handed-over shares below which the hand-off time is not fitted
 INLINE_OPERATIONS = ("whole", "fuse")  # backends.reorch.cost.WHOLE / FUSE as the records spell them
 DEVICE_SLOTS = (1, 2)  # one launch at a time on the cores, or two of different models side by side
 METHOD = (f"per MODEL:VARIANT over the stable points with batches <= {LIGHT_BATCH} rows (else its lightest points); "
           "every measured time divided by the point's load-generator slowdown (cores / (cores - sender cores)): "
-          "launch_overhead_ms = mean of "
-          "measured per-stage compute (Triton statistics / reorch metrics) minus the tables' time of the simulated "
+          "compute_scale per model = least-squares slope of the whole model's measured compute on the tables' time "
+          "over its light and overloaded points; launch_overhead_ms = mean of "
+          "measured per-stage compute (Triton statistics / reorch metrics) minus compute_scale x the tables' time of the simulated "
           "batches; request_overhead_ms = median(client latency - server queue and compute), for the reorchestrator "
           "per answer path (inline / response sender) from its per-request records; reorch inline_overhead_ms = the "
           "whole model's launch_overhead_ms; handoff_ms from the front model's compute; device_slots (1 or 2) "
           "by the smaller median |p50 error|")
 
 
-def _fit_launch(observations: list[tuple[float, float]]) -> float:
-    """``launch_overhead_ms`` of ``measured = launch + table`` over (table, measured) pairs: the mean excess.
-
-    The tables are taken at face value (the same onnxruntime session, timed alone); what the server
-    adds is a cost per launch. A slope fitted to these points would be told apart from the intercept
-    only by the differences between stages, not by batch size (light points form batches of about 1),
-    and it extrapolates badly to the large batches of heavy load.
+def _fit_launch(observations: list[tuple[float, float]], scale: float = 1.0) -> float:
+    """``launch_overhead_ms`` of ``measured = launch + scale x table`` over (table, measured) pairs: the
+    mean excess. ``scale`` comes from :func:`_batch_scales`: light points alone form batches of about
+    one row, so a slope fitted to them would be told apart from the intercept only by the differences
+    between stages, not by batch size, and it extrapolated badly to the large batches of heavy load.
     """
-    return max(0.0, statistics.fmean(m - t for t, m in observations))
+    return max(0.0, statistics.fmean(m - scale * t for t, m in observations))
 
 
 def front_model_stats(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -164,6 +172,7 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list], cores:
     latencies (ms); the reorchestrator front's (simulated hand-off share, measured minus simulated
     inline time per request, ms); and the points without any per-stage or front times."""
     compute: dict[str, list] = defaultdict(list)
+    heavy_compute: dict[str, list] = defaultdict(list)
     outside: dict[str, list] = defaultdict(list)
     outside_inline: dict[str, list] = defaultdict(list)
     handoff: dict[str, list] = defaultdict(list)
@@ -179,7 +188,8 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list], cores:
         if not stage_timed and not front_timed:
             latency_only[key].append((record, job))
             continue
-        if _largest_batch(record, front) > light_limits.get(key, LIGHT_BATCH):
+        light = _largest_batch(record, front) <= light_limits.get(key, LIGHT_BATCH)
+        if not light and config.variant != "reorch":
             continue  # launches overlap, requests queue and the load generator competes: times are not costs
         factor = client_slowdown(record, cores)
         point_settings = settings.for_variant(config.variant, profile.name)
@@ -189,7 +199,9 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list], cores:
             table = simulated["row_avg_table_ms" if per_request else "avg_table_ms"]
             if table is None or measured.get("avg_compute_us") is None or simulated.get("unlaunched_ms"):
                 continue  # no launch here, or time of inline runs booked without one: not a launch's cost
-            compute[key].append((table, measured["avg_compute_us"] / 1000.0 / factor))
+            (compute if light else heavy_compute)[key].append((table, measured["avg_compute_us"] / 1000.0 / factor))
+        if not light:
+            continue  # a heavy reorchestrator point gives its stage launches only (where no light point has any)
         handed = 0.0
         if front_timed:
             simulated_front = result.stage_batches[-1]
@@ -201,7 +213,58 @@ def _observations(jobs, settings: SimSettings, requests: dict[int, list], cores:
         for values, value in ((outside[key], through), (outside_inline[key], inline)):
             if value is not None:
                 values.append(value)
+    for key, observations in heavy_compute.items():
+        if not compute.get(key):
+            # The reorchestrator's stage launches (not its inline runs) happen where its policy splits batches:
+            # under bursts, at heavy load; light points run everything inline. Those launches are its only ones.
+            compute[key] = observations
     return compute, (outside, outside_inline), handoff, latency_only
+
+
+def _saturated(record: dict[str, Any]) -> bool:
+    """A point run over capacity: unstable, and its window completed under ``SATURATED`` of the rate it
+    offered (every stage then forms its largest batches)."""
+    offered, achieved = record.get("offered_rps"), record.get("achieved_rps")
+    return (record.get("status", "ok") == "ok" and not record.get("stable") and bool(offered)
+            and achieved is not None and achieved < SATURATED * offered)
+
+
+def _batch_scales(jobs, overloaded, settings: SimSettings, cores: int) -> dict[str, float]:
+    """Per model, ``compute_scale``: how the server's launch time grows with the tables' time, fitted on
+    its whole model's light points (batches of about a row) together with its overloaded ones (batches
+    of about ``max_batch_size``): ``measured = launch + scale x table`` by least squares.
+
+    The light points alone cannot tell a cost per launch from one per row of table time (their batches
+    are all about one row). bert_base small at 1.3x capacity took 22.4 ms a launch of 8 rows, where its
+    tables (padded to the batches' lengths) say 14.6 ms and its light points 3.1 ms more per launch:
+    a simulated burst ran 20% faster than the server's and its queue held half as long."""
+    light: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    limits = _light_limits(jobs)
+    for record, (profile, config, workload) in [*jobs, *overloaded]:
+        if config.variant != "whole":
+            continue
+        stages = ((record.get("server") or {}).get("stages")) or []
+        if len(stages) != 1 or stages[0].get("avg_compute_us") is None:
+            continue
+        heavy = _saturated(record)
+        if not heavy and (stages[0].get("avg_batch_size") or 1.0) > limits.get(f"{profile.name}:whole", LIGHT_BATCH):
+            continue
+        factor = client_slowdown(record, cores)
+        simulated = simulate(profile, config, workload, slowed(settings, factor)).stage_batches[0]
+        if simulated.get("row_avg_table_ms") is not None:
+            light[profile.name].append((simulated["row_avg_table_ms"], stages[0]["avg_compute_us"] / 1000.0 / factor, heavy))
+    scales = {}
+    for model, observations in light.items():
+        heavy_tables = [t for t, _, heavy in observations if heavy]
+        light_tables = [t for t, _, heavy in observations if not heavy]
+        if not heavy_tables or not light_tables or statistics.fmean(heavy_tables) < MIN_TABLE_SPREAD * statistics.fmean(
+                light_tables):
+            continue  # no batches large enough (in the simulation too) to tell a slope from the launch cost
+        tables = np.array([t for t, _, _ in observations])
+        measured = np.array([m for _, m, _ in observations])
+        slope = float(np.polyfit(tables, measured, 1)[0])
+        scales[model] = round(min(MAX_BATCH_SCALE, max(1.0 / MAX_BATCH_SCALE, slope)), 3)
+    return scales
 
 
 def _fit_handoff(observations: list[tuple[float, float]], default: float) -> float:
@@ -230,13 +293,15 @@ def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None 
     ``error(jobs, settings)``: median |p50 error| per variant; with it, ``device_slots`` (1 or 2: do
     launches of different models overlap on the cores?) is chosen per variant by the smaller error.
     """
+    overloaded = [(record, job) for record, job in jobs if job is not None and _saturated(record)]
     jobs = [(record, job) for record, job in jobs if job is not None and usable(record)]
     if not jobs:
         raise ConfigValidationError("no stable point with server statistics per stage to calibrate from; "
                                     "calibrate from a characterization run whose points were sustained")
     if error is None:
-        return _fit_costs(jobs, base or SimSettings(), requests or {}, cores)
-    fits = {slots: _fit_costs(jobs, dataclasses.replace(base or SimSettings(), device_slots=slots), requests or {}, cores)
+        return _fit_costs(jobs, base or SimSettings(), requests or {}, cores, overloaded)
+    fits = {slots: _fit_costs(jobs, dataclasses.replace(base or SimSettings(), device_slots=slots), requests or {}, cores,
+                              overloaded)
             for slots in DEVICE_SLOTS}
     errors = {slots: error(jobs, settings) for slots, (settings, _) in fits.items()}
     overrides: dict[str, dict[str, float]] = {}
@@ -250,9 +315,11 @@ def fit(jobs, base: SimSettings | None = None, requests: dict[int, list] | None 
     return dataclasses.replace(base or SimSettings(), variant_overrides=overrides), facts
 
 
-def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int) -> tuple[SimSettings, dict[str, Any]]:
+def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int,
+               overloaded: list = ()) -> tuple[SimSettings, dict[str, Any]]:
     settings = dataclasses.replace(base, variant_overrides={})
     facts: dict[str, Any] = {}
+    scales: dict[str, float] = {}
     for _ in range(ITERATIONS):
         compute, (outside, outside_inline), handoff, latency_only = _observations(jobs, settings, requests, cores)
         overrides: dict[str, dict[str, float]] = {}
@@ -260,8 +327,11 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int) -
         def outside_all_of(variant: str) -> list[float]:
             return [v for key, values in outside.items() if key.endswith(f":{variant}") for v in values]
 
+        def scale_of(key: str) -> float:
+            return scales.get(key.split(":", 1)[0], 1.0)
+
         for variant in sorted({key.split(":", 1)[1] for key in [*compute, *handoff]}):
-            every = [o for key, obs in compute.items() if key.endswith(f":{variant}") for o in obs]
+            every = [(scale_of(key) * t, m) for key, obs in compute.items() if key.endswith(f":{variant}") for t, m in obs]
             outside_all = outside_all_of(variant)
             handed_all = [o for key, obs in handoff.items() if key.endswith(f":{variant}") for o in obs]
             launch = _fit_launch(every) if every else base.launch_overhead_ms
@@ -269,17 +339,18 @@ def _fit_costs(jobs, base: SimSettings, requests: dict[int, list], cores: int) -
         for key in sorted({*compute, *handoff}):
             observations = compute.get(key, [])
             variant = key.split(":", 1)[1]
-            launch = _fit_launch(observations) if observations else overrides[variant]["launch_overhead_ms"]
+            launch = _fit_launch(observations, scale_of(key)) if observations else overrides[variant]["launch_overhead_ms"]
             overrides[key] = _values(launch, outside[key] or outside_all_of(variant), _fit_handoff(
-                handoff.get(key, []), overrides[variant]["handoff_ms"]))
+                handoff.get(key, []), overrides[variant]["handoff_ms"]), scale_of(key))
             if outside_inline.get(key):
                 overrides[key]["inline_request_overhead_ms"] = round(max(0.0, statistics.median(outside_inline[key])), 3)
             facts[key] = {"light_points": len(outside[key]) + len(outside_inline.get(key, [])), "stage_observations": len(observations),
                           "rms_residual_ms": round(float(np.sqrt(np.mean(
-                              [(launch + t - m) ** 2 for t, m in observations]))), 3) if observations else None}
+                              [(launch + scale_of(key) * t - m) ** 2 for t, m in observations]))), 3) if observations else None}
             if key in handoff:
                 facts[key]["front_observations"] = len(handoff[key])
         settings = _with_inline_costs(dataclasses.replace(settings, variant_overrides=overrides))
+        scales = _batch_scales(jobs, overloaded, settings, cores)
     for key, points in latency_only.items():
         if key not in overrides:
             overrides[key], facts[key] = _fit_outside_only(key, points, settings, cores)
@@ -321,8 +392,9 @@ def _fit_outside_only(key: str, points: list, settings: SimSettings,
                                    else "defaults"}
 
 
-def _values(launch_ms: float, outside_ms: list[float], handoff_ms: float = 0.0) -> dict[str, float]:
-    return {"launch_overhead_ms": round(launch_ms, 3), "compute_scale": 1.0,
+def _values(launch_ms: float, outside_ms: list[float], handoff_ms: float = 0.0,
+            compute_scale: float = 1.0) -> dict[str, float]:
+    return {"launch_overhead_ms": round(launch_ms, 3), "compute_scale": compute_scale,
             "request_overhead_ms": round(max(0.0, statistics.median(outside_ms)), 3) if outside_ms else 0.0,
             "row_device_ms": 0.0, "handoff_ms": round(handoff_ms, 3)}
 
