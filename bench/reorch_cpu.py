@@ -3,7 +3,8 @@
 Serves a built repository with the embedded server (the whole model and ``NAME_reorch_dva``, deployed
 from this checkout's ``backends``; with ``--baseline-backends DIR`` also ``NAME_reorch_base`` from
 another copy of the package, e.g. main's). Drives each variant in turn with perf_analyzer at one
-fixed open-loop rate (Poisson, one row per request, unary gRPC, no record asked), variants interleaved
+fixed open-loop rate (Poisson, one row per request, unary gRPC, no record asked; or closed loop with
+``--concurrency`` calls outstanding, where the achieved rate is the capacity), variants interleaved
 with the order alternating per round, and reads the CPU time of tritonserver and of each Python stub
 process (``/proc/PID/stat``, the stub's model from its command line) and of each stub thread
 (``/proc/PID/task/*/stat``, by thread name) before and after each run. Prints, per round and as
@@ -131,8 +132,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, required=True)
     parser.add_argument("--models", nargs="+", default=["resnet50"])
-    parser.add_argument("--rate", type=float, nargs="+", required=True,
-                        help="requests/s per model (one value, or one per model)")
+    load = parser.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, nargs="+", help="requests/s per model (one value, or one per model)")
+    load.add_argument("--concurrency", type=int, default=None,
+                      help="closed loop: this many calls outstanding (the achieved rate is the capacity)")
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
@@ -141,7 +144,13 @@ def main() -> None:
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--threads", action="store_true", help="print the per-thread CPU too")
     args = parser.parse_args()
-    rates = args.rate if len(args.rate) == len(args.models) else args.rate[:1] * len(args.models)
+    if args.concurrency is not None:
+        rates = [None] * len(args.models)
+    else:
+        rates = args.rate if len(args.rate) == len(args.models) else args.rate[:1] * len(args.models)
+    if args.concurrency is None and args.requests < max(rates):
+        parser.error(f"--requests {args.requests} is below the rate {max(rates):g}/s: perf_analyzer refuses "
+                     "a request count under one second of requests")
     manifest = read_manifest(args.repository).raw
     knobs = dict(item.split("=", 1) for item in args.knob)
     overlay = overlay_repository(args.repository, manifest, args.models, ["dva"], 100, knobs)
@@ -161,23 +170,24 @@ def main() -> None:
                 model = stub_model(pid)
                 if model:
                     stubs[model] = pid
-            print(f"# stubs: {stubs}; {args.requests} requests per run, Poisson, {args.rounds} rounds, "
-                  f"order alternating", flush=True)
+            print(f"# stubs: {stubs}; {args.requests} requests per run, "
+                  f"{'Poisson' if args.concurrency is None else 'closed loop'}, {args.rounds} rounds, order alternating", flush=True)
             for name, rate in zip(args.models, rates):
                 entry = model_entry(manifest, name)
                 seq_len = (args.seq_len or min(64, entry.max_length)) if entry.has_sequence else None
                 models = variants[name]
                 per: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in models}
-                for model in models:  # warm-up
+                load = {"concurrency": args.concurrency} if rate is None else {"rate_rps": rate}
+                for model in models:  # warm-up (perf_analyzer wants at least a second of requests)
                     measure_point(analyzer, server.grpc_url, model, entry, "reorch" if "reorch" in model else "whole",
-                                  rate_rps=rate, requests=max(50, args.requests // 4), seq_len=seq_len)
+                                  requests=max(50, args.requests // 4, math.ceil(rate or 0)), seq_len=seq_len, **load)
                 for round_index in range(args.rounds):
                     order = models if round_index % 2 == 0 else models[::-1]
                     for model in order:
                         before = snapshot(server_pid, stubs)
                         point = measure_point(analyzer, server.grpc_url, model, entry,
-                                              "reorch" if "reorch" in model else "whole", rate_rps=rate,
-                                              requests=args.requests, seq_len=seq_len)
+                                              "reorch" if "reorch" in model else "whole",
+                                              requests=args.requests, seq_len=seq_len, **load)
                         after = snapshot(server_pid, stubs)
                         figures = per[model]
                         figures["p50_ms"].append(point.p50_ms)
@@ -190,7 +200,8 @@ def main() -> None:
                         print(f"{name} round {round_index} {model:>20}: p50 {point.p50_ms:.2f} ms, "
                               f"{point.throughput_rps:.1f} req/s; CPU ms/request server "
                               f"{figures['server total'][-1]:.3f}, stub {figures['stub total'][-1]:.3f}", flush=True)
-                print(f"\n## {name} at {rate:g} req/s: means over {args.rounds} rounds (95% CI)")
+                at = f"{rate:g} req/s" if rate is not None else f"concurrency {args.concurrency}"
+                print(f"\n## {name} at {at}: means over {args.rounds} rounds (95% CI)")
                 keys = sorted({k for m in models for k in per[m]},
                               key=lambda k: (k.startswith("stub thread") or k.startswith("server thread"), k))
                 for key in keys:
