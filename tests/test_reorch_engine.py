@@ -11,8 +11,8 @@ import pytest
 from reorch_models import random_sequence_request, write_mlp_chain, write_sequence_chain
 
 from backends.reorch.engine import CANCELLED, INVALID, SHUTDOWN, STAGE_ERROR, SUCCESS, ReorchEngine
-from backends.reorch.errors import BadRequestError
-from backends.reorch.executor import WHOLE_GRAPH, make_ort_executors
+from backends.reorch.errors import BadRequestError, StageContractError
+from backends.reorch.executor import WHOLE_GRAPH, make_ort_executors, split_even
 from backends.reorch.metrics import INLINE_EXECUTIONS_TOTAL, OPERATIONS_TOTAL, REQUESTS_TOTAL, CountingMetrics
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
 from backends.reorch.scheduler import FUSE
@@ -316,7 +316,8 @@ def test_inline_batches_without_records_get_the_whole_models_outputs_once_each(t
     rng = np.random.default_rng(11)
     batches = [[random_sequence_request(rng, rows, n) for rows, n in [(1, 3), (2, 9), (1, 5), (3, 7)]],
                [random_sequence_request(rng, 1, 6)],  # one request at its own length: its tensors are the feeds
-               [random_sequence_request(rng, 1, n) for n in (32, 1, 17, 2, 9, 4, 30, 8)]]
+               [random_sequence_request(rng, 1, n) for n in (32, 1, 17, 2, 9, 4, 30, 8)],
+               [random_sequence_request(rng, rows, 6) for rows in (1, 2, 1, 3)]]  # one length: nothing to pad or cut
     try:
         results = [engine.run_inline([((b, i), r) for i, r in enumerate(batch)], [False] * len(batch))
                    for b, batch in enumerate(batches)]
@@ -336,7 +337,7 @@ def test_inline_batches_without_records_get_the_whole_models_outputs_once_each(t
             np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(answer.outputs["pooled"], want["pooled"], rtol=1e-5, atol=1e-6)
     if whole is not None:
-        assert whole.batches[:3] == [7, 1, 8]  # each batch ran the whole graph once
+        assert whole.batches[:4] == [7, 1, 8, 7]  # each batch ran the whole graph once
     assert answers.by_handle["staged"].kind == SUCCESS
     total = sum(len(batch) for batch in batches)
     assert metrics.counters[(REQUESTS_TOTAL, "success")] == total + 1
@@ -383,3 +384,18 @@ def test_quick_shape_agrees_with_validate(tmp_path):
                 assert engine.quick_shape(bad) is None, message
     finally:
         engine.close()
+
+
+def test_split_even_gives_each_member_its_rows_and_refuses_a_broken_contract():
+    stage = StageSpec(WHOLE_GRAPH, "whole.onnx", ("x",), ("y", "z"), 8)
+    y, z = np.arange(24, dtype=np.float32).reshape(6, 4), np.arange(6, dtype=np.int64)
+    pieces = split_even(stage, {"y": y, "z": z, "extra": y}, [1, 3, 2])
+    assert [sorted(p) for p in pieces] == [["y", "z"]] * 3
+    assert [p["y"].shape for p in pieces] == [(1, 4), (3, 4), (2, 4)]
+    np.testing.assert_array_equal(np.concatenate([p["y"] for p in pieces]), y)
+    np.testing.assert_array_equal(pieces[1]["z"], [1, 2, 3])
+    assert all(p["y"].flags.c_contiguous for p in pieces)
+    with pytest.raises(StageContractError, match="did not return its output 'z'"):
+        split_even(stage, {"y": y}, [6])
+    with pytest.raises(StageContractError, match="batch-first"):
+        split_even(stage, {"y": y, "z": z}, [1, 2])

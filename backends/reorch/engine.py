@@ -28,7 +28,7 @@ import numpy as np
 from backends.common.tensors import value_range_violation
 
 from .errors import BadRequestError
-from .executor import StageExecutor, build_feeds, split_outputs
+from .executor import StageExecutor, build_feeds, split_even, split_outputs
 from .metrics import CountingMetrics
 from .policies import ReorchKnobs, StageContext, create_policy
 from .scheduler import StageScheduler
@@ -458,6 +458,12 @@ class ReorchEngine:
                 # One request at its own length: its tensors are the feeds, the outputs its answer.
                 outputs = self.whole.run(members[0])
                 return [{name: outputs[name] for name in self.whole.stage.outputs}], None, last
+            if pad_to is None or lengths.count(pad_to) == len(lengths):
+                # Every member at the batch's length (steady fixed-length load, or no sequence axis):
+                # nothing to pad or cut, so the feeds are plain concatenations and the answers views.
+                outputs = self.whole.run({name: np.concatenate([m[name] for m in members])
+                                          for name in self.whole.stage.inputs})
+                return split_even(self.whole.stage, outputs, rows), None, last
             outputs = self.whole.run(build_feeds(self.spec, self.whole.stage, members, pad_to))
             return split_outputs(self.spec, self.whole.stage, outputs, rows, lengths), None, last
         except Exception as exc:  # fails exactly this batch, like a stage
