@@ -11,6 +11,14 @@ process (``/proc/PID/stat``, the stub's model from its command line) and of each
 means with 95% confidence intervals over the rounds, the p50 and the CPU ms per request.
 
     python bench/reorch_cpu.py --repository results/quick-a/repository --models resnet50 --rate 27 --rounds 4
+
+``--in-process BATCH`` leaves the server out: per model, the calling thread's CPU per batch of
+``BATCH`` one-row requests through ``ReorchEngine.run_inline`` (the path a served steady-load batch
+takes: fused on the whole graph, no record asked) and through ``backends.onnx_runner``'s
+``BatchRunner.run`` (the whole model's), on the same onnxruntime session and batch, interleaved.
+``--no-compute`` gives both a session that returns stored outputs: only their Python is left.
+Run it from two checkouts for a before/after. Served, each batch comes after an idle wait with
+cold caches, and the same Python costs several times more (docs/reorch.md).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -128,6 +137,77 @@ def deploy_baseline(overlay: Path, name: str, backends: Path, entry: dict) -> st
     return target.name
 
 
+def in_process(args: argparse.Namespace, manifest: dict) -> None:
+    """``--in-process``: calling-thread CPU per batch, reorch's inline path against the whole model's runner."""
+    import numpy as np
+
+    from backends.onnx_runner.batch import BatchRunner, TensorInfo
+    from backends.reorch.engine import ReorchEngine
+    from backends.reorch.executor import make_ort_executors, make_whole_executor
+    from backends.reorch.policies import ReorchKnobs
+    from backends.reorch.spec import StagesSpec
+    from core.model_config import read_model_config
+    from loadtest.request_factory import RequestFactory
+
+    for name in args.models:
+        raw = manifest["models"][name]
+        whole_name = raw.get("variants", {}).get("whole", name)
+        threads = read_model_config(args.repository / whole_name / "config.pbtxt").get("parameters", {}).get(
+            "intra_op_threads", {}).get("string_value", "1")  # the whole model's, as the benches deploy reorch
+        spec = StagesSpec.from_manifest_entry(name, raw)
+        knobs = ReorchKnobs.from_parameters({"max_batch_rows": str(spec.max_batch_size), "intra_op_threads": threads,
+                                             **dict(item.split("=", 1) for item in args.knob)})
+        whole = make_whole_executor(spec, args.repository, intra_op_threads=knobs.intra_op_threads)
+        if whole is None:
+            raise SystemExit(f"{name}: no whole-model graph in {args.repository}")
+        engine = ReorchEngine(spec, "dva", knobs, make_ort_executors(spec, args.repository,
+                                                                     intra_op_threads=knobs.intra_op_threads),
+                              lambda handle, answer: None, whole=whole)
+        meta = {t.name: TensorInfo(t.sequence_axis, t.pad_value, tuple(t.value_range) if t.value_range else None)
+                for t in (*spec.inputs, *spec.outputs)}
+        runner = BatchRunner(session=whole.session, input_dtypes={t.name: t.dtype for t in spec.inputs},
+                             output_names=[t.name for t in spec.outputs], tensor_info=meta)
+        entry = model_entry(manifest, name)
+        seq_len = (args.seq_len or min(64, entry.max_length)) if entry.has_sequence else None
+        factory = RequestFactory(entry, "whole", seed=0)
+        batch = [factory.arrays(seq_len) for _ in range(args.in_process)]
+        if args.no_compute:
+            stored = whole.session.run(runner.output_names, {t.name: np.concatenate([b[t.name] for b in batch])
+                                                             for t in spec.inputs})
+
+            class Stored:  # a session that costs nothing: what is left is the callers' Python
+                def run(self, names, feeds):
+                    return [array.copy() for array in stored]
+            whole.session = runner.session = Stored()
+        items = list(enumerate(batch))
+        flags = [False] * len(batch)
+
+        def run_reorch():
+            answers = engine.run_inline(items, flags)
+            assert answers is not None and len(answers) == len(items), "the batch was not run inline"
+
+        variants = {"reorch run_inline": run_reorch, "whole BatchRunner.run": lambda: runner.run(batch)}
+        calls = args.requests
+        per: dict[str, list[float]] = defaultdict(list)
+        try:
+            for round_index in range(args.rounds):
+                for label in (list(variants) if round_index % 2 == 0 else list(variants)[::-1]):
+                    for _ in range(max(1, calls // 10)):  # warm
+                        variants[label]()
+                    started = time.thread_time_ns()
+                    for _ in range(calls):
+                        variants[label]()
+                    per[label].append((time.thread_time_ns() - started) / calls / 1000)
+        finally:
+            engine.close()
+        what = "no compute (stored outputs)" if args.no_compute else f"onnxruntime, {threads} intra-op threads"
+        print(f"## {name}: batch of {args.in_process} one-row requests" + (f", length {seq_len}" if seq_len else "")
+              + f"; {what}; calling-thread CPU µs per batch, {args.rounds} interleaved rounds of {calls} (95% CI)")
+        for label, values in per.items():
+            print(f"{label:>24}: {mean_ci(values)}")
+        print(f"{'reorch - whole':>24}: {mean_ci([a - b for a, b in zip(*per.values())])}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, required=True)
@@ -136,6 +216,10 @@ def main() -> None:
     load.add_argument("--rate", type=float, nargs="+", help="requests/s per model (one value, or one per model)")
     load.add_argument("--concurrency", type=int, default=None,
                       help="closed loop: this many calls outstanding (the achieved rate is the capacity)")
+    load.add_argument("--in-process", type=int, default=None, metavar="BATCH",
+                      help="no server: CPU per batch of BATCH requests, reorch's inline path vs the whole model's "
+                           "runner (--requests: calls per round)")
+    parser.add_argument("--no-compute", action="store_true", help="--in-process: a session that returns stored outputs")
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
@@ -144,6 +228,9 @@ def main() -> None:
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--threads", action="store_true", help="print the per-thread CPU too")
     args = parser.parse_args()
+    if args.in_process is not None:
+        in_process(args, read_manifest(args.repository).raw)
+        return
     if args.concurrency is not None:
         rates = [None] * len(args.models)
     else:
