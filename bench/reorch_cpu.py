@@ -40,12 +40,19 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from reorchestration import T95, overlay_repository  # noqa: E402
 
+from backends.onnx_runner.batch import BatchRunner, TensorInfo  # noqa: E402
+from backends.reorch.engine import ReorchEngine  # noqa: E402
+from backends.reorch.executor import make_ort_executors, make_whole_executor  # noqa: E402
+from backends.reorch.policies import ReorchKnobs  # noqa: E402
+from backends.reorch.spec import StagesSpec  # noqa: E402
 from core.manifest import read_manifest  # noqa: E402
+from core.model_config import read_model_config  # noqa: E402
 from core.server import EmbeddedTriton  # noqa: E402
 from loadtest.perf_analyzer import ensure_perf_analyzer, measure_point  # noqa: E402
-from loadtest.request_factory import model_entry  # noqa: E402
+from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
@@ -139,16 +146,6 @@ def deploy_baseline(overlay: Path, name: str, backends: Path, entry: dict) -> st
 
 def in_process(args: argparse.Namespace, manifest: dict) -> None:
     """``--in-process``: calling-thread CPU per batch, reorch's inline path against the whole model's runner."""
-    import numpy as np
-
-    from backends.onnx_runner.batch import BatchRunner, TensorInfo
-    from backends.reorch.engine import ReorchEngine
-    from backends.reorch.executor import make_ort_executors, make_whole_executor
-    from backends.reorch.policies import ReorchKnobs
-    from backends.reorch.spec import StagesSpec
-    from core.model_config import read_model_config
-    from loadtest.request_factory import RequestFactory
-
     for name in args.models:
         raw = manifest["models"][name]
         whole_name = raw.get("variants", {}).get("whole", name)
