@@ -3,13 +3,22 @@
 Serves a built repository with the embedded server (the whole model and ``NAME_reorch_dva``, deployed
 from this checkout's ``backends``; with ``--baseline-backends DIR`` also ``NAME_reorch_base`` from
 another copy of the package, e.g. main's). Drives each variant in turn with perf_analyzer at one
-fixed open-loop rate (Poisson, one row per request, unary gRPC, no record asked), variants interleaved
+fixed open-loop rate (Poisson, one row per request, unary gRPC, no record asked; or closed loop with
+``--concurrency`` calls outstanding, where the achieved rate is the capacity), variants interleaved
 with the order alternating per round, and reads the CPU time of tritonserver and of each Python stub
 process (``/proc/PID/stat``, the stub's model from its command line) and of each stub thread
 (``/proc/PID/task/*/stat``, by thread name) before and after each run. Prints, per round and as
 means with 95% confidence intervals over the rounds, the p50 and the CPU ms per request.
 
     python bench/reorch_cpu.py --repository results/quick-a/repository --models resnet50 --rate 27 --rounds 4
+
+``--in-process BATCH`` leaves the server out: per model, the calling thread's CPU per batch of
+``BATCH`` one-row requests through ``ReorchEngine.run_inline`` (the path a served steady-load batch
+takes: fused on the whole graph, no record asked) and through ``backends.onnx_runner``'s
+``BatchRunner.run`` (the whole model's), on the same onnxruntime session and batch, interleaved.
+``--no-compute`` gives both a session that returns stored outputs: only their Python is left.
+Run it from two checkouts for a before/after. Served, each batch comes after an idle wait with
+cold caches, and the same Python costs several times more (docs/reorch.md).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,12 +40,19 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from reorchestration import T95, overlay_repository  # noqa: E402
 
+from backends.onnx_runner.batch import BatchRunner, TensorInfo  # noqa: E402
+from backends.reorch.engine import ReorchEngine  # noqa: E402
+from backends.reorch.executor import make_ort_executors, make_whole_executor  # noqa: E402
+from backends.reorch.policies import ReorchKnobs  # noqa: E402
+from backends.reorch.spec import StagesSpec  # noqa: E402
 from core.manifest import read_manifest  # noqa: E402
+from core.model_config import read_model_config  # noqa: E402
 from core.server import EmbeddedTriton  # noqa: E402
 from loadtest.perf_analyzer import ensure_perf_analyzer, measure_point  # noqa: E402
-from loadtest.request_factory import model_entry  # noqa: E402
+from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
@@ -127,12 +144,79 @@ def deploy_baseline(overlay: Path, name: str, backends: Path, entry: dict) -> st
     return target.name
 
 
+def in_process(args: argparse.Namespace, manifest: dict) -> None:
+    """``--in-process``: calling-thread CPU per batch, reorch's inline path against the whole model's runner."""
+    for name in args.models:
+        raw = manifest["models"][name]
+        whole_name = raw.get("variants", {}).get("whole", name)
+        threads = read_model_config(args.repository / whole_name / "config.pbtxt").get("parameters", {}).get(
+            "intra_op_threads", {}).get("string_value", "1")  # the whole model's, as the benches deploy reorch
+        spec = StagesSpec.from_manifest_entry(name, raw)
+        knobs = ReorchKnobs.from_parameters({"max_batch_rows": str(spec.max_batch_size), "intra_op_threads": threads,
+                                             **dict(item.split("=", 1) for item in args.knob)})
+        whole = make_whole_executor(spec, args.repository, intra_op_threads=knobs.intra_op_threads)
+        if whole is None:
+            raise SystemExit(f"{name}: no whole-model graph in {args.repository}")
+        engine = ReorchEngine(spec, "dva", knobs, make_ort_executors(spec, args.repository,
+                                                                     intra_op_threads=knobs.intra_op_threads),
+                              lambda handle, answer: None, whole=whole)
+        meta = {t.name: TensorInfo(t.sequence_axis, t.pad_value, tuple(t.value_range) if t.value_range else None)
+                for t in (*spec.inputs, *spec.outputs)}
+        runner = BatchRunner(session=whole.session, input_dtypes={t.name: t.dtype for t in spec.inputs},
+                             output_names=[t.name for t in spec.outputs], tensor_info=meta)
+        entry = model_entry(manifest, name)
+        seq_len = (args.seq_len or min(64, entry.max_length)) if entry.has_sequence else None
+        factory = RequestFactory(entry, "whole", seed=0)
+        batch = [factory.arrays(seq_len) for _ in range(args.in_process)]
+        if args.no_compute:
+            stored = whole.session.run(runner.output_names, {t.name: np.concatenate([b[t.name] for b in batch])
+                                                             for t in spec.inputs})
+
+            class Stored:  # a session that costs nothing: what is left is the callers' Python
+                def run(self, names, feeds):
+                    return [array.copy() for array in stored]
+            whole.session = runner.session = Stored()
+        items = list(enumerate(batch))
+        flags = [False] * len(batch)
+
+        def run_reorch():
+            answers = engine.run_inline(items, flags)
+            assert answers is not None and len(answers) == len(items), "the batch was not run inline"
+
+        variants = {"reorch run_inline": run_reorch, "whole BatchRunner.run": lambda: runner.run(batch)}
+        calls = args.requests
+        per: dict[str, list[float]] = defaultdict(list)
+        try:
+            for round_index in range(args.rounds):
+                for label in (list(variants) if round_index % 2 == 0 else list(variants)[::-1]):
+                    for _ in range(max(1, calls // 10)):  # warm
+                        variants[label]()
+                    started = time.thread_time_ns()
+                    for _ in range(calls):
+                        variants[label]()
+                    per[label].append((time.thread_time_ns() - started) / calls / 1000)
+        finally:
+            engine.close()
+        what = "no compute (stored outputs)" if args.no_compute else f"onnxruntime, {threads} intra-op threads"
+        print(f"## {name}: batch of {args.in_process} one-row requests" + (f", length {seq_len}" if seq_len else "")
+              + f"; {what}; calling-thread CPU µs per batch, {args.rounds} interleaved rounds of {calls} (95% CI)")
+        for label, values in per.items():
+            print(f"{label:>24}: {mean_ci(values)}")
+        print(f"{'reorch - whole':>24}: {mean_ci([a - b for a, b in zip(*per.values())])}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, required=True)
     parser.add_argument("--models", nargs="+", default=["resnet50"])
-    parser.add_argument("--rate", type=float, nargs="+", required=True,
-                        help="requests/s per model (one value, or one per model)")
+    load = parser.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, nargs="+", help="requests/s per model (one value, or one per model)")
+    load.add_argument("--concurrency", type=int, default=None,
+                      help="closed loop: this many calls outstanding (the achieved rate is the capacity)")
+    load.add_argument("--in-process", type=int, default=None, metavar="BATCH",
+                      help="no server: CPU per batch of BATCH requests, reorch's inline path vs the whole model's "
+                           "runner (--requests: calls per round)")
+    parser.add_argument("--no-compute", action="store_true", help="--in-process: a session that returns stored outputs")
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
@@ -141,7 +225,16 @@ def main() -> None:
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--threads", action="store_true", help="print the per-thread CPU too")
     args = parser.parse_args()
-    rates = args.rate if len(args.rate) == len(args.models) else args.rate[:1] * len(args.models)
+    if args.in_process is not None:
+        in_process(args, read_manifest(args.repository).raw)
+        return
+    if args.concurrency is not None:
+        rates = [None] * len(args.models)
+    else:
+        rates = args.rate if len(args.rate) == len(args.models) else args.rate[:1] * len(args.models)
+    if args.concurrency is None and args.requests < max(rates):
+        parser.error(f"--requests {args.requests} is below the rate {max(rates):g}/s: perf_analyzer refuses "
+                     "a request count under one second of requests")
     manifest = read_manifest(args.repository).raw
     knobs = dict(item.split("=", 1) for item in args.knob)
     overlay = overlay_repository(args.repository, manifest, args.models, ["dva"], 100, knobs)
@@ -161,23 +254,24 @@ def main() -> None:
                 model = stub_model(pid)
                 if model:
                     stubs[model] = pid
-            print(f"# stubs: {stubs}; {args.requests} requests per run, Poisson, {args.rounds} rounds, "
-                  f"order alternating", flush=True)
+            print(f"# stubs: {stubs}; {args.requests} requests per run, "
+                  f"{'Poisson' if args.concurrency is None else 'closed loop'}, {args.rounds} rounds, order alternating", flush=True)
             for name, rate in zip(args.models, rates):
                 entry = model_entry(manifest, name)
                 seq_len = (args.seq_len or min(64, entry.max_length)) if entry.has_sequence else None
                 models = variants[name]
                 per: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in models}
-                for model in models:  # warm-up
+                load = {"concurrency": args.concurrency} if rate is None else {"rate_rps": rate}
+                for model in models:  # warm-up (perf_analyzer wants at least a second of requests)
                     measure_point(analyzer, server.grpc_url, model, entry, "reorch" if "reorch" in model else "whole",
-                                  rate_rps=rate, requests=max(50, args.requests // 4), seq_len=seq_len)
+                                  requests=max(50, args.requests // 4, math.ceil(rate or 0)), seq_len=seq_len, **load)
                 for round_index in range(args.rounds):
                     order = models if round_index % 2 == 0 else models[::-1]
                     for model in order:
                         before = snapshot(server_pid, stubs)
                         point = measure_point(analyzer, server.grpc_url, model, entry,
-                                              "reorch" if "reorch" in model else "whole", rate_rps=rate,
-                                              requests=args.requests, seq_len=seq_len)
+                                              "reorch" if "reorch" in model else "whole",
+                                              requests=args.requests, seq_len=seq_len, **load)
                         after = snapshot(server_pid, stubs)
                         figures = per[model]
                         figures["p50_ms"].append(point.p50_ms)
@@ -190,7 +284,8 @@ def main() -> None:
                         print(f"{name} round {round_index} {model:>20}: p50 {point.p50_ms:.2f} ms, "
                               f"{point.throughput_rps:.1f} req/s; CPU ms/request server "
                               f"{figures['server total'][-1]:.3f}, stub {figures['stub total'][-1]:.3f}", flush=True)
-                print(f"\n## {name} at {rate:g} req/s: means over {args.rounds} rounds (95% CI)")
+                at = f"{rate:g} req/s" if rate is not None else f"concurrency {args.concurrency}"
+                print(f"\n## {name} at {at}: means over {args.rounds} rounds (95% CI)")
                 keys = sorted({k for m in models for k in per[m]},
                               key=lambda k: (k.startswith("stub thread") or k.startswith("server thread"), k))
                 for key in keys:

@@ -11,10 +11,12 @@ import pytest
 from reorch_models import random_sequence_request, write_mlp_chain, write_sequence_chain
 
 from backends.reorch.engine import CANCELLED, INVALID, SHUTDOWN, STAGE_ERROR, SUCCESS, ReorchEngine
-from backends.reorch.executor import make_ort_executors
-from backends.reorch.metrics import REQUESTS_TOTAL, CountingMetrics
+from backends.reorch.errors import BadRequestError, StageContractError
+from backends.reorch.executor import WHOLE_GRAPH, make_ort_executors, split_even
+from backends.reorch.metrics import INLINE_EXECUTIONS_TOTAL, OPERATIONS_TOTAL, REQUESTS_TOTAL, CountingMetrics
 from backends.reorch.policies import BatchPolicy, ReorchKnobs
-from backends.reorch.spec import StagesSpec
+from backends.reorch.scheduler import FUSE
+from backends.reorch.spec import StageSpec, StagesSpec
 
 POLICIES = [p.value for p in BatchPolicy]
 
@@ -164,7 +166,7 @@ def test_a_stage_that_raises_fails_only_its_batch_and_the_engine_goes_on(tmp_pat
     assert metrics.counters[(REQUESTS_TOTAL, "error")] == 2
 
 
-@pytest.mark.parametrize("bad, message", [
+BAD_REQUESTS = [
     ({"tokens": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int64)}, "must be int64"),
     ({"tokens": np.zeros((1, 4), np.int64)}, "missing input 'attention_mask'"),
     ({"tokens": np.zeros((9, 4), np.int64), "attention_mask": np.ones((9, 4), np.int64)}, "1..8 rows"),
@@ -172,7 +174,11 @@ def test_a_stage_that_raises_fails_only_its_batch_and_the_engine_goes_on(tmp_pat
     ({"tokens": np.zeros((1, 33), np.int64), "attention_mask": np.ones((1, 33), np.int64)}, "sequence length 33"),
     ({"tokens": np.zeros((1, 4), np.int64), "attention_mask": np.ones((1, 5), np.int64)}, "disagree"),
     ({"tokens": np.zeros((4,), np.int64), "attention_mask": np.ones((4,), np.int64)}, "dimensions"),
-])
+    ({"tokens": np.zeros((2, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64)}, "batch size"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_REQUESTS)
 def test_bad_requests_are_answered_at_once_with_invalid(tmp_path, bad, message):
     engine, answers, _, _ = make_engine(tmp_path, "sequence", "dva")
     good = random_sequence_request(np.random.default_rng(0), 1, 5)
@@ -267,3 +273,129 @@ def test_5000_concurrent_requests_are_each_answered_exactly_once(tmp_path, count
     for index in range(0, count, 997):
         np.testing.assert_allclose(answers.by_handle[index].outputs["y"], reference(requests[index]["x"])["y"],
                                    rtol=1e-5, atol=1e-6)
+
+
+# ---- the inline path (run_inline): what a served model runs for every batch at steady load ------------
+CHEAP_TABLES = [{1: 0.02, 8: 0.05}] * 3  # 20 µs stages: boundaries cannot pay, so every batch runs fused
+
+
+class ChainAsWhole:
+    """A whole-model graph for fused runs (``ReorchEngine(whole=...)``), made of the stage graphs run in turn."""
+
+    def __init__(self, spec: StagesSpec, executors) -> None:
+        self.stage = StageSpec(WHOLE_GRAPH, "whole.onnx", tuple(t.name for t in spec.inputs),
+                               tuple(t.name for t in spec.outputs), spec.max_batch_size)
+        self.executors = executors
+        self.batches: list[int] = []
+
+    def run(self, feeds):
+        self.batches.append(next(iter(feeds.values())).shape[0])
+        tensors = dict(feeds)
+        for executor in self.executors:
+            tensors.update(executor.run({name: tensors[name] for name in executor.stage.inputs}))
+        return {name: tensors[name] for name in self.stage.outputs}
+
+
+def make_inline_engine(tmp_path, with_whole: bool):
+    entry, reference = write_sequence_chain(tmp_path, favoured=(4, 2, 2))
+    for stage, table in zip(entry["stages"], CHEAP_TABLES):
+        stage["latency_ms"] = {str(b): ms for b, ms in table.items()}
+    spec = StagesSpec.from_manifest_entry("seqm", entry)
+    executors = make_ort_executors(spec, tmp_path)
+    whole = ChainAsWhole(spec, executors) if with_whole else None
+    answers, metrics = Answers(), CountingMetrics()
+    engine = ReorchEngine(spec, "dva", ReorchKnobs(max_batch_rows=8), executors, answers, metrics=metrics,
+                          whole=whole)
+    return engine, answers, reference, metrics, whole
+
+
+@pytest.mark.parametrize("with_whole", [True, False])
+def test_inline_batches_without_records_get_the_whole_models_outputs_once_each(tmp_path, with_whole):
+    """The served steady-load path: no record asked, every request valid (run_inline's short path)."""
+    engine, answers, reference, metrics, whole = make_inline_engine(tmp_path, with_whole)
+    rng = np.random.default_rng(11)
+    batches = [[random_sequence_request(rng, rows, n) for rows, n in [(1, 3), (2, 9), (1, 5), (3, 7)]],
+               [random_sequence_request(rng, 1, 6)],  # one request at its own length: its tensors are the feeds
+               [random_sequence_request(rng, 1, n) for n in (32, 1, 17, 2, 9, 4, 30, 8)],
+               [random_sequence_request(rng, rows, 6) for rows in (1, 2, 1, 3)]]  # one length: nothing to pad or cut
+    try:
+        results = [engine.run_inline([((b, i), r) for i, r in enumerate(batch)], [False] * len(batch))
+                   for b, batch in enumerate(batches)]
+        # Then one batch through the stage scheduler: its operations are reported by the other path.
+        engine.submit([("staged", random_sequence_request(rng, 1, 4))])
+        answers.wait(1)
+    finally:
+        engine.close()
+    for b, (batch, result) in enumerate(zip(batches, results)):
+        assert result is not None and [handle for handle, _ in result] == [(b, i) for i in range(len(batch))]
+        for (_, answer), request in zip(result, batch):
+            assert answer.kind == SUCCESS and answer.ok, answer.message
+            assert answer.record == {}  # nobody asked: no record built
+            assert set(answer.outputs) == {"hidden", "pooled"}
+            want = reference(request["tokens"], request["attention_mask"])
+            assert answer.outputs["hidden"].shape == want["hidden"].shape  # cut back to its own length
+            np.testing.assert_allclose(answer.outputs["hidden"], want["hidden"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(answer.outputs["pooled"], want["pooled"], rtol=1e-5, atol=1e-6)
+    if whole is not None:
+        assert whole.batches[:4] == [7, 1, 8, 7]  # each batch ran the whole graph once
+    assert answers.by_handle["staged"].kind == SUCCESS
+    total = sum(len(batch) for batch in batches)
+    assert metrics.counters[(REQUESTS_TOTAL, "success")] == total + 1
+    assert metrics.counters[(INLINE_EXECUTIONS_TOTAL, "")] == len(batches)
+    # Every decision counted once in the metrics, whichever path reported it.
+    assert engine.scheduler.operation_counts[FUSE] == len(batches) + 1
+    assert metrics.counters[(OPERATIONS_TOTAL, FUSE)] == engine.scheduler.operation_counts[FUSE]
+    assert engine.inflight_requests == 0
+
+
+def test_inline_batch_with_a_bad_request_or_an_asked_record_answers_each_once_in_order(tmp_path):
+    engine, _, reference, metrics, _ = make_inline_engine(tmp_path, True)
+    rng = np.random.default_rng(12)
+    good = [random_sequence_request(rng, 1, n) for n in (4, 8)]
+    try:
+        mixed = engine.run_inline([("a", good[0])] + [(f"bad{i}", bad) for i, (bad, _) in enumerate(BAD_REQUESTS)]
+                                  + [("b", good[1])], [False] * (len(BAD_REQUESTS) + 2))
+        asked = engine.run_inline([("plain", good[0]), ("asks", good[1])], [False, True])
+    finally:
+        engine.close()
+    assert [handle for handle, _ in mixed] == ["a"] + [f"bad{i}" for i in range(len(BAD_REQUESTS))] + ["b"]
+    for (_, answer), (_, message) in zip(mixed[1:-1], BAD_REQUESTS):
+        assert answer.kind == INVALID and message in answer.message and answer.outputs is None
+    for (_, answer), request in zip([mixed[0], mixed[-1]], good):
+        assert answer.kind == SUCCESS
+        np.testing.assert_allclose(answer.outputs["hidden"], reference(request["tokens"], request["attention_mask"])
+                                   ["hidden"], rtol=1e-5, atol=1e-6)
+    assert asked[0][1].record == {} and asked[1][1].record["ops"] == [{"op": FUSE, "stage": 0}]
+    assert metrics.counters[(REQUESTS_TOTAL, "error")] == len(BAD_REQUESTS)
+    assert metrics.counters[(REQUESTS_TOTAL, "success")] == 4
+
+
+def test_quick_shape_agrees_with_validate(tmp_path):
+    engine, _, _, _, _ = make_inline_engine(tmp_path, False)
+    rng = np.random.default_rng(13)
+    try:
+        for rows, n in [(1, 1), (8, 32), (3, 17)]:
+            request = random_sequence_request(rng, rows, n)
+            assert engine.quick_shape(request) == engine.validate(request) == (rows, n)
+        for bad, message in BAD_REQUESTS:
+            with pytest.raises(BadRequestError, match=message):
+                engine.validate(bad)
+            if message != "values must lie":  # value ranges are checked once per batch instead
+                assert engine.quick_shape(bad) is None, message
+    finally:
+        engine.close()
+
+
+def test_split_even_gives_each_member_its_rows_and_refuses_a_broken_contract():
+    stage = StageSpec(WHOLE_GRAPH, "whole.onnx", ("x",), ("y", "z"), 8)
+    y, z = np.arange(24, dtype=np.float32).reshape(6, 4), np.arange(6, dtype=np.int64)
+    pieces = split_even(stage, {"y": y, "z": z, "extra": y}, [1, 3, 2])
+    assert [sorted(p) for p in pieces] == [["y", "z"]] * 3
+    assert [p["y"].shape for p in pieces] == [(1, 4), (3, 4), (2, 4)]
+    np.testing.assert_array_equal(np.concatenate([p["y"] for p in pieces]), y)
+    np.testing.assert_array_equal(pieces[1]["z"], [1, 2, 3])
+    assert all(p["y"].flags.c_contiguous for p in pieces)
+    with pytest.raises(StageContractError, match="did not return its output 'z'"):
+        split_even(stage, {"y": y}, [6])
+    with pytest.raises(StageContractError, match="batch-first"):
+        split_even(stage, {"y": y, "z": z}, [1, 2])

@@ -39,6 +39,10 @@ def served(tmp_path_factory):
         write_reorch_model(repository, "seqm", {**seq_entry, "variants": {"reorch": f"seqm_{policy}"}},
                            max_batch_size=8, queue_delay_us=2000, policy=policy,
                            knobs={"stretch_max_wait_us": 5000, "stretch_max_rows": 16})
+    # stages far too cheap for their boundaries: the cost model fuses every batch, answered from execute
+    fused_entry = {**seq_entry, "stages": [{**stage, "latency_ms": {"1": 0.02, "8": 0.05}} for stage in seq_entry["stages"]],
+                   "variants": {"reorch": "seqm_fused"}}
+    write_reorch_model(repository, "seqm", fused_entry, max_batch_size=8, queue_delay_us=2000, policy="dva")
     mlp_entry, mlp_reference = write_mlp_chain(repository, "mlp")
     write_reorch_model(repository, "mlp", mlp_entry, max_batch_size=8, queue_delay_us=500, policy="dva")
     # no value range on tokens: an out-of-vocabulary id makes stage 0 (Gather) raise inside onnxruntime
@@ -48,7 +52,7 @@ def served(tmp_path_factory):
     (repository / "manifest.json").write_text(json.dumps(
         {"target": "embedded", "models": {"seqm": {**seq_entry, "variants": {"reorch": "seqm_dva"}}}}))
     # the stage directories hold bare ONNX files (no config): load only the reorchestrator models
-    models = [f"seqm_{policy}" for policy in POLICIES] + ["mlp_reorch", "raw_reorch"]
+    models = [f"seqm_{policy}" for policy in POLICIES] + ["seqm_fused", "mlp_reorch", "raw_reorch"]
     with EmbeddedTriton(repository, models=models) as server:
         yield server, seq_reference, mlp_reference
 
@@ -175,6 +179,49 @@ def test_concurrent_unary_calls_are_each_answered_exactly_once(served):
         np.testing.assert_allclose(result.as_numpy("pooled"), want["pooled"], rtol=1e-5, atol=1e-6)
     with pytest.raises(queue.Empty):
         answers.get(timeout=0.3)  # nothing answered twice
+
+
+def _metric(metrics_url: str, family: str, model: str) -> float:
+    """Sum of a family's samples for ``model`` (0 where it has none yet)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:  # noqa: S310 (loopback)
+        text = response.read().decode()
+    return sum(float(value) for value in re.findall(rf'{family}\{{[^}}]*model="{model}"[^}}]*\}} (\S+)', text))
+
+
+def test_fused_batches_answered_from_execute_match_the_whole_model_once_each(served):
+    """The inline path of model.py (the cost model fuses every batch; execute returns the responses):
+    concurrent unary calls, some asking for the record, each answered once with the chain's outputs."""
+    server, reference, _ = served
+    rng = np.random.default_rng(14)
+    lengths = [int(n) for n in rng.choice([6, 6, 6, 3, 17, 32], 240)]  # mostly one length, like steady load
+    requests = [random_sequence_request(rng, 1 + i % 2, n) for i, n in enumerate(lengths)]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers: queue.Queue = queue.Queue()
+    for index, request in enumerate(requests):
+        client.async_infer("seqm_fused", _inputs(request), partial(lambda i, result, error: answers.put((i, result, error)), index),
+                           request_id=str(index), parameters={RECORD_PARAMETER: True} if index % 3 == 0 else None)
+    received = [answers.get(timeout=120) for _ in requests]
+    assert [e for _, _, e in received if e is not None] == []
+    assert sorted(i for i, _, _ in received) == list(range(len(requests)))
+    for index, result, _ in received:
+        request = requests[index]
+        want = reference(request["tokens"], request["attention_mask"])
+        np.testing.assert_allclose(result.as_numpy("hidden"), want["hidden"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("pooled"), want["pooled"], rtol=1e-5, atol=1e-6)
+        records = result.as_numpy(RECORD_OUTPUT)
+        if index % 3 == 0:
+            assert records.shape == (request["tokens"].shape[0], 1)
+            assert json.loads(records[0, 0])["ops"] == [{"op": "fuse", "stage": 0}]
+        else:
+            assert records is None
+    with pytest.raises(queue.Empty):
+        answers.get(timeout=0.3)  # nothing answered twice
+    deadline = time.monotonic() + 10  # the model publishes its counters about once a second
+    while _metric(server.metrics_url, "stagebatch_reorch_inline_samples_total", "seqm_fused") < 360 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server.metrics_url, "stagebatch_reorch_inline_samples_total", "seqm_fused") == 360  # every row
+    assert _metric(server.metrics_url, "stagebatch_reorch_stage_executions_total", "seqm_fused") == 0
 
 
 def test_bad_request_is_answered_with_invalid_argument(served):

@@ -21,15 +21,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from backends.common.tensors import value_range_violation
 
 from .errors import BadRequestError
-from .executor import StageExecutor, build_feeds, split_outputs
+from .executor import StageExecutor, build_feeds, split_even, split_outputs
 from .metrics import CountingMetrics
 from .policies import ReorchKnobs, StageContext, create_policy
 from .scheduler import StageScheduler
@@ -45,9 +44,9 @@ OVERLOADED = "overloaded"  # refused at once: the admission limit (max_inflight_
 ADMISSION_MEMORY_SHARE = 0.25
 
 
-@dataclass(frozen=True)
-class Answer:
-    """The one final answer for a request."""
+class Answer(NamedTuple):
+    """The one final answer for a request (a named tuple: several per batch on the inline path, where a
+    frozen dataclass's construction cost three times as much)."""
 
     kind: str  # SUCCESS | INVALID | STAGE_ERROR | CANCELLED | SHUTDOWN | OVERLOADED
     message: str
@@ -110,6 +109,13 @@ class ReorchEngine:
         self._metrics_flush_s = metrics_flush_s
         self._now_us = clock_us
         self._needed_after = [spec.needed_after(i) for i in range(len(spec.stages))]
+        # run_inline's checks, worked out once: per input (name, dtype, dimensions, the fixed
+        # (axis, size) pairs after the batch axis, sequence axis); the inputs with a value range.
+        self._shape_checks = [(t.name, t.dtype, len(t.shape),
+                               tuple((axis, size) for axis, size in enumerate(t.shape) if axis > 0 and size >= 0),
+                               t.sequence_axis) for t in spec.inputs]
+        self._range_checks = [(t.name, t.dtype, t.value_range) for t in spec.inputs if t.value_range is not None]
+        self._output_names = tuple(t.name for t in spec.outputs)
         # "auto": on where every stage runs on CUDA; "on" forces the I/O-binding path (tests on CPU).
         self._device_boundaries = knobs.device_boundaries == "on" or (
             knobs.device_boundaries == "auto"
@@ -222,6 +228,35 @@ class ReorchEngine:
         self._deliver(rejected + answers)
         self._pump()
 
+    def quick_shape(self, tensors: Mapping[str, np.ndarray]) -> tuple[int, int | None] | None:
+        """``validate``'s answer for a well-formed request without its value-range check, in one short
+        pass over precomputed checks; None where anything is off (``validate`` then names it)."""
+        rows = length = None
+        for name, dtype, ndim, fixed, sequence_axis in self._shape_checks:
+            array = tensors.get(name)
+            if array is None or array.ndim != ndim or array.dtype != dtype:
+                return None
+            shape = array.shape
+            for axis, size in fixed:
+                if shape[axis] != size:
+                    return None
+            if rows is None:
+                rows = shape[0]
+            elif shape[0] != rows:
+                return None
+            if sequence_axis is not None:
+                if length is None:
+                    length = shape[sequence_axis]
+                elif shape[sequence_axis] != length:
+                    return None
+        spec = self.spec
+        if rows is None or not 1 <= rows <= spec.max_batch_size:
+            return None
+        if length is not None and (length < spec.min_length or (spec.max_length is not None
+                                                                 and length > spec.max_length)):
+            return None
+        return rows, length
+
     def run_inline(self, items: Sequence[tuple[Any, Mapping[str, np.ndarray]]],
                    records: Sequence[bool] | None = None) -> list[tuple[Any, Answer]] | None:
         """Answer a whole dynamic-batcher batch here, running the chain fused, when the cost model says
@@ -233,63 +268,81 @@ class ReorchEngine:
 
         The caller (``model.py``) then returns the answers from ``execute``: one response message
         for the batch, exactly like the whole model, instead of one per request through its sender.
+        Served, each call comes after an idle wait for the next batch, with cold caches: every Python
+        step here costs several times its warm cost (docs/reorch.md), so the path stays short: checks
+        worked out at construction (``quick_shape``; ``validate`` only to name what is wrong), value
+        ranges once over the batch, no record unless asked, one metrics update per batch.
         """
         now = self._now_us()
-        # Shapes per request; value ranges once over the batch (a failure is then pinned per request).
+        # Value ranges once over the batch (a failure is then pinned per request by validate).
         values_ok = True
-        for spec in self.spec.inputs:
-            if spec.value_range is None:
-                continue
-            arrays = [t[spec.name] for _, t in items
-                      if spec.name in t and t[spec.name].dtype == spec.dtype]  # a wrong dtype fails validate
+        for name, dtype, value_range in self._range_checks:
+            arrays = [t[name] for _, t in items if name in t and t[name].dtype == dtype]  # a wrong dtype fails
             joined = arrays[0] if len(arrays) == 1 else np.concatenate([a.ravel() for a in arrays]) if arrays else None
-            if joined is not None and value_range_violation(joined, spec.value_range) is not None:
+            if joined is not None and value_range_violation(joined, value_range) is not None:
                 values_ok = False
-        # Served, each call comes after an idle wait for the next batch, with cold caches: every Python
-        # step here costs several times its warm cost (docs/reorch.md), so the path stays short.
-        checked: list[tuple[Any, Mapping[str, np.ndarray], tuple[int, int | None] | str]] = []
-        for handle, tensors in items:
-            try:
-                checked.append((handle, tensors, self.validate(tensors, check_values=not values_ok)))
-            except BadRequestError as error:
-                checked.append((handle, tensors, str(error)))
-        valid = [c for c in checked if not isinstance(c[2], str)]
-        rows = [c[2][0] for c in valid]
-        lengths = [c[2][1] for c in valid]
+        checks: list[tuple[int, int | None] | str] = []
+        members: list[Mapping[str, np.ndarray]] = []
+        rows: list[int] = []
+        lengths: list[int | None] = []
+        for _, tensors in items:
+            check = self.quick_shape(tensors) if values_ok else None
+            if check is None:
+                try:
+                    check = self.validate(tensors, check_values=not values_ok)
+                except BadRequestError as error:
+                    checks.append(str(error))
+                    continue
+            checks.append(check)
+            members.append(tensors)
+            rows.append(check[0])
+            lengths.append(check[1])
         with self._lock:
             if self._closing:
                 return None
             decision = self.scheduler.inline_decision(rows, lengths, now)
             if decision is None:
                 return None
-            self._report_operations()
+            # The scheduler counted this decision (and nothing else since the last report): report it
+            # with the batch's metrics below instead of diffing every operation's count.
+            self._reported_ops[decision] += 1
         pad_to = max((n for n in lengths if n is not None), default=None)
         compute_us: list[int] = []
-        per_member, error, failed = (self._run_stages(0, len(self.spec.stages) - 1, [c[1] for c in valid], pad_to,
-                                                      rows, lengths, compute_us) if valid else ([], None, 0))
+        per_member, error, failed = (self._run_stages(0, len(self.spec.stages) - 1, members, pad_to,
+                                                      rows, lengths, compute_us) if members else ([], None, 0))
+        trace = self._trace is not None
+        if per_member is not None and error is None and records is not None and not trace \
+                and len(checks) == len(members) and not any(records):
+            # The common case: every request valid and answered, no record asked.
+            output_names = self._output_names
+            answers = [(handle, Answer(SUCCESS, "", outputs if len(outputs) == len(output_names) else
+                                       {name: outputs[name] for name in output_names}, {}))
+                       for (handle, _), outputs in zip(items, per_member)]
+            self.metrics.inline_run(sum(rows), sum(compute_us), len(answers), 0, decision)
+            return answers
         exit_us = self._now_us()
-        answers: list[tuple[Any, Answer]] = []
+        answers = []
         produced = iter(per_member or [])
-        output_names = [t.name for t in self.spec.outputs]
         succeeded = 0
-        for index, (handle, _, check) in enumerate(checked):
-            wanted = records is None or records[index] or self._trace is not None
+        total_rows = sum(rows)
+        for index, ((handle, _), check) in enumerate(zip(items, checks)):
+            wanted = records is None or records[index] or trace
             if isinstance(check, str):
                 answer = Answer(INVALID, check, None, Request(-1, 1, now, exit_us=now).record() if wanted else {})
             else:
                 record = Request(-1, check[0], now, seq_len=check[1], stage0_entry_us=now, exit_us=exit_us,
-                                 ops=[{"op": decision, "stage": 0}], batch_sizes=[sum(rows)] * len(self.spec.stages),
+                                 ops=[{"op": decision, "stage": 0}], batch_sizes=[total_rows] * len(self.spec.stages),
                                  stage_times_us=[[0, c] for c in compute_us]).record() if wanted else {}
                 if error is None:
                     outputs = next(produced)
-                    answer = Answer(SUCCESS, "", {name: outputs[name] for name in output_names}, record)
+                    answer = Answer(SUCCESS, "", {name: outputs[name] for name in self._output_names}, record)
                     succeeded += 1
                 else:
                     answer = Answer(STAGE_ERROR, f"stage {failed} failed: {error}", None, record)
-            if self._trace is not None:
+            if trace:
                 self._write_trace(answer)
             answers.append((handle, answer))
-        self.metrics.inline_run(sum(rows), sum(compute_us), succeeded, len(checked) - succeeded)
+        self.metrics.inline_run(total_rows, sum(compute_us), succeeded, len(checks) - succeeded, decision)
         return answers
 
     def close(self, reason: str = "shutting down") -> None:
@@ -405,6 +458,12 @@ class ReorchEngine:
                 # One request at its own length: its tensors are the feeds, the outputs its answer.
                 outputs = self.whole.run(members[0])
                 return [{name: outputs[name] for name in self.whole.stage.outputs}], None, last
+            if pad_to is None or lengths.count(pad_to) == len(lengths):
+                # Every member at the batch's length (steady fixed-length load, or no sequence axis):
+                # nothing to pad or cut, so the feeds are plain concatenations and the answers views.
+                outputs = self.whole.run({name: np.concatenate([m[name] for m in members])
+                                          for name in self.whole.stage.inputs})
+                return split_even(self.whole.stage, outputs, rows), None, last
             outputs = self.whole.run(build_feeds(self.spec, self.whole.stage, members, pad_to))
             return split_outputs(self.spec, self.whole.stage, outputs, rows, lengths), None, last
         except Exception as exc:  # fails exactly this batch, like a stage

@@ -150,3 +150,26 @@ def split_outputs(spec: StagesSpec, stage: StageSpec, outputs: Mapping[str, np.n
         for member, piece in zip(per_member, pieces):
             member[name] = piece
     return per_member
+
+
+def split_even(stage: StageSpec, outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """``split_outputs`` for a batch whose members all have the batch's sequence length (or none): each
+    member's rows of each output, as views of the batch's arrays (rows of a C-ordered array are
+    contiguous); nothing to cut, so none of the per-piece work of ``split_rows``."""
+    total = sum(rows)
+    arrays = []
+    for name in stage.outputs:
+        array = outputs.get(name)
+        if array is None:
+            raise StageContractError(f"stage {stage.index} did not return its output '{name}'")
+        if array.ndim == 0 or array.shape[0] != total:
+            raise StageContractError(f"stage {stage.index} returned '{name}' with shape {array.shape} "
+                                     f"for a batch of {total} rows; stage outputs must be batch-first")
+        arrays.append((name, array))
+    per_member = []
+    start = 0
+    for count in rows:
+        end = start + count
+        per_member.append({name: array[start:end] for name, array in arrays})
+        start = end
+    return per_member

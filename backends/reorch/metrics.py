@@ -58,11 +58,15 @@ class CountingMetrics:
     def stage_compute(self, stage: int, compute_us: int) -> None:
         self._add(STAGE_COMPUTE_US_TOTAL, str(stage), compute_us)
 
-    def inline_run(self, rows: int, compute_us: int, succeeded: int, failed: int) -> None:
-        """One batch run fused inside ``execute`` (no stage launch), with its requests' outcomes.
-        One lock for all: this is on the inline path, which a served model runs with cold caches."""
+    def inline_run(self, rows: int, compute_us: int, succeeded: int, failed: int,
+                   operation: str | None = None) -> None:
+        """One batch run fused inside ``execute`` (no stage launch), with its requests' outcomes and the
+        operation that decided it (FUSE or WHOLE; counted like ``operation``). One lock for all: this
+        is on the inline path, which a served model runs with cold caches."""
         with self._lock:
             counters = self.counters
+            if operation is not None:
+                counters[(OPERATIONS_TOTAL, operation)] += 1
             if rows:
                 counters[(INLINE_EXECUTIONS_TOTAL, "")] += 1
                 counters[(INLINE_SAMPLES_TOTAL, "")] += rows

@@ -89,17 +89,22 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
+        # Every batch passes here, with cold caches between batches (docs/reorch.md): short loops.
+        get_input = pb_utils.get_input_tensor_by_name
         items = []
+        records = []
         for request in requests:
             tensors = {}
             for name in self.input_names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                tensor = get_input(request, name)
                 if tensor is not None:
                     tensors[name] = tensor.as_numpy()
-            items.append(([request, wants_record(request.parameters())], tensors))
-        answers = self.engine.run_inline(items, [handle[1] for handle, _ in items])
+            record_wanted = wants_record(request.parameters())
+            records.append(record_wanted)
+            items.append(([request, record_wanted], tensors))
+        answers = self.engine.run_inline(items, records)
         if answers is not None:  # the cost model ran the batch fused, here: one response message for all
-            return [self._response(record_wanted, answer) for (_, record_wanted), answer in answers]
+            return [self._response(record_wanted, answer) for record_wanted, (_, answer) in zip(records, answers)]
         for handle, tensors in items:
             handle[0] = handle[0].get_response_sender()  # the request object itself is not kept
             for name, array in tensors.items():
