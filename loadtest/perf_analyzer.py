@@ -194,9 +194,11 @@ class ScheduleResult:
 # schedule; more threads only add threads that wake on the machine's cores.
 #
 # Measured on the 2-core machine, same server and schedules, interleaved, under contention:
-# - unary to bert_base whole at 1,000 req/s (12 rounds of 3 s): one thread's client share (mean
-#   latency less Triton's mean request time) was 141 µs [13, 362] below 64 threads', its p50 0.93x
-#   [0.64, 1.08] of theirs, with as few late sends (0.8% against 0.9% more than 2 ms late);
+# - unary to the tiny bert_base whole at 1,600 req/s (0.5x its capacity; 12 rounds of 2 s): one
+#   thread's p50 was 0.87x [0.77, 0.99] of 64 threads', its client share (mean latency less Triton's
+#   mean request time) 105 µs [-38, 315] smaller, its own csv's "Network+Server Send/Recv" 369
+#   against 571 µs, with as few late sends (0.2% each more than 2 ms late); at 1,000 req/s (12 rounds
+#   of 3 s) p50 0.93x [0.64, 1.08], client share 141 µs [13, 362] smaller;
 # - at 100 req/s (17 rounds of 6 s) the thread count made no difference (p50 1.00x [0.86, 1.03],
 #   client share -36 µs [-112, 171]), nor did blocking calls (--sync, 64 threads: 1.00x [0.94, 1.05]);
 # - streaming, where each thread opens its own stream, 64 threads (64 streams of about 11 req/s
