@@ -13,8 +13,9 @@ One command, about 11 minutes on a quiet 2-core machine (it prints its duration;
 2. **Fidelity** at four points: unary to ``whole`` and streaming to ``reorch``, each at ``--rate``
    (100 req/s, ``--duration-s`` 10 s windows) and at ``--multiple`` (0.5) x its capacity
    (``--multiple-duration-s`` 2 s windows). Poisson arrivals. A *pair* is perf_analyzer 2.51
-   (Triton's C++ generator, ``--request-intervals``) and this project's generator sending the same
-   schedule back to back, over the same measured window, in alternating order; ``--pairs`` (8)
+   (Triton's C++ generator, ``--request-intervals``, async calls from one worker thread:
+   :data:`loadtest.perf_analyzer.REPLAY_THREADS` says why) and this project's generator sending
+   the same schedule back to back, over the same measured window, in alternating order; ``--pairs`` (8)
    pairs per point, each with a new schedule, and the pairs visit the points in turn, so the
    machine's drift falls inside no ratio but lands between pairs. Printed per pair: p50/p99 of both,
    their ratios (ours / perf_analyzer), and each generator's client share (mean latency minus the
@@ -55,6 +56,7 @@ import tritonclient.grpc as grpcclient
 from loadtest.client import TRANSPORTS
 from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob, LoadResult, LoadSpec, run_load
 from loadtest.perf_analyzer import (
+    REPLAY_THREADS,
     PerfAnalyzerUnavailable,
     ensure_perf_analyzer,
     median_ratio,
@@ -245,6 +247,8 @@ def replay(analyzer, url: str, plan: LoadJob) -> list[int] | None:
 def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argparse.Namespace) -> None:
     print(f"\n== 2. fidelity: Poisson arrivals; {args.pairs} pairs per point: perf_analyzer (pa) and ours on one "
           "schedule, back to back, the order alternating; pairs visit the points in turn ==")
+    print("perf_analyzer: --async --request-intervals, --max-threads "
+          + ", ".join(f"{threads} ({protocol})" for protocol, threads in REPLAY_THREADS.items()))
     print("client = mean latency minus the server's mean time per request (Triton statistics, warm-up included), µs")
     print(f"{'point':>26} {'pair':>4} {'order':>7} {'pa p50':>7} {'our p50':>7} {'ratio':>6} "
           f"{'pa p99':>7} {'our p99':>7} {'ratio':>6} {'client':>6} {'client':>6} {'n pa':>5} {'n our':>5} "

@@ -10,8 +10,9 @@ libb64-0d``). Where something cannot be had, it raises :class:`PerfAnalyzerUnava
 :class:`~core.errors.StagebatchError`) saying what is missing and how to get it.
 
 :func:`run_schedule` replays an exact arrival schedule with ``--request-intervals`` (async calls, so
-it stays open loop) and reads the per-request timestamps of ``--profile-export-file``, so both
-generators are summarised over the same requests (the warm-up cut the same way).
+it stays open loop, from one worker thread: :data:`REPLAY_THREADS` says why) and reads the
+per-request timestamps of ``--profile-export-file``, so both generators are summarised over the
+same requests (the warm-up cut the same way).
 :func:`cross_check` runs one steady point with both generators.
 
     from loadtest.perf_analyzer import cross_check
@@ -181,12 +182,29 @@ class ScheduleResult:
                 "requests": self.requests}
 
 
-# perf_analyzer's --max-threads per protocol. Streaming, each of its threads opens its own stream and
-# sends its share of the schedule on it; with 64 threads (64 streams of about 11 req/s each at
-# 700 req/s) it read about 1.2x the p50 of one thread on the same schedule on the 2-core machine
-# (median of 8 rounds, under contention), and that made this project's generator, which sends on one
-# stream, read 0.77x of it (docs/loadgen.md). One thread, one stream, like the sender.
-REPLAY_THREADS = {"unary": 64, "stream": 1}
+# perf_analyzer's --max-threads per protocol: one worker thread, asynchronous calls, for both.
+#
+# How 2.51 times a request (perf_analyzer src/infer_context.cc, InferContext::SendRequest and
+# AsyncCallbackFuncImpl; the client library's src/c++/library/grpc_client.cc): the start is taken
+# on the worker thread before the request's protobuf is built; the end in the completion callback,
+# on a thread of the client library (per worker for unary calls, the completion queue's
+# AsyncTransfer; per stream when streaming, AsyncStreamTransfer), after gRPC has parsed the response
+# and handed it over. Each worker thread has its own client, completion-queue thread and share of
+# the schedule (dealt round-robin), and async sends never wait, so one thread keeps an open-loop
+# schedule; more threads only add threads that wake on the machine's cores.
+#
+# Measured on the 2-core machine, same server and schedules, interleaved, under contention:
+# - unary to the tiny bert_base whole at 1,600 req/s (0.5x its capacity; 12 rounds of 2 s): one
+#   thread's p50 was 0.87x [0.77, 0.99] of 64 threads', its client share (mean latency less Triton's
+#   mean request time) 105 µs [-38, 315] smaller, its own csv's "Network+Server Send/Recv" 369
+#   against 571 µs, with as few late sends (0.2% each more than 2 ms late); at 1,000 req/s (12 rounds
+#   of 3 s) p50 0.93x [0.64, 1.08], client share 141 µs [13, 362] smaller;
+# - at 100 req/s (17 rounds of 6 s) the thread count made no difference (p50 1.00x [0.86, 1.03],
+#   client share -36 µs [-112, 171]), nor did blocking calls (--sync, 64 threads: 1.00x [0.94, 1.05]);
+# - streaming, where each thread opens its own stream, 64 threads (64 streams of about 11 req/s
+#   each at 700 req/s) read about 1.2x the p50 of one thread (8 rounds, docs/loadgen.md).
+# One thread, one connection or one stream, like this project's sender.
+REPLAY_THREADS = {"unary": 1, "stream": 1}
 
 
 def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str, Any]:

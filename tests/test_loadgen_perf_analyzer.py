@@ -95,13 +95,17 @@ def test_run_schedule_measures_the_scheduled_requests_after_the_warmup_only_when
     assert result.p99_ms == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("protocol", "threads"), [("unary", "64"), ("stream", "1")])
-def test_run_schedule_streams_on_one_thread_and_one_stream_like_the_sender(protocol, threads):
+@pytest.mark.parametrize("protocol", ["unary", "stream"])
+def test_run_schedule_sends_async_calls_from_one_worker_thread_like_the_sender(protocol):
     spec = LoadSpec("ident", "whole", ArrivalSpec("constant", rate_rps=100), None, duration_s=0.5, protocol=protocol)
+    plan = LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["ident"])
     analyzer = FakeAnalyzer(extra=0)
-    pa.run_schedule(analyzer, "127.0.0.1:1", LoadJob("127.0.0.1:1", spec, MANIFEST["models"]["ident"]))
-    assert analyzer.args[analyzer.args.index("--max-threads") + 1] == threads
+    pa.run_schedule(analyzer, "127.0.0.1:1", plan)
+    assert analyzer.args[analyzer.args.index("--max-threads") + 1] == "1"
+    assert "--async" in analyzer.args and "--sync" not in analyzer.args
     assert ("--streaming" in analyzer.args) == (protocol == "stream")
+    pa.run_schedule(analyzer, "127.0.0.1:1", plan, max_threads=16)
+    assert analyzer.args[analyzer.args.index("--max-threads") + 1] == "16"
 
 
 def test_percentile_ratio_is_one_for_the_same_samples_and_finds_a_scaled_tail():
