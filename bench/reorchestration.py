@@ -34,6 +34,12 @@ batcher's average batch (``batch``: requests per ``execute``) and queue time per
 (``queue``, ms), and reorch's operations and rows per stage launch (its metrics, flushed each
 second, so a run's counts are approximate): where the extra time goes.
 
+Each open-loop run's measured window is also judged for stability as a characterization point is
+(``loadtest.stability``: completions keep up, the backlog neither grows nor stands). A run that fails
+it is marked ``UNSTABLE (reason)`` on its line, and a target judged on such repeats says in how many of
+them, per variant: there the average is the queue's, not the batcher's (closed-loop capacity fills
+batches that Poisson arrivals at 0.85x of it may not, so the whole model can sit at its knee there).
+
 Capacity is measured first per model (closed loop on the whole model). Every unmet target is printed
 plainly at the end (``UNMET``), with the undecided ones (CI still holding the limit) marked.
 ``--quick`` fits in about 7 minutes (3 s runs, budget 6.5 min), the full run in about 12 (5 s runs,
@@ -80,6 +86,7 @@ from loadtest.perf_analyzer import (  # noqa: E402
 )
 from loadtest.request_factory import RequestFactory, infer_inputs, model_entry  # noqa: E402
 from loadtest.server_stats import diff_reorch_metrics, scrape_metrics  # noqa: E402
+from loadtest.stability import Stability, assess  # noqa: E402
 from loadtest.workloads import LongTailLengths, OnOffArrivals, PoissonArrivals  # noqa: E402
 from core.errors import StagebatchError  # noqa: E402
 from core.manifest import read_manifest  # noqa: E402
@@ -100,6 +107,7 @@ class Outcome:
     unanswered: int = 0
     throughput_rps: float = 0.0
     records: list[dict] = field(default_factory=list)
+    stability: Stability | None = None  # the measured window's verdict (loadtest.stability)
 
 
 def _inputs(arrays: dict[str, np.ndarray]):
@@ -109,14 +117,18 @@ def _inputs(arrays: dict[str, np.ndarray]):
 
 
 async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warmup_s: float,
-                drain_s: float, streaming: bool, parameters: dict | None = None) -> Outcome:
+                drain_s: float, streaming: bool, parameters: dict | None = None, duration_s: float | None = None,
+                period_s: float | None = None) -> Outcome:
     """Open loop: request i is sent at arrivals_s[i] whatever happened before (one gRPC stream, or
-    concurrent unary calls)."""
+    concurrent unary calls). The measured window (from ``warmup_s`` to ``duration_s``, default: the
+    last arrival) is judged for stability like a characterization point (``measured_stability``);
+    ``period_s`` is the arrival process's period (bursty), to align its sub-windows."""
     import tritonclient.grpc.aio as aioclient
 
     client = aioclient.InferenceServerClient(url)
     sent: dict[int, float] = {}
     done: dict[int, float] = {}
+    failed: dict[int, float] = {}  # unary calls answered with an error
     outcome = Outcome(model)
     start = time.perf_counter() + 0.05
 
@@ -153,6 +165,7 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
             result = await client.infer(model, inputs[index], request_id=str(index), parameters=parameters)
         except Exception as error:  # noqa: BLE001 (counted and reported)
             outcome.errors.append(str(error))
+            failed[index] = time.perf_counter()
             return
         record(index, result, time.perf_counter())
 
@@ -179,7 +192,30 @@ async def drive(url: str, model: str, arrivals_s: np.ndarray, inputs: list, warm
     if finished:
         span = max(done[i] for i in finished) - min(sent[i] for i in measured)
         outcome.throughput_rps = len(finished) / span if span > 0 else 0.0
+    window_end_s = duration_s if duration_s is not None else (float(arrivals_s[-1]) if len(arrivals_s) else 0.0)
+    outcome.stability = measured_stability(arrivals_s, sent, done, failed, start, warmup_s, window_end_s, period_s)
     return outcome
+
+
+def measured_stability(arrivals_s: np.ndarray, sent: dict[int, float], done: dict[int, float],
+                       failed: dict[int, float], start: float, warmup_s: float, window_end_s: float,
+                       period_s: float | None = None) -> Stability | None:
+    """The stability verdict (loadtest.stability) of one open-loop run's measured window: the arrivals
+    scheduled from ``warmup_s`` to ``window_end_s`` (seconds after ``start``, a perf_counter time), sent at
+    ``sent``, answered at ``done`` or with an error at ``failed``; never answered counts as still waiting.
+    None when the window is empty."""
+    rows = []
+    for index, at in enumerate(arrivals_s):
+        if not warmup_s <= at < window_end_s:
+            continue
+        sent_at = sent.get(index, start + at)
+        answered_at = done.get(index, failed.get(index))
+        rows.append({"t_send_us": int(sent_at * 1e6), "late_us": max(0, int((sent_at - start - at) * 1e6)),
+                     "ok": index in done,
+                     "latency_us": int((answered_at - sent_at) * 1e6) if answered_at is not None else 10 ** 15})
+    if not rows or window_end_s <= warmup_s:
+        return None
+    return assess(rows, int((start + warmup_s) * 1e6), window_end_s - warmup_s, period_s=period_s)
 
 
 def triton_batching(url: str, model: str) -> tuple[int, int, int]:
@@ -224,9 +260,12 @@ async def capacity_rps(url: str, model: str, inputs: list, concurrency: int, dur
     return sum(counts) / elapsed
 
 
+BURST_ON_S, BURST_OFF_S = 0.5, 1.0  # the bursty scenario's square wave
+
+
 def scenario_plan(name: str, capacity: float, duration_s: float, rng: np.random.Generator):
     if name == "bursty":
-        return OnOffArrivals(1.6 * capacity, 0.1 * capacity, on_s=0.5, off_s=1.0).arrival_times_s(duration_s, rng)
+        return OnOffArrivals(1.6 * capacity, 0.1 * capacity, on_s=BURST_ON_S, off_s=BURST_OFF_S).arrival_times_s(duration_s, rng)
     rate = {"longtail": 0.6, "steady": 0.85, "overload": 1.5}[name] * capacity
     return PoissonArrivals(rate).arrival_times_s(duration_s, rng)
 
@@ -351,6 +390,19 @@ class Comparison:
     # instead of the Python client; its figures have no average and no per-request latencies.
     analyzer_rate_rps: float | None = None
     seq_len: int | None = None
+    duration_s: float | None = None  # the schedule's length (the measured window ends there)
+    period_s: float | None = None  # the arrival process's period (bursty), for the stability verdict
+
+    def unstable_note(self) -> str:
+        """Which repeats failed the stability verdict (loadtest.stability), per variant, and why."""
+        notes = []
+        for variant in ("whole", "reorch"):
+            reasons = [r[variant].get("unstable") for r in self.repeats]
+            bad = [reason for reason in reasons if reason]
+            if bad:
+                kinds = ", ".join(sorted(set(bad)))
+                notes.append(f"{variant} unstable in {len(bad)} of {len(reasons)} ({kinds})")
+        return "; unstable runs (their latency is the queue's or the generator's): " + "; ".join(notes) if notes else ""
 
     def interval(self, check: Check) -> tuple[float, float, float]:
         return (ratio_ci95 if check.ratio else mean_ci95)([check.figure(r) for r in self.repeats])
@@ -401,12 +453,14 @@ class Bench:
             print(f"# {name}: whole-model capacity {self.capacities[name]:.0f} req/s (closed loop)", flush=True)
         return self.capacities[name]
 
-    def plan(self, name: str, label: str, arrivals: np.ndarray, lengths: list, checks: list[Check]) -> None:
+    def plan(self, name: str, label: str, arrivals: np.ndarray, lengths: list, checks: list[Check],
+             duration_s: float, period_s: float | None = None) -> None:
         """A comparison of whole vs reorch on the same arrivals and inputs, run by ``run_all``."""
         entry = model_entry(self.manifest, name)
         inputs = {v: [_inputs(RequestFactory(entry, v, seed=self.args.seed).arrays(n)) for n in lengths]
                   for v in ("whole", "reorch")}
-        self.comparisons.append(Comparison(name, label, arrivals, inputs, checks))
+        self.comparisons.append(Comparison(name, label, arrivals, inputs, checks, duration_s=duration_s,
+                                           period_s=period_s))
 
     def run_repeat(self, comparison: Comparison) -> None:
         """One interleaved repeat (the order alternates per repeat); prints its figures."""
@@ -424,12 +478,14 @@ class Bench:
                                       rate_rps=comparison.analyzer_rate_rps, requests=max(60, len(comparison.arrivals)),
                                       seq_len=comparison.seq_len)
                 latency = {"avg": math.nan, "p50": point.p50_ms, "p99": point.p99_ms, "tput": point.throughput_rps,
-                           "failed": 0, "latencies": [], "span_s": math.nan}
+                           "failed": 0, "latencies": [], "span_s": math.nan, "unstable": None}
             else:
                 outcome = asyncio.run(drive(self.url, model, comparison.arrivals, comparison.inputs[variant],
-                                            self.args.warmup_s, self.args.drain_s, streaming=False))
+                                            self.args.warmup_s, self.args.drain_s, streaming=False,
+                                            duration_s=comparison.duration_s, period_s=comparison.period_s))
                 latency = {**summarize(outcome), "failed": len(outcome.errors) + outcome.unanswered,
-                           "latencies": outcome.latencies_ms, "span_s": self._span(outcome)}
+                           "latencies": outcome.latencies_ms, "span_s": self._span(outcome),
+                           "unstable": unstable_word(outcome.stability)}
             cpu_ms = (self.server.cpu_seconds() - cpu_before) * 1e3 / max(1, len(comparison.arrivals))
             served, executions, queue_ns = (after - before for after, before in
                                             zip(triton_batching(self.url, model), batching_before))
@@ -443,7 +499,9 @@ class Bench:
         print(f"  {comparison.label:<24} repeat {len(comparison.repeats) - 1}: " + " | ".join(
             f"{v} avg {f['avg']:7.2f} p50 {f['p50']:6.2f} p99 {f['p99']:7.2f} cpu/req {f['cpu_ms']:5.2f} "
             f"batch {f['front_batch']:4.1f} queue {f['front_queue_ms']:6.2f}" for v, f in (("whole", w), ("reorch", r)))
-            + f" | failed {w['failed']}/{r['failed']} | {ops}", flush=True)
+            + f" | failed {w['failed']}/{r['failed']}" + "".join(
+                f" | {v} UNSTABLE ({f['unstable']})" for v, f in (("whole", w), ("reorch", r)) if f["unstable"])
+            + f" | {ops}", flush=True)
 
     def run_all(self, started: float) -> None:
         """``--repeats`` repeats of every comparison, then more of the undecided ones (fewest repeats
@@ -464,8 +522,8 @@ class Bench:
             for check in comparison.checks:
                 mean, low, high = comparison.interval(check)
                 decided = low > check.limit or high <= check.limit
-                self.judge(check.target, f"{check.describe(mean, low, high)}, {len(comparison.repeats)} repeats",
-                           check.met(mean, low, high), decided)
+                self.judge(check.target, f"{check.describe(mean, low, high)}, {len(comparison.repeats)} repeats"
+                           + comparison.unstable_note(), check.met(mean, low, high), decided)
 
     @staticmethod
     def _span(outcome: Outcome) -> float:
@@ -482,7 +540,8 @@ class Bench:
             rng = np.random.default_rng(self.args.seed)
             arrivals = PoissonArrivals(multiple * self.capacity(name)).arrival_times_s(self.args.duration_s, rng)
             lengths = lengths_for("steady", entry, len(arrivals), rng)
-            self.plan(name, f"{name} steady {multiple:.2f}x", arrivals, lengths, [Check(
+            self.plan(name, f"{name} steady {multiple:.2f}x", arrivals, lengths, duration_s=self.args.duration_s,
+                      checks=[Check(
                 f"{name} steady {multiple:.2f}x avg <= 1.05x whole", lambda r: r["reorch"]["avg"] / r["whole"]["avg"],
                 1.05, lambda mean, low, high: high <= 1.05,
                 lambda mean, low, high: f"reorch/whole avg {mean:.3f} (geometric mean over repeats, "
@@ -497,7 +556,9 @@ class Bench:
             rng = np.random.default_rng(self.args.seed)
             arrivals = scenario_plan(scenario, self.capacity(name), self.args.duration_s, rng)
             lengths = lengths_for(scenario, entry, len(arrivals), rng)
-            self.plan(name, f"{name} {scenario}", arrivals, lengths, [
+            period_s = BURST_ON_S + BURST_OFF_S if scenario == "bursty" else None
+            self.plan(name, f"{name} {scenario}", arrivals, lengths, duration_s=self.args.duration_s,
+                      period_s=period_s, checks=[
                 Check(f"{name} {scenario} avg -46% vs whole, CI excluding 0",
                       lambda r: r["reorch"]["avg"] / r["whole"]["avg"] - 1, -0.46,
                       lambda mean, low, high: mean <= -0.46 and high < 0,
@@ -522,7 +583,8 @@ class Bench:
         arrivals = PoissonArrivals(rate).arrival_times_s(self.args.p50_duration_s, rng)
         lengths = lengths_for("steady", entry, len(arrivals), rng)
         client = "perf_analyzer" if self.analyzer is not None else f"Python client ({self.analyzer_missing})"
-        self.plan(name, f"{name} 0.1x batch 1", arrivals, lengths, [Check(
+        self.plan(name, f"{name} 0.1x batch 1", arrivals, lengths, duration_s=self.args.p50_duration_s,
+                  checks=[Check(
             f"{name} p50 at 0.1x <= whole + 0.3 ms", lambda r: r["reorch"]["p50"] - r["whole"]["p50"], 0.3,
             lambda mean, low, high: mean <= 0.3,
             lambda mean, low, high: f"reorch - whole p50 {mean:+.3f} ms (95% CI {low:+.3f}..{high:+.3f}); "
@@ -589,6 +651,13 @@ def answers_on_built_model(args: argparse.Namespace, knobs: dict[str, str]) -> l
         finally:
             shutil.rmtree(overlay, ignore_errors=True)
     return bench.verdicts
+
+
+def unstable_word(stability: Stability | None) -> str | None:
+    """The reason's kind (``queue_standing``, ``backlog_growing``, ...) of an unstable run, else None."""
+    if stability is None or stability.stable:
+        return None
+    return (stability.unstable_reason or "unstable").split(":")[0]
 
 
 def verdict_word(met: bool, decided: bool) -> str:

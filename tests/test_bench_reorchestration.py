@@ -60,3 +60,50 @@ def test_reorch_summary_reads_inline_runs_and_the_launch_overhead_apart_from_the
                        "launch overhead 276 us")
     delta = bench.diff_reorch_metrics(before, after, "m_reorch").to_dict()
     assert delta["inline"]["avg_compute_us"] == pytest.approx(1000.0) and delta["stages"]["0"]["executions"] == 2
+
+
+def _run(arrivals_s, service_s, start=100.0, unanswered=()):
+    """Synthetic open-loop run: sent on time; answers from one FIFO server of ``service_s`` per request."""
+    sent, done, free_at = {}, {}, start
+    for index, at in enumerate(arrivals_s):
+        sent[index] = start + at
+        free_at = max(free_at, sent[index]) + service_s
+        if index not in unanswered:
+            done[index] = free_at
+    return sent, done
+
+
+def test_measured_stability_passes_a_server_that_keeps_up():
+    arrivals = np.arange(0, 6, 0.01)  # 100/s, served in 2 ms
+    sent, done = _run(arrivals, 0.002)
+    stability = bench.measured_stability(arrivals, sent, done, {}, 100.0, 1.0, 6.0)
+    assert stability.stable and bench.unstable_word(stability) is None
+    assert stability.offered_rps == pytest.approx(100, rel=0.02)
+
+
+def test_measured_stability_flags_a_queue_that_grows():
+    arrivals = np.arange(0, 6, 0.01)  # 100/s into a server of 80/s
+    sent, done = _run(arrivals, 0.0125)
+    stability = bench.measured_stability(arrivals, sent, done, {}, 100.0, 1.0, 6.0)
+    assert not stability.stable
+    assert bench.unstable_word(stability) in ("completions_behind_arrivals", "backlog_growing")
+
+
+def test_measured_stability_counts_unanswered_requests_as_waiting():
+    arrivals = np.arange(0, 6, 0.01)
+    sent, done = _run(arrivals, 0.002, unanswered=set(range(200, 600)))
+    stability = bench.measured_stability(arrivals, sent, done, {}, 100.0, 1.0, 6.0)
+    assert not stability.stable and stability.subwindows[-1].backlog >= 390
+
+
+def test_measured_stability_of_an_empty_window_is_none():
+    assert bench.measured_stability(np.array([0.1, 0.2]), {}, {}, {}, 0.0, 1.0, 3.0) is None
+
+
+def test_unstable_repeats_are_named_in_the_verdict():
+    comparison, _ = _steady_comparison([1.0, 1.0, 1.0])
+    assert comparison.unstable_note() == ""
+    comparison.repeats[1]["whole"]["unstable"] = "queue_standing"
+    comparison.repeats[2]["whole"]["unstable"] = "backlog_growing"
+    note = comparison.unstable_note()
+    assert "whole unstable in 2 of 3 (backlog_growing, queue_standing)" in note and "reorch" not in note
