@@ -203,7 +203,10 @@ def measured_stability(arrivals_s: np.ndarray, sent: dict[int, float], done: dic
     """The stability verdict (loadtest.stability) of one open-loop run's measured window: the arrivals
     scheduled from ``warmup_s`` to ``window_end_s`` (seconds after ``start``, a perf_counter time), sent at
     ``sent``, answered at ``done`` or with an error at ``failed``; never answered counts as still waiting.
-    None when the window is empty."""
+    None when the window is empty. Periodic arrivals are judged over whole periods from ``warmup_s`` (the
+    window's tail is cut), so every sub-window ends at the same phase of the burst cycle."""
+    if period_s and window_end_s - warmup_s >= period_s:
+        window_end_s = warmup_s + math.floor((window_end_s - warmup_s) / period_s + 1e-9) * period_s
     rows = []
     for index, at in enumerate(arrivals_s):
         if not warmup_s <= at < window_end_s:
@@ -218,9 +221,11 @@ def measured_stability(arrivals_s: np.ndarray, sent: dict[int, float], done: dic
     return assess(rows, int((start + warmup_s) * 1e6), window_end_s - warmup_s, period_s=period_s)
 
 
-def triton_batching(url: str, model: str) -> tuple[int, int, int]:
-    """(requests, executions, queue ns) so far from Triton's statistics of ``model``: a run's deltas
-    give the front batcher's average batch and the time requests waited in it."""
+def triton_batching(url: str, model: str) -> tuple[int, int, int, int]:
+    """(requests, executions, queue ns, execute ns) so far from Triton's statistics of ``model``: a run's
+    deltas give the front batcher's average batch, the time requests waited in it, and the wall time of
+    an ``execute`` call (input + infer + output: Triton adds a batch's time once for each of its
+    requests, so the sum over requests divided by the requests is that wall, weighted by batch size)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
@@ -228,8 +233,10 @@ def triton_batching(url: str, model: str) -> tuple[int, int, int]:
         stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
     finally:
         client.close()
+    phases = stats["inference_stats"]
     return (int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)),
-            int(stats["inference_stats"].get("queue", {}).get("ns", 0)))
+            int(phases.get("queue", {}).get("ns", 0)),
+            sum(int(phases.get(phase, {}).get("ns", 0)) for phase in ("compute_input", "compute_infer", "compute_output")))
 
 
 def _keep_record(outcome: Outcome, result) -> None:
@@ -487,18 +494,21 @@ class Bench:
                            "latencies": outcome.latencies_ms, "span_s": self._span(outcome),
                            "unstable": unstable_word(outcome.stability)}
             cpu_ms = (self.server.cpu_seconds() - cpu_before) * 1e3 / max(1, len(comparison.arrivals))
-            served, executions, queue_ns = (after - before for after, before in
-                                            zip(triton_batching(self.url, model), batching_before))
+            served, executions, queue_ns, execute_ns = (after - before for after, before in
+                                                        zip(triton_batching(self.url, model), batching_before))
             if variant == "reorch":
                 ops = reorch_summary(self.metrics_url, model, metrics_before)
             figures[variant] = {**latency, "cpu_ms": cpu_ms, "front_batch": served / max(1, executions),
-                                "front_queue_ms": queue_ns / 1e6 / max(1, served)}
+                                "front_queue_ms": queue_ns / 1e6 / max(1, served),
+                                # an execute call's wall, weighted by its batch size (triton_batching)
+                                "execute_ms": execute_ns / 1e6 / max(1, served) if served else math.nan}
         comparison.repeats.append(figures)
         comparison.repeat_s = time.perf_counter() - started
         w, r = figures["whole"], figures["reorch"]
         print(f"  {comparison.label:<24} repeat {len(comparison.repeats) - 1}: " + " | ".join(
             f"{v} avg {f['avg']:7.2f} p50 {f['p50']:6.2f} p99 {f['p99']:7.2f} cpu/req {f['cpu_ms']:5.2f} "
-            f"batch {f['front_batch']:4.1f} queue {f['front_queue_ms']:6.2f}" for v, f in (("whole", w), ("reorch", r)))
+            f"batch {f['front_batch']:4.1f} queue {f['front_queue_ms']:6.2f} exec {f['execute_ms']:5.2f}"
+            for v, f in (("whole", w), ("reorch", r)))
             + f" | failed {w['failed']}/{r['failed']}" + "".join(
                 f" | {v} UNSTABLE ({f['unstable']})" for v, f in (("whole", w), ("reorch", r)) if f["unstable"])
             + f" | {ops}", flush=True)

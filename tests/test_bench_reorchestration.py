@@ -107,3 +107,16 @@ def test_unstable_repeats_are_named_in_the_verdict():
     comparison.repeats[2]["whole"]["unstable"] = "backlog_growing"
     note = comparison.unstable_note()
     assert "whole unstable in 2 of 3 (backlog_growing, queue_standing)" in note and "reorch" not in note
+
+
+def test_measured_stability_of_bursty_arrivals_uses_whole_periods():
+    # 1.5 s cycles: 0.5 s at 400/s, 1 s at 20/s, into a server of 250/s; the 8 s schedule's window from 1 s
+    # holds 4 whole cycles (7 s would end a cycle's burst early with a queue that drains after it)
+    rng = np.random.default_rng(0)
+    arrivals = np.sort(np.concatenate([start + rng.uniform(0, 0.5, 200) for start in np.arange(0, 8, 1.5)]
+                                      + [start + 0.5 + rng.uniform(0, 1.0, 20) for start in np.arange(0, 8, 1.5)]))
+    arrivals = arrivals[arrivals < 8]
+    sent, done = _run(arrivals, 0.004)
+    stability = bench.measured_stability(arrivals, sent, done, {}, 100.0, 1.0, 8.0, period_s=1.5)
+    assert stability.stable, stability.unstable_reason
+    assert len(stability.subwindows) == 4 and stability.subwindows[-1].end_s == pytest.approx(6.0)
