@@ -38,12 +38,14 @@ DEFAULT_STAGES = 4
 _NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-# `stagebatch build`'s default queue timeout (µs). A crashed Python stub's queued requests are
-# otherwise failed one batch per second by tritonserver 2.51; with it they are refused within about
-# this long, so the supervisor's restart costs seconds (docs/gpu.md, "Supervision"). It turns off the
-# batcher's prefetch of batches ahead of a busy instance, so characterization plans keep Triton's stock
-# batcher (no queue policy) unless they ask for one.
-SERVING_QUEUE_TIMEOUT_US = 2_000_000
+# The queue timeout (µs) that answers a crashed Python stub's queue within seconds: without one,
+# tritonserver 2.51 fails the requests queued in front of a dead stub one batch per second (docs/gpu.md,
+# "Supervision"). Opt-in (`stagebatch build --default-timeout-us`), not the default: on 2.51 any queue
+# policy (a timeout or a max queue size) leaves requests in the dynamic batcher for up to its 500 ms idle
+# wait. Measured with perf_analyzer, 8 calls outstanding: p99 503 ms against 6-8 ms (tiny lstm), 516
+# against 24-30 ms (small bert_base), a tenth to a third of the throughput (bench/queue_policy.py,
+# docs/gpu.md).
+CRASH_QUEUE_TIMEOUT_US = 2_000_000
 
 
 @dataclass
@@ -68,7 +70,7 @@ class BuildOptions:
     # max_queue_size only to the whole model and reorch: on 24.10 a full stage queue behind an
     # ensemble leaves the ensemble's requests stuck (fixed upstream in core#466).
     max_queue_size: int = 0
-    default_timeout_us: int = 0  # library default: Triton's stock batcher; `stagebatch build` passes SERVING_QUEUE_TIMEOUT_US
+    default_timeout_us: int = 0  # 0: Triton's stock batcher; CRASH_QUEUE_TIMEOUT_US trades 500 ms stalls for crash recovery
 
     def __post_init__(self) -> None:
         for name, option, choices in _CHOICES:

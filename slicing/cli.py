@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slicing.build import SERVING_QUEUE_TIMEOUT_US, BuildOptions, build_repository
+from slicing.build import CRASH_QUEUE_TIMEOUT_US, BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES, SIZES
 
 
@@ -39,7 +39,9 @@ def build(
     default_timeout_us: Annotated[int, typer.Option(
         help="Triton queue policy: a request queued longer than this (µs) is refused (0: never), every "
              "batcher. Answers the requests queued in front of a crashed Python stub within seconds; "
-             "turns off the batcher's prefetch.")] = SERVING_QUEUE_TIMEOUT_US,
+             f"turns off the batcher's prefetch. On tritonserver 2.51 any queue policy stalls requests for up "
+             f"to 500 ms under concurrent calls (docs/gpu.md); {CRASH_QUEUE_TIMEOUT_US} answers a crashed "
+             f"stub's queue within seconds.")] = 0,
 ) -> None:
     """Build a ready Triton model repository with the whole model, its stages and their ensemble."""
     from rich.console import Console

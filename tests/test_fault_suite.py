@@ -30,7 +30,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from loadtest.request_factory import RequestFactory, model_entry
-from slicing.build import SERVING_QUEUE_TIMEOUT_US, BuildOptions, build_repository
+from slicing.build import CRASH_QUEUE_TIMEOUT_US, BuildOptions, build_repository
 from core.errors import BadParameterError
 from core.model_config import read_model_config
 from core.server import EmbeddedTriton
@@ -38,7 +38,7 @@ from core.supervisor import stub_identity
 
 pytestmark = pytest.mark.server
 
-QUEUE_TIMEOUT_US = SERVING_QUEUE_TIMEOUT_US  # the repository as `stagebatch build` writes it by default
+QUEUE_TIMEOUT_US = CRASH_QUEUE_TIMEOUT_US  # `stagebatch build --default-timeout-us 2000000`: a dead stub's queue fails fast
 CLIENT_DEADLINE_S = float(os.environ.get("FAULT_DEADLINE_S", "30"))  # an answer later than this counts as hung
 SEQ_LEN = 8
 STREAMED = ("reorch",)  # variants called over streams
