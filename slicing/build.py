@@ -46,6 +46,9 @@ _NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # against 24-30 ms (small bert_base), a tenth to a third of the throughput (bench/queue_policy.py,
 # docs/gpu.md).
 CRASH_QUEUE_TIMEOUT_US = 2_000_000
+QUEUE_POLICY_WARNING = ("warning: a queue policy (--max-queue-size, --default-timeout-us) makes tritonserver 2.51's "
+                        "dynamic batcher hold requests for up to 500 ms under concurrent calls (docs/gpu.md); "
+                        "build without one unless a crashed model's queue must be answered within seconds")
 
 
 @dataclass
@@ -168,6 +171,8 @@ def build_repository(out: Path, *, models: list[str] | None = None, onnx_file: P
         if options.weights is not None and len(names) != 1:
             raise BadParameterError("--weights loads one model's state dict; build one --model at a time")
     out.mkdir(parents=True, exist_ok=True)
+    if options.max_queue_size or options.default_timeout_us:
+        log(QUEUE_POLICY_WARNING)
 
     builds = []
     for name in names or [None]:

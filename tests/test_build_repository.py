@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from slicing.manifest import check_model_entry
-from slicing.build import CRASH_QUEUE_TIMEOUT_US, BuildOptions, build_repository
+from slicing.build import CRASH_QUEUE_TIMEOUT_US, QUEUE_POLICY_WARNING, BuildOptions, build_repository
 from slicing.zoo import MODEL_NAMES
 from stagebatch.cli import main
 from core.errors import SliceError
@@ -171,11 +171,13 @@ def test_max_seq_len_bounds_sequence_models_and_skips_the_cnn(tmp_path, export_c
     assert any("resnet50: no sequence axis" in line for line in lines)
 
 
-def test_cli_build_keeps_the_stock_batcher_and_writes_a_queue_timeout_only_when_asked(tmp_path, export_cache):
+def test_cli_build_keeps_the_stock_batcher_and_writes_a_queue_timeout_only_when_asked(tmp_path, export_cache, capsys):
     # A queue policy stalls 2.51's batcher for up to 500 ms under concurrent calls (docs/gpu.md): opt-in only.
     assert main(["build", "--model", "lstm", "--size", "tiny", "--stages", "2", "--out", str(tmp_path / "cli")]) == 0
+    assert QUEUE_POLICY_WARNING.split(" (")[0] not in capsys.readouterr().err
     assert main(["build", "--model", "lstm", "--size", "tiny", "--stages", "2", "--out", str(tmp_path / "timed"),
                  "--default-timeout-us", str(CRASH_QUEUE_TIMEOUT_US)]) == 0
+    assert QUEUE_POLICY_WARNING.split(" (")[0] in " ".join(capsys.readouterr().err.split())
     for name in ("lstm", "lstm_stage0", "lstm_stage1", "lstm_reorch"):
         stock = read_model_config(tmp_path / "cli" / name / "config.pbtxt")["dynamic_batching"]
         assert "default_queue_policy" not in stock, name
