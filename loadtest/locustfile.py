@@ -189,6 +189,13 @@ def _start_session(environment: Environment, plan: LoadJob, process_index: int) 
     return session
 
 
+def _when_runner_is_set(environment: Environment, then: Any, poll_s: float = 0.005) -> None:
+    """Call ``then(environment)`` once ``environment.runner`` is set (a greenlet: it yields while waiting)."""
+    while environment.runner is None:
+        gevent.sleep(poll_s)
+    then(environment)
+
+
 def install(event_hooks: Events) -> None:
     """Attach the run protocol to an Environment's events (Locust's global ones for ``locust -f``)."""
 
@@ -217,6 +224,13 @@ def install(event_hooks: Events) -> None:
 
     @event_hooks.test_start.add_listener
     def on_test_start(environment: Environment, **_kwargs: Any) -> None:
+        if environment.runner is None and getattr(environment.parsed_options, "worker", False):
+            # A worker's message loop runs from inside WorkerRunner.__init__ (it connects to the master
+            # there), so a busy worker can take the first spawn, and fire this, before
+            # create_worker_runner has set environment.runner (seen in CI: the worker then took the
+            # master's path, failed, and was dropped as missing). Start once the runner is set.
+            gevent.spawn(_when_runner_is_set, environment, on_test_start)
+            return
         runner = environment.runner
         if isinstance(runner, WorkerRunner):
             plan = LoadJob.from_json(environment.parsed_options.sb_plan)
