@@ -18,6 +18,7 @@ Measured on the 2-core machine (docs/gpu.md): with either policy, under 8 calls 
 requests wait up to the batcher thread's 500 ms idle wait (p99 503 ms; 1,006 ms with 64
 outstanding), and throughput falls to a tenth to a third of the stock batcher's. One call at a time
 keeps p99 near the stock batcher's, but a few stalls beyond it still cost 25-80% of the throughput.
+The stalls come and go: a round of a few hundred requests can miss them.
 So ``stagebatch build`` writes no queue policy unless asked.
 
     .venv/bin/python bench/queue_policy.py                 # builds a tiny lstm in a scratch directory
@@ -30,7 +31,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +43,7 @@ from core.model_config import read_model_config, write_model_config  # noqa: E40
 from core.server import EmbeddedTriton  # noqa: E402
 from loadtest.perf_analyzer import PerfAnalyzerUnavailable, ensure_perf_analyzer, measure_point  # noqa: E402
 from loadtest.request_factory import model_entry  # noqa: E402
-from slicing.build import CRASH_QUEUE_TIMEOUT_US  # noqa: E402
+from slicing.build import CRASH_QUEUE_TIMEOUT_US, BuildOptions, build_repository  # noqa: E402
 
 STOCK, TIMEOUT, QUEUE_SIZE = "stock", "timeout", "queue_size"
 
@@ -76,16 +76,6 @@ def overlay(repository: Path, model: str, policies: dict[str, dict | None]) -> t
     return scratch, names
 
 
-def build_tiny(model: str, out: Path) -> Path:
-    """``stagebatch build -m MODEL --size tiny`` (the stock batcher) into ``out``."""
-    command = [sys.executable, "-m", "stagebatch.cli", "build", "-m", model, "--size", "tiny", "--stages", "2",
-               "-o", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"building {model} (tiny) failed:\n" + "\n".join((done.stdout + done.stderr).splitlines()[-8:]))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, help="a built repository (default: build a tiny MODEL)")
@@ -102,7 +92,10 @@ def main() -> None:
     except PerfAnalyzerUnavailable as error:
         raise SystemExit(f"perf_analyzer 2.51 is needed for this bench and cannot be had: {error}") from None
     with tempfile.TemporaryDirectory(prefix="stagebatch-queue-policy-build-") as tmp:
-        repository = args.repository or build_tiny(args.model, Path(tmp) / "repository")
+        repository = args.repository
+        if repository is None:  # `stagebatch build -m MODEL --size tiny --stages 2`: the stock batcher
+            repository = Path(tmp) / "repository"
+            build_repository(repository, models=[args.model], options=BuildOptions(size="tiny", stages=2))
         entry = model_entry(read_manifest(repository).raw, args.model)
         scratch, names = overlay(repository, args.model, variant_policies(args.timeout_us, args.max_queue_size))
         print(f"# {args.model} from {repository}: {', '.join(f'{v} = {n}' for v, n in names.items())}; "
