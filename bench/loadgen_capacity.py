@@ -62,13 +62,13 @@ from loadtest.perf_analyzer import (
     median_ratio,
     pair_ratios,
     percentile_ratio,
+    retried_once,
     run_schedule,
 )
 from loadtest.server_stats import snapshot_statistics
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
 from loadtest.workloads import ArrivalSpec, LengthSpec
-from core.errors import StagebatchError
 from core.manifest import read_manifest
 from core.server import EmbeddedTriton
 
@@ -234,14 +234,12 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
 
 
 def replay(analyzer, url: str, plan: LoadJob) -> list[int] | None:
-    """perf_analyzer's latencies for ``plan``'s schedule; one retry where a replay fails or hangs (2.51
-    was seen, rarely, never finishing a replay the same server answered on the retry); None after two."""
-    for attempt in (1, 2):
-        try:
-            return run_schedule(analyzer, url, plan, timeout_s=plan.spec.duration_s + plan.spec.warmup_s + 30.0).latencies_us
-        except StagebatchError as error:
-            print(f"perf_analyzer replay, attempt {attempt}: {error}", flush=True)
-    return None
+    """perf_analyzer's latencies for ``plan``'s schedule; one retry where a replay fails or hangs; None
+    after two (``retried_once``)."""
+    result = retried_once(lambda: run_schedule(analyzer, url, plan,
+                                               timeout_s=plan.spec.duration_s + plan.spec.warmup_s + 30.0),
+                          "perf_analyzer replay")
+    return result.latencies_us if result is not None else None
 
 
 def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argparse.Namespace) -> None:

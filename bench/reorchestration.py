@@ -83,6 +83,7 @@ from loadtest.perf_analyzer import (  # noqa: E402
     PerfAnalyzerUnavailable,
     ensure_perf_analyzer,
     measure_point,
+    retried_once,
 )
 from loadtest.request_factory import RequestFactory, infer_inputs, model_entry  # noqa: E402
 from loadtest.server_stats import diff_reorch_metrics, scrape_metrics  # noqa: E402
@@ -333,14 +334,14 @@ def overlay_repository(repository: Path, manifest: dict, models: list[str], poli
         same_threads = {"intra_op_threads": threads} if threads is not None else {}
         # The same front batcher as the whole model, queue policy included: on 2.51 a policy alone stalls
         # requests for up to 500 ms under concurrent calls (docs/gpu.md), whichever variant has it.
-        policy = whole_config.get("dynamic_batching", {}).get("default_queue_policy", {})
+        queue_policy = whole_config.get("dynamic_batching", {}).get("default_queue_policy", {})
         for reorch_policy in policies:
             write_reorch_model(overlay, name, {**entry, "variants": {**entry.get("variants", {}),
                                                                     "reorch": f"{name}_reorch_{reorch_policy}"}},
                                target="embedded", max_batch_size=int(entry["max_batch_size"]),
                                queue_delay_us=queue_delay_us, policy=reorch_policy,
-                               max_queue_size=int(policy.get("max_queue_size", 0)),
-                               default_timeout_us=int(policy.get("default_timeout_microseconds", 0)),
+                               max_queue_size=int(queue_policy.get("max_queue_size", 0)),
+                               default_timeout_us=int(queue_policy.get("default_timeout_microseconds", 0)),
                                knobs={"max_batch_rows": int(entry["max_batch_size"]), **same_threads, **knobs})
     return overlay
 
@@ -508,7 +509,7 @@ class Bench:
             figures[variant] = {**latency, "cpu_ms": cpu_ms, "front_batch": served / max(1, executions),
                                 "front_queue_ms": queue_ns / 1e6 / max(1, served),
                                 # an execute call's wall, weighted by its batch size (triton_batching)
-                                "execute_ms": execute_ns / 1e6 / max(1, served) if served else math.nan}
+                                "execute_ms": execute_ns / 1e6 / served if served else math.nan}
         comparison.repeats.append(figures)
         comparison.repeat_s = time.perf_counter() - started
         w, r = figures["whole"], figures["reorch"]
@@ -610,16 +611,15 @@ class Bench:
             self.comparisons[-1].analyzer_rate_rps, self.comparisons[-1].seq_len = rate, lengths[0]
 
     def _flood(self, analyzer: PerfAnalyzer, model: str, entry, variant: str, length: int | None):
-        """One perf_analyzer flood; one retry where it fails or hangs (2.51 was seen, rarely, never
-        finishing a run the same server answered on the retry); None after two (said on its line)."""
-        for attempt in (1, 2):
-            try:
-                return measure_point(analyzer, self.url, model, entry, variant, concurrency=self.args.flood_concurrency,
-                                     requests=self.args.flood_requests, seq_len=length)
-            except StagebatchError as error:
-                print(f"  {model} answers/s flood, attempt {attempt}: {str(error).splitlines()[0]}", flush=True)
-        print(f"  {model} answers/s: this repeat has no figure (two failed floods)", flush=True)
-        return None
+        """One perf_analyzer flood; one retry where it fails or hangs (``retried_once``); None after two
+        (said on its line)."""
+        result = retried_once(lambda: measure_point(analyzer, self.url, model, entry, variant,
+                                                    concurrency=self.args.flood_concurrency,
+                                                    requests=self.args.flood_requests, seq_len=length),
+                              f"  {model} answers/s flood")
+        if result is None:
+            print(f"  {model} answers/s: this repeat has no figure (two failed floods)", flush=True)
+        return result
 
     def answers(self, name: str) -> None:
         """Answers/s of one reorch instance, closed loop, by perf_analyzer (else the Python client)."""

@@ -30,10 +30,10 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -215,6 +215,21 @@ def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str,
                              "shape": list(array.shape[1:]) if factory.rows == 1 else list(array.shape)}
                       for name, array in arrays.items()})
     return {"data": steps}
+
+
+_T = TypeVar("_T")
+
+
+def retried_once(run: Callable[[], _T], what: str) -> _T | None:
+    """``run()``, once more where it raises StagebatchError (perf_analyzer 2.51 was seen, rarely, never
+    finishing a run the same server answered on the retry); each failure is printed as ``what, attempt
+    N: error``. None after two failures."""
+    for attempt in (1, 2):
+        try:
+            return run()
+        except StagebatchError as error:
+            print(f"{what}, attempt {attempt}: {error}", flush=True)
+    return None
 
 
 def _run_checked(analyzer: PerfAnalyzer, args: list[str], timeout_s: float, produced: Path) -> None:

@@ -191,3 +191,23 @@ def test_measure_point_raises_with_perf_analyzers_last_lines_when_it_fails():
     entry = pa.model_entry(MANIFEST, "ident")
     with pytest.raises(pa.StagebatchError, match=r"(?s)exit code 99.*boom"):
         pa.measure_point(CsvAnalyzer(returncode=99), "127.0.0.1:1", "ident", entry, "whole", concurrency=1)
+
+
+def test_retried_once_retries_a_failed_run_once_and_says_why(capsys):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise pa.StagebatchError("perf_analyzer did not finish within 120 s")
+        return "figures"
+
+    assert pa.retried_once(flaky, "replay") == "figures" and len(calls) == 2
+    assert "replay, attempt 1: perf_analyzer did not finish within 120 s" in capsys.readouterr().out
+
+    def broken():
+        raise pa.StagebatchError("perf_analyzer failed (exit code 1)")
+
+    assert pa.retried_once(broken, "flood") is None
+    out = capsys.readouterr().out
+    assert "flood, attempt 1:" in out and "flood, attempt 2:" in out
