@@ -44,7 +44,7 @@ WINDOW_REFILL = 1 << 24
 MAX_STREAM_ID = 2**31 - 1
 RECV_BYTES = 1 << 18
 _FRAME = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8 bits, type, flags, stream id
-_GRPC_PREFIX = struct.Struct(">BL")
+GRPC_PREFIX = struct.Struct(">BL")
 H2_ERRORS = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR", 4: "SETTINGS_TIMEOUT",
              5: "STREAM_CLOSED", 6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR",
              10: "CONNECT_ERROR", 11: "ENHANCE_YOUR_CALM", 12: "INADEQUATE_SECURITY", 13: "HTTP_1_1_REQUIRED"}
@@ -55,6 +55,20 @@ GRPC_STATUS = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEE
 
 class H2cError(Exception):
     """A connection-level failure (connect, handshake, protocol)."""
+
+
+def split_frames(buffer: bytes, position: int = 0) -> tuple[list[tuple[int, int, int, bytes, int]], int]:
+    """The complete frames in ``buffer`` from ``position`` on, each as (type, flags, stream id, payload,
+    offset just past it), and the offset where the first incomplete frame starts (pure)."""
+    frames, available, unpack = [], len(buffer), _FRAME.unpack_from
+    while available - position >= 9:
+        high, low, kind, flags, stream_id = unpack(buffer, position)
+        end = position + 9 + (high << 8 | low)
+        if end > available:
+            break
+        frames.append((kind, flags, stream_id & MAX_STREAM_ID, buffer[position + 9 : end], end))
+        position = end
+    return frames, position
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -92,7 +106,7 @@ def request_headers(path: str, authority: str, timeout_s: float | None = None) -
 
 def grpc_message(payload: bytes) -> bytes:
     """One uncompressed gRPC length-prefixed message."""
-    return _GRPC_PREFIX.pack(0, len(payload)) + payload
+    return GRPC_PREFIX.pack(0, len(payload)) + payload
 
 
 class Call:
@@ -301,7 +315,7 @@ class H2cConnection:
     def _read(self) -> None:
         reason = "the server closed the connection"
         buffer = b""
-        recv, unpack = self._sock.recv, _FRAME.unpack_from
+        recv = self._sock.recv
         try:
             while True:
                 chunk = recv(RECV_BYTES)
@@ -309,15 +323,9 @@ class H2cConnection:
                 if not chunk:
                     break
                 buffer = buffer + chunk if buffer else chunk
-                position, available = 0, len(buffer)
-                while available - position >= 9:
-                    high, low, kind, flags, stream_id = unpack(buffer, position)
-                    size = high << 8 | low
-                    if available - position - 9 < size:
-                        break
-                    payload = buffer[position + 9 : position + 9 + size]
-                    position += 9 + size
-                    self._frame(kind, flags, stream_id & MAX_STREAM_ID, payload, end_ns)
+                frames, position = split_frames(buffer)
+                for kind, flags, stream_id, payload, _ in frames:
+                    self._frame(kind, flags, stream_id, payload, end_ns)
                 buffer = buffer[position:]
         except OSError as error:
             reason = f"connection failed: {error}"
@@ -407,7 +415,7 @@ class H2cConnection:
         else:
             buffer = payload
         while len(buffer) >= 5:
-            compressed, size = _GRPC_PREFIX.unpack_from(buffer)
+            compressed, size = GRPC_PREFIX.unpack_from(buffer)
             if len(buffer) < 5 + size:
                 break
             body, buffer = bytes(buffer[5 : 5 + size]), buffer[5 + size :]
