@@ -618,15 +618,8 @@ class Characterization:
             if self._server_lost():
                 self._restart_server()
             return capacity_search.Probe(rate_rps, False, 0.0, None, f"load run failed: {error}")
-        records = [r.to_dict() for r in result.records]
-        verdict = assess(
-            records,
-            int(round((result.start_epoch_s + point.warmup_s) * 1e6)),
-            float(result.duration_s),
-            loadgen_cpu_percent=float(result.loadgen_cpu_percent),
-            late_tolerance_us=result.spec.late_tolerance_us,
-        )
-        ok = [r["latency_us"] for r in records if r["ok"]]
+        verdict = result.stability()
+        ok = [r.latency_us for r in result.records if r.ok]
         tail_ms = percentile_us(ok, spec.percentile) / 1000.0 if ok else None
         # a generator that sent late but kept every sub-window's rate does not make the rate unsustained
         probe = capacity_search.Probe(

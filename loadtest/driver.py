@@ -38,6 +38,7 @@ from typing import Any
 
 from loadtest.client import PROTOCOLS, TRANSPORTS, RequestRecord, parse_targets
 from loadtest.request_factory import VARIANTS, RequestFactory, model_entry
+from loadtest.stability import Stability, assess
 from loadtest.workloads import ArrivalSpec, LengthSpec, make_arrival_process, make_length_distribution
 from core.errors import ConfigValidationError, StagebatchError
 
@@ -166,6 +167,18 @@ class LoadResult:
     @property
     def errors(self) -> int:
         return sum(1 for record in self.records if not record.ok)
+
+    @property
+    def window_start_us(self) -> int:
+        """Wall-clock start of the measured window (µs since the epoch)."""
+        return int(round((self.start_epoch_s + self.spec.warmup_s) * 1e6))
+
+    def stability(self, period_s: float | None = None) -> Stability:
+        """The stability verdict of the measured window (:func:`loadtest.stability.assess`), with the
+        generator's busiest process and its lateness tolerance; ``period_s``: see ``assess``."""
+        return assess([r.to_dict() for r in self.records], self.window_start_us, float(self.duration_s),
+                      period_s=period_s, loadgen_cpu_percent=float(self.loadgen_cpu_percent),
+                      late_tolerance_us=self.spec.late_tolerance_us)
 
 
 def validate_spec(manifest: dict[str, Any], spec: LoadSpec) -> None:

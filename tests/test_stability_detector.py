@@ -139,3 +139,34 @@ def test_stability_is_stable_at_high_but_sustainable_load_when_the_queue_stays_s
     rows = _queue(_poisson(90, 6, seed=5), service_s=0.01)  # 90% utilization: a short, fluctuating queue
     verdict = stability.assess(rows, START_US, 6)
     assert verdict.stable, verdict.unstable_reason
+
+
+def _load_result(rate: float, service_s: float, warmup_s: float, window_s: float):
+    """A LoadResult as run_load returns it: a constant-rate schedule through a FIFO queue, window records only."""
+    from loadtest.client import RequestRecord
+    from loadtest.driver import LoadResult, LoadSpec
+    from loadtest.workloads import ArrivalSpec
+
+    arrivals = np.arange(0, warmup_s + window_s, 1 / rate)
+    rows = _queue(arrivals, service_s)
+    records = [RequestRecord(t_send_us=r["t_send_us"], latency_us=r["latency_us"], model="m", variant="whole",
+                             seq_len=None, rows=1, ok=True, error=None, server=None)
+               for t, r in zip(arrivals, rows) if t >= warmup_s]
+    spec = LoadSpec("m", "whole", ArrivalSpec("constant", rate_rps=rate), None, duration_s=window_s, warmup_s=warmup_s)
+    return LoadResult(spec, records, duration_s=window_s, loadgen_cpu_percent=10.0, late_arrivals=0,
+                      start_epoch_s=START_US / 1e6, scheduled_arrivals=len(records))
+
+
+def test_a_load_results_verdict_covers_its_measured_window_after_the_warm_up():
+    light = _load_result(rate=50, service_s=0.01, warmup_s=1.0, window_s=4.0)
+    assert light.window_start_us == START_US + 1_000_000
+    verdict = light.stability()
+    assert verdict.sustained, verdict.unstable_reason
+    assert sum(s.arrivals for s in verdict.subwindows) == len(light.records)
+    # twice the service rate, with the queue the warm-up already built: a latency trend over the window's
+    # quarters (the last quarter's median under twice the first's) calls this steady; the verdict does not
+    overloaded = _load_result(rate=200, service_s=0.01, warmup_s=3.0, window_s=2.0)
+    latencies = [r.latency_us for r in overloaded.records]
+    quarter = len(latencies) // 4
+    assert np.median(latencies[-quarter:]) <= 2 * np.median(latencies[:quarter])
+    assert not overloaded.stability().sustained

@@ -24,7 +24,6 @@ from loadtest.capacity import CapacityResult, Probe, SearchSettings, search_capa
 from loadtest.driver import LoadSpec, run_load
 from loadtest.plan import Point
 from loadtest.characterization import point_configs, variant_models
-from loadtest.stability import assess
 from loadtest.stats import percentile_us
 from loadtest.workloads import ArrivalSpec
 from slicing.manifest import write_manifest
@@ -151,11 +150,8 @@ class Confirmer:
             result = run_load(self.server.grpc_url, self.manifest, spec)
         except StagebatchError as error:
             return Probe(rate_rps, False, 0.0, None, f"load run failed: {error}")
-        records = [r.to_dict() for r in result.records]
-        verdict = assess(records, round((result.start_epoch_s + self.warmup_s) * 1e6), float(result.duration_s),
-                         loadgen_cpu_percent=float(result.loadgen_cpu_percent),
-                         late_tolerance_us=result.spec.late_tolerance_us)
-        ok = [r["latency_us"] for r in records if r["ok"]]
+        verdict = result.stability()
+        ok = [r.latency_us for r in result.records if r.ok]
         p99 = percentile_us(ok, 99) / 1000.0 if ok else None
         within = p99 is not None and p99 <= self.workload.slo_ms
         # The server kept up when the only complaint is the load generator's (it sent late, or was busy):
