@@ -4,12 +4,11 @@ One command, about 11 minutes on a quiet 2-core machine (it prints its duration;
 2 minutes, checks the script and gives rough figures):
 
 1. **Model capacity**: the tiny ``bert_base`` (built here with ``stagebatch build``), fixed length
-   16, open-loop constant-rate probes through :func:`loadtest.driver.run_load` (doubling, then
-   bisecting), once for unary calls to ``whole`` and once for streaming calls to ``reorch``. A rate
-   is sustained when every arrival was sent on time (at most 5% more than 2 ms late, generator
-   below 85% of a core) and answered without error, and the queue did not grow (median latency of
-   the window's last quarter at most twice that of its first quarter plus 2 ms). ``--capacity
-   unary=R`` skips the probes for a protocol.
+   16, open-loop constant-rate probes through :func:`loadtest.driver.run_load`, searched as the
+   characterization searches (:mod:`loadtest.capacity`: doubling, then bisecting) and judged by its
+   verdict (:mod:`loadtest.stability`: the server kept up, no backlog grew or stood, the generator
+   sent on time), once for unary calls to ``whole`` and once for streaming calls to ``reorch``.
+   ``--capacity unary=R`` skips the probes for a protocol.
 2. **Fidelity** at four points: unary to ``whole`` and streaming to ``reorch``, each at ``--rate``
    (100 req/s, ``--duration-s`` 10 s windows) and at ``--multiple`` (0.5) x its capacity
    (``--multiple-duration-s`` 2 s windows). Poisson arrivals. A *pair* is perf_analyzer 2.51
@@ -19,13 +18,18 @@ One command, about 11 minutes on a quiet 2-core machine (it prints its duration;
    pairs per point, each with a new schedule, and the pairs visit the points in turn, so the
    machine's drift falls inside no ratio but lands between pairs. Printed per pair: p50/p99 of both,
    their ratios (ours / perf_analyzer), and each generator's client share (mean latency minus the
-   server's mean time per request from Triton's statistics). Per point, the verdict of the issue's
+   server's mean time per request from Triton's statistics), and, where the loopback can be
+   captured (root or ``CAP_NET_RAW``; ``--no-wire`` skips it), how far each generator's p50 lies
+   above the **wire's** p50 for the same requests: :mod:`loadtest.wire` times every request and
+   answer by the kernel's receive timestamps, an arbiter that belongs to neither generator. Per
+   point, the verdict of the issue's
    done-when: the **median over pairs of the per-pair ratio**, p50 within 1.00 +- 0.05 and p99
    within 1.00 +- 0.10, ``met`` or ``MISSED``, ``decided`` when its 95% interval (resampling pairs)
    lies on one side of the band's edge and there are at least 6 pairs, else ``undecided``. Beside
    it the ratio of the pooled percentiles with its interval
    (:func:`loadtest.perf_analyzer.percentile_ratio`), and how many pairs (and requests per
-   generator) this run's spread says a +-band interval takes.
+   generator) this run's spread says a +-band interval takes. Then each generator against the wire:
+   the median over pairs of its p50 and p99 over the wire's, with 95% intervals.
 3. **Generator capacity**: open-loop constant rate against a trivial model (``ident``, y = x + 1)
    from one sending process at ``--loadgen-rate`` (3,000 req/s): late arrivals (sent > 2 ms behind
    schedule), lateness p50/p99, the sender's CPU and its CPU cost per request, and the cores the
@@ -42,7 +46,7 @@ machine's cores: on 2 cores, figures taken while anything else runs are indicati
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -54,7 +58,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from loadtest.client import TRANSPORTS
-from loadtest.driver import SATURATION_CPU_PERCENT, LoadJob, LoadResult, LoadSpec, run_load
+from loadtest.capacity import Probe, SearchSettings, search_capacity
+from loadtest.driver import LoadJob, LoadSpec, run_load
 from loadtest.perf_analyzer import (
     REPLAY_THREADS,
     PerfAnalyzerUnavailable,
@@ -68,6 +73,7 @@ from loadtest.perf_analyzer import (
 from loadtest.server_stats import snapshot_statistics
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
+from loadtest.wire import LoopbackCapture, WireUnavailable, exchanges
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.manifest import read_manifest
 from core.server import EmbeddedTriton
@@ -102,41 +108,27 @@ def spec_for(protocol: str, arrival: ArrivalSpec, args: argparse.Namespace, *, s
 
 # ---- 1. model capacity ----------------------------------------------------------------------------
 
-def queue_steady(result: LoadResult) -> bool:
-    """Every arrival sent on time and answered, and the server's queue did not grow."""
-    ok = [r for r in result.records if r.ok]
-    if len(ok) < 8 or len(ok) != len(result.records) or len(result.records) != result.scheduled_arrivals:
-        return False
-    if result.late_arrivals > MAX_LATE_FRACTION * len(result.records) or result.loadgen_cpu_percent >= SATURATION_CPU_PERCENT:
-        return False  # the generator fell behind: this rate says nothing about the server
-    quarter = len(ok) // 4
-    first = statistics.median(r.latency_us for r in ok[:quarter])
-    last = statistics.median(r.latency_us for r in ok[-quarter:])
-    return last <= 2 * first + 2000
-
-
 def model_capacity(url: str, manifest: dict, protocol: str, args: argparse.Namespace) -> float:
     print(f"\n== 1. capacity of {MODEL}/{CALLS[protocol]} ({protocol}), length {SEQ_LEN}: "
-          "open-loop constant-rate probes ==")
-    print(f"{'rate/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'late':>5} {'cpu':>5}  steady")
-    best, worst, rate = 0.0, None, args.capacity_start
-    for _ in range(args.capacity_probes):
+          "open-loop constant-rate probes (loadtest.capacity, judged by loadtest.stability) ==")
+    print(f"{'rate/s':>8} {'achieved':>8} {'p50 ms':>8} {'p99 ms':>8} {'late':>5} {'cpu':>5}  verdict")
+
+    def probe(rate: float) -> Probe:
         spec = spec_for(protocol, ArrivalSpec("constant", rate_rps=rate), args, duration_s=args.probe_s, warmup_s=1.0)
         result = run_load(url, manifest, spec)
-        ok = queue_steady(result)
+        verdict = result.stability()
         lat = [r.latency_us for r in result.records if r.ok] or [0]
-        print(f"{rate:8.0f} {percentile_us(lat, 50) / 1000:8.2f} {percentile_us(lat, 99) / 1000:8.2f} "
-              f"{result.late_arrivals:5d} {result.loadgen_cpu_percent:4.0f}%  {'yes' if ok else 'no'}", flush=True)
-        if ok:
-            best = rate
-            rate = rate * 2 if worst is None else (rate + worst) / 2
-        else:
-            worst = rate
-            rate = (best + worst) / 2 if best else rate / 2
-        if worst is not None and best and worst - best <= 0.1 * best:
-            break
-    capacity = best or args.capacity_start
-    print(f"capacity: {capacity:.0f} req/s (highest steady rate{'' if worst else '; no unsteady rate found'})")
+        print(f"{rate:8.0f} {verdict.achieved_rps:8.0f} {percentile_us(lat, 50) / 1000:8.2f} "
+              f"{percentile_us(lat, 99) / 1000:8.2f} {result.late_arrivals:5d} {result.loadgen_cpu_percent:4.0f}%  "
+              f"{'sustained' if verdict.sustained else 'not sustained: ' + (verdict.unstable_reason or '')}", flush=True)
+        return Probe(rate, verdict.sustained, verdict.achieved_rps, percentile_us(lat, 99) / 1000,
+                     verdict.unstable_reason, verdict.limited_by_load_generator and not verdict.sustained)
+
+    found = search_capacity(probe, slo_ms=float("inf"), settings=SearchSettings(
+        start_rps=args.capacity_start, growth=2.0, tolerance=0.1, max_probes=args.capacity_probes))
+    capacity = found.sustained_rps or args.capacity_start
+    print(f"capacity: {capacity:.0f} req/s (highest sustained rate; limited by {found.limited_by}"
+          f"{'' if found.converged else '; the search did not converge'})")
     return capacity
 
 
@@ -148,6 +140,13 @@ class Window:
 
     latencies_us: list[int]
     server_mean_us: float  # the server's own mean time per request over the window (Triton statistics)
+    wire_us: list[int] = field(default_factory=list)  # the same requests' latencies on the wire (loadtest.wire)
+
+    def p50_over_wire(self) -> str:
+        """The generator's p50 minus the wire's for the same requests, µs (``-`` without a capture)."""
+        if not self.wire_us or not self.latencies_us:
+            return "-"
+        return f"{(percentile_us(self.latencies_us, 50) - percentile_us(self.wire_us, 50)):.0f}"
 
     @property
     def client_share_us(self) -> float:
@@ -176,6 +175,11 @@ class Point:
     def pooled(self, name: str) -> tuple[float, float, float]:
         return percentile_ratio([w.latencies_us for w in self.ours], [w.latencies_us for w in self.reference],
                                 QUANTILE[name])
+
+    def over_wire(self, who: str, name: str) -> tuple[float, float, float]:
+        """Median over pairs of ``who``'s percentile / the wire's for the same requests, and its interval."""
+        windows = [w for w in (self.reference if who == "perf_analyzer" else self.ours) if w.wire_us]
+        return median_ratio([w.latencies_us for w in windows], [w.wire_us for w in windows], QUANTILE[name])
 
 
 class ServerTime:
@@ -206,18 +210,22 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
     server = ServerTime(url, plan.entry().triton_name(spec.variant))
     order = ("perf_analyzer", "ours") if pair % 2 == 0 else ("ours", "perf_analyzer")
     windows = {}
+    port = int(url.rsplit(":", 1)[1])
     try:
         for who in order:
             server.start()
-            if who == "perf_analyzer":
-                reference = replay(analyzer, url, plan)
-                if reference is None:
-                    print(f"{point.label:>26} {pair:4d} skipped: perf_analyzer failed twice (above)", flush=True)
-                    return
-                windows[who] = Window(reference, server.mean_us())
-            else:
-                result = run_load(url, manifest, spec)
-                windows[who] = Window([r.latency_us for r in result.records if r.ok], server.mean_us())
+            with LoopbackCapture(port) if args.wire else contextlib.nullcontext() as capture:
+                if who == "perf_analyzer":
+                    reference = replay(analyzer, url, plan)
+                    if reference is None:
+                        print(f"{point.label:>26} {pair:4d} skipped: perf_analyzer failed twice (above)", flush=True)
+                        return
+                    latencies, first_send_ns = reference.latencies_us, reference.first_send_ns
+                else:
+                    result = run_load(url, manifest, spec)
+                    latencies, first_send_ns = [r.latency_us for r in result.records if r.ok], result.window_start_us * 1000
+            windows[who] = Window(latencies, server.mean_us(),
+                                  on_the_wire(capture, point.protocol, first_send_ns, len(latencies)))
     finally:
         server.close()
     reference, ours = windows["perf_analyzer"], windows["ours"]
@@ -229,17 +237,27 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
         pa_ms, ours_ms = percentile_us(reference.latencies_us, q) / 1000, percentile_us(ours.latencies_us, q) / 1000
         row.append(f"{pa_ms:7.3f} {ours_ms:7.3f} {ours_ms / pa_ms:6.3f}")
     print(f"{point.label:>26} {pair:4d} {'pa,ours' if order[0] == 'perf_analyzer' else 'ours,pa':>7} {' '.join(row)} "
-          f"{reference.client_share_us:6.0f} {ours.client_share_us:6.0f} {len(reference.latencies_us):5d} "
+          f"{reference.client_share_us:6.0f} {ours.client_share_us:6.0f} {reference.p50_over_wire():>6} "
+          f"{ours.p50_over_wire():>6} {len(reference.latencies_us):5d} "
           f"{len(ours.latencies_us):5d} {result.late_arrivals:4d} {result.loadgen_cpu_percent:4.0f}%", flush=True)
 
 
-def replay(analyzer, url: str, plan: LoadJob) -> list[int] | None:
-    """perf_analyzer's latencies for ``plan``'s schedule; one retry where a replay fails or hangs; None
-    after two (``retried_once``)."""
-    result = retried_once(lambda: run_schedule(analyzer, url, plan,
-                                               timeout_s=plan.spec.duration_s + plan.spec.warmup_s + 30.0),
-                          "perf_analyzer replay")
-    return result.latencies_us if result is not None else None
+def replay(analyzer, url: str, plan: LoadJob):
+    """perf_analyzer's measurement of ``plan``'s schedule (a ``ScheduleResult``); one retry where a replay
+    fails or hangs; None after two (``retried_once``)."""
+    return retried_once(lambda: run_schedule(analyzer, url, plan,
+                                             timeout_s=plan.spec.duration_s + plan.spec.warmup_s + 30.0),
+                        "perf_analyzer replay")
+
+
+def on_the_wire(capture: LoopbackCapture | None, protocol: str, first_send_ns: int, count: int) -> list[int]:
+    """The wire's latencies of a window's requests: the first ``count`` sent from ``first_send_ns`` on
+    (the generator stamps a request before its bytes reach the wire); empty without a capture."""
+    if capture is None:
+        return []
+    sent = [e for e in exchanges(capture.segments, capture.port, streaming=protocol == "stream")
+            if e.sent_ns >= first_send_ns]
+    return [e.latency_us for e in sent[:count]]
 
 
 def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argparse.Namespace) -> None:
@@ -248,10 +266,13 @@ def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argp
     print("perf_analyzer: --async --request-intervals, --max-threads "
           + ", ".join(f"{threads} ({protocol})" for protocol, threads in REPLAY_THREADS.items()))
     print("client = mean latency minus the server's mean time per request (Triton statistics, warm-up included), µs")
+    print("+wire = p50 minus the wire's p50 for the same requests (loadtest.wire: kernel timestamps), µs"
+          + ("" if args.wire else "; not measured (--no-wire or no capture)"))
     print(f"{'point':>26} {'pair':>4} {'order':>7} {'pa p50':>7} {'our p50':>7} {'ratio':>6} "
-          f"{'pa p99':>7} {'our p99':>7} {'ratio':>6} {'client':>6} {'client':>6} {'n pa':>5} {'n our':>5} "
-          f"{'late':>4} {'cpu':>5}")
-    print(f"{'':>26} {'':>4} {'':>7} {'':>7} {'':>7} {'':>6} {'':>7} {'':>7} {'':>6} {'pa':>6} {'ours':>6}")
+          f"{'pa p99':>7} {'our p99':>7} {'ratio':>6} {'client':>6} {'client':>6} {'+wire':>6} {'+wire':>6} "
+          f"{'n pa':>5} {'n our':>5} {'late':>4} {'cpu':>5}")
+    print(f"{'':>26} {'':>4} {'':>7} {'':>7} {'':>7} {'':>6} {'':>7} {'':>7} {'':>6} {'pa':>6} {'ours':>6} "
+          f"{'pa':>6} {'ours':>6}")
     for pair in range(args.pairs):
         for point in points:
             run_pair(analyzer, url, manifest, point, pair, args)
@@ -299,6 +320,17 @@ def verdicts(points: list[Point]) -> None:
         shares = [(r.client_share_us, o.client_share_us) for r, o in zip(point.reference, point.ours)]
         print(f"{'':>26} client share (mean latency - server's mean), median over pairs: perf_analyzer "
               f"{np.median([s[0] for s in shares]):.0f} µs, ours {np.median([s[1] for s in shares]):.0f} µs")
+        if any(w.wire_us for w in point.ours + point.reference):
+            for name in TOLERANCE:
+                over = {who: point.over_wire(who, name) for who in ("perf_analyzer", "ours")}
+                print(f"{'':>26} against the wire, {name} / the wire's, median over pairs [95% CI]: "
+                      + "; ".join(f"{who} {m:.3f} [{lo:.3f}, {hi:.3f}]" for who, (m, lo, hi) in over.items()))
+            above = [(float(r.p50_over_wire()), float(o.p50_over_wire()))
+                     for r, o in zip(point.reference, point.ours) if r.wire_us and o.wire_us]
+            print(f"{'':>26} p50 above the wire's, median over pairs: perf_analyzer "
+                  f"{np.median([a[0] for a in above]):+.0f} µs, ours {np.median([a[1] for a in above]):+.0f} µs")
+    print("against the wire: each generator's percentile over the wire's for the same requests (1.000: it adds "
+          "nothing to what the kernel saw)")
     print("for +-band: pairs this point would need for a median interval of +-band (from this run's spread); "
           "req/gen: requests per generator that takes")
 
@@ -359,7 +391,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=0.5)
     parser.add_argument("--probe-s", type=float, default=2.0, help="measured seconds of each capacity probe")
     parser.add_argument("--capacity-start", type=float, default=400.0)
-    parser.add_argument("--capacity-probes", type=int, default=5)
+    parser.add_argument("--capacity-probes", type=int, default=6)
     parser.add_argument("--capacity", nargs="+", default=[], metavar="PROTOCOL=REQ_PER_S",
                         help="skip part 1 for these protocols and take this capacity (e.g. unary=1600)")
     parser.add_argument("--loadgen-rate", type=float, default=3000.0)
@@ -368,6 +400,8 @@ def main() -> None:
     parser.add_argument("--transport", default="", choices=["", *TRANSPORTS],
                         help="our generator's transport (default: loadtest.client.DEFAULT_TRANSPORT)")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--no-wire", dest="wire", action="store_false",
+                        help="do not time the fidelity windows on the wire (loadtest.wire)")
     parser.add_argument("--skip-loadgen-capacity", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short runs while developing (rough figures)")
     args = parser.parse_args()
@@ -384,6 +418,13 @@ def main() -> None:
             print(f"perf_analyzer: {analyzer.binary}")
         except PerfAnalyzerUnavailable as error:
             print(f"perf_analyzer unavailable, fidelity skipped: {error}")
+    if analyzer is not None and args.wire:
+        try:
+            LoopbackCapture(0).close()
+            print("wire: the loopback is captured during every fidelity window (loadtest.wire)")
+        except WireUnavailable as error:
+            args.wire = False
+            print(f"wire: skipped: {error}")
     points: list[Point] = []
     if analyzer is not None:
         with tempfile.TemporaryDirectory(prefix="loadgen-bench-") as tmp:

@@ -176,6 +176,7 @@ class ScheduleResult:
     throughput_rps: float
     requests: int
     latencies_us: list[int]
+    first_send_ns: int = 0  # when the window's first request was sent (perf_analyzer's clock: the wall clock, ns)
 
     def to_dict(self) -> dict[str, float]:
         return {"p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "throughput_rps": self.throughput_rps,
@@ -325,6 +326,7 @@ def run_schedule(
         throughput_rps=throughput_rps,
         requests=len(latencies),
         latencies_us=latencies,
+        first_send_ns=int(window[0]["timestamp"]),
     )
 
 
