@@ -73,7 +73,7 @@ from loadtest.perf_analyzer import (
 from loadtest.server_stats import snapshot_statistics
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
-from loadtest.wire import LoopbackCapture, WireUnavailable, exchanges
+from loadtest.wire import LoopbackCapture, WireUnavailable, window_latencies_us
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.manifest import read_manifest
 from core.server import EmbeddedTriton
@@ -224,8 +224,9 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
                 else:
                     result = run_load(url, manifest, spec)
                     latencies, first_send_ns = [r.latency_us for r in result.records if r.ok], result.window_start_us * 1000
-            windows[who] = Window(latencies, server.mean_us(),
-                                  on_the_wire(capture, point.protocol, first_send_ns, len(latencies)))
+            wire = [] if capture is None else window_latencies_us(
+                capture, streaming=point.protocol == "stream", first_send_ns=first_send_ns, count=len(latencies))
+            windows[who] = Window(latencies, server.mean_us(), wire)
     finally:
         server.close()
     reference, ours = windows["perf_analyzer"], windows["ours"]
@@ -248,16 +249,6 @@ def replay(analyzer, url: str, plan: LoadJob):
     return retried_once(lambda: run_schedule(analyzer, url, plan,
                                              timeout_s=plan.spec.duration_s + plan.spec.warmup_s + 30.0),
                         "perf_analyzer replay")
-
-
-def on_the_wire(capture: LoopbackCapture | None, protocol: str, first_send_ns: int, count: int) -> list[int]:
-    """The wire's latencies of a window's requests: the first ``count`` sent from ``first_send_ns`` on
-    (the generator stamps a request before its bytes reach the wire); empty without a capture."""
-    if capture is None:
-        return []
-    sent = [e for e in exchanges(capture.segments, capture.port, streaming=protocol == "stream")
-            if e.sent_ns >= first_send_ns]
-    return [e.latency_us for e in sent[:count]]
 
 
 def fidelity(analyzer, url: str, manifest: dict, points: list[Point], args: argparse.Namespace) -> None:

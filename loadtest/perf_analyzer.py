@@ -42,6 +42,7 @@ from loadtest.driver import LoadJob, LoadSpec, run_load
 from loadtest.request_factory import RequestFactory, model_entry
 from loadtest.sender import open_loop_schedule
 from loadtest.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_difference, percentile_us
+from loadtest.wire import LoopbackCapture, WireUnavailable, loopback_port, window_latencies_us
 from core.errors import StagebatchError
 
 LOGGER = logging.getLogger(__name__)
@@ -389,32 +390,70 @@ def cross_check(
     cache_dir: Path | None = None,
     analyzer: PerfAnalyzer | None = None,
 ) -> dict[str, Any]:
-    """Replay one steady open-loop point with perf_analyzer and with this project's generator.
+    """Replay one steady open-loop point with perf_analyzer and with this project's generator, and
+    time both on the wire where the server is on this machine's loopback (:mod:`loadtest.wire`).
 
     Returns ``{"status": "ok"|"skipped", "reason", "model", "variant", "rate_rps", "protocol",
-    "perf_analyzer": {"p50_ms", "p99_ms", "throughput_rps", "requests"}, "stagebatch": {...}}``;
-    ``skipped`` (with the reason) where perf_analyzer cannot be set up or run. Never raises for that.
+    "perf_analyzer": {"p50_ms", "p99_ms", "throughput_rps", "requests", ["wire_p50_ms", "wire_p99_ms"]},
+    "stagebatch": {...}, "wire": {"status": "ok"|"skipped", "reason"}}``; ``skipped`` (with the reason)
+    where perf_analyzer cannot be set up or run. Never raises for that, nor for the wire.
     """
     rate = getattr(spec.arrival, "rate_rps", None)
     result: dict[str, Any] = {
         "status": "skipped", "reason": None, "model": spec.model, "variant": spec.variant, "rate_rps": rate,
         "protocol": spec.protocol or DEFAULT_PROTOCOL[spec.variant], "duration_s": spec.duration_s,
         "arrival": spec.arrival.to_dict(), "perf_analyzer": None, "stagebatch": None,
+        "wire": {"status": "skipped", "reason": None},
     }  # fmt: skip
     if not spec.arrival.is_open_loop:
         result["reason"] = "perf_analyzer replays open-loop schedules only; this point is closed loop"
         return result
+    port = loopback_port(url)
+    wire: dict[str, list[int]] = {}
+
+    def timed(name: str, run: Callable[[], tuple[Any, int, int]]) -> Any:
+        """``run()`` -> (its result, first send ns in the window, requests); captured when the wire can be."""
+        if port is None:
+            result["wire"]["reason"] = f"the server {url} is not one loopback address"
+            return run()[0]
+        try:
+            capture = LoopbackCapture(port)
+        except WireUnavailable as error:
+            result["wire"]["reason"] = str(error)
+            return run()[0]
+        with capture:
+            value, first_send_ns, count = run()
+        wire[name] = window_latencies_us(capture, streaming=result["protocol"] == "stream",
+                                         first_send_ns=first_send_ns, count=count)
+        return value
+
     try:
         analyzer = analyzer or ensure_perf_analyzer(cache_dir)
         plan = LoadJob(url, spec, manifest["models"][spec.model], str(manifest.get("target", "embedded")))
         model_entry(manifest, spec.model)  # a clear error for an unknown model
-        reference = run_schedule(analyzer, url, plan)
-        ours = run_load(url, manifest, spec)
+
+        def replayed() -> tuple[ScheduleResult, int, int]:
+            reference = run_schedule(analyzer, url, plan)
+            return reference, reference.first_send_ns, reference.requests
+
+        def ours_run() -> tuple[Any, int, int]:
+            run = run_load(url, manifest, spec)
+            return run, run.window_start_us * 1000, sum(1 for r in run.records if r.ok)
+
+        reference = timed("perf_analyzer", replayed)
+        ours = timed("stagebatch", ours_run)
     except StagebatchError as error:
         result["reason"] = str(error)
         LOGGER.warning("load-generator cross-check skipped: %s", error)
         return result
-    result.update(status="ok", perf_analyzer=reference.to_dict(), stagebatch=stagebatch_summary(ours.records, ours.duration_s))
+    sides = {"perf_analyzer": reference.to_dict(), "stagebatch": stagebatch_summary(ours.records, ours.duration_s)}
+    if all(wire.get(name) for name in sides):
+        result["wire"] = {"status": "ok", "reason": None}
+        for name, side in sides.items():
+            side.update(wire_p50_ms=percentile_us(wire[name], 50) / 1000, wire_p99_ms=percentile_us(wire[name], 99) / 1000)
+    elif port is not None and not result["wire"]["reason"]:
+        result["wire"]["reason"] = "no request of the window was paired with its answer on the wire"
+    result.update(status="ok", **sides)
     return result
 
 

@@ -244,3 +244,20 @@ def _pair_stream(client_port: int, requests: list, answers: list) -> list[Exchan
         if queue:
             paired.append(Exchange(client_port, stream, request_id, queue.popleft(), at))
     return paired
+
+
+def window_latencies_us(capture: LoopbackCapture, *, streaming: bool, first_send_ns: int, count: int) -> list[int]:
+    """The wire's latencies of one measured window: the first ``count`` requests sent from
+    ``first_send_ns`` on (a generator stamps a request before its bytes reach the wire, so its first
+    stamp in the window precedes that request on the wire; the warm-up's requests went earlier)."""
+    sent = [e for e in exchanges(capture.segments, capture.port, streaming=streaming) if e.sent_ns >= first_send_ns]
+    return [e.latency_us for e in sent[:count]]
+
+
+def loopback_port(url: str) -> int | None:
+    """The port of a single loopback server address (``127.0.0.1:8001``, ``localhost:8001``); None for
+    anything the loopback capture cannot see (other hosts, lists, ``dns:///`` names)."""
+    host, _, port = url.split("://", 1)[-1].rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        return None
+    return int(port)

@@ -147,3 +147,30 @@ def test_driver_parses_the_real_reorchestrators_records(tmp_path):
     for record in result.records:
         assert record.server is not None and len(record.server["batch_sizes"]) == stages
         assert record.server["arrival_us"] <= record.server["exit_us"]
+
+
+@pytest.mark.parametrize("model,protocol,variant", [("ident", "unary", "whole"), ("seq", "stream", "reorch")])
+def test_cross_check_times_both_generators_on_the_wire(served, model, protocol, variant):
+    """perf_analyzer and ours on one schedule, each window also timed by the kernel: every side has
+    its wire percentiles, and a generator never reads a p50 below the wire's (it stamps before its
+    bytes leave and after the answer's arrive)."""
+    from loadtest.perf_analyzer import PerfAnalyzerUnavailable, cross_check, ensure_perf_analyzer
+    from loadtest.wire import LoopbackCapture, WireUnavailable
+
+    try:
+        analyzer = ensure_perf_analyzer()
+        LoopbackCapture(0).close()
+    except (PerfAnalyzerUnavailable, WireUnavailable) as error:
+        pytest.skip(str(error))
+    server, manifest, _ = served
+    lengths = LengthSpec("fixed", length=4) if model == "seq" else None
+    spec = LoadSpec(model, variant, ArrivalSpec("poisson", rate_rps=100), lengths, duration_s=2.0, warmup_s=0.5,
+                    protocol=protocol)
+    check = cross_check(server.grpc_url, manifest, spec, analyzer=analyzer)
+    assert check["status"] == "ok", check["reason"]
+    assert check["wire"] == {"status": "ok", "reason": None}
+    for name in ("perf_analyzer", "stagebatch"):
+        side = check[name]
+        assert side["requests"] > 150
+        assert 0 < side["wire_p50_ms"] <= side["p50_ms"], (name, side)
+        assert side["wire_p50_ms"] <= side["wire_p99_ms"]

@@ -152,6 +152,28 @@ def test_crosscheck_section_says_why_it_was_skipped(tmp_path):
     assert content.paragraphs == ["Skipped: perf_analyzer not found."] and not content.tables
 
 
+def _crosscheck(wire: dict) -> dict:
+    side = {"p50_ms": 2.2, "p99_ms": 4.0, "throughput_rps": 100.0, "requests": 800}
+    return {"status": "ok", "model": "bert_base", "variant": "whole", "rate_rps": 100, "protocol": "unary",
+            "perf_analyzer": {**side, "wire_p50_ms": 1.8, "wire_p99_ms": 3.5},
+            "stagebatch": {**side, "p50_ms": 1.95, "wire_p50_ms": 1.85, "wire_p99_ms": 3.6}, "wire": wire}
+
+
+def test_crosscheck_section_shows_each_generator_against_the_wire(tmp_path):
+    content = CrossCheckSection().build(report_lib.RunData(tmp_path, {}, crosscheck=_crosscheck({"status": "ok"})))
+    (table,) = content.tables
+    assert table.header[4:7] == ["wire p50 ms", "wire p99 ms", "p50 above the wire µs"]
+    cells = {row.cells[0]: row.cells for row in table.rows}
+    assert cells["perf_analyzer"][6] == "+400" and cells["stagebatch"][6] == "+100"
+
+
+def test_crosscheck_section_says_why_the_wire_was_not_timed(tmp_path):
+    check = _crosscheck({"status": "skipped", "reason": "capturing the loopback needs root or CAP_NET_RAW"})
+    content = CrossCheckSection().build(report_lib.RunData(tmp_path, {}, crosscheck=check))
+    assert "Not timed on the wire: capturing the loopback needs root or CAP_NET_RAW." in content.paragraphs
+    assert "wire p50 ms" not in content.tables[0].header
+
+
 def test_simulation_section_shows_the_error_summary_and_each_point(tmp_path):
     simulation = {
         "whole_latency_source": "sum of the stage tables per batch size",

@@ -265,12 +265,27 @@ class CrossCheckSection(Section):
             f"{check.get('model', '?')} {check.get('variant', '?')} at {fmt(check.get('rate_rps'))} req/s "
             f"over {check.get('protocol') or 'gRPC'}, measured by both generators (the same open-loop schedule)."
         )
+        wire = check.get("wire") or {}
+        on_wire = wire.get("status") == "ok"
         rows = []
         for name in ("perf_analyzer", "stagebatch"):
             side = check.get(name) or {}
             cells = [fmt(side.get("p50_ms"), 2), fmt(side.get("p99_ms"), 2), fmt(side.get("throughput_rps"))]
+            if on_wire:
+                above_us = (side["p50_ms"] - side["wire_p50_ms"]) * 1000
+                cells += [fmt(side.get("wire_p50_ms"), 2), fmt(side.get("wire_p99_ms"), 2), f"{above_us:+.0f}"]
             rows.append(Row([name, *cells, fmt(side.get("requests"))]))
-        content.tables.append(Table(["generator", "p50 ms", "p99 ms", "throughput req/s", "requests"], rows))
+        header = ["generator", "p50 ms", "p99 ms", "throughput req/s"]
+        if on_wire:
+            header += ["wire p50 ms", "wire p99 ms", "p50 above the wire µs"]
+            content.paragraphs.append(
+                "The wire columns time the same requests by the kernel on the loopback (loadtest.wire): what "
+                "neither generator's own work is in. The closer a generator's p50 to its wire p50, the less "
+                "of itself it measures."
+            )
+        else:
+            content.paragraphs.append(f"Not timed on the wire: {wire.get('reason') or 'not recorded in this run'}.")
+        content.tables.append(Table([*header, "requests"], rows))
         return content
 
 
