@@ -63,6 +63,7 @@ from loadtest.driver import LoadJob, LoadSpec, run_load
 from loadtest.perf_analyzer import (
     REPLAY_THREADS,
     PerfAnalyzerUnavailable,
+    ScheduleResult,
     ensure_perf_analyzer,
     median_ratio,
     pair_ratios,
@@ -73,7 +74,7 @@ from loadtest.perf_analyzer import (
 from loadtest.server_stats import snapshot_statistics
 from loadtest.stats import percentile_us
 from loadtest.tiny_models import build_repository
-from loadtest.wire import LoopbackCapture, WireUnavailable, window_latencies_us
+from loadtest.wire import LoopbackCapture, WireUnavailable, loopback_port, window_latencies_us
 from loadtest.workloads import ArrivalSpec, LengthSpec
 from core.manifest import read_manifest
 from core.server import EmbeddedTriton
@@ -142,11 +143,11 @@ class Window:
     server_mean_us: float  # the server's own mean time per request over the window (Triton statistics)
     wire_us: list[int] = field(default_factory=list)  # the same requests' latencies on the wire (loadtest.wire)
 
-    def p50_over_wire(self) -> str:
-        """The generator's p50 minus the wire's for the same requests, µs (``-`` without a capture)."""
+    def p50_over_wire_us(self) -> float | None:
+        """The generator's p50 minus the wire's for the same requests, µs (None without a capture)."""
         if not self.wire_us or not self.latencies_us:
-            return "-"
-        return f"{(percentile_us(self.latencies_us, 50) - percentile_us(self.wire_us, 50)):.0f}"
+            return None
+        return float(percentile_us(self.latencies_us, 50) - percentile_us(self.wire_us, 50))
 
     @property
     def client_share_us(self) -> float:
@@ -210,11 +211,11 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
     server = ServerTime(url, plan.entry().triton_name(spec.variant))
     order = ("perf_analyzer", "ours") if pair % 2 == 0 else ("ours", "perf_analyzer")
     windows = {}
-    port = int(url.rsplit(":", 1)[1])
+    port = loopback_port(url) if args.wire else None
     try:
         for who in order:
             server.start()
-            with LoopbackCapture(port) if args.wire else contextlib.nullcontext() as capture:
+            with LoopbackCapture(port) if port is not None else contextlib.nullcontext() as capture:
                 if who == "perf_analyzer":
                     reference = replay(analyzer, url, plan)
                     if reference is None:
@@ -238,12 +239,16 @@ def run_pair(analyzer, url: str, manifest: dict, point: Point, pair: int, args: 
         pa_ms, ours_ms = percentile_us(reference.latencies_us, q) / 1000, percentile_us(ours.latencies_us, q) / 1000
         row.append(f"{pa_ms:7.3f} {ours_ms:7.3f} {ours_ms / pa_ms:6.3f}")
     print(f"{point.label:>26} {pair:4d} {'pa,ours' if order[0] == 'perf_analyzer' else 'ours,pa':>7} {' '.join(row)} "
-          f"{reference.client_share_us:6.0f} {ours.client_share_us:6.0f} {reference.p50_over_wire():>6} "
-          f"{ours.p50_over_wire():>6} {len(reference.latencies_us):5d} "
+          f"{reference.client_share_us:6.0f} {ours.client_share_us:6.0f} {_us(reference.p50_over_wire_us()):>6} "
+          f"{_us(ours.p50_over_wire_us()):>6} {len(reference.latencies_us):5d} "
           f"{len(ours.latencies_us):5d} {result.late_arrivals:4d} {result.loadgen_cpu_percent:4.0f}%", flush=True)
 
 
-def replay(analyzer, url: str, plan: LoadJob):
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def replay(analyzer, url: str, plan: LoadJob) -> ScheduleResult | None:
     """perf_analyzer's measurement of ``plan``'s schedule (a ``ScheduleResult``); one retry where a replay
     fails or hangs; None after two (``retried_once``)."""
     return retried_once(lambda: run_schedule(analyzer, url, plan,
@@ -316,7 +321,7 @@ def verdicts(points: list[Point]) -> None:
                 over = {who: point.over_wire(who, name) for who in ("perf_analyzer", "ours")}
                 print(f"{'':>26} against the wire, {name} / the wire's, median over pairs [95% CI]: "
                       + "; ".join(f"{who} {m:.3f} [{lo:.3f}, {hi:.3f}]" for who, (m, lo, hi) in over.items()))
-            above = [(float(r.p50_over_wire()), float(o.p50_over_wire()))
+            above = [(r.p50_over_wire_us(), o.p50_over_wire_us())
                      for r, o in zip(point.reference, point.ours) if r.wire_us and o.wire_us]
             print(f"{'':>26} p50 above the wire's, median over pairs: perf_analyzer "
                   f"{np.median([a[0] for a in above]):+.0f} µs, ours {np.median([a[1] for a in above]):+.0f} µs")

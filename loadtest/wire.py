@@ -120,9 +120,13 @@ class LoopbackCapture:
 
     def _capture(self) -> None:
         port, keep, receive = self.port, self.segments.append, self._sock.recvmsg
-        while not self._stopping.is_set():
-            ready, _, _ = select.select([self._sock], [], [], 0.05)
+        while True:
+            stopping = self._stopping.is_set()
+            # once asked to stop, read what the kernel already queued (a window's last answers), then end
+            ready, _, _ = select.select([self._sock], [], [], 0 if stopping else 0.05)
             if not ready:
+                if stopping:
+                    return
                 continue
             packet, ancillary, _, address = receive(65_600, 64)
             if address[2] == PACKET_OUTGOING:
