@@ -40,8 +40,17 @@ it is marked ``UNSTABLE (reason)`` on its line, and a target judged on such repe
 them, per variant: there the average is the queue's, not the batcher's (closed-loop capacity fills
 batches that Poisson arrivals at 0.85x of it may not, so the whole model can sit at its knee there).
 
-Capacity is measured first per model (closed loop on the whole model). Every unmet target is printed
+Capacity is measured first per model: the highest Poisson rate the whole model sustains, searched
+with open-loop probes (``loadtest.capacity``, each probe judged by ``loadtest.stability``, as the
+characterization does), started from a short closed-loop run. The closed loop alone (2 x max batch
+calls outstanding) fills batches that Poisson arrivals do not: at 0.85x of it the whole model itself
+held a growing queue in 3 of 6 bert_base repeats, and every latency there was the queue's. Every unmet target is printed
 plainly at the end (``UNMET``), with the undecided ones (CI still holding the limit) marked.
+``--control`` runs every target as an A/A comparison: the side that is reorch otherwise is
+``NAME_control``, a second copy of the whole model (same files, same config, its own instance),
+with the same schedules, repeats and verdicts. Nothing is there to find, so its intervals are
+this machine's noise floor: a target whose control interval cannot fit inside the limit cannot be
+decided here for any implementation.
 ``--quick`` fits in about 7 minutes (3 s runs, budget 6.5 min), the full run in about 12 (5 s runs,
 budget 11.5 min), so the figures can be re-run on a quiet machine.
 
@@ -71,13 +80,14 @@ from pathlib import Path
 
 import numpy as np
 
-from core.model_config import read_model_config
+from core.model_config import read_model_config, write_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.reorch.policies import BatchPolicy, ReorchKnobs  # noqa: E402
 from backends.reorch.spec import RECORD_OUTPUT  # noqa: E402
+from loadtest.capacity import Probe, SearchSettings, search_capacity  # noqa: E402
 from loadtest.perf_analyzer import (  # noqa: E402
     PerfAnalyzer,
     PerfAnalyzerUnavailable,
@@ -312,8 +322,9 @@ def reorch_summary(metrics_url: str, model: str, before_text: str) -> str:
 
 
 def overlay_repository(repository: Path, manifest: dict, models: list[str], policies: list[str],
-                       queue_delay_us: int, knobs: dict[str, str]) -> Path:
-    """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy.
+                       queue_delay_us: int, knobs: dict[str, str], control: bool = False) -> Path:
+    """A scratch repository: links to the built models plus NAME_reorch_<policy> for each policy
+    (``control``: plus ``NAME_control``, a second copy of the whole model, for an A/A comparison).
 
     The reorch variants get the whole model's onnxruntime thread count (``intra_op_threads`` of its
     config) unless ``knobs`` set one: with a different count the comparison measures threading, not
@@ -335,6 +346,13 @@ def overlay_repository(repository: Path, manifest: dict, models: list[str], poli
         # The same front batcher as the whole model, queue policy included: on 2.51 a policy alone stalls
         # requests for up to 500 ms under concurrent calls (docs/gpu.md), whichever variant has it.
         queue_policy = whole_config.get("dynamic_batching", {}).get("default_queue_policy", {})
+        if control:
+            copy = overlay / control_model(name)
+            copy.mkdir()
+            for child in (repository / whole).iterdir():
+                if child.is_dir():
+                    os.symlink(child.resolve(), copy / child.name)
+            write_model_config(copy, {**whole_config, "name": control_model(name)})
         for reorch_policy in policies:
             write_reorch_model(overlay, name, {**entry, "variants": {**entry.get("variants", {}),
                                                                     "reorch": f"{name}_reorch_{reorch_policy}"}},
@@ -344,6 +362,11 @@ def overlay_repository(repository: Path, manifest: dict, models: list[str], poli
                                default_timeout_us=int(queue_policy.get("default_timeout_microseconds", 0)),
                                knobs={"max_batch_rows": int(entry["max_batch_size"]), **same_threads, **knobs})
     return overlay
+
+
+def control_model(name: str) -> str:
+    """The A/A control's second copy of model ``name``'s whole model (``--control``)."""
+    return f"{name}_control"
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float, float]:
@@ -451,6 +474,15 @@ class Bench:
     def metrics_url(self) -> str:
         return self.server.metrics_url
 
+    def rival(self, name: str) -> str:
+        """The model compared with the whole model ``name``: its reorch variant, or with ``--control``
+        a second copy of the whole model (an A/A comparison: the noise floor of every target)."""
+        return served_rival(self.args, name)
+
+    @property
+    def rival_label(self) -> str:
+        return "control" if self.args.control else "reorch"
+
     def __post_init__(self) -> None:
         try:
             self.analyzer = ensure_perf_analyzer()
@@ -463,17 +495,49 @@ class Bench:
             factory = RequestFactory(entry, "whole", seed=self.args.seed)
             lengths = lengths_for("steady", entry, 64, np.random.default_rng(self.args.seed))
             inputs = [_inputs(factory.arrays(n)) for n in lengths]
-            self.capacities[name] = asyncio.run(capacity_rps(self.url, name, inputs, 2 * entry.max_batch_size,
-                                                             self.args.capacity_s))
-            print(f"# {name}: whole-model capacity {self.capacities[name]:.0f} req/s (closed loop)", flush=True)
+            closed = asyncio.run(capacity_rps(self.url, name, inputs, 2 * entry.max_batch_size, self.args.capacity_s))
+            print(f"# {name}: closed loop ({2 * entry.max_batch_size} calls outstanding) {closed:.0f} req/s; "
+                  "open-loop Poisson probes of the whole model (loadtest.capacity, judged by loadtest.stability):",
+                  flush=True)
+            found = search_capacity(lambda rate: self._capacity_probe(name, inputs, rate), slo_ms=math.inf,
+                                    settings=SearchSettings(start_rps=closed, growth=1.5, tolerance=0.1,
+                                                            max_probes=self.args.capacity_probes))
+            if found.sustained_rps is None:
+                lowest = min(p.rate_rps for p in found.probes)
+                print(f"# {name}: no probe was sustained, down to {lowest:.0f} req/s; loads are relative to that "
+                      "rate, and every run is judged for stability", flush=True)
+            self.capacities[name] = found.sustained_rps or min(p.rate_rps for p in found.probes)
+            print(f"# {name}: whole-model capacity {self.capacities[name]:.0f} req/s (highest sustained Poisson rate"
+                  f"{'' if found.converged else '; the search did not converge'})", flush=True)
         return self.capacities[name]
+
+    def _capacity_probe(self, name: str, inputs: list, rate: float) -> Probe:
+        """One open-loop Poisson probe of the whole model at ``rate`` for ``--probe-s`` (the first
+        second, or a third, not judged), with the steady target's inputs; its stability verdict."""
+        rng = np.random.default_rng(self.args.seed)
+        arrivals = PoissonArrivals(rate).arrival_times_s(self.args.probe_s, rng)
+        warmup_s = min(1.0, self.args.probe_s / 3)
+        outcome = asyncio.run(drive(self.url, name, arrivals, [inputs[i % len(inputs)] for i in range(len(arrivals))],
+                                    warmup_s, self.args.drain_s, streaming=False, duration_s=self.args.probe_s))
+        verdict = outcome.stability
+        p99 = summarize(outcome)["p99"]
+        sustained = verdict is not None and verdict.sustained and not outcome.errors and not outcome.unanswered
+        reason = "no measured window" if verdict is None else verdict.unstable_reason or (
+            f"{len(outcome.errors) + outcome.unanswered} requests failed" if not sustained else None)
+        print(f"#   {rate:8.0f} req/s: achieved {verdict.achieved_rps if verdict else 0:.0f}, p50 "
+              f"{summarize(outcome)['p50']:.2f} ms, p99 {p99:.2f} ms: "
+              f"{'sustained' if sustained else 'not sustained (' + str(reason) + ')'}", flush=True)
+        return Probe(rate, sustained, verdict.achieved_rps if verdict else 0.0, p99 if math.isfinite(p99) else None,
+                     None if sustained else reason,
+                     bool(verdict is not None and verdict.limited_by_load_generator and not sustained))
 
     def plan(self, name: str, label: str, arrivals: np.ndarray, lengths: list, checks: list[Check],
              duration_s: float, period_s: float | None = None) -> None:
         """A comparison of whole vs reorch on the same arrivals and inputs, run by ``run_all``."""
         entry = model_entry(self.manifest, name)
-        inputs = {v: [_inputs(RequestFactory(entry, v, seed=self.args.seed).arrays(n)) for n in lengths]
-                  for v in ("whole", "reorch")}
+        kinds = {"whole": "whole", "reorch": "whole" if self.args.control else "reorch"}
+        inputs = {v: [_inputs(RequestFactory(entry, kind, seed=self.args.seed).arrays(n)) for n in lengths]
+                  for v, kind in kinds.items()}
         self.comparisons.append(Comparison(name, label, arrivals, inputs, checks, duration_s=duration_s,
                                            period_s=period_s))
 
@@ -481,15 +545,17 @@ class Bench:
         """One interleaved repeat (the order alternates per repeat); prints its figures."""
         started = time.perf_counter()
         name = comparison.model
-        variants = [("whole", name), ("reorch", f"{name}_reorch_{self.policy}")]
+        variants = [("whole", name), ("reorch", self.rival(name))]
         order = variants if len(comparison.repeats) % 2 == 0 else variants[::-1]
         figures, ops = {}, ""
         for variant, model in order:
             cpu_before, batching_before = self.server.cpu_seconds(), triton_batching(self.url, model)
-            metrics_before = scrape_metrics(self.metrics_url) if variant == "reorch" else ""
+            reorch_run = variant == "reorch" and not self.args.control
+            metrics_before = scrape_metrics(self.metrics_url) if reorch_run else ""
             if comparison.analyzer_rate_rps is not None:
                 assert self.analyzer is not None
-                point = measure_point(self.analyzer, self.url, model, model_entry(self.manifest, name), variant,
+                point = measure_point(self.analyzer, self.url, model, model_entry(self.manifest, name),
+                                      "reorch" if reorch_run else "whole",
                                       rate_rps=comparison.analyzer_rate_rps, requests=max(60, len(comparison.arrivals)),
                                       seq_len=comparison.seq_len)
                 latency = {"avg": math.nan, "p50": point.p50_ms, "p99": point.p99_ms, "tput": point.throughput_rps,
@@ -504,7 +570,7 @@ class Bench:
             cpu_ms = (self.server.cpu_seconds() - cpu_before) * 1e3 / max(1, len(comparison.arrivals))
             served, executions, queue_ns, execute_ns = (after - before for after, before in
                                                         zip(triton_batching(self.url, model), batching_before))
-            if variant == "reorch":
+            if reorch_run:
                 ops = reorch_summary(self.metrics_url, model, metrics_before)
             figures[variant] = {**latency, "cpu_ms": cpu_ms, "front_batch": served / max(1, executions),
                                 "front_queue_ms": queue_ns / 1e6 / max(1, served),
@@ -516,9 +582,9 @@ class Bench:
         print(f"  {comparison.label:<24} repeat {len(comparison.repeats) - 1}: " + " | ".join(
             f"{v} avg {f['avg']:7.2f} p50 {f['p50']:6.2f} p99 {f['p99']:7.2f} cpu/req {f['cpu_ms']:5.2f} "
             f"batch {f['front_batch']:4.1f} queue {f['front_queue_ms']:6.2f} exec {f['execute_ms']:5.2f}"
-            for v, f in (("whole", w), ("reorch", r)))
+            for v, f in (("whole", w), (self.rival_label, r)))
             + f" | failed {w['failed']}/{r['failed']}" + "".join(
-                f" | {v} UNSTABLE ({f['unstable']})" for v, f in (("whole", w), ("reorch", r)) if f["unstable"])
+                f" | {v} UNSTABLE ({f['unstable']})" for v, f in (("whole", w), (self.rival_label, r)) if f["unstable"])
             + f" | {ops}", flush=True)
 
     def run_all(self, started: float) -> None:
@@ -553,6 +619,7 @@ class Bench:
 
     # ---- targets --------------------------------------------------------------------------------
     def steady(self, name: str) -> None:
+        label = self.rival_label
         entry = model_entry(self.manifest, name)
         for multiple in self.args.steady_loads:
             rng = np.random.default_rng(self.args.seed)
@@ -562,10 +629,11 @@ class Bench:
                       checks=[Check(
                 f"{name} steady {multiple:.2f}x avg <= 1.05x whole", lambda r: r["reorch"]["avg"] / r["whole"]["avg"],
                 1.05, lambda mean, low, high: high <= 1.05,
-                lambda mean, low, high: f"reorch/whole avg {mean:.3f} (geometric mean over repeats, "
+                lambda mean, low, high: f"{label}/whole avg {mean:.3f} (geometric mean over repeats, "
                                         f"95% CI {low:.3f}..{high:.3f})", ratio=True)])
 
     def diversity(self, name: str) -> None:
+        label = self.rival_label
         entry = model_entry(self.manifest, name)
         slo = f"{self.args.slo_ms} ms" if self.args.slo_ms else "whole p99"
         for scenario in ("bursty", "longtail"):
@@ -583,7 +651,7 @@ class Bench:
                       lambda mean, low, high: f"avg change {mean:+.1%} (95% CI {low:+.1%}..{high:+.1%})"),
                 Check(f"{name} {scenario} goodput at SLO ({slo}) >= whole", self._goodput_ratio, 1.0,
                       lambda mean, low, high: mean >= 1.0,
-                      lambda mean, low, high: f"reorch/whole goodput {mean:.2f} (geometric mean, "
+                      lambda mean, low, high: f"{label}/whole goodput {mean:.2f} (geometric mean, "
                                               f"95% CI {low:.2f}..{high:.2f})", ratio=True, asks_repeats=False),
             ])
 
@@ -595,7 +663,7 @@ class Bench:
     def p50(self, name: str) -> None:
         """Poisson at 0.1x capacity, batch 1, sent by perf_analyzer where it can be had (the reference
         generator: the Python client's own delays are larger than the 0.3 ms judged here)."""
-        entry = model_entry(self.manifest, name)
+        entry, label = model_entry(self.manifest, name), self.rival_label
         rng = np.random.default_rng(self.args.seed)
         rate = 0.1 * self.capacity(name)
         arrivals = PoissonArrivals(rate).arrival_times_s(self.args.p50_duration_s, rng)
@@ -605,7 +673,7 @@ class Bench:
                   checks=[Check(
             f"{name} p50 at 0.1x <= whole + 0.3 ms", lambda r: r["reorch"]["p50"] - r["whole"]["p50"], 0.3,
             lambda mean, low, high: mean <= 0.3,
-            lambda mean, low, high: f"reorch - whole p50 {mean:+.3f} ms (95% CI {low:+.3f}..{high:+.3f}); "
+            lambda mean, low, high: f"{label} - whole p50 {mean:+.3f} ms (95% CI {low:+.3f}..{high:+.3f}); "
                                     f"client: {client}")])
         if self.analyzer is not None:
             self.comparisons[-1].analyzer_rate_rps, self.comparisons[-1].seq_len = rate, lengths[0]
@@ -625,37 +693,39 @@ class Bench:
         """Answers/s of one reorch instance, closed loop, by perf_analyzer (else the Python client)."""
         entry = model_entry(self.manifest, name)
         length = lengths_for("steady", entry, 1, np.random.default_rng(0))[0]
-        variants = (("whole", name), ("reorch", f"{name}_reorch_{self.policy}"))
+        variants = (("whole", name), ("reorch", self.rival(name)))
         analyzer = self.analyzer
         client = f"perf_analyzer, {self.args.flood_concurrency} async unary calls" if analyzer is not None \
             else f"Python client ({self.analyzer_missing})"
         rates: dict[str, list[float]] = {"whole": [], "reorch": []}
+        kinds = {"whole": "whole", "reorch": "whole" if self.args.control else "reorch"}  # whose inputs
         for variant, model in variants if analyzer is not None else ():  # warm-up, not measured
-            measure_point(analyzer, self.url, model, entry, variant, concurrency=self.args.flood_concurrency,
+            measure_point(analyzer, self.url, model, entry, kinds[variant], concurrency=self.args.flood_concurrency,
                           requests=self.args.flood_requests // 4, seq_len=length)
         for repeat in range(self.args.repeats):
             for variant, model in variants if repeat % 2 == 0 else variants[::-1]:
                 if analyzer is not None:
-                    result = self._flood(analyzer, model, entry, variant, length)
+                    result = self._flood(analyzer, model, entry, kinds[variant], length)
                     if result is None:
                         continue
                     rates[variant].append(result.throughput_rps)
                     extra = f" p50 {result.p50_ms:.2f} ms, server queue {result.server_queue_ms:.2f} ms, " \
                             f"compute {result.server_compute_ms:.2f} ms per request"
                 else:
-                    inputs = [_inputs(RequestFactory(entry, variant, seed=s).arrays(length)) for s in range(8)]
+                    inputs = [_inputs(RequestFactory(entry, kinds[variant], seed=s).arrays(length)) for s in range(8)]
                     rates[variant].append(asyncio.run(capacity_rps(self.url, model, inputs,
                                                                    self.args.flood_concurrency, self.args.flood_s)))
                     extra = ""
-                print(f"  {name} answers/s repeat {repeat}: {variant} {rates[variant][-1]:,.0f}/s{extra}", flush=True)
+                label = self.rival_label if variant == "reorch" else variant
+                print(f"  {name} answers/s repeat {repeat}: {label} {rates[variant][-1]:,.0f}/s{extra}", flush=True)
         if not rates["reorch"] or not rates["whole"]:
-            self.judge(f"{name}_reorch answers/s >= 10,000 (one instance)", "no figure: every flood failed", False)
+            self.judge(f"{self.rival(name)} answers/s >= 10,000 (one instance)", "no figure: every flood failed", False)
             return
         reorch, low, high = mean_ci95(rates["reorch"])
         whole = statistics.fmean(rates["whole"])
         limited = " (limited by the client: the whole model gets no more from it)" \
             if analyzer is None and reorch >= 0.9 * whole else ""
-        self.judge(f"{name}_reorch answers/s >= 10,000 (one instance)",
+        self.judge(f"{self.rival(name)} answers/s >= 10,000 (one instance)",
                    f"{reorch:,.0f} answers/s (95% CI {low:,.0f}..{high:,.0f}); whole model {whole:,.0f}/s; "
                    f"client: {client}{limited}", reorch >= 10_000)
 
@@ -673,16 +743,21 @@ def answers_on_built_model(args: argparse.Namespace, knobs: dict[str, str]) -> l
                              + "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:]))
         manifest = read_manifest(repository).raw
         delay_us = int(manifest["models"][args.answers_model].get("build", {}).get("max_queue_delay_us", 100))
-        overlay = overlay_repository(repository, manifest, [args.answers_model], [args.policy], delay_us, knobs)
+        overlay = overlay_repository(repository, manifest, [args.answers_model], [args.policy], delay_us, knobs,
+                                     control=args.control)
         print(f"# answers/s: {args.answers_model} built at size {args.answers_size} (its own server)", flush=True)
         try:
-            with EmbeddedTriton(overlay, models=[args.answers_model, f"{args.answers_model}_reorch_{args.policy}"]) \
-                    as server:
+            with EmbeddedTriton(overlay, models=[args.answers_model, served_rival(args, args.answers_model)]) as server:
                 bench = Bench(server, manifest, args, args.policy)
                 bench.answers(args.answers_model)
         finally:
             shutil.rmtree(overlay, ignore_errors=True)
     return bench.verdicts
+
+
+def served_rival(args: argparse.Namespace, name: str) -> str:
+    """The model served beside the whole model ``name`` and compared with it (``Bench.rival``)."""
+    return control_model(name) if args.control else f"{name}_reorch_{args.policy}"
 
 
 def unstable_word(stability: Stability | None) -> str | None:
@@ -715,7 +790,10 @@ def main() -> None:
     parser.add_argument("--p50-duration-s", type=float, default=4.0)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--drain-s", type=float, default=30.0, help="wait this long after the last arrival")
-    parser.add_argument("--capacity-s", type=float, default=3.0, help="closed-loop capacity probe length")
+    parser.add_argument("--capacity-s", type=float, default=3.0,
+                        help="length of the closed-loop run that starts the capacity search")
+    parser.add_argument("--probe-s", type=float, default=5.0, help="length of one open-loop capacity probe")
+    parser.add_argument("--capacity-probes", type=int, default=6, help="open-loop capacity probes per model at most")
     parser.add_argument("--steady-loads", nargs="+", type=float, default=[0.3, 0.6, 0.85])
     parser.add_argument("--flood-s", type=float, default=2.0, help="length of the answers/s flood (Python client)")
     parser.add_argument("--flood-requests", type=int, default=8000,
@@ -726,9 +804,14 @@ def main() -> None:
     parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
                         help="a ReorchKnobs value for the reorch variant (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", action="store_true",
+                        help="A/A control: compare the whole model with a second copy of itself (NAME_control) "
+                             "instead of reorch, with the same schedules, repeats and verdicts: what every "
+                             "target reads when there is nothing to find (this machine's noise floor)")
     args = parser.parse_args()
     if args.quick:
-        args.duration_s, args.p50_duration_s, args.warmup_s, args.capacity_s = 3.0, 2.0, 0.5, 1.5
+        args.duration_s, args.p50_duration_s, args.warmup_s, args.capacity_s, args.probe_s = 3.0, 2.0, 0.5, 1.5, 3.0
+        args.capacity_probes = min(args.capacity_probes, 4)
         args.flood_s, args.flood_requests, args.drain_s = 1.0, 4000, 10.0
         args.budget_min = min(args.budget_min, 6.5)
     if args.repeats < 3:
@@ -747,8 +830,11 @@ def main() -> None:
         if name not in manifest["models"]:
             parser.error(f"model {name!r} is not in {args.repository}/manifest.json; build it first")
     delay_us = int(manifest["models"][models[0]].get("build", {}).get("max_queue_delay_us", 100))
-    overlay = overlay_repository(args.repository, manifest, models, [args.policy], delay_us, knobs)
-    served = [m for name in models for m in (name, f"{name}_reorch_{args.policy}")]
+    overlay = overlay_repository(args.repository, manifest, models, [args.policy], delay_us, knobs,
+                                 control=args.control)
+    served = [m for name in models for m in (name, served_rival(args, name))]
+    if args.control:
+        print("# A/A CONTROL: the 'reorch' side of every target is NAME_control, a second copy of the whole model")
     print(f"# issue 12 targets: {args.targets}; models {models}; policy {args.policy}; {args.repeats} interleaved "
           f"repeats of {args.duration_s:.0f} s (first {args.warmup_s:.1f} s not measured), up to {args.max_repeats} "
           f"where undecided within {args.budget_min:.1f} min; unary gRPC, no record asked")

@@ -120,3 +120,70 @@ def test_measured_stability_of_bursty_arrivals_uses_whole_periods():
     stability = bench.measured_stability(arrivals, sent, done, {}, 100.0, 1.0, 8.0, period_s=1.5)
     assert stability.stable, stability.unstable_reason
     assert len(stability.subwindows) == 4 and stability.subwindows[-1].end_s == pytest.approx(6.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_lstm(tmp_path_factory):
+    from core.manifest import read_manifest
+    from slicing.build import BuildOptions, build_repository
+
+    out = tmp_path_factory.mktemp("tiny_lstm")
+    build_repository(out, models=["lstm"], options=BuildOptions(size="tiny", stages=2))
+    return out, read_manifest(out).raw
+
+
+def test_control_overlay_serves_a_second_copy_of_the_whole_model(tiny_lstm):
+    import shutil
+
+    from core.model_config import read_model_config
+
+    repository, manifest = tiny_lstm
+    overlay = bench.overlay_repository(repository, manifest, ["lstm"], ["dva"], 100, {}, control=True)
+    try:
+        whole = read_model_config(repository / "lstm" / "config.pbtxt")
+        copy = read_model_config(overlay / "lstm_control" / "config.pbtxt")
+        assert copy == {**whole, "name": "lstm_control"}
+        assert (overlay / "lstm_control" / "1").resolve() == (repository / "lstm" / "1").resolve()
+        assert (overlay / "lstm_reorch_dva" / "config.pbtxt").is_file()  # reorch is still deployed beside it
+    finally:
+        shutil.rmtree(overlay, ignore_errors=True)
+    plain = bench.overlay_repository(repository, manifest, ["lstm"], ["dva"], 100, {})
+    try:
+        assert not (plain / "lstm_control").exists()
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
+
+
+def test_capacity_is_the_highest_sustained_poisson_rate_not_the_closed_loop_rate(tiny_lstm, monkeypatch):
+    """The closed loop reads 500 req/s; Poisson arrivals are sustained only up to 300: the steady
+    targets' loads must be relative to the latter (at 0.85 x 500 the whole model's queue grows)."""
+    from types import SimpleNamespace
+
+    from loadtest.perf_analyzer import PerfAnalyzerUnavailable
+    from loadtest.stability import Stability
+
+    _, manifest = tiny_lstm
+    probed = []
+
+    async def closed_loop(url, model, inputs, concurrency, duration_s):
+        return 500.0
+
+    async def drive(url, model, arrivals, inputs, warmup_s, drain_s, streaming, duration_s=None, period_s=None):
+        rate = len(arrivals) / duration_s
+        probed.append(rate)
+        ok = rate <= 300
+        outcome = bench.Outcome(model, latencies_ms=[5.0] * len(arrivals))
+        outcome.stability = Stability(rate, min(rate, 300.0), stable=ok,
+                                      unstable_reason=None if ok else "backlog_growing: the queue grew")
+        return outcome
+
+    def unavailable():
+        raise PerfAnalyzerUnavailable("not in this test")
+
+    monkeypatch.setattr(bench, "capacity_rps", closed_loop)
+    monkeypatch.setattr(bench, "drive", drive)
+    monkeypatch.setattr(bench, "ensure_perf_analyzer", unavailable)
+    args = SimpleNamespace(seed=0, capacity_s=1.0, probe_s=20.0, drain_s=1.0, capacity_probes=8)
+    found = bench.Bench(SimpleNamespace(grpc_url="localhost:1"), manifest, args, "dva").capacity("lstm")
+    assert 250 <= found <= 300  # within the search's 10% tolerance, below the failing rates
+    assert probed[0] == pytest.approx(500, rel=0.1) and max(probed) > 300
