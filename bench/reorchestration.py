@@ -430,6 +430,7 @@ class Comparison:
     seq_len: int | None = None
     duration_s: float | None = None  # the schedule's length (the measured window ends there)
     period_s: float | None = None  # the arrival process's period (bursty), for the stability verdict
+    rival_label: str = "reorch"  # what the "reorch" side is called in print ("control" in an A/A run)
 
     def unstable_note(self) -> str:
         """Which repeats failed the stability verdict (loadtest.stability), per variant, and why."""
@@ -439,7 +440,8 @@ class Comparison:
             bad = [reason for reason in reasons if reason]
             if bad:
                 kinds = ", ".join(sorted(set(bad)))
-                notes.append(f"{variant} unstable in {len(bad)} of {len(reasons)} ({kinds})")
+                label = self.rival_label if variant == "reorch" else variant
+                notes.append(f"{label} unstable in {len(bad)} of {len(reasons)} ({kinds})")
         return "; unstable runs (their latency is the queue's or the generator's): " + "; ".join(notes) if notes else ""
 
     def interval(self, check: Check) -> tuple[float, float, float]:
@@ -539,7 +541,7 @@ class Bench:
         inputs = {v: [_inputs(RequestFactory(entry, kind, seed=self.args.seed).arrays(n)) for n in lengths]
                   for v, kind in kinds.items()}
         self.comparisons.append(Comparison(name, label, arrivals, inputs, checks, duration_s=duration_s,
-                                           period_s=period_s))
+                                           period_s=period_s, rival_label=self.rival_label))
 
     def run_repeat(self, comparison: Comparison) -> None:
         """One interleaved repeat (the order alternates per repeat); prints its figures."""

@@ -107,6 +107,9 @@ def test_unstable_repeats_are_named_in_the_verdict():
     comparison.repeats[2]["whole"]["unstable"] = "backlog_growing"
     note = comparison.unstable_note()
     assert "whole unstable in 2 of 3 (backlog_growing, queue_standing)" in note and "reorch" not in note
+    comparison.rival_label = "control"  # an A/A run names its second copy, not reorch
+    comparison.repeats[0]["reorch"]["unstable"] = "queue_standing"
+    assert "control unstable in 1 of 3 (queue_standing)" in comparison.unstable_note()
 
 
 def test_measured_stability_of_bursty_arrivals_uses_whole_periods():
