@@ -51,7 +51,7 @@ from backends.reorch.spec import StagesSpec  # noqa: E402
 from core.manifest import read_manifest  # noqa: E402
 from core.model_config import read_model_config  # noqa: E402
 from core.server import EmbeddedTriton  # noqa: E402
-from loadtest.perf_analyzer import ensure_perf_analyzer, measure_point  # noqa: E402
+from loadtest.perf_analyzer import ensure_perf_analyzer, measure_point, retry_once  # noqa: E402
 from loadtest.request_factory import RequestFactory, model_entry  # noqa: E402
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
@@ -268,10 +268,14 @@ def main() -> None:
                 for round_index in range(args.rounds):
                     order = models if round_index % 2 == 0 else models[::-1]
                     for model in order:
-                        before = snapshot(server_pid, stubs)
-                        point = measure_point(analyzer, server.grpc_url, model, entry,
-                                              "reorch" if "reorch" in model else "whole",
-                                              requests=args.requests, seq_len=seq_len, **load)
+                        def measured(model=model):
+                            # a hung perf_analyzer is tried once more (retry_once), with fresh CPU counts
+                            start = snapshot(server_pid, stubs)
+                            return start, measure_point(analyzer, server.grpc_url, model, entry,
+                                                        "reorch" if "reorch" in model else "whole",
+                                                        requests=args.requests, seq_len=seq_len, **load)
+
+                        before, point = retry_once(measured, f"{model} round {round_index}")
                         after = snapshot(server_pid, stubs)
                         figures = per[model]
                         figures["p50_ms"].append(point.p50_ms)

@@ -222,16 +222,24 @@ def _input_data(factory: RequestFactory, lengths: list[int | None]) -> dict[str,
 _T = TypeVar("_T")
 
 
-def retried_once(run: Callable[[], _T], what: str) -> _T | None:
+def retry_once(run: Callable[[], _T], what: str) -> _T:
     """``run()``, once more where it raises StagebatchError (perf_analyzer 2.51 was seen, rarely, never
-    finishing a run the same server answered on the retry); each failure is printed as ``what, attempt
-    N: error``. None after two failures."""
-    for attempt in (1, 2):
-        try:
-            return run()
-        except StagebatchError as error:
-            print(f"{what}, attempt {attempt}: {error}", flush=True)
-    return None
+    finishing a run the same server answered on the retry); the first failure is printed as ``what,
+    attempt 1: error``, the second is raised."""
+    try:
+        return run()
+    except StagebatchError as error:
+        print(f"{what}, attempt 1: {error}", flush=True)
+    return run()
+
+
+def retried_once(run: Callable[[], _T], what: str) -> _T | None:
+    """``retry_once``, printing the second failure too (``what, attempt 2: error``): None after two."""
+    try:
+        return retry_once(run, what)
+    except StagebatchError as error:
+        print(f"{what}, attempt 2: {error}", flush=True)
+        return None
 
 
 def _run_checked(analyzer: PerfAnalyzer, args: list[str], timeout_s: float, produced: Path) -> None:
@@ -433,7 +441,7 @@ def cross_check(
         model_entry(manifest, spec.model)  # a clear error for an unknown model
 
         def replayed() -> tuple[ScheduleResult, int, int]:
-            reference = run_schedule(analyzer, url, plan)
+            reference = retry_once(lambda: run_schedule(analyzer, url, plan), "load-generator cross-check replay")
             return reference, reference.first_send_ns, reference.requests
 
         def ours_run() -> tuple[Any, int, int]:

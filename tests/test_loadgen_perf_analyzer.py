@@ -211,3 +211,34 @@ def test_retried_once_retries_a_failed_run_once_and_says_why(capsys):
     assert pa.retried_once(broken, "flood") is None
     out = capsys.readouterr().out
     assert "flood, attempt 1:" in out and "flood, attempt 2:" in out
+
+
+def test_retry_once_runs_again_after_one_failure_and_raises_the_second(capsys):
+    attempts = iter([pa.StagebatchError("hung"), "answered"])
+
+    def flaky():
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert pa.retry_once(flaky, "replay") == "answered"
+    assert "replay, attempt 1: hung" in capsys.readouterr().out
+    with pytest.raises(pa.StagebatchError, match="again"):
+        pa.retry_once(lambda: (_ for _ in ()).throw(pa.StagebatchError("again")), "replay")
+    assert pa.retried_once(lambda: (_ for _ in ()).throw(pa.StagebatchError("again")), "replay") is None
+    assert "replay, attempt 2: again" in capsys.readouterr().out
+
+
+def test_cross_check_replays_once_more_when_perf_analyzer_hangs_then_skips_with_the_reason(monkeypatch, capsys):
+    calls = []
+
+    def hung(analyzer, url, plan):
+        calls.append(url)
+        raise pa.StagebatchError(f"perf_analyzer did not finish within 62 s (call {len(calls)})")
+
+    monkeypatch.setattr(pa, "run_schedule", hung)
+    spec = LoadSpec("ident", "whole", ArrivalSpec("poisson", rate_rps=100), None, duration_s=1.0)
+    result = pa.cross_check("127.0.0.1:1", MANIFEST, spec, analyzer=FakeAnalyzer(extra=0))
+    assert len(calls) == 2 and result["status"] == "skipped" and "(call 2)" in result["reason"]
+    assert "cross-check replay, attempt 1: perf_analyzer did not finish within 62 s (call 1)" in capsys.readouterr().out
