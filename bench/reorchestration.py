@@ -37,15 +37,16 @@ second, so a run's counts are approximate): where the extra time goes.
 Each open-loop run's measured window is also judged for stability as a characterization point is
 (``loadtest.stability``: completions keep up, the backlog neither grows nor stands). A run that fails
 it is marked ``UNSTABLE (reason)`` on its line, and a target judged on such repeats says in how many of
-them, per variant: there the average is the queue's, not the batcher's (closed-loop capacity fills
-batches that Poisson arrivals at 0.85x of it may not, so the whole model can sit at its knee there).
+them, per variant: there the average is the queue's, not the batcher's (0.85x sits near the knee, and
+this machine's speed drifts by more than the 15% headroom between the capacity search and a run).
 
 Capacity is measured first per model: the highest Poisson rate the whole model sustains, searched
 with open-loop probes (``loadtest.capacity``, each probe judged by ``loadtest.stability``, as the
 characterization does), started from a short closed-loop run. The closed loop alone (2 x max batch
 calls outstanding) fills batches that Poisson arrivals do not: at 0.85x of it the whole model itself
-held a growing queue in 3 of 6 bert_base repeats, and every latency there was the queue's. Every unmet target is printed
-plainly at the end (``UNMET``), with the undecided ones (CI still holding the limit) marked.
+held a growing queue in 3 of 6 bert_base repeats, and every latency there was the queue's.
+Every unmet target is printed plainly at the end (``UNMET``), with the undecided ones (CI still
+holding the limit) marked.
 ``--control`` runs every target as an A/A comparison: the side that is reorch otherwise is
 ``NAME_control``, a second copy of the whole model (same files, same config, its own instance),
 with the same schedules, repeats and verdicts. Nothing is there to find, so its intervals are
@@ -485,6 +486,12 @@ class Bench:
     def rival_label(self) -> str:
         return "control" if self.args.control else "reorch"
 
+    @property
+    def input_kinds(self) -> dict[str, str]:
+        """Per side ("whole", "reorch"), the variant whose requests it is sent (RequestFactory): the
+        control is a whole model, so it gets the whole model's."""
+        return {"whole": "whole", "reorch": "whole" if self.args.control else "reorch"}
+
     def __post_init__(self) -> None:
         try:
             self.analyzer = ensure_perf_analyzer()
@@ -504,11 +511,12 @@ class Bench:
             found = search_capacity(lambda rate: self._capacity_probe(name, inputs, rate), slo_ms=math.inf,
                                     settings=SearchSettings(start_rps=closed, growth=1.5, tolerance=0.1,
                                                             max_probes=self.args.capacity_probes))
-            if found.sustained_rps is None:
-                lowest = min(p.rate_rps for p in found.probes)
-                print(f"# {name}: no probe was sustained, down to {lowest:.0f} req/s; loads are relative to that "
+            capacity = found.sustained_rps
+            if capacity is None:
+                capacity = min(p.rate_rps for p in found.probes)
+                print(f"# {name}: no probe was sustained, down to {capacity:.0f} req/s; loads are relative to that "
                       "rate, and every run is judged for stability", flush=True)
-            self.capacities[name] = found.sustained_rps or min(p.rate_rps for p in found.probes)
+            self.capacities[name] = capacity
             print(f"# {name}: whole-model capacity {self.capacities[name]:.0f} req/s (highest sustained Poisson rate"
                   f"{'' if found.converged else '; the search did not converge'})", flush=True)
         return self.capacities[name]
@@ -521,25 +529,27 @@ class Bench:
         warmup_s = min(1.0, self.args.probe_s / 3)
         outcome = asyncio.run(drive(self.url, name, arrivals, [inputs[i % len(inputs)] for i in range(len(arrivals))],
                                     warmup_s, self.args.drain_s, streaming=False, duration_s=self.args.probe_s))
-        verdict = outcome.stability
-        p99 = summarize(outcome)["p99"]
-        sustained = verdict is not None and verdict.sustained and not outcome.errors and not outcome.unanswered
-        reason = "no measured window" if verdict is None else verdict.unstable_reason or (
-            f"{len(outcome.errors) + outcome.unanswered} requests failed" if not sustained else None)
-        print(f"#   {rate:8.0f} req/s: achieved {verdict.achieved_rps if verdict else 0:.0f}, p50 "
-              f"{summarize(outcome)['p50']:.2f} ms, p99 {p99:.2f} ms: "
-              f"{'sustained' if sustained else 'not sustained (' + str(reason) + ')'}", flush=True)
-        return Probe(rate, sustained, verdict.achieved_rps if verdict else 0.0, p99 if math.isfinite(p99) else None,
-                     None if sustained else reason,
+        verdict, figures = outcome.stability, summarize(outcome)
+        failed = len(outcome.errors) + outcome.unanswered
+        if verdict is None:
+            reason = "no measured window"
+        elif not verdict.sustained:
+            reason = verdict.unstable_reason
+        else:
+            reason = f"{failed} requests failed" if failed else None
+        sustained = reason is None
+        achieved = verdict.achieved_rps if verdict else 0.0
+        print(f"#   {rate:8.0f} req/s: achieved {achieved:.0f}, p50 {figures['p50']:.2f} ms, p99 {figures['p99']:.2f} ms: "
+              f"{'sustained' if sustained else f'not sustained ({reason})'}", flush=True)
+        return Probe(rate, sustained, achieved, figures["p99"] if math.isfinite(figures["p99"]) else None, reason,
                      bool(verdict is not None and verdict.limited_by_load_generator and not sustained))
 
     def plan(self, name: str, label: str, arrivals: np.ndarray, lengths: list, checks: list[Check],
              duration_s: float, period_s: float | None = None) -> None:
         """A comparison of whole vs reorch on the same arrivals and inputs, run by ``run_all``."""
         entry = model_entry(self.manifest, name)
-        kinds = {"whole": "whole", "reorch": "whole" if self.args.control else "reorch"}
         inputs = {v: [_inputs(RequestFactory(entry, kind, seed=self.args.seed).arrays(n)) for n in lengths]
-                  for v, kind in kinds.items()}
+                  for v, kind in self.input_kinds.items()}
         self.comparisons.append(Comparison(name, label, arrivals, inputs, checks, duration_s=duration_s,
                                            period_s=period_s, rival_label=self.rival_label))
 
@@ -557,7 +567,7 @@ class Bench:
             if comparison.analyzer_rate_rps is not None:
                 assert self.analyzer is not None
                 point = measure_point(self.analyzer, self.url, model, model_entry(self.manifest, name),
-                                      "reorch" if reorch_run else "whole",
+                                      self.input_kinds[variant],
                                       rate_rps=comparison.analyzer_rate_rps, requests=max(60, len(comparison.arrivals)),
                                       seq_len=comparison.seq_len)
                 latency = {"avg": math.nan, "p50": point.p50_ms, "p99": point.p99_ms, "tput": point.throughput_rps,
@@ -700,7 +710,7 @@ class Bench:
         client = f"perf_analyzer, {self.args.flood_concurrency} async unary calls" if analyzer is not None \
             else f"Python client ({self.analyzer_missing})"
         rates: dict[str, list[float]] = {"whole": [], "reorch": []}
-        kinds = {"whole": "whole", "reorch": "whole" if self.args.control else "reorch"}  # whose inputs
+        kinds = self.input_kinds
         for variant, model in variants if analyzer is not None else ():  # warm-up, not measured
             measure_point(analyzer, self.url, model, entry, kinds[variant], concurrency=self.args.flood_concurrency,
                           requests=self.args.flood_requests // 4, seq_len=length)
